@@ -1,0 +1,3 @@
+from gptcore.cli import main
+
+raise SystemExit(main())

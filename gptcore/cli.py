@@ -1,0 +1,74 @@
+"""`gptcore VERB ...`: the command line, a thin layer of argument parsing over library calls."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+from typing import Callable, Sequence
+
+from gptcore.errors import GptcoreError
+
+DEBUG_ENV = "GPTCORE_DEBUG"
+
+
+def run_entry(fn: Callable[[], int | None], debug: bool = False) -> int:
+    """Run an entry point; user-facing errors become one line on stderr and a non-zero exit.
+
+    A traceback is shown only with --debug or GPTCORE_DEBUG=1.
+    """
+    debug = debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    try:
+        return fn() or 0
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (GptcoreError, OSError, ValueError) as err:
+        if debug:
+            traceback.print_exc()
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"error: {message}", file=sys.stderr)
+        return 1
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from gptcore.device import resolve_device
+    from gptcore.generate import generate, ids_to_text, make_generator, text_to_ids
+    from gptcore.tokenizer import EOT_ID, get_tokenizer
+    from gptcore.weights import load_model
+
+    device = resolve_device(args.device)
+    model = load_model(args.model, device=device)
+    if model.config.num_classes is not None:
+        raise GptcoreError(f"{args.model}: is a classifier; use `gptcore classify`")
+    tokenizer = get_tokenizer()
+    idx = text_to_ids(args.prompt, tokenizer, device)
+    out = generate(
+        model, idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+        eos_id=EOT_ID, generator=make_generator(args.seed, device),
+    )
+    print(ids_to_text(out, tokenizer))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gptcore", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    p = verbs.add_parser("generate", help="continue a prompt with a gptcore weights file")
+    p.add_argument("--model", required=True, help="weights file (.safetensors)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=50)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=_generate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_entry(lambda: args.func(args), debug=args.debug)

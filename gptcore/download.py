@@ -1,0 +1,155 @@
+"""Verified, resumable downloads, and the offline mirror (GPTCORE_MIRROR) that can stand in for them."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import time
+from pathlib import Path
+
+import requests
+from tqdm.auto import tqdm
+
+from gptcore.atomic import atomic_path
+from gptcore.errors import DownloadError
+
+MIRROR_ENV = "GPTCORE_MIRROR"
+CHUNK = 1 << 20
+
+
+def mirror_root() -> Path | None:
+    """The mirror folder named by GPTCORE_MIRROR, or None when downloads go to the network."""
+    root = os.environ.get(MIRROR_ENV)
+    if not root:
+        return None
+    path = Path(root).expanduser()
+    if not path.is_dir():
+        raise DownloadError(f"{MIRROR_ENV}={root}: not a folder")
+    return path
+
+
+def cache_dir() -> Path:
+    """Where files fetched for the library itself (the tokenizer) are kept: GPTCORE_CACHE or ~/.cache."""
+    return Path(os.environ.get("GPTCORE_CACHE") or Path.home() / ".cache" / "gptcore")
+
+
+def sha256_of(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(CHUNK), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fetch(
+    url: str,
+    dest: str | os.PathLike,
+    *,
+    mirror_name: str | None = None,
+    sha256: str | None = None,
+    retries: int = 5,
+    backoff: float = 1.0,
+    timeout: float = 60.0,
+    progress: bool = True,
+) -> Path:
+    """Put the file at `url` at `dest`, from the mirror when GPTCORE_MIRROR is set, else the network.
+
+    Args:
+        mirror_name: the file's path inside the mirror (defaults to the URL's last component).
+        sha256: the expected digest, checked before the file is put in place.
+    """
+    dest = Path(dest)
+    root = mirror_root()
+    if root is not None:
+        source = root / (mirror_name or url.rsplit("/", 1)[-1])
+        if not source.is_file():
+            raise DownloadError(f"{source}: not in the mirror ({MIRROR_ENV}={root}); needed for {url}")
+        with atomic_path(dest) as tmp:
+            shutil.copyfile(source, tmp)
+            _verify_digest(tmp, sha256, str(source))
+        return dest
+    download(url, dest, sha256=sha256, retries=retries, backoff=backoff, timeout=timeout, progress=progress)
+    return dest
+
+
+class _Transient(Exception):
+    """A fault worth retrying: connection lost, timeout, 5xx, short body."""
+
+
+def download(
+    url: str,
+    dest: str | os.PathLike,
+    *,
+    sha256: str | None = None,
+    retries: int = 5,
+    backoff: float = 1.0,
+    timeout: float = 60.0,
+    progress: bool = True,
+    session: requests.Session | None = None,
+) -> Path:
+    """Stream `url` into `dest`: resumes a partial `.part` file with HTTP Range, retries transient
+    faults with exponential backoff, checks the size against Content-Length and the digest if given,
+    and renames into place only when complete."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    session = session or requests.Session()
+    for attempt in range(retries + 1):
+        try:
+            _stream(session, url, part, timeout, progress)
+            break
+        except _Transient as err:
+            if attempt == retries:
+                raise DownloadError(f"{url}: failed after {retries + 1} attempts: {err}") from None
+            time.sleep(backoff * 2**attempt)
+    _verify_digest(part, sha256, url)
+    os.replace(part, dest)
+    return dest
+
+
+def _stream(session: requests.Session, url: str, part: Path, timeout: float, progress: bool) -> None:
+    have = part.stat().st_size if part.exists() else 0
+    headers = {"Range": f"bytes={have}-"} if have else {}
+    try:
+        response = session.get(url, headers=headers, stream=True, timeout=timeout)
+    except (requests.ConnectionError, requests.Timeout) as err:
+        raise _Transient(f"{type(err).__name__}") from None
+    with response:
+        if response.status_code == 416 and have:
+            # Our partial file is already whole, or longer than the file: start over to be sure.
+            part.unlink()
+            raise _Transient("range not satisfiable; restarting")
+        if response.status_code >= 500 or response.status_code == 429:
+            raise _Transient(f"HTTP {response.status_code}")
+        if response.status_code >= 400:
+            raise DownloadError(f"{url}: HTTP {response.status_code} {response.reason}")
+        if response.status_code != 206:
+            have = 0  # the server ignored our Range: take the whole body afresh
+        length = response.headers.get("Content-Length")
+        total = have + int(length) if length is not None else None
+        bar = tqdm(total=total, initial=have, unit="B", unit_scale=True, desc=part.name[:-5], disable=not progress)
+        try:
+            with open(part, "ab" if have else "wb") as f:
+                for chunk in response.iter_content(CHUNK):
+                    f.write(chunk)
+                    bar.update(len(chunk))
+        except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as err:
+            raise _Transient(f"connection lost after {part.stat().st_size} bytes ({type(err).__name__})") from None
+        finally:
+            bar.close()
+    size = part.stat().st_size
+    if total is not None and size != total:
+        if size > total:
+            part.unlink()
+            raise DownloadError(f"{url}: got {size} bytes, more than the {total} announced")
+        raise _Transient(f"got {size} of {total} bytes")
+
+
+def _verify_digest(path: Path, sha256: str | None, source: str) -> None:
+    if sha256 is None:
+        return
+    actual = sha256_of(path)
+    if actual != sha256:
+        path.unlink(missing_ok=True)
+        raise DownloadError(f"{source}: SHA-256 {actual[:12]}… does not match the expected {sha256[:12]}…; file deleted")

@@ -1,0 +1,97 @@
+"""Sampling the next token (greedy, temperature, top-k) and autoregressive generation with a KV cache."""
+
+from __future__ import annotations
+
+import torch
+
+from gptcore.model import GPTModel, KVCache
+from gptcore.tokenizer import encode
+
+
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Next token ids [B, 1] from last-position logits [B, V].
+
+    Temperature 0 is greedy (argmax). Otherwise logits outside the top k are dropped, the rest are
+    divided by the temperature, and a token is drawn from the softmax with `generator`.
+    """
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be positive, got {top_k}")
+    logits = logits.float()
+    if temperature == 0.0:
+        return logits.argmax(dim=-1, keepdim=True)
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # [B, 1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits / temperature, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator)
+
+
+@torch.inference_mode()
+def generate(
+    model: GPTModel,
+    idx: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    eos_id: int | None = None,
+    generator: torch.Generator | None = None,
+    use_cache: bool = True,
+) -> torch.Tensor:
+    """Extend token ids idx [B, T] by up to max_new_tokens; returns idx with the new tokens appended.
+
+    Generation stops early once every row has produced `eos_id` (which is not appended for a single
+    row, as in the book; in a batch, finished rows are filled with eos_id). The context is cropped to
+    the model's context length; with the cache, each new token costs one position until the context
+    is full, after which the window slides and is recomputed (exactly as the no-cache path).
+    """
+    ctx = model.config.context_length
+    device = idx.device
+    done = torch.zeros(idx.shape[0], dtype=torch.bool, device=device)
+    cache = None
+    for _ in range(max_new_tokens):
+        if not use_cache:
+            logits = model(idx[:, -ctx:])[:, -1]
+        elif cache is None or cache.length >= ctx:
+            window = idx[:, -ctx:]
+            cache = KVCache(model.config, idx.shape[0], device=device, dtype=_cache_dtype(model))
+            logits = model(window, cache)[:, -1]
+        else:
+            logits = model(idx[:, -1:], cache)[:, -1]
+        next_id = sample_next(logits, temperature, top_k, generator)  # [B, 1]
+        if eos_id is not None:
+            next_id = next_id.masked_fill(done[:, None], eos_id)
+            done |= next_id[:, 0] == eos_id
+            if bool(done.all()):
+                if idx.shape[0] > 1:
+                    idx = torch.cat([idx, next_id], dim=1)
+                break
+        idx = torch.cat([idx, next_id], dim=1)
+    return idx
+
+
+def _cache_dtype(model: GPTModel) -> torch.dtype:
+    return model.tok_emb.weight.dtype
+
+
+def text_to_ids(text: str, tokenizer, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Encode text to a batch of one: [1, T]."""
+    return torch.tensor([encode(tokenizer, text)], device=device)
+
+
+def ids_to_text(ids: torch.Tensor, tokenizer) -> str:
+    """Decode a batch of one [1, T] (or a flat [T]) to text."""
+    return tokenizer.decode(ids.reshape(-1).tolist())
+
+
+def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator | None:
+    """A seeded generator on `device` for reproducible sampling, or None for torch's global one."""
+    if seed is None:
+        return None
+    return torch.Generator(device=device).manual_seed(seed)

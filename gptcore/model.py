@@ -1,0 +1,195 @@
+"""GPT-2 as pure nn.Modules: attention, feed-forward, transformer block, the model, and its KV cache.
+
+Classes are in forward order. No I/O, no prints, no device choice: callers move the model.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gptcore.config import GPTConfig
+
+
+class KVCache:
+    """Preallocated keys and values of every layer, for decoding one new position at a time.
+
+    Rows may be left-padded (batched generation of prompts of unequal length): `pad_lengths[b]` pads
+    lead row b, which are masked out as keys and shift that row's positions so that each prompt sees
+    exactly the positions it would see alone.
+    """
+
+    def __init__(
+        self,
+        config: GPTConfig,
+        batch_size: int,
+        max_len: int | None = None,
+        *,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        pad_lengths: torch.Tensor | None = None,
+    ):
+        self.max_len = min(max_len or config.context_length, config.context_length)
+        shape = (batch_size, config.n_heads, self.max_len, config.head_dim)
+        self.keys = [torch.empty(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
+        self.values = [torch.empty(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
+        self.length = 0
+        self.pad_lengths = None if pad_lengths is None else pad_lengths.to(device=device, dtype=torch.long)
+
+    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the new positions of one layer; return all keys and values so far."""
+        end = self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; {end} requested")
+        self.keys[layer][:, :, self.length : end] = k.to(self.keys[layer].dtype)
+        self.values[layer][:, :, self.length : end] = v.to(self.values[layer].dtype)
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def positions(self, num_new: int, device: torch.device) -> torch.Tensor:
+        """Position ids of the next `num_new` tokens: [T], or [B, T] with left padding."""
+        pos = torch.arange(self.length, self.length + num_new, device=device)
+        if self.pad_lengths is None:
+            return pos
+        return (pos[None, :] - self.pad_lengths[:, None]).clamp(min=0)
+
+    def attention_mask(self, num_new: int, device: torch.device) -> torch.Tensor | None:
+        """Boolean mask [B|1, 1, T, length+T] (True attends), or None where plain causal order will do."""
+        if self.pad_lengths is None and (self.length == 0 or num_new == 1):
+            return None
+        q_pos = torch.arange(self.length, self.length + num_new, device=device)[:, None]  # [T, 1]
+        k_pos = torch.arange(self.length + num_new, device=device)[None, :]  # [1, S]
+        mask = (k_pos <= q_pos)[None, None]  # [1, 1, T, S]
+        if self.pad_lengths is not None:
+            real_key = k_pos >= self.pad_lengths[:, None]  # [B, S]
+            # A padding query may see itself, so that no row of the softmax is empty (no NaNs).
+            mask = mask & (real_key[:, None, None, :] | (k_pos == q_pos)[None, None])
+        return mask
+
+    def advance(self, num_new: int) -> None:
+        self.length += num_new
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention: softmax(QK^T / sqrt(head_dim)) V with attention dropout."""
+
+    def __init__(self, config: GPTConfig, layer_idx: int = 0):
+        super().__init__()
+        self.n_heads = config.n_heads
+        self.head_dim = config.head_dim
+        self.layer_idx = layer_idx
+        self.dropout = config.drop_rate
+        # One projection for queries, keys and values: a single matmul instead of three.
+        self.qkv = nn.Linear(config.emb_dim, 3 * config.emb_dim, bias=config.qkv_bias)
+        self.out_proj = nn.Linear(config.emb_dim, config.emb_dim)
+        self.fused = True  # scaled_dot_product_attention; False runs the explicit reference path
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, mask: torch.Tensor | None = None):
+        B, T, C = x.shape
+        qkv = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, T, hd]
+        if cache is not None:
+            k, v = cache.store(self.layer_idx, k, v)  # [B, H, S, hd], S = past + T
+        dropout = self.dropout if self.training else 0.0
+        causal = mask is None and T > 1 and k.shape[2] == T
+        if self.fused:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal)
+        else:
+            y = explicit_attention(q, k, v, mask, dropout, causal, self.training)
+        y = y.transpose(1, 2).reshape(B, T, C)  # [B, T, C]
+        return self.out_proj(y)
+
+
+def explicit_attention(q, k, v, mask, dropout: float, causal: bool, training: bool) -> torch.Tensor:
+    """The textbook path: scaled scores, causal mask, softmax, dropout, weighted values."""
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # [B, H, T, S]
+    if causal:
+        T, S = scores.shape[-2:]
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril()
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    weights = torch.softmax(scores, dim=-1)
+    weights = F.dropout(weights, p=dropout, training=training)
+    return weights @ v  # [B, H, T, hd]
+
+
+class FeedForward(nn.Module):
+    """Position-wise MLP: emb_dim -> 4 * emb_dim -> emb_dim with GELU (GPT-2's tanh approximation)."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.fc = nn.Linear(config.emb_dim, 4 * config.emb_dim)
+        self.act = nn.GELU(approximate="tanh")
+        self.proj = nn.Linear(4 * config.emb_dim, config.emb_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.act(self.fc(x)))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-LayerNorm block: x + drop(attn(ln(x))), then x + drop(ff(ln(x)))."""
+
+    def __init__(self, config: GPTConfig, layer_idx: int = 0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(config.emb_dim, eps=1e-5)
+        self.att = CausalSelfAttention(config, layer_idx)
+        self.norm2 = nn.LayerNorm(config.emb_dim, eps=1e-5)
+        self.ff = FeedForward(config)
+        self.drop_shortcut = nn.Dropout(config.drop_rate)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, mask: torch.Tensor | None = None):
+        x = x + self.drop_shortcut(self.att(self.norm1(x), cache, mask))
+        x = x + self.drop_shortcut(self.ff(self.norm2(x)))
+        return x
+
+
+class GPTModel(nn.Module):
+    """Token + position embeddings, a stack of transformer blocks, final LayerNorm, output head."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.tok_emb = nn.Embedding(config.vocab_size, config.emb_dim)
+        self.pos_emb = nn.Embedding(config.context_length, config.emb_dim)
+        self.drop_emb = nn.Dropout(config.drop_rate)
+        self.trf_blocks = nn.ModuleList(TransformerBlock(config, i) for i in range(config.n_layers))
+        self.final_norm = nn.LayerNorm(config.emb_dim, eps=1e-5)
+        if config.num_classes is None:
+            self.out_head = nn.Linear(config.emb_dim, config.vocab_size, bias=False)
+            if config.tie_embeddings:
+                self.out_head.weight = self.tok_emb.weight
+        else:
+            self.out_head = nn.Linear(config.emb_dim, config.num_classes)
+
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Logits [B, T, vocab] (or [B, T, num_classes]) for token ids idx [B, T].
+
+        With a cache, idx holds only the new positions; their keys and values are appended to it.
+        """
+        B, T = idx.shape
+        past = cache.length if cache is not None else 0
+        if past + T > self.config.context_length:
+            raise ValueError(f"sequence of {past + T} tokens exceeds the context length {self.config.context_length}")
+        if cache is None:
+            pos, mask = torch.arange(T, device=idx.device), None
+        else:
+            pos, mask = cache.positions(T, idx.device), cache.attention_mask(T, idx.device)
+        x = self.drop_emb(self.tok_emb(idx) + self.pos_emb(pos))  # [B, T, C]
+        for block in self.trf_blocks:
+            x = block(x, cache, mask)
+        if cache is not None:
+            cache.advance(T)
+        return self.out_head(self.final_norm(x))
+
+    def num_parameters(self) -> int:
+        """Unique parameters (a tied head counts once)."""
+        return sum(p.numel() for p in self.parameters())
+
+
+def set_fused_attention(model: nn.Module, enabled: bool) -> None:
+    """Switch every attention layer between fused SDPA and the explicit reference path."""
+    for module in model.modules():
+        if isinstance(module, CausalSelfAttention):
+            module.fused = enabled

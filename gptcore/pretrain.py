@@ -1,0 +1,95 @@
+"""Stage 1: train GPTModel from scratch on a plain-text corpus, as the book's chapter 5 does."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from gptcore.config import PretrainParams, RunConfig
+from gptcore.data.text import build_text_loaders
+from gptcore.device import resolve_device, resolve_precision
+from gptcore.download import sha256_of
+from gptcore.errors import DataError
+from gptcore.generate import generate, ids_to_text, text_to_ids
+from gptcore.model import GPTModel
+from gptcore.tokenizer import EOT_ID, get_tokenizer
+from gptcore.train import (
+    Checkpoint,
+    TrainResult,
+    fingerprint,
+    lm_loss,
+    loss_evaluator,
+    perplexity,
+    seed_everything,
+    train,
+)
+
+
+@dataclass
+class PretrainOutcome:
+    model: GPTModel
+    result: TrainResult
+    metrics: dict[str, float]
+    sample: str
+    checkpoint: Checkpoint | None  # call .finish() once the outputs are written
+
+
+def read_corpus(path: str | os.PathLike) -> str:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DataError(f"{path}: corpus not found; run `dvc repro download_corpus`") from None
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text (byte {err.start})") from None
+    if not text.strip():
+        raise DataError(f"{path}: the corpus is empty")
+    return text
+
+
+def pretrain(
+    corpus: str | os.PathLike,
+    params: PretrainParams,
+    run: RunConfig,
+    checkpoint_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> PretrainOutcome:
+    """Train a fresh GPTModel on the corpus; resumes from checkpoint_dir when it holds this run's progress."""
+    text = read_corpus(corpus)
+    device = resolve_device(run.device)
+    precision = resolve_precision(run.precision, device)
+    tokenizer = get_tokenizer()
+    seed_everything(run.seed)
+    context = params.model.context_length
+    train_loader, val_loader = build_text_loaders(
+        text, tokenizer, max_length=context, stride=params.stride or context,
+        batch_size=params.batch_size, train_ratio=params.train_ratio, seed=run.seed, source=str(corpus),
+    )
+    model = GPTModel(params.model).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
+    checkpoint = None
+    if checkpoint_dir is not None:
+        key = fingerprint(params.to_dict(), run.to_dict(), precision, sha256_of(corpus))
+        checkpoint = Checkpoint(checkpoint_dir, key)
+    evaluate = loss_evaluator(train_loader, val_loader, lm_loss, device, precision, params.eval_batches)
+    result = train(
+        model, optimizer, train_loader, epochs=params.epochs, loss_fn=lm_loss, evaluate=evaluate,
+        eval_every=params.eval_every, device=device, precision=precision, checkpoint=checkpoint,
+        progress=progress, desc="pretrain",
+    )
+    final = result.history[-1]
+    metrics = {
+        "train_loss": final["train_loss"],
+        "val_loss": final["val_loss"],
+        "train_perplexity": perplexity(final["train_loss"]),
+        "val_perplexity": perplexity(final["val_loss"]),
+        "tokens_seen": result.tokens_seen,
+        "steps": result.steps,
+        "train_seconds": round(result.seconds, 2),
+    }
+    prompt = text_to_ids(params.sample_prompt, tokenizer, device)
+    sample = ids_to_text(generate(model, prompt, params.sample_tokens, eos_id=EOT_ID), tokenizer)
+    return PretrainOutcome(model.cpu(), result, metrics, sample, checkpoint)

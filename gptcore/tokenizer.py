@@ -1,0 +1,70 @@
+"""The GPT-2 BPE tokenizer as a tiktoken encoding, built offline from encoder.json and vocab.bpe."""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+import tiktoken
+from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+
+from gptcore.download import cache_dir, fetch, mirror_root, sha256_of
+from gptcore.errors import DataError
+
+BASE_URL = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main"
+# The digests tiktoken itself checks for its `gpt2` encoding.
+FILES = {
+    "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+    "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+}
+ENDOFTEXT = "<|endoftext|>"
+EOT_ID = 50256
+# GPT-2's pre-tokenisation pattern (tiktoken's r50k pattern).
+PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+def find_tokenizer_files(folder: str | os.PathLike | None = None) -> Path:
+    """A folder holding encoder.json and vocab.bpe: `folder`, else the mirror, else the cache (filled
+    by a verified download on first use)."""
+    candidates = []
+    if folder is not None:
+        candidates.append(Path(folder))
+    root = mirror_root()
+    if root is not None:
+        candidates.append(root / "gpt2")
+    candidates.append(cache_dir() / "gpt2")
+    for candidate in candidates:
+        if all((candidate / name).is_file() for name in FILES):
+            return candidate
+    if folder is not None and root is None:
+        raise DataError(f"{folder}: encoder.json and vocab.bpe not found")
+    target = cache_dir() / "gpt2"
+    for name, digest in FILES.items():
+        fetch(f"{BASE_URL}/{name}", target / name, mirror_name=f"gpt2/{name}", sha256=digest)
+    return target
+
+
+@functools.lru_cache(maxsize=4)
+def _build(folder: str) -> tiktoken.Encoding:
+    paths = {name: Path(folder) / name for name in FILES}
+    for name, digest in FILES.items():
+        if sha256_of(paths[name]) != digest:
+            raise DataError(f"{paths[name]}: not GPT-2's {name} (SHA-256 mismatch)")
+    ranks = data_gym_to_mergeable_bpe_ranks(
+        vocab_bpe_file=str(paths["vocab.bpe"]), encoder_json_file=str(paths["encoder.json"])
+    )
+    return tiktoken.Encoding(
+        name="gpt2", explicit_n_vocab=50257, pat_str=PATTERN, mergeable_ranks=ranks,
+        special_tokens={ENDOFTEXT: EOT_ID},
+    )
+
+
+def get_tokenizer(folder: str | os.PathLike | None = None) -> tiktoken.Encoding:
+    """GPT-2's tokenizer, identical to tiktoken.get_encoding("gpt2"); `<|endoftext|>` is 50256."""
+    return _build(str(find_tokenizer_files(folder).resolve()))
+
+
+def encode(tokenizer: tiktoken.Encoding, text: str) -> list[int]:
+    """Token ids of text; `<|endoftext|>` in the text becomes the special token, as in the book."""
+    return tokenizer.encode(text, allowed_special={ENDOFTEXT})

@@ -1,0 +1,275 @@
+"""The one training loop every stage shares: losses, evaluation, progress, checkpoint and exact resume."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from gptcore.atomic import atomic_path, write_json
+from gptcore.device import autocast
+from gptcore.errors import WeightsError
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+LossFn = Callable[[nn.Module, Batch], torch.Tensor]
+IGNORE_INDEX = -100
+
+
+def lm_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """Next-token cross-entropy over every position; targets of -100 are ignored (padding)."""
+    inputs, targets = batch
+    logits = model(inputs)  # [B, T, V]
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
+
+
+def perplexity(loss: float) -> float:
+    """exp(loss), capped to stay a finite JSON number for untrained models."""
+    return math.exp(min(loss, 700.0))
+
+
+def to_device(batch: Iterable[torch.Tensor], device: torch.device) -> tuple[torch.Tensor, ...]:
+    return tuple(t.to(device, non_blocking=True) for t in batch)
+
+
+@torch.no_grad()
+def evaluate_loss(
+    model: nn.Module,
+    loader,
+    loss_fn: LossFn,
+    device: torch.device,
+    precision: str = "fp32",
+    num_batches: int | None = None,
+) -> float:
+    """Mean loss over the first `num_batches` batches of loader (all when None), in eval mode."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        for i, batch in enumerate(loader):
+            if num_batches is not None and i >= num_batches:
+                break
+            with autocast(device, precision):
+                total += loss_fn(model, to_device(batch, device)).item()
+            count += 1
+    finally:
+        model.train(was_training)
+    return total / count if count else float("nan")
+
+
+def loss_evaluator(train_loader, val_loader, loss_fn: LossFn, device, precision: str, num_batches: int):
+    """An evaluate(model) callback giving train_loss and val_loss on a few batches, as the book does."""
+
+    def evaluate(model: nn.Module) -> dict[str, float]:
+        return {
+            "train_loss": evaluate_loss(model, _in_order(train_loader), loss_fn, device, precision, num_batches),
+            "val_loss": evaluate_loss(model, val_loader, loss_fn, device, precision, num_batches),
+        }
+
+    return evaluate
+
+
+def _in_order(loader):
+    """Evaluate on the train set's batches in a fixed order that does not disturb the sampler's epoch."""
+    sampler = getattr(loader, "batch_sampler", None)
+    if sampler is None or not hasattr(sampler, "batches"):
+        return loader
+    dataset, collate = loader.dataset, loader.collate_fn
+    return (collate([dataset[i] for i in batch]) for batch in sampler.batches())
+
+
+@dataclass
+class TrainResult:
+    """What a training run did; `history` has one row per evaluation."""
+
+    history: list[dict[str, float]] = field(default_factory=list)
+    steps: int = 0
+    tokens_seen: int = 0
+    seconds: float = 0.0
+    resumed_at_step: int = 0
+
+
+class Checkpoint:
+    """Training progress in a folder: `state.pt` (model, optimizer, data position, RNG, history).
+
+    Loaded with weights_only=True (no code is unpickled). A fingerprint of the params and inputs that
+    produced it guards against mixing stale progress into a changed run. `finish()` drops the heavy
+    state once the stage's outputs are written and leaves a small `done.json`.
+    """
+
+    def __init__(self, folder: str | os.PathLike, fingerprint: str, every_seconds: float = 600.0):
+        self.folder = Path(folder)
+        self.path = self.folder / "state.pt"
+        self.fingerprint = fingerprint
+        self.every_seconds = every_seconds
+        self.last_saved = time.monotonic()
+
+    def load(self) -> dict[str, Any] | None:
+        if not self.path.is_file():
+            return None
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as err:  # a corrupt checkpoint must not block a fresh start
+            tqdm.write(f"note: ignoring unreadable checkpoint {self.path} ({type(err).__name__}); starting afresh")
+            return None
+        if state.get("fingerprint") != self.fingerprint:
+            tqdm.write(f"note: {self.path} was made with other params or inputs; starting afresh")
+            return None
+        tqdm.write(f"resuming from {self.path} at step {state['step']}")
+        return state
+
+    def save(self, state: dict[str, Any]) -> None:
+        (self.folder / "done.json").unlink(missing_ok=True)
+        with atomic_path(self.path) as tmp:
+            torch.save({**state, "fingerprint": self.fingerprint}, tmp)
+        self.last_saved = time.monotonic()
+
+    def due(self) -> bool:
+        return time.monotonic() - self.last_saved >= self.every_seconds
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        """Mark the run complete: keep a summary, drop the (large) resumable state."""
+        write_json(self.folder / "done.json", {"fingerprint": self.fingerprint, **summary})
+        self.path.unlink(missing_ok=True)
+
+
+class _StopRequest:
+    """Turns SIGINT/SIGTERM into a flag checked between steps, so progress is saved consistently."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:  # a second signal: stop at once
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def train(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    train_loader,
+    *,
+    epochs: int,
+    loss_fn: LossFn,
+    evaluate: Callable[[nn.Module], dict[str, float]],
+    eval_every: int,
+    device: torch.device,
+    precision: str = "fp32",
+    checkpoint: Checkpoint | None = None,
+    progress: bool = True,
+    desc: str = "train",
+) -> TrainResult:
+    """Train for `epochs` over train_loader, evaluating after the first step and every `eval_every`.
+
+    The loader must use a ResumableBatchSampler: a resumed run replays the same batch order, RNG and
+    optimizer state, so on CPU it ends bitwise equal to an uninterrupted run. Progress is saved at
+    SIGINT/SIGTERM (then KeyboardInterrupt is raised) and every `checkpoint.every_seconds`.
+    """
+    sampler = train_loader.batch_sampler
+    batches_per_epoch = len(sampler.batches())
+    result = TrainResult()
+    start_epoch, skip = 0, 0
+    saved = checkpoint.load() if checkpoint is not None else None
+    if saved is not None:
+        try:
+            model.load_state_dict(saved["model"])
+            optimizer.load_state_dict(saved["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as err:
+            raise WeightsError(f"{checkpoint.path}: does not fit this model: {err}") from None
+        _set_rng_state(saved["rng"])
+        result.history = list(saved["history"])
+        result.steps, result.tokens_seen = saved["step"], saved["tokens_seen"]
+        result.seconds = saved["seconds"]
+        result.resumed_at_step = result.steps
+        start_epoch, skip = divmod(result.steps, batches_per_epoch)
+
+    def snapshot() -> dict[str, Any]:
+        return {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "rng": _rng_state(),
+            "history": result.history,
+            "step": result.steps,
+            "tokens_seen": result.tokens_seen,
+            "seconds": result.seconds,
+        }
+
+    total_steps = epochs * batches_per_epoch
+    bar = tqdm(total=total_steps, initial=result.steps, desc=desc, unit="step", disable=not progress)
+    started = time.perf_counter() - result.seconds
+    model.train()
+    with _StopRequest() as stop, bar:
+        for epoch in range(start_epoch, epochs):
+            sampler.set_epoch(epoch, skip if epoch == start_epoch else 0)
+            for batch in train_loader:
+                inputs, targets = to_device(batch, device)
+                optimizer.zero_grad(set_to_none=True)
+                with autocast(device, precision):
+                    loss = loss_fn(model, (inputs, targets))
+                loss.backward()
+                optimizer.step()
+                result.steps += 1
+                result.tokens_seen += inputs.numel()
+                bar.update(1)
+                if (result.steps - 1) % eval_every == 0 or result.steps == total_steps:
+                    row = {"step": result.steps, "epoch": epoch + 1, "tokens_seen": result.tokens_seen}
+                    row.update(evaluate(model))
+                    result.history.append(row)
+                    bar.set_postfix({k: f"{v:.3f}" for k, v in row.items() if k.endswith("loss")})
+                result.seconds = time.perf_counter() - started
+                if checkpoint is not None and (stop.requested or checkpoint.due()):
+                    checkpoint.save(snapshot())
+                if stop.requested:
+                    tqdm.write(f"interrupted at step {result.steps}; progress saved, re-run to resume")
+                    raise KeyboardInterrupt
+    model.eval()
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch's CPU and CUDA generators (the only RNGs gptcore draws from)."""
+    torch.manual_seed(seed)
+
+
+def fingerprint(*parts: Any) -> str:
+    """A digest of the params and inputs of a run: progress made under another one is not resumed."""
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()

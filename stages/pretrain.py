@@ -1,0 +1,45 @@
+"""Stage pretrain (Stage 1): train GPTModel from scratch on the corpus.
+
+Reads params `pretrain:` and the top-level `seed`, `device`, `precision`. Writes the weights file,
+metrics JSON, the loss plot table (CSV) and figure (PNG), and a sample continuation. Progress is kept
+in --checkpoint-dir, so an interrupted run resumes where it stopped.
+"""
+
+import argparse
+
+from gptcore.atomic import write_json, write_text
+from gptcore.cli import run_entry
+from gptcore.config import PretrainParams
+from gptcore.params import read_params, run_config, section
+from gptcore.plots import plot_curves, write_table
+from gptcore.pretrain import pretrain
+from gptcore.weights import save_model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--corpus", required=True)
+    parser.add_argument("--out", required=True, help="weights file")
+    parser.add_argument("--metrics", required=True)
+    parser.add_argument("--plot-table", required=True)
+    parser.add_argument("--plot-png", required=True)
+    parser.add_argument("--sample", required=True)
+    parser.add_argument("--checkpoint-dir", required=True)
+    args = parser.parse_args()
+
+    params = read_params(args.params)
+    outcome = pretrain(args.corpus, section(params, "pretrain", PretrainParams), run_config(params), args.checkpoint_dir)
+    save_model(outcome.model, args.out)
+    write_json(args.metrics, outcome.metrics)
+    write_table(args.plot_table, outcome.result.history)
+    plot_curves(args.plot_png, outcome.result.history, ["train_loss", "val_loss"], x="tokens_seen", title="Stage 1 pretraining")
+    write_text(args.sample, outcome.sample + "\n")
+    outcome.checkpoint.finish(outcome.metrics)
+    m = outcome.metrics
+    print(f"pretrain: train loss {m['train_loss']:.3f}, val loss {m['val_loss']:.3f}, "
+          f"{m['tokens_seen']:,} tokens in {m['train_seconds']:.0f}s -> {args.out}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_entry(main))
