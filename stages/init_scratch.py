@@ -1,0 +1,29 @@
+"""Stage init_scratch: a randomly initialised model of the Stage 1 architecture (`pretrain.model`),
+the `scratch` foundation of the finetuning stages. Writes one weights file to --out."""
+
+import argparse
+
+import torch
+
+from gptcore.cli import run_entry
+from gptcore.config import PretrainParams
+from gptcore.model import GPTModel
+from gptcore.params import read_params, run_config, section
+from gptcore.weights import save_model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    params = read_params(args.params)
+    config = section(params, "pretrain", PretrainParams).model
+    torch.manual_seed(run_config(params).seed)
+    model = GPTModel(config)
+    save_model(model, args.out)
+    print(f"init_scratch: {model.num_parameters():,} parameters -> {args.out}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_entry(main))
