@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from gptcore.model import GPTModel, KVCache
@@ -43,6 +45,7 @@ def generate(
     eos_id: int | None = None,
     generator: torch.Generator | None = None,
     use_cache: bool = True,
+    on_token: Callable[[torch.Tensor], bool | None] | None = None,
 ) -> torch.Tensor:
     """Extend token ids idx [B, T] by up to max_new_tokens; returns idx with the new tokens appended.
 
@@ -50,6 +53,8 @@ def generate(
     row, as in the book; in a batch, finished rows are filled with eos_id). The context is cropped to
     the model's context length; with the cache, each new token costs one position until the context
     is full, after which the window slides and is recomputed (exactly as the no-cache path).
+    `on_token`, if given, sees each appended token column [B, 1] as soon as it is sampled (streaming);
+    when it returns True, generation stops there.
     """
     ctx = model.config.context_length
     device = idx.device
@@ -73,6 +78,8 @@ def generate(
                     idx = torch.cat([idx, next_id], dim=1)
                 break
         idx = torch.cat([idx, next_id], dim=1)
+        if on_token is not None and on_token(next_id):
+            break
     return idx
 
 
