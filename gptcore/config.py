@@ -182,3 +182,30 @@ class RunConfig(Section):
     seed: int = 123
     device: str = "auto"  # auto, cpu, cuda, cuda:N, mps
     precision: typing.Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+
+
+@dataclass
+class JudgeParams(Section):
+    """params.yaml `judge:` — Stage 4b, scoring the instruction model's responses with an Ollama model."""
+
+    url: str = "http://localhost:11434"  # the Ollama server
+    model: str = "llama3.1:8b"  # the judge model, as `ollama pull` names it
+    seed: int = 123  # options sent with every request, as in the reference evaluation
+    temperature: float = 0.0
+    num_ctx: int = 2048  # the judge's context in tokens; longer prompts would be cut silently by Ollama
+    timeout: float = 120.0  # seconds to wait for one reply before retrying
+    retries: int = 5  # retries of a request after a transient fault (connection, 5xx, timeout)
+    backoff: float = 1.0  # seconds before the first retry, doubled after each
+    structured: bool = False  # ask for {"score": n} through Ollama's `format` JSON schema
+
+    def __post_init__(self):
+        if not self.url.startswith(("http://", "https://")):
+            raise ValueError(f"url must be an http(s) address, got {self.url!r}")
+        if not self.model:
+            raise ValueError("model must name the judge model")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.num_ctx < 1:
+            raise ValueError(f"num_ctx must be positive, got {self.num_ctx}")
+        if self.timeout <= 0 or self.backoff < 0 or self.retries < 0:
+            raise ValueError("timeout must be positive, backoff and retries non-negative")
