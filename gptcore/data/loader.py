@@ -58,4 +58,6 @@ def make_loader(
 ) -> DataLoader:
     """A DataLoader over a ResumableBatchSampler (in `loader.batch_sampler`), single-process."""
     sampler = ResumableBatchSampler(len(dataset), batch_size, shuffle=shuffle, drop_last=drop_last, seed=seed)
-    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_fn)
+    # A private generator: each new DataLoader iterator draws a base seed, and drawing it from the global
+    # RNG would shift the dropout masks of a run resumed mid-epoch.
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_fn, generator=torch.Generator().manual_seed(seed))

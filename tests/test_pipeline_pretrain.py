@@ -1,0 +1,72 @@
+"""End to end through DVC, offline: download_corpus -> pretrain with a tiny model, then the DVC workflow
+a user follows (nothing to do on a second run; an experiment; metrics diff)."""
+
+import csv
+
+import pytest
+
+TINY = {
+    "precision": "fp32",
+    "pretrain": {
+        "model": {"context_length": 64, "emb_dim": 32, "n_heads": 2, "n_layers": 2, "drop_rate": 0.1},
+        "epochs": 2,
+        "batch_size": 4,
+        "eval_every": 5,
+        "eval_batches": 2,
+        "sample_tokens": 8,
+    },
+}
+
+
+@pytest.mark.slow
+def test_pretrain_stage_through_dvc(repo_copy):
+    repo_copy.set_params(TINY)
+    repo_copy.dvc("repro", "pretrain")
+    root = repo_copy.root
+    assert (root / "data/raw/the-verdict.txt").stat().st_size == 20479
+    metrics = repo_copy.read_json("metrics/pretrain.json")
+    assert set(metrics) >= {"train_loss", "val_loss", "train_perplexity", "val_perplexity", "tokens_seen"}
+    rows = list(csv.DictReader((root / "metrics/pretrain_loss.csv").open()))
+    assert float(rows[-1]["train_loss"]) == pytest.approx(metrics["train_loss"])
+    assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
+    assert (root / "metrics/pretrain_loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert (root / "metrics/pretrain_sample.txt").read_text().startswith("Every effort moves you")
+    assert (root / "checkpoints/pretrain/done.json").is_file()
+    assert not (root / "checkpoints/pretrain/state.pt").exists()
+
+    again = repo_copy.dvc("repro", "pretrain")
+    assert "up to date" in again.stdout or "didn't change" in again.stdout
+
+    from gptcore import load_model
+
+    model = load_model(root / "models/pretrained/model.safetensors")
+    assert model.config.context_length == 64
+
+    repo_copy.run("git", "add", "-A")
+    repo_copy.run("git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "baseline")
+    repo_copy.dvc("exp", "run", "-S", "pretrain.epochs=1")
+    diff = repo_copy.dvc("metrics", "diff", "--json").stdout
+    import json
+
+    changed = json.loads(diff)["metrics/pretrain.json"]
+    assert changed["tokens_seen"]["diff"] < 0
+
+
+def test_cli_generate_and_errors(tmp_path, tiny_config):
+    import subprocess
+    import sys
+
+    from gptcore import GPTModel, save_model
+
+    path = tmp_path / "m.safetensors"
+    save_model(GPTModel(tiny_config), path)
+    run = lambda *a: subprocess.run([sys.executable, "-m", "gptcore", *a], capture_output=True, text=True)
+    out = run("generate", "--model", str(path), "--prompt", "Hello there", "--max-new-tokens", "5", "--temperature", "1", "--top-k", "4", "--seed", "3")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("Hello there")
+    again = run("generate", "--model", str(path), "--prompt", "Hello there", "--max-new-tokens", "5", "--temperature", "1", "--top-k", "4", "--seed", "3")
+    assert again.stdout == out.stdout
+    bad = run("generate", "--model", str(tmp_path / "missing.safetensors"), "--prompt", "x")
+    assert bad.returncode == 1
+    assert bad.stderr.strip().count("\n") == 0 and "missing.safetensors" in bad.stderr
+    assert "Traceback" not in bad.stderr
