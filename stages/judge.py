@@ -1,0 +1,41 @@
+"""Stage judge (Stage 4b): score the instruction model's responses with an LLM judge served by Ollama.
+
+Reads params `judge:` and the responses file (a JSON list of entries with instruction, input, output
+and model_response). Writes every judgement to the scores file (JSON lines, kept between runs, so a
+re-run asks only what is missing or failed), the metrics JSON, and the score histogram (CSV table and
+PNG). Needs a running Ollama server with the judge model: `ollama serve`, `ollama pull llama3.1:8b`.
+"""
+
+import argparse
+
+from gptcore.atomic import write_json
+from gptcore.cli import run_entry
+from gptcore.config import JudgeParams
+from gptcore.judge import judge_responses, plot_score_histogram
+from gptcore.params import read_params, section
+from gptcore.plots import write_table
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--responses", required=True)
+    parser.add_argument("--scores", required=True, help="per-entry judgements (JSON lines), kept between runs")
+    parser.add_argument("--metrics", required=True)
+    parser.add_argument("--plot-table", required=True)
+    parser.add_argument("--plot-png", required=True)
+    args = parser.parse_args()
+
+    params = section(read_params(args.params), "judge", JudgeParams)
+    outcome = judge_responses(args.responses, args.scores, params)
+    write_json(args.metrics, outcome.metrics)
+    write_table(args.plot_table, outcome.histogram, columns=["bin", "low", "count"])
+    plot_score_histogram(args.plot_png, outcome.histogram, title=f"Scores by {params.model}")
+    m = outcome.metrics
+    average = "n/a" if m["average_score"] is None else f"{m['average_score']:.2f}"
+    print(f"judge: average score {average} over {m['n_scored']} entries, {m['n_failed']} failed, "
+          f"{m['n_truncated']} possibly truncated ({m['judge_model']}, Ollama {m['judge_version']}) -> {args.metrics}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_entry(main))
