@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -81,6 +81,74 @@ def generate(
         if on_token is not None and on_token(next_id):
             break
     return idx
+
+
+@torch.inference_mode()
+def generate_batch(
+    model: GPTModel,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    eos_id: int | None = None,
+    generator: torch.Generator | None = None,
+    pad_id: int = 0,
+) -> list[list[int]]:
+    """The new token ids for each prompt, generated together in one left-padded batch with the KV cache.
+
+    The cache masks each row's padding and shifts its positions, so row b gets the tokens `generate`
+    gives for prompts[b] alone (greedy; up to floating-point rounding). A row stops at eos_id, which is
+    not returned, and leaves the batch; generation ends when every row has stopped. Once the longest
+    row fills the context, the window slides as in `generate` (every row recomputed from its last
+    context_length tokens). `pad_id` only fills masked positions; its value does not matter.
+    """
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    ctx = model.config.context_length
+    device = model.tok_emb.weight.device
+    seqs = [list(p) for p in prompts]
+    outputs: list[list[int]] = [[] for _ in prompts]
+    active = list(range(len(prompts)))  # the prompt index of each row of the cache
+    cache, last = None, None
+    for step in range(max_new_tokens):
+        if not active:
+            break
+        if cache is None or cache.length >= ctx:
+            windows = [seqs[b][-ctx:] for b in active]
+            width = max(len(w) for w in windows)
+            pads = [width - len(w) for w in windows]
+            idx = torch.tensor([[pad_id] * p + w for p, w in zip(pads, windows)], device=device)  # [B, T]
+            cache = KVCache(
+                model.config, len(active), min(ctx, width + max_new_tokens - step), device=device,
+                dtype=_cache_dtype(model), pad_lengths=torch.tensor(pads) if any(pads) else None,
+            )
+            logits = model(idx, cache)[:, -1]
+        else:
+            logits = model(last, cache)[:, -1]
+        next_ids = sample_next(logits, temperature, top_k, generator)[:, 0].tolist()
+        keep = []
+        for row, (b, token) in enumerate(zip(active, next_ids)):
+            if eos_id is not None and token == eos_id:
+                continue
+            seqs[b].append(token)
+            outputs[b].append(token)
+            keep.append(row)
+        if len(keep) < len(active):
+            active = [active[row] for row in keep]
+            if keep:
+                _keep_rows(cache, torch.tensor(keep, device=device))
+        last = torch.tensor([[seqs[b][-1]] for b in active], device=device, dtype=torch.long)  # [B, 1]
+    return outputs
+
+
+def _keep_rows(cache: KVCache, rows: torch.Tensor) -> None:
+    """Drop the cache rows of finished sequences, so that they cost nothing in later steps."""
+    cache.keys = [k[rows] for k in cache.keys]
+    cache.values = [v[rows] for v in cache.values]
+    if cache.pad_lengths is not None:
+        cache.pad_lengths = cache.pad_lengths[rows]
 
 
 def _cache_dtype(model: GPTModel) -> torch.dtype:
