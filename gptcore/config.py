@@ -147,12 +147,15 @@ class TrainConfig(Section):
     weight_decay: float = 0.1
     eval_every: int = 5  # optimizer steps between evaluations
     eval_batches: int = 5  # batches per evaluation (train and validation)
+    checkpoint_minutes: float = 10.0  # resumable progress is saved this often (and on SIGINT/SIGTERM)
 
     def __post_init__(self):
         if self.epochs < 1 or self.batch_size < 1 or self.eval_every < 1 or self.eval_batches < 1:
             raise ValueError("epochs, batch_size, eval_every and eval_batches must be positive")
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.checkpoint_minutes < 0:
+            raise ValueError(f"checkpoint_minutes must be >= 0, got {self.checkpoint_minutes}")
 
 
 @dataclass
@@ -173,6 +176,50 @@ class PretrainParams(TrainConfig):
             raise ValueError(f"train_ratio must be in (0, 1), got {self.train_ratio}")
         if self.stride is not None and self.stride < 1:
             raise ValueError(f"stride must be positive, got {self.stride}")
+
+
+@dataclass
+class SmsDownloadParams(DownloadParams):
+    """params.yaml `download_sms:` — the UCI SMS Spam Collection zip and what its data file must hold."""
+
+    backup_url: str | None = None  # tried when the main address fails (not with GPTCORE_MIRROR)
+    expected_rows: int = 5574  # messages in SMSSpamCollection; another count is a DataError
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.backup_url is not None and not self.backup_url.startswith(("http://", "https://")):
+            raise ValueError(f"backup_url must be an http(s) address, got {self.backup_url!r}")
+        if self.expected_rows < 1:
+            raise ValueError(f"expected_rows must be positive, got {self.expected_rows}")
+
+
+@dataclass
+class PrepareSmsParams(Section):
+    """params.yaml `prepare_sms:` — balancing and splitting, as the book's chapter 6 (defaults are its values)."""
+
+    seed: int = 123  # pandas random_state of the ham subsample and of the shuffle
+    train_frac: float = 0.7
+    validation_frac: float = 0.1  # the test split is the rest
+
+    def __post_init__(self):
+        if not (0 < self.train_frac < 1 and 0 < self.validation_frac < 1 and self.train_frac + self.validation_frac < 1):
+            raise ValueError("train_frac and validation_frac must be in (0, 1) and sum to less than 1")
+
+
+@dataclass
+class ClassifierParams(TrainConfig):
+    """params.yaml `classifier:` — Stage 3, finetuning the foundation into a spam classifier (book ch. 6)."""
+
+    epochs: int = 5
+    batch_size: int = 8
+    lr: float = 5e-5
+    weight_decay: float = 0.1
+    eval_every: int = 50
+    eval_batches: int = 5
+    # What trains: last_block (+ final LayerNorm + head, the book's choice), last_two_blocks, all, head.
+    trainable: typing.Literal["last_block", "last_two_blocks", "all", "head"] = "last_block"
+    # Which position's logits classify: the last one (a pad for short texts, as the book) or the last real token.
+    token_position: typing.Literal["last", "last_non_pad"] = "last"
 
 
 @dataclass
@@ -209,3 +256,89 @@ class JudgeParams(Section):
             raise ValueError(f"num_ctx must be positive, got {self.num_ctx}")
         if self.timeout <= 0 or self.backoff < 0 or self.retries < 0:
             raise ValueError("timeout must be positive, backoff and retries non-negative")
+
+
+@dataclass
+class PrepareInstructionsParams(Section):
+    """params.yaml `prepare_instructions:` — the book's split of the instruction data (ch. 7)."""
+
+    train_ratio: float = 0.85  # the first int(n * train_ratio) entries train
+    test_ratio: float = 0.1  # the next int(n * test_ratio) test; the rest validates
+    shuffle_seed: int | None = None  # None: split in file order, as the book; an int: shuffle first
+
+    def __post_init__(self):
+        if not (0 < self.train_ratio < 1 and 0 < self.test_ratio < 1 and self.train_ratio + self.test_ratio < 1):
+            raise ValueError("train_ratio and test_ratio must be in (0, 1) and sum to less than 1")
+
+
+@dataclass
+class InstructionsParams(TrainConfig):
+    """params.yaml `instructions:` — Stage 4, finetuning the foundation to follow instructions (book ch. 7)."""
+
+    epochs: int = 2
+    batch_size: int = 8
+    lr: float = 5e-5
+    weight_decay: float = 0.1
+    eval_every: int = 5
+    eval_batches: int = 5
+    allowed_max_length: int = 1024  # tokens per training sequence; never more than the model's context
+    mask_prompt: bool = False  # True: loss on the response tokens only (prompt targets ignored)
+    bucket_by_length: bool = False  # True: batch examples of similar length together (less padding)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.allowed_max_length < 2:
+            raise ValueError(f"allowed_max_length must be at least 2, got {self.allowed_max_length}")
+
+
+@dataclass
+class GenerateParams(Section):
+    """params.yaml `generate:` — responses to the test instructions (greedy by default, as the book)."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0: greedy (argmax)
+    top_k: int | None = None  # sample only among the k most likely tokens (temperature > 0)
+    seed: int = 123  # of the sampling generator (unused when greedy)
+    batch_size: int = 8  # prompts generated together (left-padded); 1: one at a time
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1 or self.batch_size < 1:
+            raise ValueError("max_new_tokens and batch_size must be positive")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be positive, got {self.top_k}")
+
+
+FOUNDATIONS = (*OPENAI_SIZES, "pretrained", "scratch")
+
+
+@dataclass
+class Gpt2DownloadParams(Section):
+    """params.yaml `download_gpt2:` — where OpenAI publishes its GPT-2 TensorFlow checkpoints."""
+
+    base_url: str = "https://openaipublic.blob.core.windows.net/gpt-2/models"  # + /<size>/<file>
+
+    def __post_init__(self):
+        if not self.base_url.startswith(("http://", "https://")):
+            raise ValueError(f"base_url must be an http(s) address, got {self.base_url!r}")
+
+
+def check_openai_models(foundation: object, openai_models: object) -> dict[str, str]:
+    """Check params.yaml `openai_models` against `foundation`; return it as {name: OpenAI size}.
+
+    DVC templating cannot derive one key from the other, so `openai_models` (the OpenAI checkpoints
+    that download_gpt2/convert_gpt2 fetch and convert) must name exactly the OpenAI foundation in use,
+    with its size, and be empty for `pretrained` and `scratch`.
+    """
+    if foundation not in FOUNDATIONS:
+        raise ConfigError(f"params.yaml foundation: expected one of {', '.join(FOUNDATIONS)}, got {foundation!r}")
+    if not isinstance(openai_models, dict):
+        raise ConfigError(f"params.yaml openai_models: expected a mapping {{name: size}}, got {openai_models!r}")
+    wanted = {foundation: OPENAI_SIZES[foundation]} if foundation in OPENAI_SIZES else {}
+    if openai_models != wanted:
+        raise ConfigError(
+            f"params.yaml openai_models is {openai_models or '{}'} but foundation {foundation} needs "
+            f"{wanted or '{}'}; change both together (README: switching the foundation)"
+        )
+    return wanted

@@ -1,0 +1,25 @@
+"""Stage download_instructions: fetch the instruction data (params `download_instructions`) to --out.
+
+Honours GPTCORE_MIRROR (the file is served from the mirror as `instruction-data.json`).
+"""
+
+import argparse
+
+from gptcore.cli import run_entry
+from gptcore.config import DownloadParams
+from gptcore.download import fetch
+from gptcore.params import read_params, section
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    params = section(read_params(args.params), "download_instructions", DownloadParams)
+    path = fetch(params.url, args.out, mirror_name="instruction-data.json", sha256=params.sha256)
+    print(f"download_instructions: {path} ({path.stat().st_size:,} bytes)")
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_entry(main))

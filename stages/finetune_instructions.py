@@ -1,0 +1,49 @@
+"""Stage finetune_instructions (Stage 4): finetune the foundation model to follow instructions.
+
+Reads --model (models/<foundation>/model.safetensors, a language model), the train and validation
+splits, params `instructions:` and the top-level `seed`, `device`, `precision`. Writes the finetuned
+weights, metrics JSON (losses before and after), the loss plot table (CSV) and figure (PNG). Progress
+is kept in --checkpoint-dir, so an interrupted run resumes where it stopped.
+"""
+
+import argparse
+
+from gptcore.atomic import write_json
+from gptcore.cli import run_entry
+from gptcore.config import InstructionsParams
+from gptcore.instruct import finetune_instructions
+from gptcore.params import read_params, run_config, section
+from gptcore.plots import plot_curves, write_table
+from gptcore.weights import save_model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--model", required=True, help="foundation weights file")
+    parser.add_argument("--train", required=True)
+    parser.add_argument("--val", required=True)
+    parser.add_argument("--out", required=True, help="finetuned weights file")
+    parser.add_argument("--metrics", required=True)
+    parser.add_argument("--plot-table", required=True)
+    parser.add_argument("--plot-png", required=True)
+    parser.add_argument("--checkpoint-dir", required=True)
+    args = parser.parse_args()
+
+    params = read_params(args.params)
+    outcome = finetune_instructions(
+        args.model, args.train, args.val, section(params, "instructions", InstructionsParams),
+        run_config(params), args.checkpoint_dir,
+    )
+    save_model(outcome.model, args.out)
+    write_json(args.metrics, outcome.metrics)
+    write_table(args.plot_table, outcome.history)
+    plot_curves(args.plot_png, outcome.history, ["train_loss", "val_loss"], x="tokens_seen", title="Stage 4 instruction finetuning")
+    outcome.checkpoint.finish(outcome.metrics)
+    m = outcome.metrics
+    print(f"finetune_instructions: val loss {m['val_loss_before']:.3f} -> {m['val_loss']:.3f}, "
+          f"{m['tokens_seen']:,} tokens in {m['train_seconds']:.0f}s -> {args.out}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_entry(main))

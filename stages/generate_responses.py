@@ -1,0 +1,43 @@
+"""Stage generate_responses: answer the test instructions with the finetuned model.
+
+Reads --model, --test (the test split) and params `generate:` plus the top-level `device`,
+`precision`. Writes --out, the test entries each with `model_response` (the judge's input), and
+--metrics (tokens per second). Finished batches are logged in --checkpoint-dir, so an interrupted
+run continues with the remaining entries.
+"""
+
+import argparse
+from pathlib import Path
+
+from gptcore.atomic import write_json
+from gptcore.cli import run_entry
+from gptcore.config import GenerateParams
+from gptcore.instruct import generate_responses
+from gptcore.params import read_params, run_config, section
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--test", required=True)
+    parser.add_argument("--out", required=True, help="responses JSON")
+    parser.add_argument("--metrics", required=True)
+    parser.add_argument("--checkpoint-dir", required=True)
+    args = parser.parse_args()
+
+    params = read_params(args.params)
+    outcome = generate_responses(
+        args.model, args.test, section(params, "generate", GenerateParams), run_config(params),
+        Path(args.checkpoint_dir) / "partial.jsonl",
+    )
+    write_json(args.out, outcome.responses)
+    write_json(args.metrics, outcome.metrics)
+    outcome.log.finish(outcome.metrics)
+    m = outcome.metrics
+    print(f"generate_responses: {m['entries']} responses, {m['tokens_generated']:,} tokens at "
+          f"{m['tokens_per_second']:.1f} tokens/s (batch {m['batch_size']}) -> {args.out}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_entry(main))
