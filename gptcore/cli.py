@@ -32,6 +32,14 @@ def run_entry(fn: Callable[[], int | None], debug: bool = False) -> int:
         return 1
 
 
+def _convert(args: argparse.Namespace) -> int:
+    from gptcore.openai import convert_checkpoint
+
+    result = convert_checkpoint(args.checkpoint, args.out, progress=True)
+    print(f"converted {result.parameters:,} parameters ({result.tensors} tensors) -> {args.out}")
+    return 0
+
+
 def _generate(args: argparse.Namespace) -> int:
     from gptcore.device import resolve_device
     from gptcore.generate import generate, ids_to_text, make_generator, text_to_ids
@@ -52,10 +60,33 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _classify(args: argparse.Namespace) -> int:
+    from gptcore.classify import classify_texts, load_classifier
+    from gptcore.device import resolve_device
+    from gptcore.tokenizer import get_tokenizer
+
+    model, info = load_classifier(args.model, device=resolve_device(args.device))
+    for label, probability in classify_texts(model, info, get_tokenizer(), args.texts):
+        print(f"{label} {probability:.3f}")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from gptcore.serve import serve
+
+    serve(args.model, host=args.host, port=args.port, name=args.name, device=args.device, max_predict=args.max_predict)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gptcore", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    p = verbs.add_parser("convert", help="convert an OpenAI GPT-2 TensorFlow checkpoint folder into a weights file")
+    p.add_argument("checkpoint", metavar="CKPT_DIR", help="folder with hparams.json and model.ckpt.*")
+    p.add_argument("out", metavar="OUT", help="weights file to write (.safetensors)")
+    p.set_defaults(func=_convert)
 
     p = verbs.add_parser("generate", help="continue a prompt with a gptcore weights file")
     p.add_argument("--model", required=True, help="weights file (.safetensors)")
@@ -66,6 +97,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default="auto")
     p.set_defaults(func=_generate)
+
+    p = verbs.add_parser("classify", help="label texts spam or ham with a classifier weights file")
+    p.add_argument("--model", required=True, help="classifier weights file (models/classifier/model.safetensors)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("texts", nargs="+", metavar="TEXT", help="one line of output per text: label and its probability")
+    p.set_defaults(func=_classify)
+
+    p = verbs.add_parser("serve", help="serve a weights file over Ollama's REST API (generate, chat, tags, show)")
+    p.add_argument("--model", required=True, help="weights file (.safetensors)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=11434, help="Ollama's port by default; 0 picks a free one")
+    p.add_argument("--name", default=None, help="model name clients use (default: the weights file's folder)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--max-predict", type=int, default=512, help="most new tokens per request")
+    p.set_defaults(func=_serve)
     return parser
 
 

@@ -142,6 +142,7 @@ class JudgeServer:
     version: str
     model: str
     digest: str | None
+    context_length: int | None = None  # the model's own limit (from /api/show), if it reports one
 
 
 class OllamaClient:
@@ -160,7 +161,8 @@ class OllamaClient:
         self.session.close()
 
     def check(self, model: str) -> JudgeServer:
-        """GET /api/version and /api/tags once each: the server answers and has the judge model."""
+        """GET /api/version and /api/tags: the server answers and has the judge model (whose context
+        length POST /api/show may add)."""
         hint = INSTALL_HINT.format(model=model)
         try:
             version = self._send("GET", "/api/version").get("version")
@@ -174,12 +176,22 @@ class OllamaClient:
         for tag in tags:
             names = {tag.get("name"), tag.get("model")} if isinstance(tag, dict) else set()
             if model in names or (":" not in model and f"{model}:latest" in names):
-                return JudgeServer(version=version, model=model, digest=tag.get("digest"))
+                return JudgeServer(version=version, model=model, digest=tag.get("digest"),
+                                   context_length=self._context_length(model))
         have = ", ".join(sorted(str(t.get("name")) for t in tags if isinstance(t, dict))) or "no models"
         raise GptcoreError(
             f"the judge model {model} is not available at {self.url} (it has {have}); "
             f"pull it with `ollama pull {model}`"
         )
+
+    def _context_length(self, model: str) -> int | None:
+        """The model's context length from POST /api/show (`<arch>.context_length`), or None."""
+        try:
+            info = self._send("POST", "/api/show", {"model": model}).get("model_info")
+        except (requests.RequestException, _HTTPFault, GptcoreError):
+            return None
+        lengths = [v for k, v in (info or {}).items() if k.endswith(".context_length") and isinstance(v, int)]
+        return min(lengths) if lengths else None
 
     def chat(self, model: str, messages: list[dict], options: dict, format: dict | None = None) -> dict:
         """POST /api/chat (no streaming); returns Ollama's response object."""
@@ -349,7 +361,8 @@ def judge_responses(
                     ) from None
                 cache.append(record)
                 if record["truncated"]:
-                    warn(f"entry {index}: the judge prompt may be cut by num_ctx {params.num_ctx} "
+                    warn(f"entry {index}: the judge prompt may be cut to the judge's context of "
+                         f"{record['context_limit']} tokens "
                          f"(~{record['prompt_tokens_estimate']} tokens estimated, "
                          f"{record['prompt_eval_count']} evaluated)")
                 if record["status"] == "failed":
@@ -374,7 +387,7 @@ def _judge_entry(client: OllamaClient, server: JudgeServer | None, entry: dict, 
         "key": key, "status": "scored", "score": None, "reason": None, "replies": [],
         "judge_model": params.model, "judge_digest": None, "judge_version": None,
         "options": request_options(params), "structured": params.structured,
-        "prompt_tokens_estimate": estimate, "prompt_eval_count": None,
+        "prompt_tokens_estimate": estimate, "prompt_eval_count": None, "context_limit": None,
         "truncated": False, "prompt": prompt,
         "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
@@ -403,8 +416,11 @@ def _judge_entry(client: OllamaClient, server: JudgeServer | None, entry: dict, 
             messages = messages + [{"role": "assistant", "content": text}, {"role": "user", "content": REMINDER}]
     else:
         record["status"] = "failed"
+    # Ollama cuts a prompt to num_ctx (or to the model's own context, if smaller) without an error.
+    limit = min(params.num_ctx, server.context_length or params.num_ctx)
     record["prompt_eval_count"] = counts[0] if counts else None
-    record["truncated"] = estimate >= params.num_ctx or any(c >= params.num_ctx for c in counts)
+    record["context_limit"] = limit
+    record["truncated"] = estimate >= limit or any(c >= limit for c in counts)
     return record
 
 

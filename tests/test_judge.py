@@ -39,8 +39,9 @@ class FakeOllama:
     prompt_eval_count n.
     """
 
-    def __init__(self, script: dict[str, list], models=(MODEL,)):
+    def __init__(self, script: dict[str, list], models=(MODEL,), context_length: int = 131072):
         self.script = script
+        self.context_length = context_length
         self.models = list(models)
         self.requests: list[tuple[str, str, dict | None]] = []
         self.turns: dict[str, int] = {}
@@ -66,6 +67,10 @@ class FakeOllama:
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 fake.requests.append(("POST", self.path, body))
+                if self.path == "/api/show":
+                    self._send(200, {"details": {"family": "llama"},
+                                     "model_info": {"llama.context_length": fake.context_length}})
+                    return
                 response = re.search(r"score the model response `(.*)` on a scale", body["messages"][0]["content"], re.S)
                 key = response.group(1) if response else ""
                 with fake.lock:
@@ -191,7 +196,7 @@ def test_scripted_replies_average_failures_and_cache(tmp_path):
         # Preflight once, then one request per entry and a second for the two bad first replies.
         assert [p for _, p, _ in fake.requests[:2]] == ["/api/version", "/api/tags"]
         chats = fake.chats()
-        assert len(chats) == 7 and len(fake.requests) == 9
+        assert len(chats) == 7 and len(fake.requests) == 10  # + POST /api/show once
         assert all(c["options"] == {"seed": 123, "temperature": 0.0, "num_ctx": 2048} for c in chats)
         assert all(c["stream"] is False and c["model"] == MODEL and "format" not in c for c in chats)
         retry = next(c for c in chats if len(c["messages"]) == 3)
@@ -307,7 +312,14 @@ def test_truncation_is_flagged_per_entry(tmp_path):
     flags = [r["truncated"] for r in outcome.records]
     assert flags == [True, True, False]  # by the estimate, by the reported prompt_eval_count, not at all
     assert outcome.metrics["n_truncated"] == 2 and outcome.metrics["n_scored"] == 3
-    assert sum("may be cut by num_ctx 256" in w for w in warnings) == 2
+    assert sum("may be cut to the judge's context of 256 tokens" in w for w in warnings) == 2
+
+
+def test_a_model_context_below_num_ctx_is_the_limit(tmp_path):
+    responses = write_responses(tmp_path / "test.json", [entry("fine", instruction="word " * 120)])
+    with FakeOllama({"fine": ["50"]}, context_length=100) as fake:
+        outcome, _ = run(responses, tmp_path / "scores.jsonl", params(fake.url))
+    assert outcome.records[0]["truncated"] and outcome.records[0]["context_limit"] == 100
 
 
 def test_corrupt_trailing_line_is_ignored_with_a_note(tmp_path):
