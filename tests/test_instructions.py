@@ -235,6 +235,8 @@ def test_instruction_loaders(tokenizer):
     assert [x.shape[0] for x, _ in val] == [5]
     with pytest.raises(DataError, match="fewer than one batch"):
         build_instruction_loaders(train_entries[:3], val_entries, tokenizer, batch_size=8, seed=1, allowed_max_length=16)
+    with pytest.raises(DataError, match="training entry 0: its prompt of 35 tokens leaves no response token"):
+        build_instruction_loaders(train_entries, val_entries, tokenizer, batch_size=8, seed=1, allowed_max_length=16, mask_prompt=True)
 
 
 # --- the Stage 4 recipes --------------------------------------------------------------------------
@@ -294,6 +296,52 @@ def test_generation_resumes_where_it_was_interrupted(tmp_path, tiny_config, monk
     assert calls == [3, 3, 1]
 
 
+def tiny_finetune_inputs(tmp_path, tiny_config):
+    foundation = tmp_path / "foundation.safetensors"
+    # A context longer than the prompts (about 50 tokens), so that mask_prompt leaves targets to learn.
+    save_model(GPTModel(GPTConfig(**{**tiny_config.to_dict(), "context_length": 80, "drop_rate": 0.1})), foundation)
+    train_path, val_path = tmp_path / "train.json", tmp_path / "val.json"
+    train_path.write_text(json.dumps([entry(i, "in" * (i % 4)) for i in range(12)]))
+    val_path.write_text(json.dumps([entry(50 + i) for i in range(4)]))
+    return foundation, train_path, val_path
+
+
+def test_finetune_resumes_exactly_with_options_on(tmp_path, tiny_config, monkeypatch):
+    import gptcore.instruct as instruct
+    from gptcore.config import InstructionsParams
+    from gptcore.train import Checkpoint
+
+    foundation, train_path, val_path = tiny_finetune_inputs(tmp_path, tiny_config)
+    params = InstructionsParams(epochs=2, batch_size=4, lr=1e-3, eval_every=2, eval_batches=1,
+                                allowed_max_length=64, mask_prompt=True, bucket_by_length=True)
+    run = RunConfig(seed=5, device="cpu", precision="fp32")
+    whole = instruct.finetune_instructions(foundation, train_path, val_path, params, run, progress=False)
+    assert whole.metrics["steps"] == 6 and whole.metrics["val_loss"] < whole.metrics["val_loss_before"]
+    assert whole.history[0]["step"] == 0 and whole.history[-1]["step"] == 6
+
+    class Killed(Exception):
+        pass
+
+    real_loss, calls = instruct.lm_loss, []
+
+    def killing_loss(model, batch):
+        calls.append(model.training)
+        if sum(calls) == 4:  # the 4th training step
+            raise Killed
+        return real_loss(model, batch)
+
+    monkeypatch.setattr(instruct, "Checkpoint", lambda folder, key: Checkpoint(folder, key, every_seconds=0))
+    monkeypatch.setattr(instruct, "lm_loss", killing_loss)
+    with pytest.raises(Killed):
+        instruct.finetune_instructions(foundation, train_path, val_path, params, run, tmp_path / "ck", progress=False)
+    monkeypatch.setattr(instruct, "lm_loss", real_loss)
+    resumed = instruct.finetune_instructions(foundation, train_path, val_path, params, run, tmp_path / "ck", progress=False)
+    assert resumed.result.resumed_at_step == 3
+    assert resumed.history == whole.history and resumed.metrics["tokens_seen"] == whole.metrics["tokens_seen"]
+    for name, tensor in whole.model.state_dict().items():
+        assert torch.equal(tensor, resumed.model.state_dict()[name]), name
+
+
 @pytest.mark.slow
 def test_pipeline_generate_responses_end_to_end(repo_copy):
     repo_copy.set_params({
@@ -301,7 +349,7 @@ def test_pipeline_generate_responses_end_to_end(repo_copy):
         "device": "cpu",
         "precision": "fp32",
         "pretrain": {"model": {"context_length": 256, "emb_dim": 64, "n_heads": 4, "n_layers": 2, "drop_rate": 0.0}},
-        "instructions": {"epochs": 1, "lr": 0.001, "allowed_max_length": 48, "eval_every": 40, "eval_batches": 2},
+        "instructions": {"epochs": 1, "lr": 0.001, "allowed_max_length": 40, "eval_every": 40, "eval_batches": 2},
         "generate": {"max_new_tokens": 6, "batch_size": 16},
     })
     repo_copy.dvc("repro", "generate_responses")

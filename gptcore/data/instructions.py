@@ -210,6 +210,9 @@ def build_instruction_loaders(
     train, val = InstructionDataset(train_entries, tokenizer), InstructionDataset(val_entries, tokenizer)
     if len(train) < batch_size:
         raise DataError(f"the training split holds {len(train)} entries, fewer than one batch of {batch_size}")
+    if mask_prompt:
+        _check_response_fits(train, allowed_max_length, "training")
+        _check_response_fits(val, allowed_max_length, "validation")
     collate = functools.partial(collate_instructions, allowed_max_length=allowed_max_length, mask_prompt=mask_prompt)
     if bucket_by_length:
         train_sampler = LengthBucketBatchSampler(train.lengths(), batch_size, shuffle=True, drop_last=True, seed=seed)
@@ -217,6 +220,19 @@ def build_instruction_loaders(
         train_sampler = ResumableBatchSampler(len(train), batch_size, shuffle=True, drop_last=True, seed=seed)
     val_sampler = ResumableBatchSampler(len(val), batch_size, shuffle=False, drop_last=False, seed=seed)
     return _loader(train, train_sampler, collate, seed), _loader(val, val_sampler, collate, seed)
+
+
+def _check_response_fits(dataset: InstructionDataset, allowed_max_length: int, split: str) -> None:
+    """With mask_prompt, an example whose prompt fills the allowed length has no target left to learn
+    (and a batch of only such examples has a loss of 0/0)."""
+    too_long = [i for i, (_, prompt_len) in enumerate(dataset.examples) if prompt_len > allowed_max_length]
+    if too_long:
+        i = too_long[0]
+        raise DataError(
+            f"{split} entry {i}: its prompt of {dataset.examples[i][1]} tokens leaves no response token within "
+            f"allowed_max_length={allowed_max_length} with mask_prompt ({len(too_long)} such entries); "
+            "raise allowed_max_length (at most the context length) or turn mask_prompt off"
+        )
 
 
 def _loader(dataset: Dataset, sampler: ResumableBatchSampler, collate, seed: int) -> DataLoader:
