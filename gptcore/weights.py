@@ -34,6 +34,11 @@ def read_config(path: str | os.PathLike) -> GPTConfig:
     return _read_metadata(Path(path))[0]
 
 
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """All metadata strings of a weights file: its config plus what save_model's `extra` added."""
+    return _read_metadata(Path(path))[1]
+
+
 def _read_metadata(path: Path) -> tuple[GPTConfig, dict[str, str]]:
     if not path.is_file():
         raise WeightsError(f"{path}: weights file not found")

@@ -1,0 +1,28 @@
+"""Stage baseline_classifier: TF-IDF + logistic regression (scikit-learn) on the prepared SMS splits.
+
+The reference row the GPT classifier is compared with; writes metrics with the same keys as
+finetune_classifier's (accuracies on the full splits; test loss is the log loss).
+"""
+
+import argparse
+
+from gptcore.atomic import write_json
+from gptcore.baseline import fit_baseline
+from gptcore.cli import run_entry
+from gptcore.data.sms import SPLITS, read_split
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    for name in SPLITS:
+        parser.add_argument(f"--{name}", required=True, help=f"the {name} split CSV")
+    parser.add_argument("--metrics", required=True)
+    args = parser.parse_args()
+    metrics, _ = fit_baseline({name: read_split(getattr(args, name)) for name in SPLITS})
+    write_json(args.metrics, metrics)
+    print(f"baseline_classifier: TF-IDF + logistic regression, test accuracy {metrics['test_accuracy']:.2%}, "
+          f"F1 {metrics['test_f1']:.3f} -> {args.metrics}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_entry(main))

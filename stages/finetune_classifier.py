@@ -1,0 +1,61 @@
+"""Stage finetune_classifier (Stage 3): finetune models/<foundation> into the SMS spam classifier.
+
+Reads params `classifier:` and the top-level `seed`, `device`, `precision`; the foundation weights
+file and the prepared splits come from the command line. Writes the classifier weights file (with
+its padding rule in the metadata), metrics JSON (accuracies on the full splits), per-step loss and
+accuracy tables (CSV) and figures (PNG), and the test set's confusion table. Progress is kept in
+--checkpoint-dir, so an interrupted run resumes where it stopped.
+"""
+
+import argparse
+
+from gptcore.atomic import write_json
+from gptcore.classify import finetune_classifier, save_classifier
+from gptcore.cli import run_entry
+from gptcore.config import ClassifierParams
+from gptcore.data.sms import SPLITS
+from gptcore.params import read_params, run_config, section
+from gptcore.plots import plot_curves, write_table
+
+LOSS = ["step", "epoch", "examples_seen", "train_loss", "val_loss"]
+ACCURACY = ["step", "epoch", "examples_seen", "train_accuracy", "val_accuracy"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--foundation", required=True, help="weights file to start from")
+    for name in SPLITS:
+        parser.add_argument(f"--{name}", required=True, help=f"the {name} split CSV")
+    parser.add_argument("--out", required=True, help="classifier weights file")
+    parser.add_argument("--metrics", required=True)
+    parser.add_argument("--loss-table", required=True)
+    parser.add_argument("--accuracy-table", required=True)
+    parser.add_argument("--confusion", required=True, help="test set actual/predicted table")
+    parser.add_argument("--loss-png", required=True)
+    parser.add_argument("--accuracy-png", required=True)
+    parser.add_argument("--checkpoint-dir", required=True)
+    args = parser.parse_args()
+
+    params = read_params(args.params)
+    outcome = finetune_classifier(
+        args.foundation, {name: getattr(args, name) for name in SPLITS},
+        section(params, "classifier", ClassifierParams), run_config(params), args.checkpoint_dir,
+    )
+    history = outcome.result.history
+    save_classifier(outcome.model, outcome.info, args.out)
+    write_json(args.metrics, outcome.metrics)
+    write_table(args.loss_table, history, LOSS)
+    write_table(args.accuracy_table, history, ACCURACY)
+    write_table(args.confusion, outcome.confusion, ["actual", "predicted"])
+    plot_curves(args.loss_png, history, ["train_loss", "val_loss"], x="examples_seen", title="Spam classifier: loss")
+    plot_curves(args.accuracy_png, history, ["train_accuracy", "val_accuracy"], x="examples_seen",
+                ylabel="accuracy", title="Spam classifier: accuracy (a few batches per point)")
+    outcome.checkpoint.finish(outcome.metrics)
+    m = outcome.metrics
+    print(f"finetune_classifier: test accuracy {m['test_accuracy']:.2%} (val {m['val_accuracy']:.2%}, "
+          f"train {m['train_accuracy']:.2%}), {m['steps']} steps in {m['train_seconds']:.0f}s -> {args.out}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_entry(main))

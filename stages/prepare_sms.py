@@ -1,0 +1,33 @@
+"""Stage prepare_sms: balance and split the SMS collection as the book does (params `prepare_sms:`).
+
+Reads SMSSpamCollection with quoting disabled; writes the train, validation and test CSVs (pandas
+to_csv(index=False); columns Label: 0 ham / 1 spam, and Text).
+"""
+
+import argparse
+
+from gptcore.atomic import write_text
+from gptcore.cli import run_entry
+from gptcore.config import PrepareSmsParams
+from gptcore.data.sms import SPLITS, read_collection, split_collection, to_csv_text
+from gptcore.params import read_params, section
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--collection", required=True, help="SMSSpamCollection")
+    for name in SPLITS:
+        parser.add_argument(f"--{name}", required=True, help=f"the {name} split CSV to write")
+    args = parser.parse_args()
+    params = section(read_params(args.params), "prepare_sms", PrepareSmsParams)
+    frame = read_collection(args.collection)
+    splits = split_collection(frame, params.seed, params.train_frac, params.validation_frac)
+    for name in SPLITS:
+        write_text(getattr(args, name), to_csv_text(splits[name]))
+    sizes = ", ".join(f"{len(splits[n]):,} {n} ({int(splits[n]['Label'].sum())} spam)" for n in SPLITS)
+    print(f"prepare_sms: {len(frame):,} messages -> {sizes}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_entry(main))
