@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -52,12 +54,14 @@ def fetch(
     backoff: float = 1.0,
     timeout: float = 60.0,
     progress: bool = True,
+    partial_dir: str | os.PathLike | None = None,
 ) -> Path:
     """Put the file at `url` at `dest`, from the mirror when GPTCORE_MIRROR is set, else the network.
 
     Args:
         mirror_name: the file's path inside the mirror (defaults to the URL's last component).
         sha256: the expected digest, checked before the file is put in place.
+        partial_dir: where an unfinished download waits to be resumed (default: beside `dest`).
     """
     dest = Path(dest)
     root = mirror_root()
@@ -69,7 +73,10 @@ def fetch(
             shutil.copyfile(source, tmp)
             _verify_digest(tmp, sha256, str(source))
         return dest
-    download(url, dest, sha256=sha256, retries=retries, backoff=backoff, timeout=timeout, progress=progress)
+    download(
+        url, dest, sha256=sha256, retries=retries, backoff=backoff, timeout=timeout, progress=progress,
+        partial_dir=partial_dir,
+    )
     return dest
 
 
@@ -87,13 +94,20 @@ def download(
     timeout: float = 60.0,
     progress: bool = True,
     session: requests.Session | None = None,
+    partial_dir: str | os.PathLike | None = None,
 ) -> Path:
     """Stream `url` into `dest`: resumes a partial `.part` file with HTTP Range, retries transient
     faults with exponential backoff, checks the size against Content-Length and the digest if given,
-    and renames into place only when complete."""
+    and renames into place only when complete.
+
+    The `.part` file lives in `partial_dir` (default: beside `dest`), so that a later call resumes it;
+    a sidecar `.part.json` remembers the URL and the server's validator (ETag or Last-Modified), sent
+    as If-Range: a file that changed on the server since is fetched afresh, never spliced.
+    """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(dest.name + ".part")
+    part = Path(partial_dir or dest.parent) / (dest.name + ".part")
+    part.parent.mkdir(parents=True, exist_ok=True)
     session = session or requests.Session()
     for attempt in range(retries + 1):
         try:
@@ -105,29 +119,66 @@ def download(
             time.sleep(backoff * 2**attempt)
     _verify_digest(part, sha256, url)
     os.replace(part, dest)
+    _sidecar(part).unlink(missing_ok=True)
     return dest
 
 
+def _sidecar(part: Path) -> Path:
+    return part.with_name(part.name + ".json")
+
+
+def _resume_state(part: Path, url: str) -> tuple[int, str | None]:
+    """Bytes already in `part` and the validator to send with If-Range; (0, None) to start afresh."""
+    if not part.exists():
+        return 0, None
+    try:
+        state = json.loads(_sidecar(part).read_text())
+    except (OSError, ValueError):
+        state = {}
+    if not isinstance(state, dict) or state.get("url") != url:
+        part.unlink()  # a partial file of unknown or other origin: never splice it
+        return 0, None
+    return part.stat().st_size, state.get("validator")
+
+
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+
+
 def _stream(session: requests.Session, url: str, part: Path, timeout: float, progress: bool) -> None:
-    have = part.stat().st_size if part.exists() else 0
-    headers = {"Range": f"bytes={have}-"} if have else {}
+    have, validator = _resume_state(part, url)
+    # identity: a compressed body would not match Content-Length, nor resume at a byte offset.
+    headers = {"Accept-Encoding": "identity"}
+    if have:
+        headers["Range"] = f"bytes={have}-"
+        if validator:
+            headers["If-Range"] = validator
     try:
         response = session.get(url, headers=headers, stream=True, timeout=timeout)
     except (requests.ConnectionError, requests.Timeout) as err:
         raise _Transient(f"{type(err).__name__}") from None
     with response:
         if response.status_code == 416 and have:
-            # Our partial file is already whole, or longer than the file: start over to be sure.
-            part.unlink()
+            if response.headers.get("Content-Range", "").strip() == f"bytes */{have}":
+                return  # the partial file is already whole (a run stopped just before its rename)
+            part.unlink()  # longer than the file: start over
             raise _Transient("range not satisfiable; restarting")
-        if response.status_code >= 500 or response.status_code == 429:
+        if response.status_code >= 500 or response.status_code in (408, 429):
             raise _Transient(f"HTTP {response.status_code}")
         if response.status_code >= 400:
             raise DownloadError(f"{url}: HTTP {response.status_code} {response.reason}")
-        if response.status_code != 206:
-            have = 0  # the server ignored our Range: take the whole body afresh
+        if response.status_code == 206:
+            match = _CONTENT_RANGE.fullmatch(response.headers.get("Content-Range", "").strip())
+            if not match or int(match.group(1)) != have:
+                part.unlink()
+                raise _Transient(f"bad Content-Range {response.headers.get('Content-Range')!r}; restarting")
+        else:
+            have = 0  # the server ignored our Range, or the file changed (If-Range): take it afresh
         length = response.headers.get("Content-Length")
         total = have + int(length) if length is not None else None
+        etag = response.headers.get("ETag")
+        # If-Range takes only a strong validator: a weak ETag (W/...) falls back to Last-Modified.
+        validator = (etag if etag and not etag.startswith("W/") else None) or response.headers.get("Last-Modified")
+        _sidecar(part).write_text(json.dumps({"url": url, "validator": validator}))
         bar = tqdm(total=total, initial=have, unit="B", unit_scale=True, desc=part.name[:-5], disable=not progress)
         try:
             with open(part, "ab" if have else "wb") as f:

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+import struct
 from pathlib import Path
+from typing import Callable, Mapping
 
+import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
@@ -24,9 +28,12 @@ def save_model(model: GPTModel, path: str | os.PathLike, extra: dict[str, str] |
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     if model.config.tie_embeddings and model.config.num_classes is None:
         state.pop("out_head.weight")
-    metadata = {CONFIG_KEY: json.dumps(model.config.to_dict()), "gptcore_format": FORMAT_VERSION, **(extra or {})}
     with atomic_path(path) as tmp:
-        save_file(state, str(tmp), metadata=metadata)
+        save_file(state, str(tmp), metadata=_metadata(model.config, extra))
+
+
+def _metadata(config: GPTConfig, extra: dict[str, str] | None) -> dict[str, str]:
+    return {CONFIG_KEY: json.dumps(config.to_dict()), "gptcore_format": FORMAT_VERSION, **(extra or {})}
 
 
 def read_config(path: str | os.PathLike) -> GPTConfig:
@@ -99,3 +106,43 @@ def load_into(model: GPTModel, state: dict[str, torch.Tensor], source: str) -> N
 
 def _one_line(err: BaseException) -> str:
     return " ".join(str(err).split())
+
+
+def save_streaming(
+    path: str | os.PathLike,
+    config: GPTConfig,
+    shapes: Mapping[str, tuple[int, ...]],
+    read: Callable[[str], np.ndarray],
+    extra: dict[str, str] | None = None,
+) -> None:
+    """Write a weights file one tensor at a time, atomically: the same file as save_model, but peak
+    memory is one tensor rather than the whole model (a 774M conversion never holds 3 GB twice).
+
+    Args:
+        shapes: every tensor of GPTModel(config) (a tied head left out), in the order to write them.
+        read: called once per name, in that order; returns the tensor as a float array of its shape.
+    """
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in GPTModel(config).state_dict().items()}
+    if config.tie_embeddings and config.num_classes is None:
+        expected.pop("out_head.weight")
+    shapes = {name: tuple(shape) for name, shape in shapes.items()}
+    if shapes != expected:
+        bad = sorted(set(shapes) ^ set(expected)) or [k for k in shapes if shapes[k] != expected[k]]
+        raise WeightsError(f"{path}: tensor layout does not match the model config (first difference: {bad[0]})")
+    # safetensors: u64 little-endian header size, JSON header (padded to 8 bytes), then raw tensors.
+    header: dict[str, object] = {"__metadata__": _metadata(config, extra)}
+    offset = 0
+    for name, shape in shapes.items():
+        size = 4 * math.prod(shape)
+        header[name] = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        for name, shape in shapes.items():
+            array = np.ascontiguousarray(read(name), dtype="<f4")
+            if array.shape != tuple(shape):
+                raise WeightsError(f"{path}: tensor {name} has shape {array.shape}, expected {tuple(shape)}")
+            f.write(array.data)

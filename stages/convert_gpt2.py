@@ -1,0 +1,24 @@
+"""Stage convert_gpt2: convert an OpenAI GPT-2 TensorFlow checkpoint folder (--checkpoint, the output of
+download_gpt2) into one gptcore weights file (--out), the architecture taken from its hparams.json."""
+
+import argparse
+
+from gptcore.cli import run_entry
+from gptcore.openai import convert_checkpoint
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--checkpoint", required=True, help="folder with hparams.json and model.ckpt.*")
+    parser.add_argument("--out", required=True, help="weights file, e.g. models/gpt2-large/model.safetensors")
+    args = parser.parse_args()
+    result = convert_checkpoint(args.checkpoint, args.out, progress=True)
+    c = result.config
+    print(
+        f"convert_gpt2: {result.parameters:,} parameters ({c.n_layers} layers, {c.n_heads} heads, "
+        f"emb {c.emb_dim}, context {c.context_length}) -> {args.out}"
+    )
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_entry(main))
