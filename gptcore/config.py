@@ -148,14 +148,28 @@ class TrainConfig(Section):
     eval_every: int = 5  # optimizer steps between evaluations
     eval_batches: int = 5  # batches per evaluation (train and validation)
     checkpoint_minutes: float = 10.0  # resumable progress is saved this often (and on SIGINT/SIGTERM)
+    # Speed and memory only (the result is the same up to float rounding; batch_size stays the global batch):
+    grad_accum: int = 1  # micro-batches each process cuts its share of a batch into (less activation memory)
+    activation_checkpointing: bool = False  # recompute block activations in the backward pass (large models)
+    compile: bool = False  # torch.compile the transformer blocks (slow start; pays off on long GPU runs)
 
     def __post_init__(self):
         if self.epochs < 1 or self.batch_size < 1 or self.eval_every < 1 or self.eval_batches < 1:
             raise ValueError("epochs, batch_size, eval_every and eval_batches must be positive")
+        if self.grad_accum < 1:
+            raise ValueError(f"grad_accum must be positive, got {self.grad_accum}")
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if self.checkpoint_minutes < 0:
             raise ValueError(f"checkpoint_minutes must be >= 0, got {self.checkpoint_minutes}")
+
+    def loop_options(self) -> dict[str, Any]:
+        """The speed and memory knobs as keyword arguments of gptcore.train.train."""
+        return {
+            "grad_accum": self.grad_accum,
+            "activation_checkpointing": self.activation_checkpointing,
+            "compile": self.compile,
+        }
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -19,8 +20,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from gptcore.atomic import atomic_path, write_json
-from gptcore.device import autocast
+from gptcore.device import autocast, init_distributed, is_main_process, rank, world_size
 from gptcore.errors import WeightsError
+from gptcore.model import set_activation_checkpointing
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 LossFn = Callable[[nn.Module, Batch], torch.Tensor]
@@ -181,6 +183,133 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def make_optimizer(
+    params, lr: float, weight_decay: float, device: torch.device | str | None = None
+) -> torch.optim.Optimizer:
+    """AdamW as every stage uses it: fused into one kernel per step where PyTorch has one (CPU, CUDA).
+
+    The fused step reads each parameter, gradient and moment once and makes no full-size temporaries,
+    unlike the default multi-tensor (foreach) step: faster, and less peak memory for large models.
+    The update is the same AdamW (equal up to float rounding).
+    """
+    params = list(params)
+    if device is None:
+        tensors = [p for p in params if isinstance(p, torch.Tensor)]
+        device = tensors[0].device if tensors else "cpu"
+    fused = torch.device(device).type in ("cpu", "cuda")
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
+
+
+class _LossModule(nn.Module):
+    """The model and its loss_fn as one module, so that DistributedDataParallel's forward covers the loss
+    however loss_fn drives the model (some call its blocks directly)."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn):
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return self.loss_fn(self.model, (inputs, targets))
+
+
+class StepRunner:
+    """One optimizer step on one global batch, however many processes and micro-batches share it.
+
+    The loader yields the global batch (`batch_size` rows) on every process. With torchrun each
+    process takes its contiguous share of the rows (DistributedDataParallel averages the gradients),
+    and each share may be cut into `grad_accum` micro-batches to save memory. Every piece's mean loss
+    is weighted by its share of the batch's targets that are not IGNORE_INDEX (loss_fn must return the
+    mean over those), so the gradient equals that of the whole batch in one piece, up to float rounding:
+    the number of processes and micro-batches changes speed and memory, not the result.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        loss_fn: LossFn,
+        device: torch.device,
+        precision: str = "fp32",
+        grad_accum: int = 1,
+    ):
+        if grad_accum < 1:
+            raise ValueError(f"grad_accum must be positive, got {grad_accum}")
+        self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
+        self.device, self.precision, self.grad_accum = device, precision, grad_accum
+        self.world = world_size() if init_distributed(device) else 1
+        self.rank = rank() if self.world > 1 else 0
+        self.ddp = None
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.ddp = DistributedDataParallel(
+                _LossModule(model, loss_fn),
+                device_ids=[device.index] if device.type == "cuda" else None,
+                broadcast_buffers=False,
+            )
+
+    def pieces(self, batch: Batch) -> list[tuple[Batch, float | None]]:
+        """This process's micro-batches of a global batch, each with its loss weight (None: as is)."""
+        inputs, targets = batch
+        if self.world * self.grad_accum == 1:
+            return [((inputs, targets), None)]
+        rows = inputs.shape[0]
+        counts = (targets != IGNORE_INDEX).reshape(rows, -1).sum(dim=1)  # [B] targets that count per row
+        if int(counts.sum()) == 0:  # nothing to learn from: weigh rows equally (the loss is NaN anyway)
+            counts = torch.ones_like(counts)
+        total = int(counts.sum())
+        out = []
+        for index in torch.arange(rows).tensor_split(self.world)[self.rank].tensor_split(self.grad_accum):
+            n = int(counts[index].sum())
+            if n == 0:
+                if self.world == 1:
+                    continue
+                # Every process must run as many forward/backward passes as the others (the gradient
+                # all-reduce waits for them): a row that counts stands in, with weight zero.
+                index = torch.nonzero(counts)[:1, 0]
+            out.append(((inputs[index], targets[index]), n / total * self.world))
+        return out
+
+    def step(self, batch: Batch) -> None:
+        """Forward and backward over this process's pieces of the global batch, then the optimizer step."""
+        pieces = self.pieces(batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        for i, (piece, weight) in enumerate(pieces):
+            inputs, targets = to_device(piece, self.device)
+            last = i == len(pieces) - 1
+            no_sync = self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext()
+            with no_sync:
+                with autocast(self.device, self.precision):
+                    if self.ddp is not None:
+                        loss = self.ddp(inputs, targets)
+                    else:
+                        loss = self.loss_fn(self.model, (inputs, targets))
+                if weight is not None:
+                    loss = loss * weight
+                loss.backward()
+        self.optimizer.step()
+
+    def evaluate(self, evaluate: Callable[[nn.Module], dict[str, float]]) -> dict[str, float]:
+        """evaluate(model) on the main process, shared with the others (they wait, then get its row)."""
+        if self.world == 1:
+            return evaluate(self.model)
+        import torch.distributed as dist
+
+        row = [evaluate(self.model) if self.rank == 0 else None]
+        dist.broadcast_object_list(row, src=0)
+        return row[0]
+
+
+def compile_blocks(model: nn.Module, enabled: bool = True) -> None:
+    """torch.compile each transformer block in place, or undo it (state_dict keys are unchanged)."""
+    for block in getattr(model, "trf_blocks", []):
+        if enabled:
+            block.compile()
+        else:
+            block._compiled_call_impl = None  # what nn.Module.compile sets; None calls forward again
+
+
 def train(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -195,12 +324,22 @@ def train(
     checkpoint: Checkpoint | None = None,
     progress: bool = True,
     desc: str = "train",
+    grad_accum: int = 1,
+    activation_checkpointing: bool = False,
+    compile: bool = False,
 ) -> TrainResult:
     """Train for `epochs` over train_loader, evaluating after the first step and every `eval_every`.
 
     The loader must use a ResumableBatchSampler: a resumed run replays the same batch order, RNG and
     optimizer state, so on CPU it ends bitwise equal to an uninterrupted run. Progress is saved at
     SIGINT/SIGTERM (then KeyboardInterrupt is raised) and every `checkpoint.every_seconds`.
+
+    Under torchrun every process runs this with the same arguments: each takes its share of every
+    global batch (see StepRunner), the main process evaluates and alone writes the checkpoint, and
+    all of them return the same history. grad_accum cuts each process's share into micro-batches;
+    activation_checkpointing recomputes each block's activations in the backward pass (less memory);
+    compile runs the blocks through torch.compile. None of the three changes the result beyond
+    float rounding.
     """
     sampler = train_loader.batch_sampler
     batches_per_epoch = len(sampler.batches())
@@ -232,34 +371,39 @@ def train(
         }
 
     total_steps = epochs * batches_per_epoch
-    bar = tqdm(total=total_steps, initial=result.steps, desc=desc, unit="step", disable=not progress)
+    if activation_checkpointing:
+        set_activation_checkpointing(model, True)
+    if compile:
+        compile_blocks(model)
+    runner = StepRunner(model, optimizer, loss_fn, device, precision, grad_accum)
+    main = is_main_process()
+    bar = tqdm(total=total_steps, initial=result.steps, desc=desc, unit="step", disable=not progress or not main)
     started = time.perf_counter() - result.seconds
     model.train()
     with _StopRequest() as stop, bar:
         for epoch in range(start_epoch, epochs):
             sampler.set_epoch(epoch, skip if epoch == start_epoch else 0)
             for batch in train_loader:
-                inputs, targets = to_device(batch, device)
-                optimizer.zero_grad(set_to_none=True)
-                with autocast(device, precision):
-                    loss = loss_fn(model, (inputs, targets))
-                loss.backward()
-                optimizer.step()
+                runner.step(batch)
                 result.steps += 1
-                result.tokens_seen += inputs.numel()
+                result.tokens_seen += batch[0].numel()
                 bar.update(1)
                 if (result.steps - 1) % eval_every == 0 or result.steps == total_steps:
                     row = {"step": result.steps, "epoch": epoch + 1, "tokens_seen": result.tokens_seen}
-                    row.update(evaluate(model))
+                    row.update(runner.evaluate(evaluate))
                     result.history.append(row)
                     bar.set_postfix({k: f"{v:.3f}" for k, v in row.items() if k.endswith("loss")})
                 result.seconds = time.perf_counter() - started
-                if checkpoint is not None and (stop.requested or checkpoint.due()):
+                if checkpoint is not None and main and (stop.requested or checkpoint.due()):
                     checkpoint.save(snapshot())
                 if stop.requested:
                     tqdm.write(f"interrupted at step {result.steps}; progress saved, re-run to resume")
                     raise KeyboardInterrupt
     model.eval()
+    if activation_checkpointing:
+        set_activation_checkpointing(model, False)
+    if compile:
+        compile_blocks(model, False)
     result.seconds = time.perf_counter() - started
     return result
 

@@ -1,0 +1,120 @@
+"""Several processes (torchrun + DistributedDataParallel on gloo) and micro-batches give the one-process result."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from gptcore.config import TrainConfig
+from gptcore.train import IGNORE_INDEX, StepRunner
+
+# A tiny finetune on padded sequences (targets -100 after each row's end, as instruction data), with a
+# last batch of one row so that one process of two gets none. Run as a script by one process or by
+# torchrun; it writes its rank's final losses and weights.
+SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import torch
+    from gptcore.config import GPTConfig
+    from gptcore.data.loader import make_loader
+    from gptcore.device import is_main_process, rank
+    from gptcore.model import GPTModel
+    from gptcore.train import IGNORE_INDEX, lm_loss, loss_evaluator, make_optimizer, train
+
+    out, grad_accum = sys.argv[1], int(sys.argv[2])
+    torch.manual_seed(7)
+    rows = []
+    for i in range(13):
+        length = 4 + (5 * i) % 9  # 4..12 real tokens of 12
+        x = torch.randint(0, 100, (12,))
+        y = torch.randint(0, 100, (12,))
+        y[length:] = IGNORE_INDEX
+        rows.append((x, y))
+    collate = lambda b: (torch.stack([r[0] for r in b]), torch.stack([r[1] for r in b]))
+    train_loader = make_loader(rows[:9], 4, shuffle=True, drop_last=False, seed=3, collate_fn=collate)
+    val_loader = make_loader(rows[9:], 4, shuffle=False, drop_last=False, collate_fn=collate)
+    config = GPTConfig(vocab_size=100, context_length=12, emb_dim=16, n_heads=2, n_layers=2, drop_rate=0.0)
+    model = GPTModel(config)
+    optimizer = make_optimizer(model.parameters(), lr=1e-2, weight_decay=0.1)
+    cpu = torch.device("cpu")
+    evaluate = loss_evaluator(train_loader, val_loader, lm_loss, cpu, "fp32", 3)
+    result = train(model, optimizer, train_loader, epochs=3, loss_fn=lm_loss, evaluate=evaluate, eval_every=2,
+                   device=cpu, progress=False, grad_accum=grad_accum)
+    torch.save({"history": result.history, "main": is_main_process(), "state": model.state_dict()},
+               f"{out}.{rank()}.pt")
+    """
+)
+
+
+def _run(tmp_path, name, grad_accum, nproc=None):
+    script = tmp_path / "finetune.py"
+    script.write_text(SCRIPT)
+    out = tmp_path / name
+    cmd = [sys.executable, str(script), str(out), str(grad_accum)]
+    if nproc:
+        cmd[1:2] = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(script)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [torch.load(f"{out}.{r}.pt", weights_only=True) for r in range(nproc or 1)]
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_match_one_process(tmp_path):
+    (single,) = _run(tmp_path, "single", grad_accum=1)
+    ranks = _run(tmp_path, "ddp", grad_accum=2, nproc=2)
+    assert [r["main"] for r in ranks] == [True, False]
+    final = single["history"][-1]
+    assert final["step"] == 9
+    for r in ranks:
+        assert [row["step"] for row in r["history"]] == [row["step"] for row in single["history"]]
+        assert r["history"][-1]["train_loss"] == pytest.approx(final["train_loss"], abs=1e-5)
+        assert r["history"][-1]["val_loss"] == pytest.approx(final["val_loss"], abs=1e-5)
+        for name, value in single["state"].items():
+            torch.testing.assert_close(r["state"][name], value, rtol=0, atol=1e-5, msg=name)
+    assert final["train_loss"] < single["history"][0]["train_loss"] - 0.5  # it learned something
+    for name, value in ranks[0]["state"].items():  # the processes hold the very same model
+        assert torch.equal(ranks[1]["state"][name], value), name
+
+
+class _Linear(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Linear(3, 5)
+
+    def forward(self, x):
+        return self.w(x)
+
+
+def _token_loss(model, batch):
+    x, y = batch
+    return torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX)
+
+
+@pytest.mark.parametrize("grad_accum", [2, 3, 7])
+def test_micro_batches_give_the_whole_batch_gradient(grad_accum):
+    torch.manual_seed(0)
+    x = torch.randn(5, 4, 3)
+    y = torch.randint(0, 5, (5, 4))
+    y[1, 2:] = IGNORE_INDEX  # rows with fewer targets weigh less
+    y[3, :] = IGNORE_INDEX  # a row with none
+    grads = []
+    for accum in (1, grad_accum):
+        torch.manual_seed(1)
+        model = _Linear()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+        StepRunner(model, optimizer, _token_loss, torch.device("cpu"), grad_accum=accum).step((x, y))
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for whole, pieces in zip(*grads):
+        torch.testing.assert_close(pieces, whole, rtol=0, atol=1e-6)
+
+
+def test_grad_accum_must_be_positive():
+    with pytest.raises(ValueError, match="grad_accum"):
+        TrainConfig(grad_accum=0)
+    assert TrainConfig(grad_accum=4, activation_checkpointing=True).loop_options() == {
+        "grad_accum": 4, "activation_checkpointing": True, "compile": False,
+    }
