@@ -72,8 +72,9 @@ def pretrain(
     optimizer = torch.optim.AdamW(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
     checkpoint = None
     if checkpoint_dir is not None:
-        key = fingerprint(params.to_dict(), run.to_dict(), precision, sha256_of(corpus))
-        checkpoint = Checkpoint(checkpoint_dir, key)
+        identity = {k: v for k, v in params.to_dict().items() if k != "checkpoint_minutes"}
+        key = fingerprint(identity, run.to_dict(), precision, sha256_of(corpus))
+        checkpoint = Checkpoint(checkpoint_dir, key, every_seconds=60 * params.checkpoint_minutes)
     evaluate = loss_evaluator(train_loader, val_loader, lm_loss, device, precision, params.eval_batches)
     result = train(
         model, optimizer, train_loader, epochs=params.epochs, loss_fn=lm_loss, evaluate=evaluate,
