@@ -162,22 +162,7 @@ def convert_checkpoint(ckpt_dir: str | os.PathLike, out: str | os.PathLike, prog
         dtypes = reader.get_variable_to_dtype_map()
     except (tf.errors.OpError, ValueError) as err:
         raise WeightsError(f"{prefix}.index: unreadable checkpoint index: {_one_line(err)}") from None
-    for name, shape in expected.items():
-        if name not in found:
-            raise WeightsError(f"{prefix}: variable {name} missing ({len(set(expected) - set(found))} missing)")
-        if tuple(found[name]) != shape:
-            raise WeightsError(
-                f"{prefix}: variable {name} has shape {list(found[name])}, expected {list(shape)} from hparams.json"
-            )
-        if not dtypes[name].is_floating:
-            raise WeightsError(f"{prefix}: variable {name} has dtype {dtypes[name].name}, expected a float type")
-    unused = sorted(set(found) - set(expected))
-    if unused:
-        raise WeightsError(f"{prefix}: unexpected variable {unused[0]} ({len(unused)} not in the GPT-2 name table)")
-    need = sum(math.prod(found[n]) * dtypes[n].size for n in expected)
-    have = sum(f.stat().st_size for f in data_files)
-    if have < need:
-        raise WeightsError(f"{data_files[0]}: {have:,} bytes, but the index needs {need:,} (truncated download?)")
+    _check_variables(prefix, expected, found, dtypes, data_files)
 
     by_target = {target: (source, RULES[rule]) for source, target, rule in table}
     bar = tqdm(total=len(table), unit="tensor", desc="convert", disable=not progress)
@@ -197,6 +182,27 @@ def convert_checkpoint(ckpt_dir: str | os.PathLike, out: str | os.PathLike, prog
     finally:
         bar.close()
     return Conversion(config=config, tensors=len(table), parameters=sum(math.prod(s) for s in shapes.values()))
+
+
+def _check_variables(prefix: Path, expected: dict, found: dict, dtypes: dict, data_files: list[Path]) -> None:
+    """The checkpoint holds exactly the expected variables, each with its shape and a float dtype, and
+    its data files are long enough for all of them (a truncated download fails here, before any work)."""
+    for name, shape in expected.items():
+        if name not in found:
+            raise WeightsError(f"{prefix}: variable {name} missing ({len(set(expected) - set(found))} missing)")
+        if tuple(found[name]) != shape:
+            raise WeightsError(
+                f"{prefix}: variable {name} has shape {list(found[name])}, expected {list(shape)} from hparams.json"
+            )
+        if not dtypes[name].is_floating:
+            raise WeightsError(f"{prefix}: variable {name} has dtype {dtypes[name].name}, expected a float type")
+    unused = sorted(set(found) - set(expected))
+    if unused:
+        raise WeightsError(f"{prefix}: unexpected variable {unused[0]} ({len(unused)} not in the GPT-2 name table)")
+    need = sum(math.prod(found[n]) * dtypes[n].size for n in expected)
+    have = sum(f.stat().st_size for f in data_files)
+    if have < need:
+        raise WeightsError(f"{data_files[0]}: {have:,} bytes, but the index needs {need:,} (truncated download?)")
 
 
 def _check_vocabulary(ckpt_dir: Path) -> None:

@@ -254,6 +254,12 @@ def test_missing_file(tmp_path, mirror_dir, missing, pattern):
     expect_error(folder, tmp_path, pattern)
 
 
+def test_unreadable_index(tmp_path, mirror_dir):
+    folder = bad_checkpoint(tmp_path, mirror_dir)
+    (folder / "model.ckpt.index").write_bytes(b"<html>not found</html>")
+    expect_error(folder, tmp_path, r"model\.ckpt\.index: unreadable checkpoint index")
+
+
 def test_foreign_vocabulary(tmp_path, mirror_dir):
     folder = bad_checkpoint(tmp_path, mirror_dir)
     (folder / "vocab.bpe").write_text("#version: 0.2\na b\n")
