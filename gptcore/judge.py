@@ -342,15 +342,24 @@ def judge_responses(
     client = OllamaClient(params.url, params.timeout, params.retries, params.backoff, sleep=sleep)
     server: JudgeServer | None = None
     records: list[dict] = []
+    keys = [cache_key(judge_prompt(entry), params) for entry in entries]
+    to_ask = [
+        entry["model_response"].strip() and (cache.get(key) or {}).get("status") != "scored"
+        for entry, key in zip(entries, keys)
+    ]
+    if any(to_ask):
+        try:
+            server = client.check(params.model)  # before the first request, and before any progress bar
+        except BaseException:
+            client.close()
+            raise
     bar = tqdm(entries, desc="judge", unit="entry", disable=not progress, file=sys.stderr)
     try:
         for index, entry in enumerate(bar):
             prompt = judge_prompt(entry)
-            key = cache_key(prompt, params)
+            key = keys[index]
             record = cache.get(key)
             if record is None or record["status"] != "scored":
-                if entry["model_response"].strip() and server is None:
-                    server = client.check(params.model)  # before the first request, once
                 try:
                     record = _judge_entry(client, server, entry, prompt, key, params, count_tokens)
                 except OllamaUnavailable as err:

@@ -123,6 +123,9 @@ def read_collection(path: str | os.PathLike) -> pd.DataFrame:
     bad = frame.index[~frame["Label"].isin(LABELS)]
     if len(bad):
         raise DataError(f"{path}: row {bad[0] + 1}: label {frame['Label'][bad[0]]!r}; expected ham or spam")
+    missing = [label for label in LABELS if not (frame["Label"] == label).any()]
+    if missing:
+        raise DataError(f"{path}: no {' and no '.join(missing)} messages ({len(frame)} rows); expected both labels")
     return frame
 
 
