@@ -78,6 +78,12 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from gptcore.bench import run_cli
+
+    return run_cli(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gptcore", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
@@ -112,6 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--max-predict", type=int, default=512, help="most new tokens per request")
     p.set_defaults(func=_serve)
+
+    p = verbs.add_parser("bench", help="tokens/s and peak memory of gptcore beside Hugging Face transformers")
+    from gptcore.bench import add_arguments
+
+    add_arguments(p)
+    p.set_defaults(func=_bench)
     return parser
 
 

@@ -152,6 +152,7 @@ class TrainConfig(Section):
     grad_accum: int = 1  # micro-batches each process cuts its share of a batch into (less activation memory)
     activation_checkpointing: bool = False  # recompute block activations in the backward pass (large models)
     compile: bool = False  # torch.compile the transformer blocks (slow start; pays off on long GPU runs)
+    step_in_backward: bool = False  # update each weight as soon as its gradient is ready (less memory; 1 process)
 
     def __post_init__(self):
         if self.epochs < 1 or self.batch_size < 1 or self.eval_every < 1 or self.eval_batches < 1:
@@ -169,6 +170,7 @@ class TrainConfig(Section):
             "grad_accum": self.grad_accum,
             "activation_checkpointing": self.activation_checkpointing,
             "compile": self.compile,
+            "step_in_backward": self.step_in_backward,
         }
 
 

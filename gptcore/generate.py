@@ -155,6 +155,24 @@ def _cache_dtype(model: GPTModel) -> torch.dtype:
     return model.tok_emb.weight.dtype
 
 
+INFERENCE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def cast_for_inference(model: GPTModel, precision: str) -> GPTModel:
+    """Cast the model's weights (in place) to the dtype of a resolved precision, for generation.
+
+    Decoding one token reads every weight once, so it is bound by memory traffic: bf16/fp16 weights
+    halve it, and spare autocast from re-casting every weight at every token. fp32 leaves the model as
+    is (outputs equal the reference path). Logits are sampled in fp32 either way.
+    """
+    if precision not in INFERENCE_DTYPES:
+        raise ValueError(f"precision: expected one of {', '.join(INFERENCE_DTYPES)}, got {precision!r}")
+    dtype = INFERENCE_DTYPES[precision]
+    if dtype != torch.float32:
+        model.to(dtype)
+    return model
+
+
 def text_to_ids(text: str, tokenizer, device: torch.device | str = "cpu") -> torch.Tensor:
     """Encode text to a batch of one: [1, T]."""
     return torch.tensor([encode(tokenizer, text)], device=device)

@@ -116,5 +116,5 @@ def test_grad_accum_must_be_positive():
     with pytest.raises(ValueError, match="grad_accum"):
         TrainConfig(grad_accum=0)
     assert TrainConfig(grad_accum=4, activation_checkpointing=True).loop_options() == {
-        "grad_accum": 4, "activation_checkpointing": True, "compile": False,
+        "grad_accum": 4, "activation_checkpointing": True, "compile": False, "step_in_backward": False,
     }

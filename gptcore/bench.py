@@ -1,0 +1,450 @@
+"""`gptcore bench`: tokens/s and peak memory of gptcore beside Hugging Face's GPT2LMHeadModel, same shapes.
+
+Each system (gptcore; HF in fp32; HF under bf16 autocast) is measured in a fresh subprocess of its own,
+one after the other, so that their peak resident memory (ru_maxrss) does not mix and one's allocations
+do not slow the next. Every worker builds its model with random weights (or gptcore's from a weights
+file), runs `warmup` untimed repetitions of the task, then `repeats` timed ones, and reports tokens/s
+of each. Tasks:
+- train: one full optimizer step (AdamW, every parameter) on a batch of batch x seq_len random tokens;
+- classify: one classifier step (2-class head; last block + final LayerNorm + head train, the frozen
+  prefix runs without autograd) on batch x seq_len tokens;
+- generate / generate-batch: greedy decoding of new_tokens tokens after a prompt_len-token prompt, for
+  1 prompt / `batch` prompts (8 by default) at once; tokens/s counts new tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+TASKS = ("train", "classify", "generate", "generate-batch")
+SYSTEMS = ("gptcore", "hf-fp32", "hf-bf16")
+
+
+@dataclass
+class BenchSpec:
+    """One measurement: a system running a task on a model at a precision, with the shapes to use."""
+
+    task: str = "train"
+    model: str = "gpt2-small"  # a preset name, or a gptcore weights file
+    system: str = "gptcore"
+    precision: str = "auto"  # gptcore's; HF runs in fp32 or under bf16 autocast as `system` says
+    device: str = "auto"
+    batch: int = 8
+    seq_len: int = 120
+    prompt_len: int = 50
+    new_tokens: int = 100
+    repeats: int = 3
+    warmup: int = 1
+    threads: int = 0  # 0: torch's default
+    seed: int = 123
+    grad_accum: int = 1
+    activation_checkpointing: bool = False
+    compile: bool = False
+    step_in_backward: bool = False
+
+    def tokens_per_repeat(self) -> int:
+        if self.task.startswith("generate"):
+            return self.batch * self.new_tokens
+        return self.batch * self.seq_len
+
+
+# --- the worker (one system, in its own process) -------------------------------------------------------
+
+
+def _model_config(spec: BenchSpec):
+    from gptcore.config import PRESETS, GPTConfig
+    from gptcore.weights import read_config
+
+    if spec.model in PRESETS:
+        return GPTConfig.from_name(spec.model)
+    return read_config(spec.model)
+
+
+def _gptcore_task(spec: BenchSpec, device, precision: str):
+    """A zero-argument callable that runs the task once on gptcore."""
+    import torch
+
+    from gptcore.config import PRESETS
+    from gptcore.generate import cast_for_inference, generate, generate_batch
+    from gptcore.model import GPTModel, set_activation_checkpointing
+    from gptcore.train import StepRunner, compile_blocks, lm_loss, make_optimizer
+    from gptcore.weights import load_model
+
+    config = _model_config(spec)
+    generator = torch.Generator().manual_seed(spec.seed)
+    if spec.task == "classify":
+        from gptcore.classify import classification_loss, frozen_prefix, load_foundation, set_trainable
+
+        if spec.model in PRESETS:
+            with torch.device(device):
+                model = GPTModel(dataclasses.replace(config, num_classes=2))
+        else:
+            model = load_foundation(spec.model, 2, seed=spec.seed, device=device)
+        trainable = set_trainable(model, "last_block")
+        optimizer = make_optimizer(trainable, lr=5e-5, weight_decay=0.1)
+        loss_fn = classification_loss("last", frozen_blocks=frozen_prefix(model))
+        inputs = torch.randint(0, config.vocab_size, (spec.batch, spec.seq_len), generator=generator)
+        labels = torch.randint(0, 2, (spec.batch,), generator=generator)
+        runner = StepRunner(model, optimizer, loss_fn, device, precision, spec.grad_accum, spec.step_in_backward)
+        model.train()
+        return lambda: runner.step((inputs, labels))
+
+    if spec.model in PRESETS:
+        with torch.device(device):
+            model = GPTModel(config)
+    else:
+        model = load_model(spec.model, device)
+    if spec.compile:
+        compile_blocks(model)
+    if spec.task == "train":
+        set_activation_checkpointing(model, spec.activation_checkpointing)
+        optimizer = make_optimizer(model.parameters(), lr=5e-5, weight_decay=0.1)
+        ids = torch.randint(0, config.vocab_size, (spec.batch, spec.seq_len + 1), generator=generator)
+        runner = StepRunner(model, optimizer, lm_loss, device, precision, spec.grad_accum, spec.step_in_backward)
+        model.train()
+        return lambda: runner.step((ids[:, :-1], ids[:, 1:]))
+
+    model.eval()
+    cast_for_inference(model, precision)
+    prompts = torch.randint(0, config.vocab_size, (spec.batch, spec.prompt_len), generator=generator)
+    if spec.batch == 1:
+        idx = prompts.to(device)
+        return lambda: generate(model, idx, spec.new_tokens)
+    rows = prompts.tolist()
+    return lambda: generate_batch(model, rows, spec.new_tokens)
+
+
+def _hf_task(spec: BenchSpec, device, bf16: bool):
+    """A zero-argument callable that runs the task once on transformers' GPT2LMHeadModel."""
+    import contextlib
+
+    import torch
+    import torch.nn.functional as F
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = _model_config(spec)
+    hf_config = GPT2Config(
+        vocab_size=config.vocab_size, n_positions=config.context_length, n_embd=config.emb_dim,
+        n_layer=config.n_layers, n_head=config.n_heads, resid_pdrop=config.drop_rate, embd_pdrop=config.drop_rate,
+        attn_pdrop=config.drop_rate, layer_norm_epsilon=1e-5, activation_function="gelu_new",
+        tie_word_embeddings=config.tie_embeddings, use_cache=spec.task.startswith("generate"),
+    )
+    torch.manual_seed(spec.seed)
+    with torch.device(device):
+        model = GPT2LMHeadModel(hf_config)
+    generator = torch.Generator().manual_seed(spec.seed)
+
+    def amp():
+        return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+    if spec.task in ("train", "classify"):
+        ids = torch.randint(0, config.vocab_size, (spec.batch, spec.seq_len + 1), generator=generator).to(device)
+        inputs = ids[:, :-1]
+        if spec.task == "classify":
+            with torch.device(device):
+                model.lm_head = torch.nn.Linear(config.emb_dim, 2)
+            model.requires_grad_(False)
+            for module in (model.transformer.h[-1], model.transformer.ln_f, model.lm_head):
+                module.requires_grad_(True)
+            targets = torch.randint(0, 2, (spec.batch,), generator=generator).to(device)
+        else:
+            targets = ids[:, 1:]
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-5, weight_decay=0.1)
+        model.train()
+
+        def step():
+            optimizer.zero_grad(set_to_none=True)
+            with amp():
+                logits = model(input_ids=inputs, use_cache=False).logits
+                if spec.task == "classify":
+                    logits = logits[:, -1]
+                loss = F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten())
+            loss.backward()
+            optimizer.step()
+
+        return step
+
+    model.eval()
+    prompts = torch.randint(0, config.vocab_size, (spec.batch, spec.prompt_len), generator=generator).to(device)
+    mask = torch.ones_like(prompts)
+
+    def run():
+        with torch.inference_mode(), amp():
+            model.generate(
+                prompts, attention_mask=mask, max_new_tokens=spec.new_tokens, min_new_tokens=spec.new_tokens,
+                do_sample=False, pad_token_id=0,
+            )
+
+    return run
+
+
+def measure(spec: BenchSpec) -> dict[str, Any]:
+    """Run one system's task in this process: tokens/s of each timed repeat and the peak memory."""
+    import torch
+
+    from gptcore.device import resolve_device, resolve_precision
+
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+    device = resolve_device(spec.device)
+    if spec.system == "gptcore":
+        precision = resolve_precision(spec.precision, device)
+        run = _gptcore_task(spec, device, precision)
+    else:
+        precision = "bf16" if spec.system == "hf-bf16" else "fp32"
+        run = _hf_task(spec, device, bf16=precision == "bf16")
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for _ in range(spec.warmup):
+        run()
+    sync()
+    rates = []
+    for _ in range(spec.repeats):
+        started = time.perf_counter()
+        run()
+        sync()
+        rates.append(spec.tokens_per_repeat() / (time.perf_counter() - started))
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    result = {
+        "system": spec.system,
+        "precision": precision,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "tokens_per_s": rates,
+        "peak_rss_mib": round(peak_kib / 1024, 1),
+    }
+    if device.type == "cuda":
+        result["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return result
+
+
+# --- the parent: one subprocess per system, then the comparison ------------------------------------------
+
+
+def _run_worker(spec: BenchSpec, timeout: float | None) -> dict[str, Any]:
+    env = dict(os.environ)
+    if spec.threads:
+        env.update(OMP_NUM_THREADS=str(spec.threads), MKL_NUM_THREADS=str(spec.threads))
+    cmd = [sys.executable, "-m", "gptcore.bench", "--worker", json.dumps(dataclasses.asdict(spec))]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f}s"}
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
+        return {"error": f"exit status {proc.returncode}: {tail}"}
+    return json.loads(lines[-1])
+
+
+def _hf_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("transformers") is not None
+
+
+def _bf16_available(device_name: str) -> bool:
+    import torch
+
+    from gptcore.device import cpu_has_native_bf16, resolve_device
+
+    device = resolve_device(device_name)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and cpu_has_native_bf16()
+
+
+def _median(result: dict[str, Any] | None) -> float | None:
+    if not result or "tokens_per_s" not in result:
+        return None
+    return statistics.median(result["tokens_per_s"])
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 3) if a and b else None
+
+
+def bench(spec: BenchSpec, hf: bool = True, timeout: float | None = None) -> dict[str, Any]:
+    """Measure gptcore and (when wanted and installed) HF in fp32 and bf16; one flat row of results."""
+    results: dict[str, dict[str, Any] | None] = {name: None for name in SYSTEMS}
+    notes = []
+    systems = ["gptcore"]
+    if hf and _hf_available():
+        systems.append("hf-fp32")
+        if _bf16_available(spec.device):
+            systems.append("hf-bf16")
+        else:
+            notes.append("hf-bf16: no native bf16 on this device")
+    elif hf:
+        notes.append("transformers is not installed")
+    for system in systems:
+        result = _run_worker(dataclasses.replace(spec, system=system), timeout)
+        if "error" in result:
+            notes.append(f"{system}: {result['error']}")
+        else:
+            results[system] = result
+    ours = results["gptcore"] or {}
+    rates = ours.get("tokens_per_s") or [None]
+    gptcore_rate = _median(ours)
+    hf_fp32, hf_bf16 = _median(results["hf-fp32"]), _median(results["hf-bf16"])
+    same = hf_bf16 if ours.get("precision") == "bf16" else hf_fp32 if ours.get("precision") == "fp32" else None
+    row: dict[str, Any] = {
+        "task": spec.task,
+        "model": spec.model,
+        "precision": ours.get("precision", spec.precision),
+        "device": ours.get("device"),
+        "threads": ours.get("threads"),
+        "batch": spec.batch,
+    }
+    row.update(
+        {"seq_len": spec.seq_len} if not spec.task.startswith("generate")
+        else {"prompt_len": spec.prompt_len, "new_tokens": spec.new_tokens}
+    )
+    row.update(
+        repeats=spec.repeats,
+        gptcore_tokens_per_s=_round(gptcore_rate),
+        gptcore_tokens_per_s_min=_round(min(rates) if rates[0] is not None else None),
+        gptcore_tokens_per_s_max=_round(max(rates) if rates[0] is not None else None),
+        gptcore_peak_rss_mib=ours.get("peak_rss_mib"),
+        hf_fp32_tokens_per_s=_round(hf_fp32),
+        hf_bf16_tokens_per_s=_round(hf_bf16),
+        hf_fp32_peak_rss_mib=(results["hf-fp32"] or {}).get("peak_rss_mib"),
+        hf_bf16_peak_rss_mib=(results["hf-bf16"] or {}).get("peak_rss_mib"),
+        ratio_vs_hf_fp32=_ratio(gptcore_rate, hf_fp32),
+        ratio_vs_hf_bf16=_ratio(gptcore_rate, hf_bf16),
+        ratio_vs_hf_same_precision=_ratio(gptcore_rate, same),
+    )
+    for system, result in results.items():
+        if result and "peak_gpu_mib" in result:
+            row[f"{system.replace('-', '_')}_peak_gpu_mib"] = result["peak_gpu_mib"]
+    if spec.activation_checkpointing or spec.grad_accum > 1 or spec.compile or spec.step_in_backward:
+        row.update(
+            grad_accum=spec.grad_accum, activation_checkpointing=spec.activation_checkpointing,
+            compile=spec.compile, step_in_backward=spec.step_in_backward,
+        )
+    if notes:
+        row["notes"] = "; ".join(notes)
+    return row
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 2)
+
+
+def format_row(row: dict[str, Any]) -> str:
+    """A few human-readable lines for one result row."""
+    shape = (
+        f"{row['batch']} x {row['seq_len']} tokens" if "seq_len" in row
+        else f"batch {row['batch']}, {row['prompt_len']}-token prompt -> {row['new_tokens']} new"
+    )
+    lines = [f"{row['task']} {row['model']} ({shape}; {row['device']}, {row['threads']} threads, "
+             f"median/min/max of {row['repeats']} repeats)"]
+
+    def fmt(v, spec=".1f"):
+        return "-" if v is None else format(v, spec)
+
+    lines.append(f"  {'system':<10} {'precision':<9} {'tokens/s':>9} {'min':>9} {'max':>9} {'peak RSS MiB':>13}")
+    lines.append(
+        f"  {'gptcore':<10} {row['precision']:<9} {fmt(row['gptcore_tokens_per_s']):>9} "
+        f"{fmt(row['gptcore_tokens_per_s_min']):>9} {fmt(row['gptcore_tokens_per_s_max']):>9} "
+        f"{fmt(row['gptcore_peak_rss_mib'], '.0f'):>13}"
+    )
+    for name, key in (("HF", "hf_fp32"), ("HF", "hf_bf16")):
+        precision = "fp32" if key == "hf_fp32" else "bf16 amp"
+        lines.append(
+            f"  {name:<10} {precision:<9} {fmt(row[key + '_tokens_per_s']):>9} {'':>9} {'':>9} "
+            f"{fmt(row[key + '_peak_rss_mib'], '.0f'):>13}"
+        )
+    lines.append(
+        f"  gptcore / HF fp32: {fmt(row['ratio_vs_hf_fp32'], '.2f')}x; / HF bf16: {fmt(row['ratio_vs_hf_bf16'], '.2f')}x;"
+        f" / HF same precision: {fmt(row['ratio_vs_hf_same_precision'], '.2f')}x"
+    )
+    if "gptcore_batch_speedup" in row:
+        lines.append(f"  gptcore batch {row['batch']} vs batch 1: {row['gptcore_batch_speedup']:.2f}x tokens/s")
+    if row.get("notes"):
+        lines.append(f"  note: {row['notes']}")
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="gpt2-small", help="gpt2-small|gpt2-medium|gpt2-large|gpt2-xl or a weights file")
+    parser.add_argument("--task", nargs="+", default=["train"], choices=TASKS, metavar="TASK",
+                        help=f"one or more of {', '.join(TASKS)}")
+    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"), help="gptcore's")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--batch", type=int, default=None, help="rows (default 8; 1 for generate)")
+    parser.add_argument("--seq-len", type=int, default=120, help="tokens per row (train, classify)")
+    parser.add_argument("--prompt-len", type=int, default=50, help="prompt tokens (generate)")
+    parser.add_argument("--new-tokens", type=int, default=100, help="new tokens (generate)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--grad-accum", type=int, default=1)
+    parser.add_argument("--activation-checkpointing", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="torch.compile gptcore's blocks")
+    parser.add_argument("--step-in-backward", action="store_true", help="update each weight inside backward (less memory)")
+    parser.add_argument("--no-hf", action="store_true", help="measure gptcore only")
+    parser.add_argument("--timeout", type=float, default=None, help="seconds per system before it is given up")
+    parser.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    """`gptcore bench`: every task in turn; a table, or JSON lines."""
+    from gptcore.errors import ConfigError
+
+    if not (args.model in _presets() or Path(args.model).is_file()):
+        raise ConfigError(f"--model: {args.model} is neither a preset ({', '.join(_presets())}) nor a weights file")
+    for name in ("repeats", "seq_len", "prompt_len", "new_tokens", "grad_accum"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be positive")
+    if args.batch is not None and args.batch < 1:
+        raise ConfigError("--batch must be positive")
+    batch1 = None
+    for task in args.task:
+        batch = args.batch or (1 if task == "generate" else 8)
+        spec = BenchSpec(
+            task=task, model=args.model, precision=args.precision, device=args.device, batch=batch,
+            seq_len=args.seq_len, prompt_len=args.prompt_len, new_tokens=args.new_tokens, repeats=args.repeats,
+            warmup=args.warmup, threads=args.threads, grad_accum=args.grad_accum,
+            activation_checkpointing=args.activation_checkpointing, compile=args.compile,
+            step_in_backward=args.step_in_backward,
+        )
+        row = bench(spec, hf=not args.no_hf, timeout=args.timeout)
+        if task == "generate" and batch == 1:
+            batch1 = row["gptcore_tokens_per_s"]
+        if task == "generate-batch" and batch1 and row["gptcore_tokens_per_s"]:
+            row["gptcore_batch_speedup"] = round(row["gptcore_tokens_per_s"] / batch1, 2)
+        print(json.dumps(row) if args.json else format_row(row) + "\n", flush=True)
+    return 0
+
+
+def _presets() -> tuple[str, ...]:
+    from gptcore.config import PRESETS
+
+    return tuple(PRESETS)
+
+
+def _worker_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m gptcore.bench")
+    parser.add_argument("--worker", required=True, help="a BenchSpec as JSON")
+    spec = BenchSpec(**json.loads(parser.parse_args(argv).worker))
+    print(json.dumps(measure(spec)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_worker_main(sys.argv[1:]))
