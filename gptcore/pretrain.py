@@ -6,8 +6,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from gptcore.config import PretrainParams, RunConfig
 from gptcore.data.text import build_text_loaders
 from gptcore.device import resolve_device, resolve_precision
@@ -22,6 +20,7 @@ from gptcore.train import (
     fingerprint,
     lm_loss,
     loss_evaluator,
+    make_optimizer,
     perplexity,
     seed_everything,
     train,
@@ -69,7 +68,7 @@ def pretrain(
         batch_size=params.batch_size, train_ratio=params.train_ratio, seed=run.seed, source=str(corpus),
     )
     model = GPTModel(params.model).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
+    optimizer = make_optimizer(model.parameters(), params.lr, params.weight_decay, device)
     checkpoint = None
     if checkpoint_dir is not None:
         identity = {k: v for k, v in params.to_dict().items() if k != "checkpoint_minutes"}
@@ -79,7 +78,7 @@ def pretrain(
     result = train(
         model, optimizer, train_loader, epochs=params.epochs, loss_fn=lm_loss, evaluate=evaluate,
         eval_every=params.eval_every, device=device, precision=precision, checkpoint=checkpoint,
-        progress=progress, desc="pretrain",
+        progress=progress, desc="pretrain", **params.loop_options(),
     )
     final = result.history[-1]
     metrics = {

@@ -10,6 +10,7 @@ import argparse
 from gptcore.atomic import write_json, write_text
 from gptcore.cli import run_entry
 from gptcore.config import PretrainParams
+from gptcore.device import is_main_process
 from gptcore.params import read_params, run_config, section
 from gptcore.plots import plot_curves, write_table
 from gptcore.pretrain import pretrain
@@ -30,6 +31,8 @@ def main() -> None:
 
     params = read_params(args.params)
     outcome = pretrain(args.corpus, section(params, "pretrain", PretrainParams), run_config(params), args.checkpoint_dir)
+    if not is_main_process():  # under torchrun, rank 0 writes the outputs
+        return
     save_model(outcome.model, args.out)
     write_json(args.metrics, outcome.metrics)
     write_table(args.plot_table, outcome.result.history)

@@ -1,5 +1,6 @@
 """Several processes (torchrun + DistributedDataParallel on gloo) and micro-batches give the one-process result."""
 
+import json
 import os
 import subprocess
 import sys
@@ -118,3 +119,39 @@ def test_grad_accum_must_be_positive():
     assert TrainConfig(grad_accum=4, activation_checkpointing=True).loop_options() == {
         "grad_accum": 4, "activation_checkpointing": True, "compile": False, "step_in_backward": False,
     }
+
+
+@pytest.mark.slow
+def test_pretrain_stage_runs_unchanged_under_torchrun(tmp_path, mirror_dir):
+    import yaml
+
+    from conftest import REPO, _merge
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    _merge(params, {"precision": "fp32", "device": "cpu", "pretrain": {
+        "model": {"context_length": 32, "emb_dim": 32, "n_heads": 2, "n_layers": 2, "drop_rate": 0.0},
+        "epochs": 1, "batch_size": 4, "eval_every": 10, "eval_batches": 2, "sample_tokens": 4,
+    }})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    metrics = {}
+    for name, launcher, accum in (("one", [], 1), ("two", ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"], 2)):
+        out = tmp_path / name
+        with open(tmp_path / "params.yaml") as f:
+            p = yaml.safe_load(f)
+        p["pretrain"]["grad_accum"] = accum
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(p))
+        cmd = [sys.executable, *launcher, str(REPO / "stages/pretrain.py"), "--params", str(tmp_path / f"{name}.yaml"),
+               "--corpus", str(mirror_dir / "the-verdict.txt"), "--out", str(out / "model.safetensors"),
+               "--metrics", str(out / "metrics.json"), "--plot-table", str(out / "loss.csv"),
+               "--plot-png", str(out / "loss.png"), "--sample", str(out / "sample.txt"),
+               "--checkpoint-dir", str(out / "checkpoints")]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.stdout.count("pretrain: train loss") == 1  # one summary: only rank 0 writes
+        assert (out / "checkpoints" / "done.json").is_file() and not (out / "checkpoints" / "state.pt").exists()
+        metrics[name] = json.loads((out / "metrics.json").read_text())
+    assert metrics["two"]["steps"] == metrics["one"]["steps"] > 10
+    assert metrics["two"]["tokens_seen"] == metrics["one"]["tokens_seen"]
+    for key in ("train_loss", "val_loss"):
+        assert metrics["two"][key] == pytest.approx(metrics["one"][key], abs=1e-5)

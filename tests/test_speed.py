@@ -143,3 +143,26 @@ def test_bench_beside_transformers(tiny_weights):
 def test_bench_rejects_an_unknown_model(tmp_path):
     proc = _bench("--model", str(tmp_path / "nothing.safetensors"), check=False)
     assert proc.returncode == 1 and "nothing.safetensors" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_short_bf16_attention_takes_the_explicit_path_and_agrees(monkeypatch):
+    import gptcore.model as model_module
+
+    q = torch.zeros(1, 2, 8, 4, dtype=torch.bfloat16)
+    assert model_module.explicit_is_faster(q, q)
+    assert not model_module.explicit_is_faster(q.float(), q.float())  # fp32 keeps the fused kernel
+    long_keys = torch.zeros(1, 2, model_module.EXPLICIT_MAX_KEYS + 1, 4, dtype=torch.bfloat16)
+    assert not model_module.explicit_is_faster(long_keys, long_keys)
+    assert model_module.explicit_is_faster(q[:, :, :1], long_keys)  # one-token decoding
+
+    torch.manual_seed(0)
+    model = GPTModel(CONFIG).eval()
+    idx = torch.randint(0, CONFIG.vocab_size, (2, 12))
+    reference = model(idx)
+    with torch.autocast("cpu", torch.bfloat16):
+        explicit = model(idx).float()
+        monkeypatch.setattr(model_module, "EXPLICIT_MAX_KEYS", 0)
+        fused = model(idx).float()
+    # bf16 keeps 8 bits of mantissa (logits near 4 round in steps of 1/32), and both paths round in bf16.
+    gap = (explicit - fused).abs().max().item()
+    assert gap < 0.1 and gap <= 2 * (fused - reference).abs().max().item()
