@@ -9,7 +9,6 @@ from pathlib import Path
 from gptcore.config import PretrainParams, RunConfig
 from gptcore.data.text import build_text_loaders
 from gptcore.device import resolve_device, resolve_precision
-from gptcore.download import sha256_of
 from gptcore.errors import DataError
 from gptcore.generate import generate, ids_to_text, text_to_ids
 from gptcore.model import GPTModel
@@ -17,10 +16,10 @@ from gptcore.tokenizer import EOT_ID, get_tokenizer
 from gptcore.train import (
     Checkpoint,
     TrainResult,
-    fingerprint,
     lm_loss,
     loss_evaluator,
     make_optimizer,
+    open_checkpoint,
     perplexity,
     seed_everything,
     train,
@@ -69,11 +68,7 @@ def pretrain(
     )
     model = GPTModel(params.model).to(device)
     optimizer = make_optimizer(model.parameters(), params.lr, params.weight_decay, device)
-    checkpoint = None
-    if checkpoint_dir is not None:
-        identity = {k: v for k, v in params.to_dict().items() if k != "checkpoint_minutes"}
-        key = fingerprint(identity, run.to_dict(), precision, sha256_of(corpus))
-        checkpoint = Checkpoint(checkpoint_dir, key, every_seconds=60 * params.checkpoint_minutes)
+    checkpoint = open_checkpoint(checkpoint_dir, params, run.to_dict(), precision, inputs=[corpus])
     evaluate = loss_evaluator(train_loader, val_loader, lm_loss, device, precision, params.eval_batches)
     result = train(
         model, optimizer, train_loader, epochs=params.epochs, loss_fn=lm_loss, evaluate=evaluate,

@@ -451,6 +451,21 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def open_checkpoint(folder: str | os.PathLike | None, params, *identity: Any, inputs: Iterable[str | os.PathLike] = ()) -> Checkpoint | None:
+    """The progress folder of a training stage, or None without one.
+
+    Progress belongs to one run: its params section (all but how often it saves), whatever else
+    identifies it (run config, precision) and the digests of its input files.
+    """
+    if folder is None:
+        return None
+    from gptcore.download import sha256_of
+
+    knobs = {k: v for k, v in params.to_dict().items() if k != "checkpoint_minutes"}
+    key = fingerprint(knobs, *identity, [sha256_of(path) for path in inputs])
+    return Checkpoint(folder, key, every_seconds=60 * params.checkpoint_minutes)
+
+
 def fingerprint(*parts: Any) -> str:
     """A digest of the params and inputs of a run: progress made under another one is not resumed."""
     blob = json.dumps(parts, sort_keys=True, default=str).encode()
