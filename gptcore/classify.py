@@ -240,7 +240,6 @@ def make_optimizer(parameters: list[nn.Parameter], params: ClassifierParams, dev
     return torch.optim.AdamW(parameters, lr=params.lr, weight_decay=params.weight_decay, fused=fused or None)
 
 
-
 @dataclass
 class ClassifierOutcome:
     model: GPTModel
