@@ -23,12 +23,11 @@ from gptcore.config import ClassifierParams, GPTConfig, RunConfig
 from gptcore.data.loader import make_loader
 from gptcore.data.sms import LABELS, PAD_ID, SmsDataset, encode_texts, pad_ids, read_split
 from gptcore.device import autocast, resolve_device, resolve_precision
-from gptcore.download import sha256_of
 from gptcore.errors import DataError, WeightsError
 from gptcore.metrics import confusion_rows, split_metrics
 from gptcore.model import GPTModel
 from gptcore.tokenizer import get_tokenizer
-from gptcore.train import Checkpoint, TrainResult, fingerprint, seed_everything, to_device, train
+from gptcore.train import Checkpoint, TrainResult, open_checkpoint, seed_everything, to_device, train
 from gptcore.weights import load_into, load_model, load_state, read_metadata, save_model
 
 METADATA_KEY = "gptcore_classifier"
@@ -285,10 +284,8 @@ def finetune_classifier(
     info = ClassifierInfo(max_length=train_set.max_length, token_position=params.token_position)
 
     optimizer = make_optimizer(trainable, params, device)
-    checkpoint = None
-    if checkpoint_dir is not None:
-        inputs = [sha256_of(foundation)] + [sha256_of(splits[name]) for name in frames]
-        checkpoint = Checkpoint(checkpoint_dir, fingerprint(params.to_dict(), run.to_dict(), precision, inputs))
+    inputs = [foundation] + [splits[name] for name in frames]
+    checkpoint = open_checkpoint(checkpoint_dir, params, run.to_dict(), precision, inputs=inputs)
     frozen = frozen_prefix(model) if no_grad_prefix else None
     evaluate = classifier_evaluator(
         in_order["train"], in_order["validation"], device, precision, params.eval_batches, params.token_position
