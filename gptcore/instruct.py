@@ -201,7 +201,8 @@ def generate_responses(
 
     Prompts are batched in order of length (less padding); the result keeps the file's order. With
     `log_path`, finished batches are recorded there and a rerun generates only the missing ones
-    (identical results when greedy; sampling draws fresh numbers for the rest).
+    (greedy: the same tokens, up to the device's floating-point reproducibility; sampling draws fresh
+    numbers for the rest).
     """
     device = resolve_device(run.device)
     precision = resolve_precision(run.precision, device)
