@@ -28,6 +28,8 @@ from gptcore.train import (
     fingerprint,
     lm_loss,
     loss_evaluator,
+    make_optimizer,
+    open_checkpoint,
     perplexity,
     seed_everything,
     train,
@@ -76,14 +78,8 @@ def finetune_instructions(
         allowed_max_length=min(params.allowed_max_length, model.config.context_length),
         mask_prompt=params.mask_prompt, bucket_by_length=params.bucket_by_length,
     )
-    optimizer = torch.optim.AdamW(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
-    checkpoint = None
-    if checkpoint_dir is not None:
-        key = fingerprint(
-            params.to_dict(), run.to_dict(), precision,
-            sha256_of(foundation), sha256_of(train_path), sha256_of(val_path),
-        )
-        checkpoint = Checkpoint(checkpoint_dir, key)
+    optimizer = make_optimizer(model.parameters(), params.lr, params.weight_decay, device)
+    checkpoint = open_checkpoint(checkpoint_dir, params, run.to_dict(), precision, inputs=[foundation, train_path, val_path])
     evaluate = loss_evaluator(train_loader, val_loader, lm_loss, device, precision, params.eval_batches)
     # The foundation's losses on the same batches, before any update (a resumed run recomputes them:
     # the checkpoint is loaded inside train()).
@@ -91,7 +87,7 @@ def finetune_instructions(
     result = train(
         model, optimizer, train_loader, epochs=params.epochs, loss_fn=lm_loss, evaluate=evaluate,
         eval_every=params.eval_every, device=device, precision=precision, checkpoint=checkpoint,
-        progress=progress, desc="finetune_instructions",
+        progress=progress, desc="finetune_instructions", **params.loop_options(),
     )
     final = result.history[-1]
     metrics = {

@@ -11,6 +11,7 @@ import argparse
 from gptcore.atomic import write_json
 from gptcore.cli import run_entry
 from gptcore.config import InstructionsParams
+from gptcore.device import is_main_process
 from gptcore.instruct import finetune_instructions
 from gptcore.params import read_params, run_config, section
 from gptcore.plots import plot_curves, write_table
@@ -35,6 +36,8 @@ def main() -> None:
         args.model, args.train, args.val, section(params, "instructions", InstructionsParams),
         run_config(params), args.checkpoint_dir,
     )
+    if not is_main_process():  # under torchrun, rank 0 writes the outputs
+        return
     save_model(outcome.model, args.out)
     write_json(args.metrics, outcome.metrics)
     write_table(args.plot_table, outcome.history)

@@ -309,10 +309,9 @@ def tiny_finetune_inputs(tmp_path, tiny_config):
 def test_finetune_resumes_exactly_with_options_on(tmp_path, tiny_config, monkeypatch):
     import gptcore.instruct as instruct
     from gptcore.config import InstructionsParams
-    from gptcore.train import Checkpoint
 
     foundation, train_path, val_path = tiny_finetune_inputs(tmp_path, tiny_config)
-    params = InstructionsParams(epochs=2, batch_size=4, lr=1e-3, eval_every=2, eval_batches=1,
+    params = InstructionsParams(epochs=2, batch_size=4, lr=1e-3, eval_every=2, eval_batches=1, checkpoint_minutes=0,
                                 allowed_max_length=64, mask_prompt=True, bucket_by_length=True)
     run = RunConfig(seed=5, device="cpu", precision="fp32")
     whole = instruct.finetune_instructions(foundation, train_path, val_path, params, run, progress=False)
@@ -330,7 +329,6 @@ def test_finetune_resumes_exactly_with_options_on(tmp_path, tiny_config, monkeyp
             raise Killed
         return real_loss(model, batch)
 
-    monkeypatch.setattr(instruct, "Checkpoint", lambda folder, key: Checkpoint(folder, key, every_seconds=0))
     monkeypatch.setattr(instruct, "lm_loss", killing_loss)
     with pytest.raises(Killed):
         instruct.finetune_instructions(foundation, train_path, val_path, params, run, tmp_path / "ck", progress=False)
