@@ -278,16 +278,19 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return round(a / b, 3) if a and b else None
 
 
-def bench(spec: BenchSpec, hf: bool = True, timeout: float | None = None) -> dict[str, Any]:
+def bench(
+    spec: BenchSpec, hf: bool = True, timeout: float | None = None, hf_precisions: tuple[str, ...] = ("fp32", "bf16")
+) -> dict[str, Any]:
     """Measure gptcore and (when wanted and installed) HF in fp32 and bf16; one flat row of results."""
     results: dict[str, dict[str, Any] | None] = {name: None for name in SYSTEMS}
     notes = []
     systems = ["gptcore"]
     if hf and _hf_available():
-        systems.append("hf-fp32")
-        if _bf16_available(spec.device):
+        if "fp32" in hf_precisions:
+            systems.append("hf-fp32")
+        if "bf16" in hf_precisions and _bf16_available(spec.device):
             systems.append("hf-bf16")
-        else:
+        elif "bf16" in hf_precisions:
             notes.append("hf-bf16: no native bf16 on this device")
     elif hf:
         notes.append("transformers is not installed")
@@ -398,6 +401,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile gptcore's blocks")
     parser.add_argument("--step-in-backward", action="store_true", help="update each weight inside backward (less memory)")
     parser.add_argument("--no-hf", action="store_true", help="measure gptcore only")
+    parser.add_argument("--hf", default="both", choices=("both", "fp32", "bf16"),
+                        help="which HF runs: fp32, under bf16 autocast, or both")
     parser.add_argument("--timeout", type=float, default=None, help="seconds per system before it is given up")
     parser.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
 
@@ -423,7 +428,8 @@ def run_cli(args: argparse.Namespace) -> int:
             activation_checkpointing=args.activation_checkpointing, compile=args.compile,
             step_in_backward=args.step_in_backward,
         )
-        row = bench(spec, hf=not args.no_hf, timeout=args.timeout)
+        hf_precisions = ("fp32", "bf16") if args.hf == "both" else (args.hf,)
+        row = bench(spec, hf=not args.no_hf, timeout=args.timeout, hf_precisions=hf_precisions)
         if task == "generate" and batch == 1:
             batch1 = row["gptcore_tokens_per_s"]
         if task == "generate-batch" and batch1 and row["gptcore_tokens_per_s"]:
