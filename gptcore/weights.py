@@ -30,6 +30,21 @@ def save_model(model: GPTModel, path: str | os.PathLike, extra: dict[str, str] |
         state.pop("out_head.weight")
     with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata=_metadata(model.config, extra))
+        _sort_metadata(tmp)
+
+
+def _sort_metadata(path: Path) -> None:
+    """Put the header's metadata in sorted order: safetensors writes it in a per-process random order,
+    which would make identical weights hash differently (DVC, resume checks)."""
+    with open(path, "r+b") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(size))
+        header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        if len(blob) > size:  # cannot happen for a reordering; never corrupt the file if it does
+            return
+        f.seek(8)
+        f.write(blob + b" " * (size - len(blob)))
 
 
 def _metadata(config: GPTConfig, extra: dict[str, str] | None) -> dict[str, str]:

@@ -44,7 +44,7 @@ def test_pretrain_stage_through_dvc(repo_copy):
 
     repo_copy.run("git", "add", "-A")
     repo_copy.run("git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "baseline")
-    repo_copy.dvc("exp", "run", "-S", "pretrain.epochs=1")
+    repo_copy.dvc("exp", "run", "-S", "pretrain.epochs=1", "pretrain")
     diff = repo_copy.dvc("metrics", "diff", "--json").stdout
     import json
 

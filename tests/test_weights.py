@@ -77,3 +77,19 @@ def test_missing_tensor_is_named(tmp_path, tiny_config):
     save_file(state, str(tmp_path / "m.safetensors"), metadata={"gptcore_config": json.dumps(tiny_config.to_dict())})
     with pytest.raises(WeightsError, match="final_norm.bias"):
         load_model(tmp_path / "m.safetensors")
+
+
+def test_files_are_byte_identical_across_processes(tmp_path):
+    """safetensors orders metadata per process at random; our files must not depend on it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch; from gptcore import GPTModel, GPTConfig, save_model; torch.manual_seed(0); "
+        "save_model(GPTModel(GPTConfig(vocab_size=10, context_length=4, emb_dim=8, n_heads=2, n_layers=1)), "
+        "sys.argv[1], extra={'b': '1', 'a': '2', 'c': '3'})"
+    )
+    paths = [tmp_path / f"{i}.safetensors" for i in range(4)]
+    for path in paths:
+        subprocess.run([sys.executable, "-c", code, str(path)], check=True)
+    assert len({p.read_bytes() for p in paths}) == 1
