@@ -314,7 +314,7 @@ class GenerateParams(Section):
     max_new_tokens: int = 256
     temperature: float = 0.0  # 0: greedy (argmax)
     top_k: int | None = None  # sample only among the k most likely tokens (temperature > 0)
-    seed: int = 123  # of the sampling generator (unused when greedy)
+    seed: int = 123  # batch n of the schedule samples with seed + n (unused when greedy)
     batch_size: int = 8  # prompts generated together (left-padded); 1: one at a time
 
     def __post_init__(self):

@@ -197,8 +197,8 @@ def generate_responses(
 
     Prompts are batched in order of length (less padding); the result keeps the file's order. With
     `log_path`, finished batches are recorded there and a rerun generates only the missing ones
-    (greedy: the same tokens, up to the device's floating-point reproducibility; sampling draws fresh
-    numbers for the rest).
+    (the same tokens as an uninterrupted run, up to the device's floating-point reproducibility: each
+    batch samples from a generator seeded with `params.seed` + its number).
     """
     device = resolve_device(run.device)
     precision = resolve_precision(run.precision, device)
@@ -218,13 +218,17 @@ def generate_responses(
     responses: dict[int, str] = {}
     for record in records:
         responses.update(zip(record["indices"], record["responses"]))
-    todo = sorted((i for i in range(len(entries)) if i not in responses), key=lambda i: len(prompts[i]))
-    generator = make_generator(params.seed, device)
+    # The whole schedule is fixed up front and each batch samples from its own seeded generator, so
+    # a resumed run draws for the missing batches exactly the numbers an uninterrupted run would.
+    order = sorted(range(len(entries)), key=lambda i: len(prompts[i]))
+    schedule = [order[start : start + params.batch_size] for start in range(0, len(order), params.batch_size)]
     bar = tqdm(total=len(entries), initial=len(responses), desc="generate_responses", unit="entry", disable=not progress)
     with bar:
-        for start in range(0, len(todo), params.batch_size):
-            batch = todo[start : start + params.batch_size]
+        for number, batch in enumerate(schedule):
+            if all(i in responses for i in batch):
+                continue
             began = time.perf_counter()
+            generator = make_generator(params.seed + number, device)
             with autocast(device, precision):
                 new_ids = generate_batch(
                     model, [prompts[i] for i in batch], params.max_new_tokens, params.temperature,
