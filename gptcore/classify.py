@@ -294,7 +294,7 @@ def finetune_classifier(
         model, optimizer, train_loader, epochs=params.epochs,
         loss_fn=classification_loss(params.token_position, PAD_ID, frozen), evaluate=evaluate,
         eval_every=params.eval_every, device=device, precision=precision, checkpoint=checkpoint,
-        progress=progress, desc="finetune_classifier",
+        progress=progress, desc="finetune_classifier", **params.loop_options(),
     )
     for row in result.history:
         row["examples_seen"] = row["step"] * params.batch_size  # drop_last: every batch is full

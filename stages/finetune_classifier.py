@@ -14,6 +14,7 @@ from gptcore.classify import finetune_classifier, save_classifier
 from gptcore.cli import run_entry
 from gptcore.config import ClassifierParams
 from gptcore.data.sms import SPLITS
+from gptcore.device import is_main_process
 from gptcore.params import read_params, run_config, section
 from gptcore.plots import plot_curves, write_table
 
@@ -42,6 +43,8 @@ def main() -> None:
         args.foundation, {name: getattr(args, name) for name in SPLITS},
         section(params, "classifier", ClassifierParams), run_config(params), args.checkpoint_dir,
     )
+    if not is_main_process():  # under torchrun, rank 0 writes the outputs
+        return
     history = outcome.result.history
     save_classifier(outcome.model, outcome.info, args.out)
     write_json(args.metrics, outcome.metrics)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -51,6 +52,38 @@ def tokenizer(mirror_dir):
     from gptcore.tokenizer import get_tokenizer
 
     return get_tokenizer(mirror_dir / "gpt2")
+
+
+# A language model small enough for a stage to run in seconds, with the real vocabulary and a context
+# that holds an SMS message (the longest is 120 tokens) and a short instruction prompt.
+TINY_LM = {"vocab_size": 50257, "context_length": 128, "emb_dim": 32, "n_heads": 2, "n_layers": 2,
+           "drop_rate": 0.1, "qkv_bias": False}
+
+
+@pytest.fixture(scope="session")
+def stage_inputs(tmp_path_factory, mirror_dir) -> dict[str, Path]:
+    """Real data cut small: SMS splits and instruction entries from the mirror, a tiny LM, a fake judge script."""
+    from gptcore.data.sms import fetch_collection, read_collection, split_collection, to_csv_text
+    from gptcore.model import GPTModel
+    from gptcore.weights import save_model
+
+    root = tmp_path_factory.mktemp("inputs")
+    os.environ.setdefault("GPTCORE_MIRROR", str(mirror_dir))
+    fetch_collection("https://example.invalid/sms.zip", root / "SMSSpamCollection")
+    splits = split_collection(read_collection(root / "SMSSpamCollection"))
+    for split, rows in {"train": 200, "validation": 24, "test": 40}.items():
+        (root / f"{split}.csv").write_text(to_csv_text(splits[split][:rows]))
+
+    entries = json.loads((mirror_dir / "instruction-data.json").read_text())
+    (root / "train.json").write_text(json.dumps(entries[:64]))
+    (root / "val.json").write_text(json.dumps(entries[64:72]))
+    (root / "test.json").write_text(json.dumps(entries[72:96]))
+
+    torch.manual_seed(0)
+    save_model(GPTModel(GPTConfig(**TINY_LM)), root / "lm.safetensors")
+    # Without dropout, for comparisons across process counts (each rank would draw its own masks).
+    save_model(GPTModel(GPTConfig(**{**TINY_LM, "drop_rate": 0.0})), root / "lm-no-dropout.safetensors")
+    return root
 
 
 class RepoCopy:

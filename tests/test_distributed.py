@@ -155,3 +155,33 @@ def test_pretrain_stage_runs_unchanged_under_torchrun(tmp_path, mirror_dir):
     assert metrics["two"]["tokens_seen"] == metrics["one"]["tokens_seen"]
     for key in ("train_loss", "val_loss"):
         assert metrics["two"][key] == pytest.approx(metrics["one"][key], abs=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["finetune_classifier", "finetune_instructions"])
+def test_finetune_stages_run_unchanged_under_torchrun(tmp_path, stage, stage_inputs):
+    """The same stage script, one process vs two gloo processes with the same global batch."""
+    from test_resume_stages import _classifier_run, _instructions_run
+
+    make = {"finetune_classifier": _classifier_run, "finetune_instructions": _instructions_run}[stage]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    metrics = {}
+    torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    # Two processes share each batch, and each cuts its half into two micro-batches.
+    for name, launcher, grad_accum in (("one", [], 1), ("two", torchrun, 2)):
+        (tmp_path / name).mkdir()
+        run = make(tmp_path / name, stage_inputs, "lm-no-dropout.safetensors", epochs=1, grad_accum=grad_accum,
+                   checkpoint_minutes=10.0)
+        cmd = [run.cmd[0], *launcher, *run.cmd[1:]]
+        proc = subprocess.run(cmd, cwd=run.workdir, capture_output=True, text=True, timeout=900, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.stdout.count(f"{stage}: ") == 1  # one summary line: only rank 0 writes
+        assert (run.workdir / "ck" / "done.json").is_file() and not (run.workdir / "ck" / "state.pt").exists()
+        metrics[name] = json.loads((run.workdir / "metrics.json").read_text())
+    one, two = metrics["one"], metrics["two"]
+    assert two["steps"] == one["steps"] > 5
+    for key, value in one.items():
+        if key.endswith(("loss", "accuracy", "precision", "recall", "f1")):
+            assert two[key] == pytest.approx(value, abs=1e-5), key
+        elif key.endswith("perplexity"):  # exp(loss): the same agreement, relative
+            assert two[key] == pytest.approx(value, rel=1e-5), key

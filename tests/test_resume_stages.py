@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -120,8 +119,6 @@ def test_pretrain_resumes_exactly(tmp_path, mirror_dir, sig, pretrain_reference)
 # One kill each (SIGKILL: nothing runs after it, the hardest case); the signal handling itself is
 # covered by the pretrain cases above, since every training stage shares that loop.
 
-TINY_LM = {"vocab_size": 50257, "context_length": 128, "emb_dim": 32, "n_heads": 2, "n_layers": 2,
-           "drop_rate": 0.1, "qkv_bias": False}
 RUN = {"seed": 123, "device": "cpu", "precision": "fp32"}
 
 
@@ -164,37 +161,12 @@ def _lines_at_least(name: str, n: int) -> Callable[[Path], bool]:
     return started
 
 
-@pytest.fixture(scope="module")
-def stage_inputs(tmp_path_factory, mirror_dir) -> dict[str, Path]:
-    """Real data cut small: SMS splits and instruction entries from the mirror, a tiny LM, a fake judge script."""
-    from gptcore.data.sms import fetch_collection, read_collection, split_collection, to_csv_text
-    from gptcore.model import GPTModel
-    from gptcore.config import GPTConfig
-    from gptcore.weights import save_model
-
-    root = tmp_path_factory.mktemp("inputs")
-    os.environ.setdefault("GPTCORE_MIRROR", str(mirror_dir))
-    fetch_collection("https://example.invalid/sms.zip", root / "SMSSpamCollection")
-    splits = split_collection(read_collection(root / "SMSSpamCollection"))
-    for split, rows in {"train": 200, "validation": 24, "test": 40}.items():
-        (root / f"{split}.csv").write_text(to_csv_text(splits[split][:rows]))
-
-    entries = json.loads((mirror_dir / "instruction-data.json").read_text())
-    (root / "train.json").write_text(json.dumps(entries[:64]))
-    (root / "val.json").write_text(json.dumps(entries[64:72]))
-    (root / "test.json").write_text(json.dumps(entries[72:96]))
-
-    torch.manual_seed(0)
-    save_model(GPTModel(GPTConfig(**TINY_LM)), root / "lm.safetensors")
-    return root
-
-
-def _classifier_run(workdir: Path, inputs: Path) -> StageRun:
+def _classifier_run(workdir: Path, inputs: Path, foundation: str = "lm.safetensors", **overrides) -> StageRun:
     params = {**RUN, "classifier": {"epochs": 3, "batch_size": 8, "lr": 1e-3, "eval_every": 5, "eval_batches": 2,
-                                    "trainable": "all", "checkpoint_minutes": 0.0}}
+                                    "trainable": "all", "checkpoint_minutes": 0.0, **overrides}}
     (workdir / "params.yaml").write_text(yaml.safe_dump(params))
     cmd = _stage("finetune_classifier") + [
-        "--foundation", str(inputs / "lm.safetensors"), "--train", str(inputs / "train.csv"),
+        "--foundation", str(inputs / foundation), "--train", str(inputs / "train.csv"),
         "--validation", str(inputs / "validation.csv"), "--test", str(inputs / "test.csv"),
         "--out", "model.safetensors", "--metrics", "metrics.json", "--loss-table", "loss.csv",
         "--accuracy-table", "accuracy.csv", "--confusion", "confusion.csv", "--loss-png", "loss.png",
@@ -205,12 +177,12 @@ def _classifier_run(workdir: Path, inputs: Path) -> StageRun:
                     {"metrics.json": {"train_seconds"}})
 
 
-def _instructions_run(workdir: Path, inputs: Path) -> StageRun:
+def _instructions_run(workdir: Path, inputs: Path, foundation: str = "lm.safetensors", **overrides) -> StageRun:
     params = {**RUN, "instructions": {"epochs": 2, "batch_size": 4, "lr": 1e-3, "eval_every": 3, "eval_batches": 2,
-                                      "allowed_max_length": 96, "checkpoint_minutes": 0.0}}
+                                      "allowed_max_length": 96, "checkpoint_minutes": 0.0, **overrides}}
     (workdir / "params.yaml").write_text(yaml.safe_dump(params))
     cmd = _stage("finetune_instructions") + [
-        "--model", str(inputs / "lm.safetensors"), "--train", str(inputs / "train.json"),
+        "--model", str(inputs / foundation), "--train", str(inputs / "train.json"),
         "--val", str(inputs / "val.json"), "--out", "model.safetensors", "--metrics", "metrics.json",
         "--plot-table", "loss.csv", "--plot-png", "loss.png", "--checkpoint-dir", "ck",
     ]
@@ -241,7 +213,7 @@ def _judge_run(workdir: Path, inputs: Path, url: str) -> StageRun:
     return StageRun(workdir, cmd, _lines_at_least("scores.jsonl", 1), ["scores.jsonl", "metrics.json", "scores.csv"])
 
 
-def _kill_and_resume(make: Callable[[Path], StageRun], tmp_path: Path, env: dict[str, str]) -> None:
+def _kill_and_resume(make: Callable[[Path], StageRun], tmp_path: Path, env: dict[str, str]) -> str:
     """Run uninterrupted; run again, SIGKILL it at a random moment after it saved progress, re-run; compare."""
     (tmp_path / "reference").mkdir()
     reference = make(tmp_path / "reference")
