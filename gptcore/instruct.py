@@ -15,10 +15,10 @@ from tqdm.auto import tqdm
 from gptcore.atomic import write_json, write_text
 from gptcore.config import GenerateParams, InstructionsParams, RunConfig
 from gptcore.data.instructions import build_instruction_loaders, read_instructions
-from gptcore.device import autocast, resolve_device, resolve_precision
+from gptcore.device import resolve_device, resolve_precision
 from gptcore.download import sha256_of
 from gptcore.errors import WeightsError
-from gptcore.generate import generate_batch, make_generator
+from gptcore.generate import cast_for_inference, generate_batch, make_generator
 from gptcore.model import GPTModel
 from gptcore.prompt import RESPONSE_MARKER, format_input
 from gptcore.tokenizer import EOT_ID, encode, get_tokenizer
@@ -203,7 +203,7 @@ def generate_responses(
     device = resolve_device(run.device)
     precision = resolve_precision(run.precision, device)
     entries = read_instructions(test_path)
-    model = load_language_model(model_path, device)
+    model = cast_for_inference(load_language_model(model_path, device), precision)  # the bench's path
     tokenizer = get_tokenizer()
     prompts = [prompt_ids(entry, tokenizer) for entry in entries]
     # Greedy responses do not depend on how prompts are batched (tests/test_generate_batch.py).
@@ -229,11 +229,10 @@ def generate_responses(
                 continue
             began = time.perf_counter()
             generator = make_generator(params.seed + number, device)
-            with autocast(device, precision):
-                new_ids = generate_batch(
-                    model, [prompts[i] for i in batch], params.max_new_tokens, params.temperature,
-                    params.top_k, eos_id=EOT_ID, generator=generator,
-                )
+            new_ids = generate_batch(
+                model, [prompts[i] for i in batch], params.max_new_tokens, params.temperature,
+                params.top_k, eos_id=EOT_ID, generator=generator,
+            )
             record = {
                 "indices": batch,
                 "responses": [extract_response(tokenizer.decode(ids)) for ids in new_ids],

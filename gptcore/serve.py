@@ -121,10 +121,12 @@ class ModelService:
     """One loaded model, its metadata, and generation serialised by a lock (requests queue for it)."""
 
     def __init__(self, model_path: str | os.PathLike, name: str | None = None, device: str = "auto",
-                 max_predict: int = MAX_PREDICT, max_body: int = MAX_BODY, max_pending: int = MAX_PENDING):
+                 max_predict: int = MAX_PREDICT, max_body: int = MAX_BODY, max_pending: int = MAX_PENDING,
+                 precision: str = "fp32"):
         from gptcore import __version__
-        from gptcore.device import resolve_device
+        from gptcore.device import resolve_device, resolve_precision
         from gptcore.download import sha256_of
+        from gptcore.generate import cast_for_inference
         from gptcore.tokenizer import get_tokenizer
         from gptcore.weights import load_model
 
@@ -134,6 +136,7 @@ class ModelService:
         if self.model.config.num_classes is not None:
             raise GptcoreError(f"{self.path}: is a classifier ({self.model.config.num_classes} classes); "
                                "only language models can be served")
+        cast_for_inference(self.model, resolve_precision(precision, self.device))
         self.tokenizer = get_tokenizer()
         self.name = canonical_name(name or default_name(self.path))
         self.digest = sha256_of(self.path)
@@ -566,9 +569,9 @@ def make_server(service: ModelService, host: str = "127.0.0.1", port: int = 1143
 
 
 def serve(model_path: str | os.PathLike, host: str = "127.0.0.1", port: int = 11434, name: str | None = None,
-          device: str = "auto", max_predict: int = MAX_PREDICT) -> None:
+          device: str = "auto", max_predict: int = MAX_PREDICT, precision: str = "fp32") -> None:
     """Load the model and serve it until interrupted (Ctrl-C)."""
-    service = ModelService(model_path, name=name, device=device, max_predict=max_predict)
+    service = ModelService(model_path, name=name, device=device, max_predict=max_predict, precision=precision)
     server = make_server(service, host, port)
     bound_host, bound_port = server.server_address[:2]
     if host not in ("127.0.0.1", "localhost", "::1"):

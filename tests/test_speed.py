@@ -84,9 +84,21 @@ def test_fused_adamw_matches_the_default():
 def test_cast_for_inference():
     torch.manual_seed(0)
     model = GPTModel(CONFIG).eval()
-    assert cast_for_inference(model, "fp32").tok_emb.weight.dtype == torch.float32
     idx = torch.tensor([[1, 2, 3]])
+    reference_state = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        reference_logits = model(idx)
+    reference = generate(model, idx, 5)
+    assert cast_for_inference(model, "fp32").tok_emb.weight.dtype == torch.float32
+    # fp32 on CPU: the same weights, stored transposed (x @ W reads rows), the same outputs.
+    qkv = model.trf_blocks[0].att.qkv.weight
+    assert qkv.shape == reference_state["trf_blocks.0.att.qkv.weight"].shape and qkv.t().is_contiguous()
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, reference_state[name]), name
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx), reference_logits, rtol=1e-5, atol=1e-5)
     fp32 = generate(model, idx, 5)
+    assert torch.equal(fp32, reference)
     cast_for_inference(model, "bf16")
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     out = generate(model, idx, 5)
