@@ -158,22 +158,23 @@ def _cache_dtype(model: GPTModel) -> torch.dtype:
 INFERENCE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def cast_for_inference(model: GPTModel, precision: str) -> GPTModel:
+def cast_for_inference(model: GPTModel, precision: str, batch_size: int = 1) -> GPTModel:
     """Cast the model's weights (in place) to the dtype of a resolved precision, for generation.
 
     Decoding one token reads every weight once, so it is bound by memory traffic: bf16/fp16 weights
     halve it, and spare autocast from re-casting every weight at every token. fp32 keeps the values
-    (outputs equal the reference path) but, on CPU, stores each Linear weight transposed in memory:
-    a one-row matmul then reads it as x @ W, the layout of GPT-2's Conv1D, which decoded 124M
-    24% faster than the W^T walk of nn.Linear's own layout (torch 2.13, 2 cores; bf16 is faster as
-    is). Logits are sampled in fp32 either way.
+    (outputs equal the reference path) but, for one prompt at a time (`batch_size` 1) on CPU, stores
+    each Linear weight transposed in memory: a one-row matmul then reads it as x @ W, the layout of
+    GPT-2's Conv1D, which decoded 124M 7-24% faster than nn.Linear's own layout; 8 prompts at once
+    ran 23% slower with it, and bf16 is faster as is (torch 2.13, 2 cores). Logits are sampled in
+    fp32 either way.
     """
     if precision not in INFERENCE_DTYPES:
         raise ValueError(f"precision: expected one of {', '.join(INFERENCE_DTYPES)}, got {precision!r}")
     dtype = INFERENCE_DTYPES[precision]
     if dtype != torch.float32:
         model.to(dtype)
-    elif next(model.parameters()).device.type == "cpu":
+    elif batch_size == 1 and next(model.parameters()).device.type == "cpu":
         for module in model.modules():
             if isinstance(module, torch.nn.Linear):  # same shape and values; column-major storage
                 module.weight.data = module.weight.data.t().contiguous().t()

@@ -203,7 +203,7 @@ def generate_responses(
     device = resolve_device(run.device)
     precision = resolve_precision(run.precision, device)
     entries = read_instructions(test_path)
-    model = cast_for_inference(load_language_model(model_path, device), precision)  # the bench's path
+    model = cast_for_inference(load_language_model(model_path, device), precision, params.batch_size)  # the bench's path
     tokenizer = get_tokenizer()
     prompts = [prompt_ids(entry, tokenizer) for entry in entries]
     # Greedy responses do not depend on how prompts are batched (tests/test_generate_batch.py).

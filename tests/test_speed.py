@@ -99,6 +99,8 @@ def test_cast_for_inference():
         torch.testing.assert_close(model(idx), reference_logits, rtol=1e-5, atol=1e-5)
     fp32 = generate(model, idx, 5)
     assert torch.equal(fp32, reference)
+    batched = cast_for_inference(GPTModel(CONFIG).eval(), "fp32", batch_size=8)
+    assert batched.trf_blocks[0].att.qkv.weight.is_contiguous()  # row-major suits several rows
     cast_for_inference(model, "bf16")
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     out = generate(model, idx, 5)
