@@ -86,6 +86,11 @@ def _bench(args: argparse.Namespace) -> int:
     return run_cli(args)
 
 
+def _add_decoding_precision(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16", "auto"),
+                   help="weights for decoding: fp32 (exact, default), bf16/fp16 (faster; bf16 on CPUs with native bf16), auto")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gptcore", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
@@ -104,8 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default="auto")
-    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16", "auto"),
-                   help="weights for decoding: fp32 (exact, default), bf16/fp16 (faster; bf16 on CPUs with native bf16), auto")
+    _add_decoding_precision(p)
     p.set_defaults(func=_generate)
 
     p = verbs.add_parser("classify", help="label texts spam or ham with a classifier weights file")
@@ -121,8 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default=None, help="model name clients use (default: the weights file's folder)")
     p.add_argument("--device", default="auto")
     p.add_argument("--max-predict", type=int, default=512, help="most new tokens per request")
-    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16", "auto"),
-                   help="weights for decoding: fp32 (exact, default), bf16/fp16 (faster; bf16 on CPUs with native bf16), auto")
+    _add_decoding_precision(p)
     p.set_defaults(func=_serve)
 
     p = verbs.add_parser("bench", help="tokens/s and peak memory of gptcore beside Hugging Face transformers")

@@ -244,21 +244,14 @@ def _kill_and_resume(make: Callable[[Path], StageRun], tmp_path: Path, env: dict
 
 
 @pytest.mark.slow
-def test_finetune_classifier_resumes_exactly(tmp_path, mirror_dir, stage_inputs):
-    log = _kill_and_resume(lambda d: _classifier_run(d, stage_inputs), tmp_path, _env(mirror_dir))
-    assert "resuming from" in log
-
-
-@pytest.mark.slow
-def test_finetune_instructions_resumes_exactly(tmp_path, mirror_dir, stage_inputs):
-    log = _kill_and_resume(lambda d: _instructions_run(d, stage_inputs), tmp_path, _env(mirror_dir))
-    assert "resuming from" in log
-
-
-@pytest.mark.slow
-def test_generate_responses_resumes_exactly(tmp_path, mirror_dir, stage_inputs):
-    log = _kill_and_resume(lambda d: _generation_run(d, stage_inputs), tmp_path, _env(mirror_dir))
-    assert "responses already generated" in log
+@pytest.mark.parametrize("make, says", [
+    (_classifier_run, "resuming from"),
+    (_instructions_run, "resuming from"),
+    (_generation_run, "responses already generated"),
+], ids=["finetune_classifier", "finetune_instructions", "generate_responses"])
+def test_stage_resumes_exactly(tmp_path, mirror_dir, stage_inputs, make, says):
+    log = _kill_and_resume(lambda d: make(d, stage_inputs), tmp_path, _env(mirror_dir))
+    assert says in log
 
 
 @pytest.mark.slow
