@@ -148,6 +148,10 @@ class TrainConfig(Section):
     eval_every: int = 5  # optimizer steps between evaluations
     eval_batches: int = 5  # batches per evaluation (train and validation)
     checkpoint_minutes: float = 10.0  # resumable progress is saved this often (and on SIGINT/SIGTERM)
+    # The lr over the run (gptcore/schedule.py): constant (the book's main chapters) or cosine decay to zero,
+    # after a linear warmup over this leading fraction of the steps (0: none).
+    lr_schedule: typing.Literal["constant", "cosine"] = "constant"
+    warmup: float = 0.0
     # Speed and memory only (the result is the same up to float rounding; batch_size stays the global batch):
     grad_accum: int = 1  # micro-batches each process cuts its share of a batch into (less activation memory)
     activation_checkpointing: bool = False  # recompute block activations in the backward pass (large models)
@@ -163,10 +167,14 @@ class TrainConfig(Section):
             raise ValueError(f"lr must be positive, got {self.lr}")
         if self.checkpoint_minutes < 0:
             raise ValueError(f"checkpoint_minutes must be >= 0, got {self.checkpoint_minutes}")
+        if not 0.0 <= self.warmup < 1.0:
+            raise ValueError(f"warmup must be a fraction in [0, 1), got {self.warmup}")
 
     def loop_options(self) -> dict[str, Any]:
-        """The speed and memory knobs as keyword arguments of gptcore.train.train."""
+        """The lr schedule and the speed and memory knobs as keyword arguments of gptcore.train.train."""
         return {
+            "lr_schedule": self.lr_schedule,
+            "warmup": self.warmup,
             "grad_accum": self.grad_accum,
             "activation_checkpointing": self.activation_checkpointing,
             "compile": self.compile,
@@ -183,6 +191,8 @@ class PretrainParams(TrainConfig):
     )
     train_ratio: float = 0.9  # leading share of the text used for training, the rest validates
     stride: int | None = None  # window stride in tokens; None: the context length (no overlap)
+    # Stage 1's random weights: pytorch (the modules' defaults, as the book's chapter 5) or gpt2 (see ScratchParams).
+    init: typing.Literal["gpt2", "pytorch"] = "pytorch"
     sample_prompt: str = "Every effort moves you"
     sample_tokens: int = 50
 
@@ -236,6 +246,18 @@ class ClassifierParams(TrainConfig):
     trainable: typing.Literal["last_block", "last_two_blocks", "all", "head"] = "last_block"
     # Which position's logits classify: the last one (a pad for short texts, as the book) or the last real token.
     token_position: typing.Literal["last", "last_non_pad"] = "last"
+    # Warmup then cosine decay: training ends settled rather than on its last noisy steps.
+    lr_schedule: typing.Literal["constant", "cosine"] = "cosine"
+    warmup: float = 0.1
+
+
+@dataclass
+class ScratchParams(Section):
+    """params.yaml `init_scratch:` — the `scratch` foundation: random weights of the Stage 1 architecture."""
+
+    # gpt2: OpenAI's N(0, 0.02), as nanoGPT, litgpt and Hugging Face (a from-scratch classifier
+    # generalises better from it); pytorch: the modules' defaults, as the book.
+    init: typing.Literal["gpt2", "pytorch"] = "gpt2"
 
 
 @dataclass

@@ -213,6 +213,38 @@ class GPTModel(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
+INIT_SCHEMES = ("gpt2", "pytorch")
+
+
+@torch.no_grad()
+def random_model(config: GPTConfig, init: str = "gpt2") -> GPTModel:
+    """A GPTModel with fresh random weights, drawn by one of two schemes (from torch's global RNG).
+
+    gpt2: OpenAI's GPT-2 initialisation, as nanoGPT, litgpt and Hugging Face use it: N(0, 0.02) for
+    embeddings and Linear weights, N(0, 0.02 / sqrt(2 n_layers)) for the two projections that write
+    into the residual stream (so that it does not grow with depth), zero biases, LayerNorm 1 and 0.
+    Small embeddings matter when training from scratch on little data: a token never seen in training
+    stays near zero instead of carrying noise as large as a learned embedding.
+    pytorch: each module's own default (Embedding N(0, 1), Linear uniform in +-1/sqrt(fan_in)), as
+    GPTModel(config) draws them: the book's models.
+    """
+    if init not in INIT_SCHEMES:
+        raise ValueError(f"init: expected one of {', '.join(INIT_SCHEMES)}, got {init!r}")
+    model = GPTModel(config)
+    if init == "pytorch":
+        return model
+    for module in model.modules():
+        if isinstance(module, (nn.Embedding, nn.Linear)):
+            nn.init.normal_(module.weight, 0.0, 0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+    residual_std = 0.02 / math.sqrt(2 * config.n_layers)
+    for block in model.trf_blocks:
+        nn.init.normal_(block.att.out_proj.weight, 0.0, residual_std)
+        nn.init.normal_(block.ff.proj.weight, 0.0, residual_std)
+    return model
+
+
 def set_activation_checkpointing(model: nn.Module, enabled: bool) -> None:
     """Recompute block activations in the backward pass (True) or keep them (False, the default)."""
     for module in model.modules():

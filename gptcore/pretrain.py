@@ -11,7 +11,7 @@ from gptcore.data.text import build_text_loaders
 from gptcore.device import resolve_device, resolve_precision
 from gptcore.errors import DataError
 from gptcore.generate import generate, ids_to_text, text_to_ids
-from gptcore.model import GPTModel
+from gptcore.model import GPTModel, random_model
 from gptcore.tokenizer import EOT_ID, get_tokenizer
 from gptcore.train import (
     Checkpoint,
@@ -66,7 +66,7 @@ def pretrain(
         text, tokenizer, max_length=context, stride=params.stride or context,
         batch_size=params.batch_size, train_ratio=params.train_ratio, seed=run.seed, source=str(corpus),
     )
-    model = GPTModel(params.model).to(device)
+    model = random_model(params.model, params.init).to(device)
     optimizer = make_optimizer(model.parameters(), params.lr, params.weight_decay, device)
     checkpoint = open_checkpoint(checkpoint_dir, params, run.to_dict(), precision, inputs=[corpus])
     evaluate = loss_evaluator(train_loader, val_loader, lm_loss, device, precision, params.eval_batches)

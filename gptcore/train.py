@@ -23,6 +23,7 @@ from gptcore.atomic import atomic_path, write_json
 from gptcore.device import autocast, init_distributed, is_main_process, rank, world_size
 from gptcore.errors import WeightsError
 from gptcore.model import set_activation_checkpointing
+from gptcore.schedule import lr_factor
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 LossFn = Callable[[nn.Module, Batch], torch.Tensor]
@@ -361,6 +362,8 @@ def train(
     activation_checkpointing: bool = False,
     compile: bool = False,
     step_in_backward: bool = False,
+    lr_schedule: str = "constant",
+    warmup: float = 0.0,
 ) -> TrainResult:
     """Train for `epochs` over train_loader, evaluating after the first step and every `eval_every`.
 
@@ -374,8 +377,10 @@ def train(
     activation_checkpointing recomputes each block's activations in the backward pass (less memory);
     compile runs the blocks through torch.compile; step_in_backward updates each parameter as soon as
     its gradient is complete (less memory; see StepRunner). None of them changes the result beyond
-    float rounding.
+    float rounding. lr_schedule and warmup scale each param group's lr per step (gptcore.schedule):
+    the optimizer's lr is the peak.
     """
+    lr_factor(0, 1, lr_schedule, warmup)  # a bad schedule fails before any work
     sampler = train_loader.batch_sampler
     batches_per_epoch = len(sampler.batches())
     result = TrainResult()
@@ -411,6 +416,8 @@ def train(
     if compile:
         compile_blocks(model)
     runner = StepRunner(model, optimizer, loss_fn, device, precision, grad_accum, step_in_backward)
+    for group in optimizer.param_groups:  # the peak lr; a resumed optimizer brings its own back
+        group.setdefault("peak_lr", group["lr"])
     main = is_main_process()
     bar = tqdm(total=total_steps, initial=result.steps, desc=desc, unit="step", disable=not progress or not main)
     started = time.perf_counter() - result.seconds
@@ -420,6 +427,9 @@ def train(
             for epoch in range(start_epoch, epochs):
                 sampler.set_epoch(epoch, skip if epoch == start_epoch else 0)
                 for batch in train_loader:
+                    factor = lr_factor(result.steps, total_steps, lr_schedule, warmup)
+                    for group in optimizer.param_groups:
+                        group["lr"] = group["peak_lr"] * factor
                     runner.step(batch)
                     result.steps += 1
                     result.tokens_seen += batch[0].numel()

@@ -1,13 +1,13 @@
-"""Stage init_scratch: a randomly initialised model of the Stage 1 architecture (`pretrain.model`),
-the `scratch` foundation of the finetuning stages. Writes one weights file to --out."""
+"""Stage init_scratch: a randomly initialised model of the Stage 1 architecture (`pretrain.model`,
+drawn as `init_scratch.init` says), the `scratch` foundation of the finetuning stages. Writes one weights file to --out."""
 
 import argparse
 
 import torch
 
 from gptcore.cli import run_entry
-from gptcore.config import PretrainParams
-from gptcore.model import GPTModel
+from gptcore.config import PretrainParams, ScratchParams
+from gptcore.model import random_model
 from gptcore.params import read_params, run_config, section
 from gptcore.weights import save_model
 
@@ -19,8 +19,9 @@ def main() -> None:
     args = parser.parse_args()
     params = read_params(args.params)
     config = section(params, "pretrain", PretrainParams).model
+    scratch = section(params, "init_scratch", ScratchParams)
     torch.manual_seed(run_config(params).seed)
-    model = GPTModel(config)
+    model = random_model(config, scratch.init)
     save_model(model, args.out)
     print(f"init_scratch: {model.num_parameters():,} parameters -> {args.out}")
 

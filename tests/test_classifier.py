@@ -167,6 +167,9 @@ def test_stages_end_to_end_and_classify(repo_copy):
     assert METRIC_KEYS <= set(ours) and METRIC_KEYS <= set(baseline)
     assert all(0.0 <= ours[k] <= 1.0 for k in METRIC_KEYS - {"test_loss"})
     assert ours["steps"] == 130 and ours["max_length"] == 120
+    # Even one epoch of the last block of a tiny scratch model learns, from GPT-2's initialisation (83% when
+    # measured; the book's N(0, 1) embeddings stay at chance, 50%, in this budget).
+    assert ours["test_accuracy"] > 0.75
     assert baseline["test_accuracy"] > 0.9
     for name in ("classifier_loss.png", "classifier_accuracy.png"):
         assert (root / "metrics" / name).read_bytes().startswith(b"\x89PNG")

@@ -48,6 +48,8 @@ def test_params_file_sections(tmp_path):
         ("pretrain:\n  model: {n_heads: 5}\n", "divisible"),
         ("pretrain: [1, 2]\n", "expected a mapping"),
         ("pretrain: {epochs: 2\n", "not valid YAML"),
+        ("pretrain:\n  lr_schedule: linear\n", "lr_schedule"),
+        ("pretrain:\n  warmup: 1.5\n", "warmup"),
     ],
 )
 def test_bad_params_are_one_line_errors(tmp_path, text, message):

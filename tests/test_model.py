@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gptcore.config import GPTConfig
-from gptcore.model import GPTModel, KVCache, set_fused_attention
+from gptcore.model import GPTModel, KVCache, random_model, set_fused_attention
 
 
 def _model(config: GPTConfig) -> GPTModel:
@@ -110,3 +110,29 @@ def test_untrained_loss_is_near_uniform(tiny_config):
     idx = torch.randint(0, 50257, (2, 16))
     loss = torch.nn.functional.cross_entropy(model(idx).flatten(0, 1), idx.flatten())
     assert abs(loss.item() - math.log(50257)) < 0.1
+
+
+def test_random_model_schemes():
+    config = GPTConfig(vocab_size=2000, context_length=64, emb_dim=128, n_heads=4, n_layers=4, qkv_bias=True)
+    torch.manual_seed(5)
+    book = GPTModel(config)
+    torch.manual_seed(5)
+    same = random_model(config, "pytorch")
+    assert all(torch.equal(a, b) for a, b in zip(book.state_dict().values(), same.state_dict().values()))
+    assert float(book.tok_emb.weight.detach().std()) == pytest.approx(1.0, rel=0.05)  # the module default: N(0, 1)
+
+    torch.manual_seed(5)
+    gpt2 = random_model(config, "gpt2")
+    assert float(gpt2.tok_emb.weight.detach().std()) == pytest.approx(0.02, rel=0.05)
+    assert float(gpt2.pos_emb.weight.detach().std()) == pytest.approx(0.02, rel=0.05)
+    block = gpt2.trf_blocks[0]
+    assert float(block.att.qkv.weight.detach().std()) == pytest.approx(0.02, rel=0.05)
+    residual = 0.02 / math.sqrt(2 * config.n_layers)
+    assert float(block.att.out_proj.weight.detach().std()) == pytest.approx(residual, rel=0.05)
+    assert float(block.ff.proj.weight.detach().std()) == pytest.approx(residual, rel=0.05)
+    assert not block.att.qkv.bias.any() and not block.ff.fc.bias.any()
+    assert torch.equal(block.norm1.weight, torch.ones(128)) and not block.norm1.bias.any()
+    torch.manual_seed(5)
+    assert torch.equal(random_model(config, "gpt2").tok_emb.weight, gpt2.tok_emb.weight)  # seeded: reproducible
+    with pytest.raises(ValueError, match="init"):
+        random_model(config, "xavier")

@@ -8,6 +8,7 @@ from gptcore.data.loader import ResumableBatchSampler
 from gptcore.data.text import TokenWindowDataset, build_text_loaders, split_text
 from gptcore.errors import DataError
 from gptcore.model import GPTModel
+from gptcore.schedule import lr_factor
 from gptcore.train import Checkpoint, evaluate_loss, lm_loss, loss_evaluator, train
 
 
@@ -51,19 +52,21 @@ def _setup(tokenizer, text, seed=123):
     return model, optimizer, train_loader, evaluate
 
 
-def _run(tokenizer, text, checkpoint=None, fail_at=None):
+def _run(tokenizer, text, checkpoint=None, fail_at=None, lrs=None, **schedule):
     model, optimizer, loader, evaluate = _setup(tokenizer, text)
     calls = {"n": 0}
 
     def loss_fn(m, batch):
         calls["n"] += 1
+        if lrs is not None:
+            lrs.append(optimizer.param_groups[0]["lr"])
         if fail_at is not None and calls["n"] == fail_at:
             raise KeyboardInterrupt
         return lm_loss(m, batch)
 
     result = train(
         model, optimizer, loader, epochs=3, loss_fn=loss_fn, evaluate=evaluate, eval_every=4,
-        device=torch.device("cpu"), checkpoint=checkpoint, progress=False,
+        device=torch.device("cpu"), checkpoint=checkpoint, progress=False, **schedule,
     )
     return model, result
 
@@ -82,17 +85,43 @@ def test_training_lowers_the_loss_and_logs_rows(tokenizer, verdict):
     assert not model.training
 
 
-def test_resume_after_interruption_is_bitwise_identical(tokenizer, verdict, tmp_path):
-    reference, ref_result = _run(tokenizer, verdict)
+@pytest.mark.parametrize("schedule", [{}, {"lr_schedule": "cosine", "warmup": 0.2}], ids=["constant", "cosine"])
+def test_resume_after_interruption_is_bitwise_identical(tokenizer, verdict, tmp_path, schedule):
+    reference, ref_result = _run(tokenizer, verdict, **schedule)
     ckpt = Checkpoint(tmp_path / "ck", fingerprint="same", every_seconds=0.0)
     with pytest.raises(KeyboardInterrupt):
-        _run(tokenizer, verdict, checkpoint=ckpt, fail_at=ref_result.steps // 2 + 3)
+        _run(tokenizer, verdict, checkpoint=ckpt, fail_at=ref_result.steps // 2 + 3, **schedule)
     assert (tmp_path / "ck" / "state.pt").is_file()
-    resumed, result = _run(tokenizer, verdict, checkpoint=Checkpoint(tmp_path / "ck", "same", 0.0))
+    resumed, result = _run(tokenizer, verdict, checkpoint=Checkpoint(tmp_path / "ck", "same", 0.0), **schedule)
     assert 0 < result.resumed_at_step < ref_result.steps
     for (name, a), (_, b) in zip(reference.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), name
     assert result.history == ref_result.history
+
+
+def test_lr_factor_warms_up_then_decays_to_zero():
+    assert [lr_factor(s, 10) for s in range(10)] == [1.0] * 10
+    assert [lr_factor(s, 10, "constant", 0.3) for s in (0, 1, 2, 3, 9)] == pytest.approx([1 / 3, 2 / 3, 1, 1, 1])
+    cosine = [lr_factor(s, 100, "cosine", 0.1) for s in range(100)]
+    assert cosine[9] == 1.0 and cosine[10] == 1.0 and cosine[55] == pytest.approx(0.5)
+    assert all(a >= b for a, b in zip(cosine[10:], cosine[11:])) and cosine[-1] < 1e-3
+    with pytest.raises(ValueError, match="lr_schedule"):
+        lr_factor(0, 10, "linear")
+    with pytest.raises(ValueError, match="warmup"):
+        lr_factor(0, 10, "cosine", 1.0)
+
+
+def test_the_lr_of_every_step_follows_the_schedule(tokenizer, verdict):
+    lrs = []
+    _, result = _run(tokenizer, verdict, lrs=lrs, lr_schedule="cosine", warmup=0.25)
+    assert len(lrs) == result.steps > 8
+    expected = [1e-3 * lr_factor(step, result.steps, "cosine", 0.25) for step in range(result.steps)]
+    assert lrs == pytest.approx(expected, rel=1e-12)
+    peak = lrs.index(max(lrs))
+    assert lrs[0] < lrs[1] < lrs[peak] == pytest.approx(1e-3) and lrs[-1] < 1e-4  # up, then decayed
+    constant = []
+    _run(tokenizer, verdict, lrs=constant)
+    assert constant == [1e-3] * result.steps
 
 
 def test_stale_progress_is_not_mixed_in(tokenizer, verdict, tmp_path):
