@@ -84,7 +84,9 @@ def _gptcore_task(spec: BenchSpec, device, precision: str):
     config = _model_config(spec)
     generator = torch.Generator().manual_seed(spec.seed)
     if spec.task == "classify":
-        from gptcore.classify import classification_loss, frozen_prefix, load_foundation, set_trainable
+        from gptcore.classify import (
+            classification_loss, frozen_linears_cast, frozen_prefix, load_foundation, set_trainable,
+        )
 
         if spec.model in PRESETS:
             with torch.device(device):
@@ -93,7 +95,10 @@ def _gptcore_task(spec: BenchSpec, device, precision: str):
             model = load_foundation(spec.model, 2, seed=spec.seed, device=device)
         trainable = set_trainable(model, "last_block")
         optimizer = make_optimizer(trainable, lr=5e-5, weight_decay=0.1)
-        loss_fn = classification_loss("last", frozen_blocks=frozen_prefix(model))
+        frozen = frozen_prefix(model)
+        loss_fn = classification_loss("last", frozen_blocks=frozen)
+        # Held for this worker's life, as finetune_classifier holds it for the whole training.
+        frozen_linears_cast(model, frozen, precision).__enter__()
         inputs = torch.randint(0, config.vocab_size, (spec.batch, spec.seq_len), generator=generator)
         labels = torch.randint(0, 2, (spec.batch,), generator=generator)
         runner = StepRunner(model, optimizer, loss_fn, device, precision, spec.grad_accum, spec.step_in_backward)

@@ -8,6 +8,7 @@ autograd (the same numbers, less memory and time).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -114,6 +115,35 @@ def frozen_prefix(model: GPTModel) -> int | None:
             break
         count += 1
     return count
+
+
+LOW_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@contextlib.contextmanager
+def frozen_linears_cast(model: GPTModel, frozen_blocks: int | None, precision: str):
+    """Hold the Linear weights of the first `frozen_blocks` blocks in the low precision while inside.
+
+    Under bf16/fp16 autocast every Linear casts its fp32 weight and bias at every forward pass; a
+    frozen weight always casts to the same values, so casting it once gives the same outputs without
+    the per-step copies (about 10% of a 774M classifier step on CPU). LayerNorms and embeddings stay
+    fp32, as autocast runs them. The fp32 tensors come back on exit (the saved model is unchanged).
+    A no-op in fp32 or when nothing is frozen.
+    """
+    dtype = LOW_PRECISION.get(precision)
+    originals: dict[nn.Parameter, torch.Tensor] = {}
+    if dtype is not None and frozen_blocks:
+        for block in model.trf_blocks[:frozen_blocks]:
+            for module in block.modules():
+                if isinstance(module, nn.Linear):
+                    for param in module.parameters():
+                        originals[param] = param.data
+                        param.data = param.data.to(dtype)
+    try:
+        yield model
+    finally:
+        for param, data in originals.items():
+            param.data = data
 
 
 def token_index(idx: torch.Tensor, token_position: str, pad_id: int = PAD_ID) -> torch.Tensor:
@@ -290,12 +320,13 @@ def finetune_classifier(
     evaluate = classifier_evaluator(
         in_order["train"], in_order["validation"], device, precision, params.eval_batches, params.token_position
     )
-    result = train(
-        model, optimizer, train_loader, epochs=params.epochs,
-        loss_fn=classification_loss(params.token_position, PAD_ID, frozen), evaluate=evaluate,
-        eval_every=params.eval_every, device=device, precision=precision, checkpoint=checkpoint,
-        progress=progress, desc="finetune_classifier", **params.loop_options(),
-    )
+    with frozen_linears_cast(model, frozen, precision):
+        result = train(
+            model, optimizer, train_loader, epochs=params.epochs,
+            loss_fn=classification_loss(params.token_position, PAD_ID, frozen), evaluate=evaluate,
+            eval_every=params.eval_every, device=device, precision=precision, checkpoint=checkpoint,
+            progress=progress, desc="finetune_classifier", **params.loop_options(),
+        )
     for row in result.history:
         row["examples_seen"] = row["step"] * params.batch_size  # drop_last: every batch is full
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import sys
 
@@ -14,6 +15,7 @@ from gptcore.classify import (
     class_logits,
     classification_loss,
     classify_texts,
+    frozen_linears_cast,
     frozen_prefix,
     load_classifier,
     save_classifier,
@@ -116,6 +118,30 @@ def test_no_grad_prefix_gives_the_same_gradients(classifier):
     assert grads[0].keys() == grads[1].keys()
     assert all(torch.allclose(grads[0][n], grads[1][n], atol=1e-6) for n in grads[0])
     assert all(p.grad is None for p in classifier.parameters() if not p.requires_grad)
+
+
+def test_frozen_linears_cast_changes_nothing_under_bf16_autocast(classifier):
+    set_trainable(classifier, "last_block")
+    classifier.train()
+    frozen = frozen_prefix(classifier)
+    batch = (_batch(), torch.tensor([0, 1, 1]))
+    before = {n: p.detach().clone() for n, p in classifier.named_parameters()}
+    runs = []
+    for cast in (False, True):
+        classifier.zero_grad()
+        context = frozen_linears_cast(classifier, frozen, "bf16") if cast else contextlib.nullcontext()
+        with context, torch.autocast("cpu", dtype=torch.bfloat16):
+            if cast:
+                assert classifier.trf_blocks[0].ff.fc.weight.dtype == torch.bfloat16
+                assert classifier.trf_blocks[-1].ff.fc.weight.dtype == torch.float32  # trains: stays fp32
+                assert classifier.trf_blocks[0].norm1.weight.dtype == torch.float32
+            loss = classification_loss("last", frozen_blocks=frozen)(classifier, batch)
+            loss.backward()
+        runs.append((loss.detach(), {n: p.grad.clone() for n, p in classifier.named_parameters() if p.requires_grad}))
+    assert torch.equal(runs[0][0], runs[1][0])  # exactly the values autocast casts to at every step
+    assert all(torch.equal(runs[0][1][n], runs[1][1][n]) for n in runs[0][1])
+    after = dict(classifier.named_parameters())
+    assert all(after[n].dtype == torch.float32 and torch.equal(after[n], before[n]) for n in before)  # fp32 back
 
 
 def test_save_load_and_classify_pad_as_in_training(classifier, tokenizer, tmp_path):
