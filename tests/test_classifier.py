@@ -27,7 +27,7 @@ from gptcore.data.sms import SmsDataset, encode_texts
 from gptcore.errors import WeightsError
 from gptcore.metrics import binary_scores, confusion_rows
 from gptcore.model import GPTModel
-from gptcore.weights import save_model
+from gptcore.weights import load_model, save_model
 
 METRIC_KEYS = {"train_accuracy", "val_accuracy", "test_accuracy", "test_loss", "test_precision", "test_recall", "test_f1"}
 
@@ -215,3 +215,26 @@ def test_stages_end_to_end_and_classify(repo_copy):
     bad = repo_copy.run(sys.executable, "-m", "gptcore", "classify", "--model", "models/scratch/model.safetensors", "hi",
                         check=False)
     assert bad.returncode == 1 and bad.stderr.startswith("error: ") and "language model" in bad.stderr
+
+
+@pytest.mark.slow
+def test_stage_runs_from_the_pretrained_foundation(repo_copy):
+    repo_copy.set_params({
+        "foundation": "pretrained",
+        "pretrain": {"model": {"n_layers": 2, "emb_dim": 64, "n_heads": 4, "context_length": 128}, "epochs": 1},
+        "classifier": {"epochs": 1, "eval_every": 50, "eval_batches": 2},  # default trainable: last_block
+    })
+    repo_copy.dvc("repro", "finetune_classifier")
+    root = repo_copy.root
+    assert not (root / "models/scratch").exists()
+    ours = repo_copy.read_json("metrics/classifier.json")
+    assert METRIC_KEYS <= set(ours) and ours["steps"] == 130
+    assert ours["trainable_parameters"] == 2 * 64 + 64 * 2 + 2 + sum(  # final LayerNorm, head, last block
+        p.numel() for p in GPTModel(GPTConfig(n_layers=1, emb_dim=64, n_heads=4, context_length=128, qkv_bias=False)).trf_blocks[0].parameters()
+    )
+    foundation, classifier = (load_model(root / f"models/{name}/model.safetensors") for name in ("pretrained", "classifier"))
+    frozen, trained = classifier.trf_blocks[0].ff.fc.weight, classifier.trf_blocks[1].ff.fc.weight
+    assert torch.equal(frozen, foundation.trf_blocks[0].ff.fc.weight)  # the body is the Stage 1 model's
+    assert torch.equal(classifier.tok_emb.weight, foundation.tok_emb.weight)
+    assert not torch.equal(trained, foundation.trf_blocks[1].ff.fc.weight)  # the last block trained
+
