@@ -416,6 +416,8 @@ def train(
     if compile:
         compile_blocks(model)
     runner = StepRunner(model, optimizer, loss_fn, device, precision, grad_accum, step_in_backward)
+    if runner.world > 1:
+        _check_same_start(result.steps, checkpoint)
     for group in optimizer.param_groups:  # the peak lr; a resumed optimizer brings its own back
         group.setdefault("peak_lr", group["lr"])
     main = is_main_process()
@@ -454,6 +456,20 @@ def train(
     model.eval()
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _check_same_start(step: int, checkpoint: Checkpoint | None) -> None:
+    """Every process must start from the step the main one starts from, or their collectives pair up
+    wrongly and the run hangs or crashes far from the cause (e.g. workers of an earlier launch, still
+    alive, rewrote the progress file while this launch's processes read it)."""
+    import torch.distributed as dist
+
+    steps = [None] * world_size()
+    dist.all_gather_object(steps, step)
+    if len(set(steps)) > 1:
+        where = checkpoint.path if checkpoint is not None else "the progress file"
+        raise WeightsError(f"{where}: the processes resumed from different steps {steps}; is an earlier run "
+                           "still writing it? Stop it and launch again")
 
 
 def seed_everything(seed: int) -> None:

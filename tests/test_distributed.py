@@ -81,6 +81,57 @@ def test_two_gloo_processes_match_one_process(tmp_path):
         assert torch.equal(ranks[1]["state"][name], value), name
 
 
+MISMATCH_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    import torch
+    from gptcore.config import GPTConfig
+    from gptcore.data.loader import make_loader
+    from gptcore.device import rank
+    from gptcore.errors import WeightsError
+    from gptcore.model import GPTModel
+    from gptcore.train import Checkpoint, lm_loss, make_optimizer, train
+
+    base, mode = sys.argv[1], sys.argv[2]
+    torch.manual_seed(7)
+    rows = [(torch.randint(0, 100, (12,)), torch.randint(0, 100, (12,))) for _ in range(8)]
+    collate = lambda b: (torch.stack([r[0] for r in b]), torch.stack([r[1] for r in b]))
+    loader = make_loader(rows, 4, shuffle=True, drop_last=False, seed=3, collate_fn=collate)
+
+    def run(folder, epochs):
+        torch.manual_seed(7)
+        model = GPTModel(GPTConfig(vocab_size=100, context_length=12, emb_dim=16, n_heads=2, n_layers=2))
+        optimizer = make_optimizer(model.parameters(), lr=1e-2, weight_decay=0.1)
+        train(model, optimizer, loader, epochs=epochs, loss_fn=lm_loss, evaluate=lambda m: {}, eval_every=100,
+              device=torch.device("cpu"), checkpoint=Checkpoint(f"{base}/{folder}", "same", 0.0), progress=False)
+
+    if mode == "prepare":  # one process: progress at step 2 in r0, at step 4 in r1
+        run("r0", 1)
+        run("r1", 2)
+    else:  # torchrun: each process finds its own folder's progress
+        try:
+            run(f"r{rank()}", 3)
+        except WeightsError as err:
+            open(f"{base}/error{rank()}.txt", "w").write(str(err))
+    """
+)
+
+
+@pytest.mark.slow
+def test_processes_that_find_different_progress_stop_with_one_line(tmp_path):
+    script = tmp_path / "mismatch.py"
+    script.write_text(MISMATCH_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for launcher, mode in (([], "prepare"), (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"], "run")):
+        # Without the check the two processes' collectives pair up wrongly and hang: the timeout fails it.
+        proc = subprocess.run([sys.executable, *launcher, str(script), str(tmp_path), mode],
+                              capture_output=True, text=True, timeout=120, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    for r in (0, 1):
+        message = (tmp_path / f"error{r}.txt").read_text()
+        assert "\n" not in message and "resumed from different steps [2, 4]" in message, message
+
+
 class _Linear(torch.nn.Module):
     def __init__(self):
         super().__init__()

@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -213,16 +213,45 @@ def _judge_run(workdir: Path, inputs: Path, url: str) -> StageRun:
     return StageRun(workdir, cmd, _lines_at_least("scores.jsonl", 1), ["scores.jsonl", "metrics.json", "scores.csv"])
 
 
-def _kill_and_resume(make: Callable[[Path], StageRun], tmp_path: Path, env: dict[str, str]) -> str:
-    """Run uninterrupted; run again, SIGKILL it at a random moment after it saved progress, re-run; compare."""
+def _kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants at once (torchrun puts its workers in sessions of
+    their own, out of reach of a kill of its process group). Linux /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended meanwhile
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    tree, todo = [], [pid]
+    while todo:
+        tree.append(todo.pop())
+        todo += children.get(tree[-1], [])
+    for member in tree:
+        try:
+            os.kill(member, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _kill_and_resume(make: Callable[[Path], StageRun], tmp_path: Path, env: dict[str, str],
+                     launcher: Sequence[str] = ()) -> str:
+    """Run uninterrupted; run again, SIGKILL it at a random moment after it saved progress, re-run; compare.
+
+    launcher: arguments between the interpreter and the stage script (torchrun's); the kill takes the
+    launcher and all its workers at once.
+    """
+    def command(run: StageRun) -> list[str]:
+        return [run.cmd[0], *launcher, *run.cmd[1:]]
+
     (tmp_path / "reference").mkdir()
     reference = make(tmp_path / "reference")
-    whole = subprocess.run(reference.cmd, cwd=reference.workdir, capture_output=True, text=True, env=env)
+    whole = subprocess.run(command(reference), cwd=reference.workdir, capture_output=True, text=True, env=env)
     assert whole.returncode == 0, whole.stderr
 
     (tmp_path / "interrupted").mkdir()
     stage = make(tmp_path / "interrupted")
-    proc = subprocess.Popen(stage.cmd, cwd=stage.workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    proc = subprocess.Popen(command(stage), cwd=stage.workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=env)
     deadline = time.monotonic() + 300
     while not stage.started(stage.workdir):
@@ -232,12 +261,12 @@ def _kill_and_resume(make: Callable[[Path], StageRun], tmp_path: Path, env: dict
         time.sleep(0.05)
     time.sleep(random.uniform(0.0, 0.5))
     assert proc.poll() is None, "stage finished before it could be interrupted; give it more work"
-    proc.kill()
+    _kill_tree(proc.pid)
     proc.wait(timeout=60)
     assert not any((stage.workdir / name).exists() for name in stage.outputs
                    if not name.endswith(".jsonl")), "a half-run left an output behind"
 
-    resumed = subprocess.run(stage.cmd, cwd=stage.workdir, capture_output=True, text=True, env=env)
+    resumed = subprocess.run(command(stage), cwd=stage.workdir, capture_output=True, text=True, env=env)
     assert resumed.returncode == 0, resumed.stderr
     assert stage.comparable() == reference.comparable()
     return resumed.stdout + resumed.stderr
@@ -252,6 +281,17 @@ def _kill_and_resume(make: Callable[[Path], StageRun], tmp_path: Path, env: dict
 def test_stage_resumes_exactly(tmp_path, mirror_dir, stage_inputs, make, says):
     log = _kill_and_resume(lambda d: make(d, stage_inputs), tmp_path, _env(mirror_dir))
     assert says in log
+
+
+@pytest.mark.slow
+def test_torchrun_stage_resumes_exactly(tmp_path, mirror_dir, stage_inputs):
+    """Two gloo processes killed together mid-run, as a lost machine would leave them, then launched
+    again: rank 0's saved progress brings both back, and the outputs equal an uninterrupted two-process run."""
+    torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    env = {**_env(mirror_dir), "OMP_NUM_THREADS": "1"}
+    make = lambda d: _classifier_run(d, stage_inputs, "lm-no-dropout.safetensors", grad_accum=2)  # noqa: E731
+    log = _kill_and_resume(make, tmp_path, env, launcher=torchrun)
+    assert "resuming from" in log
 
 
 @pytest.mark.slow
