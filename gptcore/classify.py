@@ -23,7 +23,7 @@ from torch import nn
 from gptcore.config import ClassifierParams, GPTConfig, RunConfig
 from gptcore.data.loader import make_loader
 from gptcore.data.sms import LABELS, PAD_ID, SmsDataset, encode_texts, pad_ids, read_split
-from gptcore.device import autocast, resolve_device, resolve_precision
+from gptcore.device import PRECISION_DTYPES, autocast, resolve_device, resolve_precision
 from gptcore.errors import DataError, WeightsError
 from gptcore.metrics import confusion_rows, split_metrics
 from gptcore.model import GPTModel
@@ -117,9 +117,6 @@ def frozen_prefix(model: GPTModel) -> int | None:
     return count
 
 
-LOW_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
 @contextlib.contextmanager
 def frozen_linears_cast(model: GPTModel, frozen_blocks: int | None, precision: str):
     """Hold the Linear weights of the first `frozen_blocks` blocks in the low precision while inside.
@@ -130,9 +127,9 @@ def frozen_linears_cast(model: GPTModel, frozen_blocks: int | None, precision: s
     fp32, as autocast runs them. The fp32 tensors come back on exit (the saved model is unchanged).
     A no-op in fp32 or when nothing is frozen.
     """
-    dtype = LOW_PRECISION.get(precision)
+    dtype = PRECISION_DTYPES[precision]
     originals: dict[nn.Parameter, torch.Tensor] = {}
-    if dtype is not None and frozen_blocks:
+    if dtype != torch.float32 and frozen_blocks:
         for block in model.trf_blocks[:frozen_blocks]:
             for module in block.modules():
                 if isinstance(module, nn.Linear):

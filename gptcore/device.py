@@ -69,6 +69,10 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
+# The dtype each resolved precision computes in (fp32: no autocast; bf16/fp16: autocast's low precision).
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def autocast(device: torch.device, precision: str, cache_enabled: bool = True) -> contextlib.AbstractContextManager:
     """Mixed-precision context for forward passes: weights stay fp32, matmuls run in low precision.
 
@@ -77,8 +81,7 @@ def autocast(device: torch.device, precision: str, cache_enabled: bool = True) -
     """
     if precision == "fp32":
         return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype, cache_enabled=cache_enabled)
+    return torch.autocast(device_type=device.type, dtype=PRECISION_DTYPES[precision], cache_enabled=cache_enabled)
 
 
 # --- several processes (torchrun) ----------------------------------------------------------------------

@@ -6,6 +6,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from gptcore.device import PRECISION_DTYPES
 from gptcore.model import GPTModel, KVCache
 from gptcore.tokenizer import encode
 
@@ -155,9 +156,6 @@ def _cache_dtype(model: GPTModel) -> torch.dtype:
     return model.tok_emb.weight.dtype
 
 
-INFERENCE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
 def cast_for_inference(model: GPTModel, precision: str, batch_size: int = 1) -> GPTModel:
     """Cast the model's weights (in place) to the dtype of a resolved precision, for generation.
 
@@ -169,9 +167,9 @@ def cast_for_inference(model: GPTModel, precision: str, batch_size: int = 1) -> 
     ran 23% slower with it, and bf16 is faster as is (torch 2.13, 2 cores). Logits are sampled in
     fp32 either way.
     """
-    if precision not in INFERENCE_DTYPES:
-        raise ValueError(f"precision: expected one of {', '.join(INFERENCE_DTYPES)}, got {precision!r}")
-    dtype = INFERENCE_DTYPES[precision]
+    if precision not in PRECISION_DTYPES:
+        raise ValueError(f"precision: expected one of {', '.join(PRECISION_DTYPES)}, got {precision!r}")
+    dtype = PRECISION_DTYPES[precision]
     if dtype != torch.float32:
         model.to(dtype)
     elif batch_size == 1 and next(model.parameters()).device.type == "cpu":
