@@ -52,6 +52,7 @@ class BenchSpec:
     activation_checkpointing: bool = False
     compile: bool = False
     step_in_backward: bool = False
+    hf_keep_freed_memory: bool = False  # give HF gptcore's allocator setting too (gptcore always has it)
 
     def tokens_per_repeat(self) -> int:
         if self.task.startswith("generate"):
@@ -200,8 +201,13 @@ def measure(spec: BenchSpec) -> dict[str, Any]:
 
     from gptcore.device import resolve_device, resolve_precision
 
+    from gptcore.memory import keep_freed_memory
+
     if spec.threads:
         torch.set_num_threads(spec.threads)
+    # What every gptcore entry point does; HF runs with the allocator's defaults, as its users get it,
+    # unless asked for the like-for-like comparison.
+    keeps_freed = keep_freed_memory() if spec.system == "gptcore" or spec.hf_keep_freed_memory else False
     device = resolve_device(spec.device)
     if spec.system == "gptcore":
         precision = resolve_precision(spec.precision, device)
@@ -231,6 +237,7 @@ def measure(spec: BenchSpec) -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "tokens_per_s": rates,
         "peak_rss_mib": round(peak_kib / 1024, 1),
+        "keeps_freed_memory": keeps_freed,
     }
     if device.type == "cuda":
         result["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
@@ -344,6 +351,9 @@ def bench(
             grad_accum=spec.grad_accum, activation_checkpointing=spec.activation_checkpointing,
             compile=spec.compile, step_in_backward=spec.step_in_backward,
         )
+    row["keeps_freed_memory"] = {
+        system.replace("-", "_"): result["keeps_freed_memory"] for system, result in results.items() if result
+    }
     if notes:
         row["notes"] = "; ".join(notes)
     return row
@@ -408,6 +418,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-hf", action="store_true", help="measure gptcore only")
     parser.add_argument("--hf", default="both", choices=("both", "fp32", "bf16"),
                         help="which HF runs: fp32, under bf16 autocast, or both")
+    parser.add_argument("--hf-keep-freed-memory", action="store_true",
+                        help="run HF with gptcore's allocator setting too (see gptcore/memory.py)")
     parser.add_argument("--timeout", type=float, default=None, help="seconds per system before it is given up")
     parser.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
 
@@ -431,7 +443,7 @@ def run_cli(args: argparse.Namespace) -> int:
             seq_len=args.seq_len, prompt_len=args.prompt_len, new_tokens=args.new_tokens, repeats=args.repeats,
             warmup=args.warmup, threads=args.threads, grad_accum=args.grad_accum,
             activation_checkpointing=args.activation_checkpointing, compile=args.compile,
-            step_in_backward=args.step_in_backward,
+            step_in_backward=args.step_in_backward, hf_keep_freed_memory=args.hf_keep_freed_memory,
         )
         hf_precisions = ("fp32", "bf16") if args.hf == "both" else (args.hf,)
         row = bench(spec, hf=not args.no_hf, timeout=args.timeout, hf_precisions=hf_precisions)

@@ -43,9 +43,11 @@ def _convert(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace) -> int:
     from gptcore.device import resolve_device, resolve_precision
     from gptcore.generate import cast_for_inference, generate, ids_to_text, make_generator, text_to_ids
+    from gptcore.memory import keep_freed_memory
     from gptcore.tokenizer import EOT_ID, get_tokenizer
     from gptcore.weights import load_model
 
+    keep_freed_memory()
     device = resolve_device(args.device)
     model = load_model(args.model, device=device)
     if model.config.num_classes is not None:
@@ -64,8 +66,10 @@ def _generate(args: argparse.Namespace) -> int:
 def _classify(args: argparse.Namespace) -> int:
     from gptcore.classify import classify_texts, load_classifier
     from gptcore.device import resolve_device
+    from gptcore.memory import keep_freed_memory
     from gptcore.tokenizer import get_tokenizer
 
+    keep_freed_memory()
     model, info = load_classifier(args.model, device=resolve_device(args.device))
     for label, probability in classify_texts(model, info, get_tokenizer(), args.texts):
         print(f"{label} {probability:.3f}")
@@ -73,8 +77,10 @@ def _classify(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from gptcore.memory import keep_freed_memory
     from gptcore.serve import serve
 
+    keep_freed_memory()
     serve(args.model, host=args.host, port=args.port, name=args.name, device=args.device, max_predict=args.max_predict,
           precision=args.precision)
     return 0

@@ -15,6 +15,7 @@ from gptcore.cli import run_entry
 from gptcore.config import ClassifierParams
 from gptcore.data.sms import SPLITS
 from gptcore.device import is_main_process
+from gptcore.memory import keep_freed_memory
 from gptcore.params import read_params, run_config, section
 from gptcore.plots import plot_curves, write_table
 
@@ -39,6 +40,7 @@ def main() -> None:
     args = parser.parse_args()
 
     params = read_params(args.params)
+    keep_freed_memory()  # the same shapes every step: reuse freed buffers (gptcore/memory.py)
     outcome = finetune_classifier(
         args.foundation, {name: getattr(args, name) for name in SPLITS},
         section(params, "classifier", ClassifierParams), run_config(params), args.checkpoint_dir,

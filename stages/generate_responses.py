@@ -13,6 +13,7 @@ from gptcore.atomic import write_json
 from gptcore.cli import run_entry
 from gptcore.config import GenerateParams
 from gptcore.instruct import generate_responses
+from gptcore.memory import keep_freed_memory
 from gptcore.params import read_params, run_config, section
 
 
@@ -27,6 +28,7 @@ def main() -> None:
     args = parser.parse_args()
 
     params = read_params(args.params)
+    keep_freed_memory()  # generation: reuse freed buffers (gptcore/memory.py)
     outcome = generate_responses(
         args.model, args.test, section(params, "generate", GenerateParams), run_config(params),
         Path(args.checkpoint_dir) / "partial.jsonl",

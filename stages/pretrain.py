@@ -11,6 +11,7 @@ from gptcore.atomic import write_json, write_text
 from gptcore.cli import run_entry
 from gptcore.config import PretrainParams
 from gptcore.device import is_main_process
+from gptcore.memory import keep_freed_memory
 from gptcore.params import read_params, run_config, section
 from gptcore.plots import plot_curves, write_table
 from gptcore.pretrain import pretrain
@@ -30,6 +31,7 @@ def main() -> None:
     args = parser.parse_args()
 
     params = read_params(args.params)
+    keep_freed_memory()  # the same shapes every step: reuse freed buffers (gptcore/memory.py)
     outcome = pretrain(args.corpus, section(params, "pretrain", PretrainParams), run_config(params), args.checkpoint_dir)
     if not is_main_process():  # under torchrun, rank 0 writes the outputs
         return
