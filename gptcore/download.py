@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from gptcore.atomic import atomic_path
 from gptcore.errors import DownloadError
+from gptcore.retry import retry_delay
 
 MIRROR_ENV = "GPTCORE_MIRROR"
 CHUNK = 1 << 20
@@ -81,7 +82,11 @@ def fetch(
 
 
 class _Transient(Exception):
-    """A fault worth retrying: connection lost, timeout, 5xx, short body."""
+    """A fault worth retrying: connection lost, timeout, 5xx, 408/429, short body."""
+
+    def __init__(self, message: str, retry_after: str | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after  # the server's Retry-After header, if it sent one
 
 
 def download(
@@ -97,7 +102,7 @@ def download(
     partial_dir: str | os.PathLike | None = None,
 ) -> Path:
     """Stream `url` into `dest`: resumes a partial `.part` file with HTTP Range, retries transient
-    faults with exponential backoff, checks the size against Content-Length and the digest if given,
+    faults with exponential backoff (longer where a 429/503 carries Retry-After), checks the size against Content-Length and the digest if given,
     and renames into place only when complete.
 
     The `.part` file lives in `partial_dir` (default: beside `dest`), so that a later call resumes it;
@@ -116,7 +121,7 @@ def download(
         except _Transient as err:
             if attempt == retries:
                 raise DownloadError(f"{url}: failed after {retries + 1} attempts: {err}") from None
-            time.sleep(backoff * 2**attempt)
+            time.sleep(retry_delay(attempt, backoff, err.retry_after))
     _verify_digest(part, sha256, url)
     os.replace(part, dest)
     _sidecar(part).unlink(missing_ok=True)
@@ -163,7 +168,7 @@ def _stream(session: requests.Session, url: str, part: Path, timeout: float, pro
             part.unlink()  # longer than the file: start over
             raise _Transient("range not satisfiable; restarting")
         if response.status_code >= 500 or response.status_code in (408, 429):
-            raise _Transient(f"HTTP {response.status_code}")
+            raise _Transient(f"HTTP {response.status_code}", response.headers.get("Retry-After"))
         if response.status_code >= 400:
             raise DownloadError(f"{url}: HTTP {response.status_code} {response.reason}")
         if response.status_code == 206:

@@ -27,6 +27,7 @@ from gptcore.atomic import atomic_path
 from gptcore.config import JudgeParams
 from gptcore.errors import DataError, GptcoreError
 from gptcore.prompt import format_input
+from gptcore.retry import retry_delay
 
 PROMPT = (
     "Given the input `{input}` and correct output `{output}`, score the model response `{response}` "
@@ -201,19 +202,21 @@ class OllamaClient:
         return self.request("POST", "/api/chat", body)
 
     def request(self, method: str, path: str, body: dict | None = None) -> dict:
-        """One API call; connection errors, timeouts and 5xx are retried with exponential backoff."""
+        """One API call; connection errors, timeouts, 5xx and 429 are retried with exponential backoff, or
+        after the wait a 429/503's Retry-After asks for when that is longer (Ollama's 503 "server busy")."""
         for attempt in range(self.retries + 1):
             try:
                 return self._send(method, path, body)
             except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
                     _HTTPFault) as err:
-                if isinstance(err, _HTTPFault) and err.status < 500:
+                if isinstance(err, _HTTPFault) and err.status < 500 and err.status != 429:
                     raise GptcoreError(f"{self.url}{path}: HTTP {err.status}: {err.message}") from None
                 if attempt == self.retries:
                     raise OllamaUnavailable(
                         f"{self.url}{path} failed {self.retries + 1} times, last: {_describe(err)}"
                     ) from None
-                self.sleep(self.backoff * 2**attempt)
+                asked = err.retry_after if isinstance(err, _HTTPFault) else None
+                self.sleep(retry_delay(attempt, self.backoff, asked))
         raise AssertionError("unreachable")
 
     def _send(self, method: str, path: str, body: dict | None = None) -> dict:
@@ -224,17 +227,19 @@ class OllamaClient:
             data = None
         if response.status_code != 200:
             message = data.get("error") if isinstance(data, dict) else None
-            raise _HTTPFault(response.status_code, str(message or response.text[:200] or response.reason))
+            raise _HTTPFault(response.status_code, str(message or response.text[:200] or response.reason),
+                             response.headers.get("Retry-After"))
         if not isinstance(data, dict):
             raise GptcoreError(f"{self.url}{path}: the reply is not a JSON object: {response.text[:200]!r}")
         return data
 
 
 class _HTTPFault(Exception):
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, retry_after: str | None = None):
         super().__init__(f"HTTP {status}: {message}")
         self.status = status
         self.message = message
+        self.retry_after = retry_after
 
 
 def _describe(err: Exception) -> str:

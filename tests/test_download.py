@@ -30,6 +30,12 @@ class Handler(BaseHTTPRequestHandler):
         server = self.server
         server.requests.append((self.path, dict(self.headers)))
         fault = server.faults.pop(0) if server.faults else None
+        if isinstance(fault, tuple):  # (status, Retry-After)
+            self.send_response(fault[0])
+            self.send_header("Retry-After", fault[1])
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         if fault in (503, 404):
             self.send_response(fault)
             self.send_header("Content-Length", "0")
@@ -128,6 +134,23 @@ def test_503_is_retried(server, network, tmp_path):
     get(server, tmp_path / "f.bin")
     assert (tmp_path / "f.bin").read_bytes() == BODY
     assert len(server.requests) == 3
+
+
+def test_retry_after_is_honoured(server, network, tmp_path, monkeypatch):
+    import email.utils
+    import time
+
+    from gptcore import download as download_module
+
+    sleeps: list[float] = []
+    monkeypatch.setattr(download_module.time, "sleep", sleeps.append)
+    server.files["/f.bin"] = BODY
+    in_30s = email.utils.formatdate(time.time() + 30, usegmt=True)
+    server.faults = [(429, "4"), (503, in_30s), (503, "0"), (503, "not a date")]
+    download(f"{server.url}/f.bin", tmp_path / "f.bin", retries=5, backoff=0.25, progress=False)
+    assert (tmp_path / "f.bin").read_bytes() == BODY
+    # Seconds or an HTTP date when longer than the backoff (0.25, 0.5, 1, 2), else the backoff.
+    assert sleeps[0] == 4.0 and 28 <= sleeps[1] <= 30 and sleeps[2:] == [1.0, 2.0]
 
 
 def test_persistent_503_gives_up(server, network, tmp_path):

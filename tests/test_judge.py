@@ -34,7 +34,7 @@ class FakeOllama:
 
     `script[response]` is a list of actions used in turn for the requests about that response
     (the prompt names it); the last action repeats. An action is a reply text, or a tuple:
-    ("status", code) answers with that HTTP error, ("stall", seconds) waits before answering the
+    ("status", code[, retry_after]) answers with that HTTP error (and a Retry-After header), ("stall", seconds) waits before answering the
     next action, ("drop",) closes the connection without an answer, ("count", n, text) reports
     prompt_eval_count n.
     """
@@ -83,7 +83,7 @@ class FakeOllama:
                     time.sleep(action[1])
                     action = actions[min(turn + 1, len(actions) - 1)]
                 if isinstance(action, tuple) and action[0] == "status":
-                    self._send(action[1], {"error": f"scripted {action[1]}"})
+                    self._send(action[1], {"error": f"scripted {action[1]}"}, *action[2:])
                     return
                 if isinstance(action, tuple) and action[0] == "drop":
                     self.close_connection = True
@@ -95,10 +95,12 @@ class FakeOllama:
                                  "message": {"role": "assistant", "content": action}, "done": True,
                                  "done_reason": "stop", "prompt_eval_count": count, "eval_count": 2})
 
-            def _send(self, status, obj):
+            def _send(self, status, obj, retry_after=None):
                 data = json.dumps(obj).encode()
                 try:
                     self.send_response(status)
+                    if retry_after is not None:
+                        self.send_header("Retry-After", retry_after)
                     self.send_header("Content-Type", "application/json")
                     self.send_header("Content-Length", str(len(data)))
                     self.end_headers()
@@ -257,6 +259,18 @@ def test_server_error_then_success_is_retried_with_backoff(tmp_path):
         assert len(fake.chats()) == 3
     assert outcome.scores == [77]
     assert sleeps == [0.5, 1.0]  # exponential backoff
+
+
+def test_busy_and_rate_limited_replies_wait_as_retry_after_asks(tmp_path):
+    responses = write_responses(tmp_path / "test.json", ["a"])
+    sleeps: list[float] = []
+    # Ollama answers 503 when its queue is full; a proxy in front of it may answer 429.
+    with FakeOllama({"a": [("status", 503, "7"), ("status", 429, "0"), ("status", 429), "55"]}) as fake:
+        outcome, _ = run(responses, tmp_path / "scores.jsonl", params(fake.url, retries=3, backoff=0.5),
+                         sleep=sleeps.append)
+        assert len(fake.chats()) == 4
+    assert outcome.scores == [55]
+    assert sleeps == [7.0, 1.0, 2.0]  # the asked-for wait where longer than the backoff, else the backoff
 
 
 def test_a_stall_beyond_the_timeout_and_a_dropped_connection_are_retried(tmp_path):
