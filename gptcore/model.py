@@ -102,6 +102,23 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(1, 2).reshape(B, T, C)  # [B, T, C]
         return self.out_proj(y)
 
+    def forward_at(self, x: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        """The output [B, C] at one position per row (position [B]), from x [B, T, C]: keys and values of
+        every position, the query and the output projection of the chosen ones only."""
+        B, T, C = x.shape
+        weight, bias = self.qkv.weight, self.qkv.bias
+        kv = F.linear(x, weight[C:], None if bias is None else bias[C:])  # [B, T, 2C]
+        k, v = kv.view(B, T, 2, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, T, hd]
+        x_at = x[torch.arange(B, device=x.device), position]  # [B, C]
+        q = F.linear(x_at, weight[:C], None if bias is None else bias[:C]).view(B, self.n_heads, 1, self.head_dim)
+        mask = (torch.arange(T, device=x.device)[None, :] <= position[:, None])[:, None, None, :]  # [B, 1, 1, T]
+        dropout = self.dropout if self.training else 0.0
+        if self.fused and not explicit_is_faster(q, k):
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        else:
+            y = explicit_attention(q, k, v, mask, dropout, False, self.training)
+        return self.out_proj(y.reshape(B, C))
+
 
 # Keys up to which the explicit path beats the fused kernel on CPU in bf16/fp16 (torch 2.13, AVX512-BF16).
 EXPLICIT_MAX_KEYS = 512
@@ -161,6 +178,15 @@ class TransformerBlock(nn.Module):
         x = x + self.drop_shortcut(self.att(self.norm1(x), cache, mask))
         x = x + self.drop_shortcut(self.ff(self.norm2(x)))
         return x
+
+    def forward_at(self, x: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        """forward(x)[rows, position] [B, C], for one position per row, at a fraction of the compute:
+        attention is causal and everything after it acts per position, so only the keys and values
+        need every position. Equal up to float rounding; under active dropout equal in distribution
+        (fewer random draws)."""
+        rows = torch.arange(x.shape[0], device=x.device)
+        h = x[rows, position] + self.drop_shortcut(self.att.forward_at(self.norm1(x), position))
+        return h + self.drop_shortcut(self.ff(self.norm2(h)))
 
 
 class GPTModel(nn.Module):

@@ -136,3 +136,27 @@ def test_random_model_schemes():
     assert torch.equal(random_model(config, "gpt2").tok_emb.weight, gpt2.tok_emb.weight)  # seeded: reproducible
     with pytest.raises(ValueError, match="init"):
         random_model(config, "xavier")
+
+
+@pytest.mark.parametrize("qkv_bias", [False, True])
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_block_at_chosen_positions_equals_the_full_block(qkv_bias, fused, dtype):
+    torch.manual_seed(0)
+    model = GPTModel(GPTConfig(vocab_size=97, context_length=16, emb_dim=32, n_heads=4, n_layers=1, qkv_bias=qkv_bias))
+    set_fused_attention(model, fused)
+    block = model.trf_blocks[0].to(dtype)
+    x = torch.randn(5, 11, 32, dtype=dtype)
+    position = torch.tensor([10, 0, 3, 10, 7])  # one per row, anywhere in the sequence
+    full = block(x)[torch.arange(5), position]
+    at = block.forward_at(x, position)
+    assert at.shape == (5, 32) and at.dtype == dtype
+    tolerance = 1e-5 if dtype == torch.float32 else 3e-2
+    assert torch.allclose(at.float(), full.float(), atol=tolerance, rtol=tolerance)
+    # Gradients reach the same weights: the keys and values of every position count.
+    grads = []
+    for out in (block(x)[torch.arange(5), position], block.forward_at(x, position)):
+        block.zero_grad()
+        out.float().square().sum().backward()
+        grads.append([p.grad.float().clone() for p in block.parameters()])
+    assert all(torch.allclose(a, b, atol=tolerance * 10, rtol=tolerance * 10) for a, b in zip(*grads))
