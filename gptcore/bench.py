@@ -200,7 +200,6 @@ def measure(spec: BenchSpec) -> dict[str, Any]:
     import torch
 
     from gptcore.device import resolve_device, resolve_precision
-
     from gptcore.memory import keep_freed_memory
 
     if spec.threads:

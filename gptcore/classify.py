@@ -164,7 +164,8 @@ def class_logits(
     """Class logits [B, num_classes] of token ids idx [B, T], read at the chosen position.
 
     frozen_blocks k: the embeddings and the first k blocks run under torch.no_grad() (their
-    parameters must be frozen); the result equals model(idx) at that position.
+    parameters must be frozen), and the last block only where the chosen position needs it; the
+    result equals model(idx) at that position up to float rounding.
     """
     rows = torch.arange(idx.shape[0], device=idx.device)
     position = token_index(idx, token_position, pad_id)  # [B]

@@ -102,8 +102,8 @@ def download(
     partial_dir: str | os.PathLike | None = None,
 ) -> Path:
     """Stream `url` into `dest`: resumes a partial `.part` file with HTTP Range, retries transient
-    faults with exponential backoff (longer where a 429/503 carries Retry-After), checks the size against Content-Length and the digest if given,
-    and renames into place only when complete.
+    faults with exponential backoff (longer where the server's Retry-After asks for it), checks the
+    size against Content-Length and the digest if given, and renames into place only when complete.
 
     The `.part` file lives in `partial_dir` (default: beside `dest`), so that a later call resumes it;
     a sidecar `.part.json` remembers the URL and the server's validator (ETag or Last-Modified), sent
