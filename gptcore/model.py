@@ -93,13 +93,8 @@ class CausalSelfAttention(nn.Module):
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, T, hd]
         if cache is not None:
             k, v = cache.store(self.layer_idx, k, v)  # [B, H, S, hd], S = past + T
-        dropout = self.dropout if self.training else 0.0
         causal = mask is None and T > 1 and k.shape[2] == T
-        if self.fused and not explicit_is_faster(q, k):
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal)
-        else:
-            y = explicit_attention(q, k, v, mask, dropout, causal, self.training)
-        y = y.transpose(1, 2).reshape(B, T, C)  # [B, T, C]
+        y = self._attend(q, k, v, mask, causal).transpose(1, 2).reshape(B, T, C)  # [B, T, C]
         return self.out_proj(y)
 
     def forward_at(self, x: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
@@ -112,12 +107,14 @@ class CausalSelfAttention(nn.Module):
         x_at = x[torch.arange(B, device=x.device), position]  # [B, C]
         q = F.linear(x_at, weight[:C], None if bias is None else bias[:C]).view(B, self.n_heads, 1, self.head_dim)
         mask = (torch.arange(T, device=x.device)[None, :] <= position[:, None])[:, None, None, :]  # [B, 1, 1, T]
+        return self.out_proj(self._attend(q, k, v, mask, causal=False).reshape(B, C))
+
+    def _attend(self, q, k, v, mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
+        """Weighted values [B, H, T, hd]: the fused kernel, or the explicit path where that is faster."""
         dropout = self.dropout if self.training else 0.0
         if self.fused and not explicit_is_faster(q, k):
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
-        else:
-            y = explicit_attention(q, k, v, mask, dropout, False, self.training)
-        return self.out_proj(y.reshape(B, C))
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal)
+        return explicit_attention(q, k, v, mask, dropout, causal, self.training)
 
 
 # Keys up to which the explicit path beats the fused kernel on CPU in bf16/fp16 (torch 2.13, AVX512-BF16).

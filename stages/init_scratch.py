@@ -1,5 +1,6 @@
 """Stage init_scratch: a randomly initialised model of the Stage 1 architecture (`pretrain.model`,
-drawn as `init_scratch.init` says), the `scratch` foundation of the finetuning stages. Writes one weights file to --out."""
+drawn as `init_scratch.init` says), the `scratch` foundation of the finetuning stages. Writes one
+weights file to --out."""
 
 import argparse
 
