@@ -77,7 +77,7 @@ def _gptcore_task(spec: BenchSpec, device, precision: str):
     import torch
 
     from gptcore.config import PRESETS
-    from gptcore.generate import cast_for_inference, generate, generate_batch
+    from gptcore.decoding import cast_for_inference, generate, generate_batch
     from gptcore.model import GPTModel, set_activation_checkpointing
     from gptcore.train import StepRunner, compile_blocks, lm_loss, make_optimizer
     from gptcore.weights import load_model

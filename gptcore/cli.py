@@ -3,33 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import os
-import sys
-import traceback
-from typing import Callable, Sequence
+from typing import Sequence
 
+from gptcore.entry import run_entry
 from gptcore.errors import GptcoreError
-
-DEBUG_ENV = "GPTCORE_DEBUG"
-
-
-def run_entry(fn: Callable[[], int | None], debug: bool = False) -> int:
-    """Run an entry point; user-facing errors become one line on stderr and a non-zero exit.
-
-    A traceback is shown only with --debug or GPTCORE_DEBUG=1.
-    """
-    debug = debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
-    try:
-        return fn() or 0
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except (GptcoreError, OSError, ValueError) as err:
-        if debug:
-            traceback.print_exc()
-        message = " ".join(str(err).split()) or type(err).__name__
-        print(f"error: {message}", file=sys.stderr)
-        return 1
 
 
 def _convert(args: argparse.Namespace) -> int:
@@ -42,7 +19,7 @@ def _convert(args: argparse.Namespace) -> int:
 
 def _generate(args: argparse.Namespace) -> int:
     from gptcore.device import resolve_device, resolve_precision
-    from gptcore.generate import cast_for_inference, generate, ids_to_text, make_generator, text_to_ids
+    from gptcore.decoding import cast_for_inference, generate, ids_to_text, make_generator, text_to_ids
     from gptcore.memory import keep_freed_memory
     from gptcore.tokenizer import EOT_ID, get_tokenizer
     from gptcore.weights import load_model

@@ -18,7 +18,7 @@ from gptcore.data.instructions import build_instruction_loaders, read_instructio
 from gptcore.device import resolve_device, resolve_precision
 from gptcore.download import sha256_of
 from gptcore.errors import WeightsError
-from gptcore.generate import cast_for_inference, generate_batch, make_generator
+from gptcore.decoding import cast_for_inference, generate_batch, make_generator
 from gptcore.model import GPTModel
 from gptcore.prompt import RESPONSE_MARKER, format_input
 from gptcore.tokenizer import EOT_ID, encode, get_tokenizer

@@ -10,7 +10,7 @@ from gptcore.config import PretrainParams, RunConfig
 from gptcore.data.text import build_text_loaders
 from gptcore.device import resolve_device, resolve_precision
 from gptcore.errors import DataError
-from gptcore.generate import generate, ids_to_text, text_to_ids
+from gptcore.decoding import generate, ids_to_text, text_to_ids
 from gptcore.model import GPTModel, random_model
 from gptcore.tokenizer import EOT_ID, get_tokenizer
 from gptcore.train import (

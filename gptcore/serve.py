@@ -126,7 +126,7 @@ class ModelService:
         from gptcore import __version__
         from gptcore.device import resolve_device, resolve_precision
         from gptcore.download import sha256_of
-        from gptcore.generate import cast_for_inference
+        from gptcore.decoding import cast_for_inference
         from gptcore.tokenizer import get_tokenizer
         from gptcore.weights import load_model
 
@@ -198,7 +198,7 @@ class ModelService:
         """Generate after `ids`; `emit(piece)` sees the text as it comes and returns False to cancel."""
         import torch
 
-        from gptcore.generate import generate, make_generator
+        from gptcore.decoding import generate, make_generator
         from gptcore.tokenizer import EOT_ID
 
         start = time.perf_counter()

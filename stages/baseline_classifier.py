@@ -8,7 +8,7 @@ import argparse
 
 from gptcore.atomic import write_json
 from gptcore.baseline import fit_baseline
-from gptcore.cli import run_entry
+from gptcore.entry import run_entry
 from gptcore.data.sms import SPLITS, read_split
 
 

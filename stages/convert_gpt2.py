@@ -3,7 +3,7 @@ download_gpt2) into one gptcore weights file (--out), the architecture taken fro
 
 import argparse
 
-from gptcore.cli import run_entry
+from gptcore.entry import run_entry
 from gptcore.openai import convert_checkpoint
 
 

@@ -7,7 +7,7 @@ Honours GPTCORE_MIRROR (files served from gpt2/models/<size>/<file>).
 
 import argparse
 
-from gptcore.cli import run_entry
+from gptcore.entry import run_entry
 from gptcore.config import Gpt2DownloadParams, check_openai_models
 from gptcore.errors import ConfigError
 from gptcore.openai import download_checkpoint

@@ -5,7 +5,7 @@ Honours GPTCORE_MIRROR (the file is served from the mirror as `instruction-data.
 
 import argparse
 
-from gptcore.cli import run_entry
+from gptcore.entry import run_entry
 from gptcore.config import DownloadParams
 from gptcore.download import fetch
 from gptcore.params import read_params, section

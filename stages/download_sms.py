@@ -7,7 +7,7 @@ UTF-8 `ham|spam<TAB>text` lines, `expected_rows` of them, before it is written.
 
 import argparse
 
-from gptcore.cli import run_entry
+from gptcore.entry import run_entry
 from gptcore.config import SmsDownloadParams
 from gptcore.data.sms import fetch_collection
 from gptcore.params import read_params, section

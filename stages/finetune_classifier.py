@@ -11,7 +11,7 @@ import argparse
 
 from gptcore.atomic import write_json
 from gptcore.classify import finetune_classifier, save_classifier
-from gptcore.cli import run_entry
+from gptcore.entry import run_entry
 from gptcore.config import ClassifierParams
 from gptcore.data.sms import SPLITS
 from gptcore.device import is_main_process

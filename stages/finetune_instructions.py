@@ -9,7 +9,7 @@ is kept in --checkpoint-dir, so an interrupted run resumes where it stopped.
 import argparse
 
 from gptcore.atomic import write_json
-from gptcore.cli import run_entry
+from gptcore.entry import run_entry
 from gptcore.config import InstructionsParams
 from gptcore.device import is_main_process
 from gptcore.instruct import finetune_instructions

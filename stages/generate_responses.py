@@ -10,7 +10,7 @@ import argparse
 from pathlib import Path
 
 from gptcore.atomic import write_json
-from gptcore.cli import run_entry
+from gptcore.entry import run_entry
 from gptcore.config import GenerateParams
 from gptcore.instruct import generate_responses
 from gptcore.memory import keep_freed_memory

@@ -6,7 +6,7 @@ import argparse
 
 import torch
 
-from gptcore.cli import run_entry
+from gptcore.entry import run_entry
 from gptcore.config import PretrainParams, ScratchParams
 from gptcore.model import random_model
 from gptcore.params import read_params, run_config, section

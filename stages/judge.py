@@ -9,7 +9,7 @@ PNG). Needs a running Ollama server with the judge model: `ollama serve`, `ollam
 import argparse
 
 from gptcore.atomic import write_json
-from gptcore.cli import run_entry
+from gptcore.entry import run_entry
 from gptcore.config import JudgeParams
 from gptcore.judge import judge_responses, plot_score_histogram
 from gptcore.params import read_params, section

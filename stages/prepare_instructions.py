@@ -8,7 +8,7 @@ import argparse
 import json
 
 from gptcore.atomic import atomic_dir
-from gptcore.cli import run_entry
+from gptcore.entry import run_entry
 from gptcore.config import PrepareInstructionsParams
 from gptcore.data.instructions import read_instructions, split_instructions
 from gptcore.params import read_params, section

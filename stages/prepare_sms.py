@@ -7,7 +7,7 @@ to_csv(index=False); columns Label: 0 ham / 1 spam, and Text).
 import argparse
 
 from gptcore.atomic import write_text
-from gptcore.cli import run_entry
+from gptcore.entry import run_entry
 from gptcore.config import PrepareSmsParams
 from gptcore.data.sms import SPLITS, read_collection, split_collection, to_csv_text
 from gptcore.params import read_params, section

@@ -8,7 +8,7 @@ in --checkpoint-dir, so an interrupted run resumes where it stopped.
 import argparse
 
 from gptcore.atomic import write_json, write_text
-from gptcore.cli import run_entry
+from gptcore.entry import run_entry
 from gptcore.config import PretrainParams
 from gptcore.device import is_main_process
 from gptcore.memory import keep_freed_memory

@@ -21,8 +21,9 @@ REPO_FILES = ["dvc.yaml", "params.yaml", "stages", "gptcore", ".dvc/config", ".d
 
 
 def _mirror_path() -> Path:
+    """GPTCORE_MIRROR made absolute where it was set (the tests also run stages in other folders)."""
     env = os.environ.get("GPTCORE_MIRROR")
-    return Path(env) if env else REPO.parent / "shared" / "mirror"
+    return (Path(env).expanduser() if env else REPO.parent / "shared" / "mirror").resolve()
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from gptcore.config import GPTConfig
-from gptcore.generate import generate, make_generator, sample_next
+from gptcore.decoding import generate, make_generator, sample_next
 from gptcore.model import GPTModel
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gptcore.config import GPTConfig
-from gptcore.generate import generate, generate_batch
+from gptcore.decoding import generate, generate_batch
 from gptcore.model import GPTModel
 
 

@@ -17,7 +17,7 @@ from gptcore import openai
 from gptcore.cli import main as cli_main
 from gptcore.config import check_openai_models
 from gptcore.errors import ConfigError, WeightsError
-from gptcore.generate import generate
+from gptcore.decoding import generate
 from gptcore.model import set_fused_attention
 from gptcore.openai import Rule, convert_checkpoint, read_hparams
 from gptcore.model import GPTModel

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from gptcore.config import GPTConfig
-from gptcore.generate import cast_for_inference, generate
+from gptcore.decoding import cast_for_inference, generate
 from gptcore.model import GPTModel, set_activation_checkpointing
 from gptcore.train import StepRunner, lm_loss, make_optimizer
 from gptcore.weights import save_model

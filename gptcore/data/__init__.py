@@ -1,6 +1,6 @@
-"""Datasets and loaders. Everything here returns CPU tensors; the training loop moves them."""
+"""Datasets and loaders. Everything here returns CPU tensors; the training loop moves them.
 
-from gptcore.data.loader import ResumableBatchSampler, make_loader
-from gptcore.data.text import TokenWindowDataset, build_text_loaders, split_text
-
-__all__ = ["ResumableBatchSampler", "make_loader", "TokenWindowDataset", "build_text_loaders", "split_text"]
+Submodules: `text` (LM windows), `sms` (the spam collection), `instructions` (Alpaca pairs), `loader`
+(the resumable batch sampler). Import them directly; this package file imports nothing, so a stage
+depends only on the data modules it uses.
+"""

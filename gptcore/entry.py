@@ -1,0 +1,53 @@
+"""The entry-point wrapper of every stage script and CLI verb: user errors become one line and an exit code.
+
+Kept apart from `gptcore.cli` (which knows every verb) so that a stage script's import closure, and
+with it its DVC dependencies, is only what the stage uses.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from typing import Callable
+
+from gptcore.errors import GptcoreError
+
+DEBUG_ENV = "GPTCORE_DEBUG"
+# Environment variables that name folders: a relative value means relative to where it was set. The
+# entry point makes them absolute once, so child processes (DVC, torchrun workers, tests' repository
+# copies) that start in another folder read the same place.
+PATH_ENV = ("GPTCORE_MIRROR", "GPTCORE_CACHE")
+
+
+def absolute_path_env(environ: dict[str, str] | None = None) -> None:
+    """Rewrite each relative path in PATH_ENV as an absolute one, resolved against the current folder."""
+    environ = os.environ if environ is None else environ
+    for name in PATH_ENV:
+        value = environ.get(name)
+        if value and not os.path.isabs(os.path.expanduser(value)):
+            environ[name] = os.path.abspath(os.path.expanduser(value))
+
+
+def run_entry(fn: Callable[[], int | None], debug: bool = False) -> int:
+    """Run an entry point; user-facing errors become one line on stderr and a non-zero exit.
+
+    Relative folder variables (GPTCORE_MIRROR, GPTCORE_CACHE) are made absolute first. A traceback
+    is shown only with --debug or GPTCORE_DEBUG=1.
+
+    Returns:
+        fn's exit code (0 for None); 1 after a user-facing error; 130 after Ctrl-C.
+    """
+    debug = debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    absolute_path_env()
+    try:
+        return fn() or 0
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (GptcoreError, OSError, ValueError) as err:
+        if debug:
+            traceback.print_exc()
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"error: {message}", file=sys.stderr)
+        return 1
