@@ -2,9 +2,10 @@
 
 The prompt, options (seed 123, temperature 0) and judge (llama3.1:8b) follow the reference evaluation
 (Raschka, "Build a Large Language Model (From Scratch)", chapter 7), with what it leaves out: replies
-that hold no usable score are asked once more and then recorded as failed — never dropped, never
-counted as 0 — transient faults are retried, prompts that the judge's context would cut are flagged,
-and every answer is cached per entry so that a re-run asks nothing twice.
+that state no score in an accepted form are asked once more and then recorded as failed — never
+dropped, never counted as 0 — the average comes with a seeded bootstrap interval, transient faults
+are retried, prompts that the judge's context would cut are flagged, and every answer is cached per
+entry so that a re-run asks nothing twice.
 """
 
 from __future__ import annotations
@@ -115,16 +116,19 @@ def parse_score(reply: str) -> ParsedScore:
     if obj is not None:
         return ParsedScore(_json_score(obj), "json")
     found: list[tuple[int, str, str]] = []  # (position, form, number)
+    prose = text
     for block in _FENCED.finditer(text):
         obj = _json_object(block.group(1).strip())
         if obj is not None:
             found.append((block.start(), "json", str(_json_score(obj))))
-    prose = _FENCED.sub(lambda m: " " * len(m.group(0)), text).replace("*", " ").replace("`", " ")
+            prose = prose[:block.start()] + " " * len(block.group(0)) + prose[block.end():]
+    prose = prose.replace("*", " ").replace("`", " ")  # Markdown emphasis and code marks
     bare = _BARE.fullmatch(prose.strip())
-    if bare:
-        return ParsedScore(_check_score(bare.group(1)), "bare")
-    for form, pattern in (("labelled", _LABELLED), ("fraction", _FRACTION), ("out_of", _OUT_OF)):
-        found += [(m.start(), form, m.group(1)) for m in pattern.finditer(prose)]
+    if bare:  # all the prose is one number (beside a fenced JSON score, perhaps)
+        found.append((len(prose) - len(prose.lstrip()), "bare", bare.group(1)))
+    else:
+        for form, pattern in (("labelled", _LABELLED), ("fraction", _FRACTION), ("out_of", _OUT_OF)):
+            found += [(m.start(), form, m.group(1)) for m in pattern.finditer(prose)]
     if not found:
         raise ValueError("no score stated (a bare integer, Score: N, N/100, N out of 100 or JSON)")
     found.sort()

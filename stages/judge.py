@@ -3,7 +3,9 @@
 Reads params `judge:` and the responses file (a JSON list of entries with instruction, input, output
 and model_response). Writes every judgement to the scores file (JSON lines, kept between runs, so a
 re-run asks only what is missing or failed), the metrics JSON (average score with its 95% bootstrap
-interval), the per-entry score table (CSV, for `dvc plots diff`) and the score histogram (CSV and PNG). Needs a running Ollama server with the judge model: `ollama serve`, `ollama pull llama3.1:8b`.
+interval), the per-entry score table (CSV, for `dvc plots diff`) and the score histogram (CSV and PNG).
+Needs a running Ollama server with the judge model: `ollama serve`, `ollama pull llama3.1:8b`.
+See docs/judge.md.
 """
 
 import argparse

@@ -162,6 +162,7 @@ def run(responses_path, scores_path, judge_params, **kwargs):
     ('{"score": 90}', 90, "json"), ('{"score": "7"}', 7, "json"), ('{"score": 55, "why": "terse"}', 55, "json"),
     ('```json\n{"score": 42}\n```', 42, "json"), ('Here is my verdict:\n```json\n{"score": 81}\n```', 81, "json"),
     ('```\n{"score": 12}\n```', 12, "json"), ('Verdict: {"score": 33}', 33, "labelled"),
+    ("```\n85\n```", 85, "bare"), ('```json\n{"score": 70}\n```\nScore: 70', 70, "json"),
 ])
 def test_parse_score_accepts_the_forms_that_state_a_score(reply, score, form):
     assert parse_score(reply) == ParsedScore(score, form)
@@ -181,7 +182,8 @@ def test_parse_score_accepts_the_forms_that_state_a_score(reply, score, form):
     ("85.5", "not an integer"), ("Score: 72.5", "not an integer"), ('{"score": true}', "not a number"),
     # Two different scores: ambiguous, never guessed.
     ("Score: 70\nScore: 80", "several scores stated \\(70, 80\\)"), ("70/100 or maybe 80/100", "several scores"),
-    ('Score: 60\n```json\n{"score": 65}\n```', "several scores"), ("between 70 and 80", "no score stated"),
+    ('Score: 60\n```json\n{"score": 65}\n```', "several scores"), ('```json\n{"score": 70}\n```\n80', "several scores"),
+    ("between 70 and 80", "no score stated"),
 ])
 def test_parse_score_rejects_what_states_no_score(reply, reason):
     with pytest.raises(ValueError, match=reason):
