@@ -2,9 +2,10 @@
 
 The prompt, options (seed 123, temperature 0) and judge (llama3.1:8b) follow the reference evaluation
 (Raschka, "Build a Large Language Model (From Scratch)", chapter 7), with what it leaves out: replies
-that hold no usable score are asked once more and then recorded as failed — never dropped, never
-counted as 0 — transient faults are retried, prompts that the judge's context would cut are flagged,
-and every answer is cached per entry so that a re-run asks nothing twice.
+that state no score in an accepted form are asked once more and then recorded as failed — never
+dropped, never counted as 0 — the average comes with a seeded bootstrap interval, transient faults
+are retried, prompts that the judge's context would cut are flagged, and every answer is cached per
+entry so that a re-run asks nothing twice.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import json
 import math
 import os
 import re
+import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -79,34 +81,79 @@ def judge_prompt(entry: dict) -> str:
     return PROMPT.format(input=format_input(entry), output=entry["output"], response=entry["model_response"])
 
 
-_SCALE = re.compile(r"(?<![\w.])0\s*(?:-|–|to)\s*100\b|(?:/|\bout of)\s*100\b", re.IGNORECASE)
-_NUMBER = re.compile(r"(?<![\w.])[-+]?\d+(?:\.\d+)?(?!\w)")
+# The forms in which a reply states a score. Anything else (an explanation or a refusal that happens to
+# hold one number, "The correct answer is 8.") states none: it is asked again, then recorded as failed.
+FORMS = ("json", "bare", "labelled", "fraction", "out_of")
+_NUM = r"[-+]?\d+(?:\.\d+)?"
+_BARE = re.compile(rf"({_NUM})\.?")  # the whole reply: "85", "85."
+_LABELLED = re.compile(  # "Score: 85", "score = 85", "Rating: 85", '"score": 85'; not "Score: 8/10"
+    rf"\b(?:score|rating)\"?\s*[:=]\s*({_NUM})(?!\d|\s*(?:/|out\s+of)\s*(?!100\b)\d)", re.IGNORECASE)
+_FRACTION = re.compile(rf"(?<![\w./])({_NUM})\s*/\s*100(?![\w/]|\.\d)")  # "85/100"
+_OUT_OF = re.compile(rf"(?<![\w./])({_NUM})\s+out\s+of\s+100(?![\w/]|\.\d)", re.IGNORECASE)  # "85 out of 100"
+_FENCED = re.compile(r"```(?:json)?\s*(.*?)```", re.IGNORECASE | re.DOTALL)
 
 
-def parse_score(reply: str) -> int:
-    """The integer score 0-100 in a judge's reply; ValueError (with the reason) if there is none.
+@dataclass(frozen=True)
+class ParsedScore:
+    """A score read from a judge's reply, and the form that stated it (one of FORMS)."""
 
-    Accepts a bare number, a number with text around it ("Score: 85", "85/100") and a JSON object
-    {"score": n} (structured outputs). A reply with several different numbers is ambiguous and rejected
-    rather than guessed; so are decimals with a fraction and numbers outside 0-100.
+    value: int
+    form: str
+
+
+def parse_score(reply: str) -> ParsedScore:
+    """The integer score 0-100 that a judge's reply states, and its form; ValueError (with the reason)
+    if it states none.
+
+    Accepted forms: the whole reply a bare integer, optionally with a full stop ("85", "85.", "**85**");
+    a labelled score ("Score: 85", "score = 85", "Rating: 85"); "85/100"; "85 out of 100"; a JSON
+    object with "score", the whole reply or in a ``` fenced block. Labelled, fraction and out-of forms
+    may stand in text. A reply that states several different scores is rejected, not guessed; so are
+    scores that are not integers or lie outside 0-100.
     """
     text = reply.strip()
+    obj = _json_object(text)
+    if obj is not None:
+        return ParsedScore(_json_score(obj), "json")
+    found: list[tuple[int, str, str]] = []  # (position, form, number)
+    prose = text
+    for block in _FENCED.finditer(text):
+        obj = _json_object(block.group(1).strip())
+        if obj is not None:
+            found.append((block.start(), "json", str(_json_score(obj))))
+            prose = prose[:block.start()] + " " * len(block.group(0)) + prose[block.end():]
+    prose = prose.replace("*", " ").replace("`", " ")  # Markdown emphasis and code marks
+    bare = _BARE.fullmatch(prose.strip())
+    if bare:  # all the prose is one number (beside a fenced JSON score, perhaps)
+        found.append((len(prose) - len(prose.lstrip()), "bare", bare.group(1)))
+    else:
+        for form, pattern in (("labelled", _LABELLED), ("fraction", _FRACTION), ("out_of", _OUT_OF)):
+            found += [(m.start(), form, m.group(1)) for m in pattern.finditer(prose)]
+    if not found:
+        raise ValueError("no score stated (a bare integer, Score: N, N/100, N out of 100 or JSON)")
+    found.sort()
+    numbers = {float(number) for _, _, number in found}
+    if len(numbers) > 1:
+        listed = ", ".join(dict.fromkeys(number for _, _, number in found))
+        raise ValueError(f"several scores stated ({listed})")
+    _, form, number = found[0]
+    return ParsedScore(_check_score(number), form)
+
+
+def _json_object(text: str) -> dict | None:
+    """The JSON object with a "score" key that `text` is, or None."""
     try:
         obj = json.loads(text)
     except json.JSONDecodeError:
-        obj = None
-    if isinstance(obj, dict) and "score" in obj:
-        value = obj["score"]
-        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise ValueError(f"score is not a number: {value!r}")
-        return _check_score(str(value).strip())
-    candidates = sorted(set(_NUMBER.findall(_SCALE.sub(" ", text))), key=text.find)
-    if not candidates:
-        raise ValueError("no number in the reply")
-    values = {float(c) for c in candidates}
-    if len(values) > 1:
-        raise ValueError(f"several numbers in the reply ({', '.join(candidates[:5])})")
-    return _check_score(candidates[0])
+        return None
+    return obj if isinstance(obj, dict) and "score" in obj else None
+
+
+def _json_score(obj: dict) -> int:
+    value = obj["score"]
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(f"score is not a number: {value!r}")
+    return _check_score(str(value).strip())
 
 
 def _check_score(token: str) -> int:
@@ -310,6 +357,7 @@ class JudgeOutcome:
     records: list[dict]  # one per entry, in file order
     metrics: dict[str, Any]
     histogram: list[dict] = field(default_factory=list)
+    table: list[dict] = field(default_factory=list)  # one row per entry: the per-entry plot table
 
     @property
     def scores(self) -> list[int]:
@@ -348,6 +396,10 @@ def judge_responses(
     server: JudgeServer | None = None
     records: list[dict] = []
     keys = [cache_key(judge_prompt(entry), params) for entry in entries]
+    for key in keys:
+        record = cache.get(key)
+        if record is not None and "form" not in record:
+            cache.records[key] = _reread(record)
     to_ask = [
         entry["model_response"].strip() and (cache.get(key) or {}).get("status") != "scored"
         for entry, key in zip(entries, keys)
@@ -390,7 +442,22 @@ def judge_responses(
         client.close()
     cache.rewrite()
     return JudgeOutcome(records=records, metrics=_metrics(records, params, server, warn),
-                        histogram=histogram_rows([r["score"] for r in records if r["status"] == "scored"]))
+                        histogram=histogram_rows([r["score"] for r in records if r["status"] == "scored"]),
+                        table=score_rows(entries, records))
+
+
+def _reread(record: dict) -> dict:
+    """A record cached before replies had to state their score in one of FORMS: its last reply read
+    again by `parse_score`; one whose reply states no score becomes failed, so that it is asked again."""
+    if record["status"] != "scored":
+        return {**record, "form": None}
+    if not record.get("replies"):
+        return {**record, "form": "empty"}
+    try:
+        parsed = parse_score(record["replies"][-1])
+    except ValueError as why:
+        return {**record, "status": "failed", "score": None, "form": None, "reason": f"re-read: {why}"}
+    return {**record, "score": parsed.value, "form": parsed.form}
 
 
 def _judge_entry(client: OllamaClient, server: JudgeServer | None, entry: dict, prompt: str, key: str,
@@ -398,7 +465,7 @@ def _judge_entry(client: OllamaClient, server: JudgeServer | None, entry: dict, 
     """Ask once, and once more with a stricter reminder if the reply holds no valid score."""
     estimate = count_tokens(prompt) + CHAT_OVERHEAD_TOKENS
     record = {
-        "key": key, "status": "scored", "score": None, "reason": None, "replies": [],
+        "key": key, "status": "scored", "score": None, "form": None, "reason": None, "replies": [],
         "judge_model": params.model, "judge_digest": None, "judge_version": None,
         "options": request_options(params), "structured": params.structured,
         "prompt_tokens_estimate": estimate, "prompt_eval_count": None, "context_limit": None,
@@ -407,7 +474,7 @@ def _judge_entry(client: OllamaClient, server: JudgeServer | None, entry: dict, 
     }
     if not entry["model_response"].strip():
         # As the reference evaluation: an empty response is worth 0, and the judge is not asked.
-        return {**record, "score": 0, "reason": "empty model response (not asked)"}
+        return {**record, "score": 0, "form": "empty", "reason": "empty model response (not asked)"}
     assert server is not None
     record.update(judge_digest=server.digest, judge_version=server.version)
     messages = [{"role": "user", "content": prompt}]
@@ -422,12 +489,13 @@ def _judge_entry(client: OllamaClient, server: JudgeServer | None, entry: dict, 
         if isinstance(reply.get("prompt_eval_count"), int):
             counts.append(reply["prompt_eval_count"])
         try:
-            record["score"] = parse_score(text)
-            record["reason"] = None
-            break
+            parsed = parse_score(text)
         except ValueError as why:
             record["reason"] = str(why)
             messages = messages + [{"role": "assistant", "content": text}, {"role": "user", "content": REMINDER}]
+        else:
+            record.update(score=parsed.value, form=parsed.form, reason=None)
+            break
     else:
         record["status"] = "failed"
     # Ollama cuts a prompt to num_ctx (or to the model's own context, if smaller) without an error.
@@ -454,8 +522,14 @@ def _metrics(records: Sequence[dict], params: JudgeParams, server: JudgeServer |
         warn(f"some cached scores came from another build of {params.model} than the server's "
              f"({server.digest}); delete the scores file to judge everything again")
     versions = sorted({r["judge_version"] for r in asked})
+    low, high = bootstrap_interval(scored, params.seed) if scored else (None, None)
     return {
         "average_score": round(sum(scored) / len(scored), 2) if scored else None,
+        "average_score_ci95_low": None if low is None else round(low, 2),
+        "average_score_ci95_high": None if high is None else round(high, 2),
+        "score_std": round(statistics.stdev(scored), 2) if len(scored) > 1 else None,
+        "bootstrap_resamples": BOOTSTRAP_RESAMPLES,
+        "bootstrap_seed": params.seed,
         "n_entries": len(records),
         "n_scored": len(scored),
         "n_failed": len(records) - len(scored),
@@ -467,6 +541,43 @@ def _metrics(records: Sequence[dict], params: JudgeParams, server: JudgeServer |
         "num_ctx": params.num_ctx,
         "structured": params.structured,
     }
+
+
+# Resamples of the percentile bootstrap. Efron & Tibshirani (1993), "An Introduction to the Bootstrap",
+# ch. 19, ask for at least 1,000 for percentile intervals; with 10,000 the Monte Carlo error of an end
+# point is about 0.07 points for 110 scores of standard deviation 25 (sqrt(p(1-p)/B) / density).
+BOOTSTRAP_RESAMPLES = 10_000
+
+
+def bootstrap_interval(scores: Sequence[float], seed: int, resamples: int = BOOTSTRAP_RESAMPLES,
+                       level: float = 0.95) -> tuple[float, float]:
+    """The percentile bootstrap confidence interval of the mean score (Efron & Tibshirani 1993, ch. 13).
+
+    Draws `resamples` samples of len(scores) with replacement from a numpy Generator seeded with
+    `seed` (so the same scores always give the same interval), and returns the (1 - level) / 2 and
+    (1 + level) / 2 quantiles of their means (numpy's default linear interpolation).
+    """
+    import numpy as np
+
+    values = np.asarray(scores, dtype=np.float64)
+    if values.size == 0:
+        raise ValueError("no scores to resample")
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, values.size, size=(resamples, values.size))].mean(axis=1)  # [resamples]
+    low, high = np.percentile(means, [50 * (1 - level), 50 * (1 + level)])
+    return float(low), float(high)
+
+
+def score_rows(entries: Sequence[dict], records: Sequence[dict]) -> list[dict]:
+    """The per-entry plot table: entry index, the instruction's first words, score (blank if failed) and
+    the form that stated it ("failed" if none did), so `dvc plots diff` compares runs entry by entry."""
+    rows = []
+    for entry, record in zip(entries, records):
+        words = " ".join(entry["instruction"].split())
+        scored = record["status"] == "scored"
+        rows.append({"entry": record["index"], "instruction": words[:60] + ("…" if len(words) > 60 else ""),
+                     "score": record["score"] if scored else "", "form": record["form"] if scored else "failed"})
+    return rows
 
 
 HISTOGRAM_BINS = [(low, low + 9) for low in range(0, 90, 10)] + [(90, 100)]

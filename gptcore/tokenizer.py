@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import functools
 import os
+import tempfile
 from pathlib import Path
 
 import tiktoken
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 
-from gptcore.download import cache_dir, fetch, mirror_root, sha256_of
-from gptcore.errors import DataError
+from gptcore.download import MIRROR_ENV, cache_dir, fetch, sha256_of
+from gptcore.errors import DataError, DownloadError
 
 BASE_URL = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main"
 # The digests tiktoken itself checks for its `gpt2` encoding.
@@ -25,24 +26,49 @@ PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S
 
 
 def find_tokenizer_files(folder: str | os.PathLike | None = None) -> Path:
-    """A folder holding encoder.json and vocab.bpe: `folder`, else the mirror, else the cache (filled
-    by a verified download on first use)."""
-    candidates = []
+    """A folder holding GPT-2's encoder.json and vocab.bpe: `folder` if given, else the cache.
+
+    The cache (`cache_dir()/gpt2`) is filled on first use, from the mirror when GPTCORE_MIRROR is set,
+    else from OpenAI's server, and every later call finds the files there, with neither. Cached files
+    are checked against their digests; a damaged one is fetched again.
+    """
     if folder is not None:
-        candidates.append(Path(folder))
-    root = mirror_root()
-    if root is not None:
-        candidates.append(root / "gpt2")
-    candidates.append(cache_dir() / "gpt2")
-    for candidate in candidates:
-        if all((candidate / name).is_file() for name in FILES):
-            return candidate
-    if folder is not None and root is None:
-        raise DataError(f"{folder}: encoder.json and vocab.bpe not found")
+        folder = Path(folder)
+        if not _holds_files(folder):
+            raise DataError(f"{folder}: encoder.json and vocab.bpe not found")
+        return folder
     target = cache_dir() / "gpt2"
-    for name, digest in FILES.items():
-        fetch(f"{BASE_URL}/{name}", target / name, mirror_name=f"gpt2/{name}", sha256=digest)
+    if _holds_files(target, verify=True):
+        return target
+    _fill_cache(target)
     return target
+
+
+# A first use without a network should fail in seconds, not after download()'s default of five retries.
+FETCH_RETRIES = 2
+
+
+def _fill_cache(target: Path) -> None:
+    """Fetch the tokenizer files into `target` (mirror or network); one error line if that fails."""
+    target.mkdir(parents=True, exist_ok=True)
+    try:
+        # A private partial folder: processes that start together (torchrun ranks) never share a .part file.
+        with tempfile.TemporaryDirectory(prefix=".fetch.", dir=target) as partial:
+            for name, digest in FILES.items():
+                fetch(f"{BASE_URL}/{name}", target / name, mirror_name=f"gpt2/{name}", sha256=digest,
+                      retries=FETCH_RETRIES, partial_dir=partial)
+    except DownloadError as err:
+        raise DownloadError(
+            f"GPT-2's tokenizer files are not in the cache {target} and could not be fetched ({err}); "
+            f"set {MIRROR_ENV} to a mirror folder, or put encoder.json and vocab.bpe in {target} "
+            "(they are fetched once, then used offline)"
+        ) from None
+
+
+def _holds_files(folder: Path, verify: bool = False) -> bool:
+    if not all((folder / name).is_file() for name in FILES):
+        return False
+    return not verify or all(sha256_of(folder / name) == digest for name, digest in FILES.items())
 
 
 @functools.lru_cache(maxsize=4)

@@ -2,8 +2,10 @@
 
 Reads params `judge:` and the responses file (a JSON list of entries with instruction, input, output
 and model_response). Writes every judgement to the scores file (JSON lines, kept between runs, so a
-re-run asks only what is missing or failed), the metrics JSON, and the score histogram (CSV table and
-PNG). Needs a running Ollama server with the judge model: `ollama serve`, `ollama pull llama3.1:8b`.
+re-run asks only what is missing or failed), the metrics JSON (average score with its 95% bootstrap
+interval), the per-entry score table (CSV, for `dvc plots diff`) and the score histogram (CSV and PNG).
+Needs a running Ollama server with the judge model: `ollama serve`, `ollama pull llama3.1:8b`.
+See docs/judge.md.
 """
 
 import argparse
@@ -22,17 +24,20 @@ def main() -> None:
     parser.add_argument("--responses", required=True)
     parser.add_argument("--scores", required=True, help="per-entry judgements (JSON lines), kept between runs")
     parser.add_argument("--metrics", required=True)
-    parser.add_argument("--plot-table", required=True)
-    parser.add_argument("--plot-png", required=True)
+    parser.add_argument("--scores-table", required=True, help="CSV: one row per entry (score and form)")
+    parser.add_argument("--histogram-table", required=True, help="CSV: entries per bin of ten")
+    parser.add_argument("--histogram-png", required=True)
     args = parser.parse_args()
 
     params = section(read_params(args.params), "judge", JudgeParams)
     outcome = judge_responses(args.responses, args.scores, params)
     write_json(args.metrics, outcome.metrics)
-    write_table(args.plot_table, outcome.histogram, columns=["bin", "low", "count"])
-    plot_score_histogram(args.plot_png, outcome.histogram, title=f"Scores by {params.model}")
+    write_table(args.scores_table, outcome.table, columns=["entry", "instruction", "score", "form"])
+    write_table(args.histogram_table, outcome.histogram, columns=["bin", "low", "count"])
+    plot_score_histogram(args.histogram_png, outcome.histogram, title=f"Scores by {params.model}")
     m = outcome.metrics
-    average = "n/a" if m["average_score"] is None else f"{m['average_score']:.2f}"
+    average = "n/a" if m["average_score"] is None else (
+        f"{m['average_score']:.2f} (95% CI {m['average_score_ci95_low']:.2f}-{m['average_score_ci95_high']:.2f})")
     print(f"judge: average score {average} over {m['n_scored']} entries, {m['n_failed']} failed, "
           f"{m['n_truncated']} possibly truncated ({m['judge_model']}, Ollama {m['judge_version']}) -> {args.metrics}")
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import re
 import socket
+import statistics
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import numpy as np
 import pytest
 
 from gptcore.config import JudgeParams
@@ -19,9 +21,12 @@ from gptcore.judge import (
     ScoreCache,
     histogram_rows,
     judge_prompt,
+    ParsedScore,
+    bootstrap_interval,
     judge_responses,
     load_responses,
     parse_score,
+    score_rows,
 )
 from gptcore.prompt import format_input
 
@@ -145,21 +150,42 @@ def run(responses_path, scores_path, judge_params, **kwargs):
     return outcome, warnings
 
 
-@pytest.mark.parametrize("reply, score", [
-    ("85", 85), (" 85\n", 85), ("Score: 70. A fair answer.", 70), ("I would rate it 85/100.", 85),
-    ("85 out of 100", 85), ("On a scale from 0 to 100: 40", 40), ('{"score": 90}', 90), ('{"score": "7"}', 7),
-    ("100", 100), ("0", 0), ("85.0", 85), ("**92**", 92),
+@pytest.mark.parametrize("reply, score, form", [
+    ("85", 85, "bare"), (" 85\n", 85, "bare"), ("85.", 85, "bare"), ("**92**", 92, "bare"), ("100", 100, "bare"),
+    ("0", 0, "bare"), ("85.0", 85, "bare"),
+    ("Score: 70. A fair answer.", 70, "labelled"), ("score = 64", 64, "labelled"), ("Rating: 3", 3, "labelled"),
+    ("**Score:** 88\n\nThe response names the capital correctly.", 88, "labelled"),
+    ("The answer misses one of 3 facts. Score: 60", 60, "labelled"),  # the stated score, not the explanation's
+    ("Score: 85/100", 85, "labelled"), ("Score: 75\nFinal score: 75", 75, "labelled"),
+    ("I would rate it 85/100.", 85, "fraction"), ("85 / 100", 85, "fraction"),
+    ("85 out of 100", 85, "out_of"), ("It deserves 40 out of 100, as it misses 2 points.", 40, "out_of"),
+    ('{"score": 90}', 90, "json"), ('{"score": "7"}', 7, "json"), ('{"score": 55, "why": "terse"}', 55, "json"),
+    ('```json\n{"score": 42}\n```', 42, "json"), ('Here is my verdict:\n```json\n{"score": 81}\n```', 81, "json"),
+    ('```\n{"score": 12}\n```', 12, "json"), ('Verdict: {"score": 33}', 33, "labelled"),
+    ("```\n85\n```", 85, "bare"), ('```json\n{"score": 70}\n```\nScore: 70', 70, "json"),
 ])
-def test_parse_score_finds_the_integer(reply, score):
-    assert parse_score(reply) == score
+def test_parse_score_accepts_the_forms_that_state_a_score(reply, score, form):
+    assert parse_score(reply) == ParsedScore(score, form)
 
 
 @pytest.mark.parametrize("reply, reason", [
-    ("excellent", "no number"), ("", "no number"), ("150", "out of range"), ("-5", "out of range"),
-    ("85.5", "not an integer"), ("between 70 and 80", "several numbers"), ('{"score": true}', "not a number"),
-    ('{"score": 101}', "out of range"),
+    # Refusals and explanations that hold one number in 0-100 state no score.
+    ("The correct answer is 8.", "no score stated"),
+    ("I cannot score this response; it has 3 errors.", "no score stated"),
+    ("85\n\nThe response is correct and well phrased.", "no score stated"),
+    ("I'd give it a 90", "no score stated"), ("On a scale from 0 to 100: 40", "no score stated"),
+    ("Score: 8/10", "no score stated"), ("Rating: 4 out of 5", "no score stated"), ("Score: N/A", "no score stated"),
+    ("excellent", "no score stated"), ("", "no score stated"), ('{"grade": 5}', "no score stated"),
+    # Outside 0-100, or not an integer.
+    ("150", "out of range"), ("-5", "out of range"), ("Score: 101", "out of range"), ("120/100", "out of range"),
+    ('{"score": 101}', "out of range"), ('```json\n{"score": -1}\n```', "out of range"),
+    ("85.5", "not an integer"), ("Score: 72.5", "not an integer"), ('{"score": true}', "not a number"),
+    # Two different scores: ambiguous, never guessed.
+    ("Score: 70\nScore: 80", "several scores stated \\(70, 80\\)"), ("70/100 or maybe 80/100", "several scores"),
+    ('Score: 60\n```json\n{"score": 65}\n```', "several scores"), ('```json\n{"score": 70}\n```\n80', "several scores"),
+    ("between 70 and 80", "no score stated"),
 ])
-def test_parse_score_rejects_what_is_not_a_score(reply, reason):
+def test_parse_score_rejects_what_states_no_score(reply, reason):
     with pytest.raises(ValueError, match=reason):
         parse_score(reply)
 
@@ -192,7 +218,8 @@ def test_scripted_replies_average_failures_and_cache(tmp_path):
         assert (m["judge_model"], m["judge_version"], m["judge_digest"]) == (MODEL, "0.12.6", DIGEST)
         failed = outcome.records[3]
         assert failed["status"] == "failed" and failed["score"] is None
-        assert failed["replies"] == ["excellent", "still excellent"] and "no number" in failed["reason"]
+        assert failed["replies"] == ["excellent", "still excellent"] and "no score stated" in failed["reason"]
+        assert [r["form"] for r in outcome.records] == ["bare", "labelled", "json", None, "bare", "empty"]
         assert any("entry 3: no score" in w for w in warnings)
         assert outcome.records[5]["score"] == 0 and outcome.records[5]["replies"] == []  # empty: not asked
         # Preflight once, then one request per entry and a second for the two bad first replies.
@@ -373,6 +400,92 @@ def test_bad_responses_file_is_one_clear_error(tmp_path, content, message):
         load_responses(path)
 
 
+def test_a_reply_that_states_no_score_is_asked_again_then_recorded_failed(tmp_path):
+    script = {
+        "refuses": ["The correct answer is 8.", "I cannot judge this; the answer should be 8."],
+        "explains": ["The response names 1 city, correctly.", "75"],
+        "fenced": ['```json\n{"score": 64}\n```'],
+        "two": ["Score: 70 or Score: 80", "Score: 80 out of 100? No: 70/100"],
+    }
+    responses = write_responses(tmp_path / "test.json", list(script))
+    with FakeOllama(script) as fake:
+        outcome, warnings = run(responses, tmp_path / "scores.jsonl", params(fake.url))
+        chats = fake.chats()
+    assert len(chats) == 7  # two turns for each entry but the fenced JSON
+    assert all(c["messages"][-1]["content"] == REMINDER for c in chats if len(c["messages"]) == 3)
+    refused, explained, fenced, two = outcome.records
+    assert refused["status"] == "failed" and refused["score"] is None and refused["form"] is None
+    assert refused["replies"] == script["refuses"] and "no score stated" in refused["reason"]
+    assert (explained["status"], explained["score"], explained["form"]) == ("scored", 75, "bare")
+    assert (fenced["score"], fenced["form"], len(fenced["replies"])) == (64, "json", 1)
+    assert two["status"] == "failed" and "several scores stated (80, 70)" in two["reason"]
+    m = outcome.metrics
+    assert (m["n_scored"], m["n_failed"], m["average_score"]) == (2, 2, 69.5)  # failures never count as 0
+    assert sum("no score" in w for w in warnings) == 2
+    assert [r["form"] for r in score_rows([entry(r) for r in script], outcome.records)] == \
+        ["failed", "bare", "json", "failed"]
+
+
+def test_scores_cached_by_the_lax_parser_are_read_again(tmp_path):
+    """A record from before the forms were required: a reply that states no score is asked again."""
+    responses = write_responses(tmp_path / "test.json", ["kept", "lax"])
+    scores = tmp_path / "scores.jsonl"
+    with FakeOllama({"kept": ["85"], "lax": ["90"]}) as fake:
+        run(responses, scores, params(fake.url))
+        old = [json.loads(line) for line in scores.read_text().splitlines()]
+        old[1].update(score=8, replies=["The correct answer is 8."])
+        scores.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "form"}) + "\n" for r in old))
+        fake.requests.clear()
+        outcome, _ = run(responses, scores, params(fake.url))
+        assert len(fake.chats()) == 1 and "lax" in fake.chats()[0]["messages"][0]["content"]
+    assert [(r["score"], r["form"]) for r in outcome.records] == [(85, "bare"), (90, "bare")]
+    assert [json.loads(line)["form"] for line in scores.read_text().splitlines()] == ["bare", "bare"]
+
+
+def test_metrics_carry_the_bootstrap_interval_and_the_spread(tmp_path):
+    values = [35, 90, 72, 0, 64, 88, 51, 77, 93, 60]
+    responses = write_responses(tmp_path / "test.json", [f"r{i}" for i in range(len(values))])
+    with FakeOllama({f"r{i}": [str(v)] for i, v in enumerate(values)}) as fake:
+        outcome, _ = run(responses, tmp_path / "scores.jsonl", params(fake.url))
+    m = outcome.metrics
+    low, high = bootstrap_interval(values, seed=123)
+    assert (m["average_score_ci95_low"], m["average_score_ci95_high"]) == (round(low, 2), round(high, 2))
+    assert m["average_score_ci95_low"] < m["average_score"] == 63.0 < m["average_score_ci95_high"]
+    assert m["score_std"] == pytest.approx(statistics.stdev(values), abs=0.005)
+    assert (m["bootstrap_resamples"], m["bootstrap_seed"]) == (10_000, 123)
+    # About the normal interval mean +- 1.96 sd / sqrt(n) (the percentile interval is a little narrower
+    # for small n, since the bootstrap's variance divides by n, not n - 1).
+    half = 1.96 * statistics.pstdev(values) / len(values) ** 0.5
+    assert high - low == pytest.approx(2 * half, rel=0.1)
+
+
+def test_bootstrap_matches_a_hand_computation():
+    # Means of resamples of [0, 0, 0, 100]: 25 * K with K ~ Binomial(4, 1/4); P(K <= 2) = 243/256 = 0.949
+    # and P(K <= 3) = 255/256 = 0.996, so the 2.5th percentile is 0 and the 97.5th is 75.
+    assert bootstrap_interval([0, 0, 0, 100], seed=123) == (0.0, 75.0)
+    # A constant list has no spread; one value is its own interval.
+    assert bootstrap_interval([70, 70, 70], seed=1) == (70.0, 70.0) and bootstrap_interval([55], seed=1) == (55.0, 55.0)
+    # The same computation, spelled out: seeded draws, means, numpy's linear-interpolation percentiles.
+    values = [10, 40, 45, 80, 95]
+    rng = np.random.default_rng(7)
+    draws = rng.integers(0, len(values), size=(10_000, len(values)))
+    means = sorted(sum(values[i] for i in row) / len(values) for row in draws.tolist())
+    def percentile(q):
+        position = q / 100 * (len(means) - 1)
+        below = int(position)
+        return means[below] + (means[below + 1] - means[below]) * (position - below)
+    low, high = bootstrap_interval(values, seed=7)
+    assert (low, high) == pytest.approx((percentile(2.5), percentile(97.5)), abs=1e-9)
+
+
+def test_bootstrap_is_deterministic_and_depends_on_the_seed():
+    values = list(range(0, 100, 7))
+    assert bootstrap_interval(values, seed=123) == bootstrap_interval(values, seed=123)
+    assert bootstrap_interval(values, seed=123) != bootstrap_interval(values, seed=124)
+    with pytest.raises(ValueError, match="no scores"):
+        bootstrap_interval([], seed=123)
+
+
 def test_histogram_bins():
     rows = histogram_rows([0, 9, 10, 55, 90, 100, 100])
     assert [r["count"] for r in rows] == [2, 1, 0, 0, 0, 1, 0, 0, 0, 3]
@@ -388,10 +501,17 @@ def test_judge_stage_end_to_end(repo_copy):
         proc = repo_copy.dvc("repro", "--single-item", "judge")
         metrics = repo_copy.read_json("metrics/judge.json")
         assert (metrics["n_scored"], metrics["n_failed"], metrics["average_score"]) == (2, 1, 40.0)
-        assert "judge: average score 40.00 over 2 entries, 1 failed" in proc.stdout
+        assert (metrics["average_score_ci95_low"], metrics["average_score_ci95_high"]) == (0.0, 80.0)
+        assert metrics["score_std"] == pytest.approx(56.57, abs=0.01) and metrics["bootstrap_seed"] == 123
+        assert "judge: average score 40.00 (95% CI 0.00-80.00) over 2 entries, 1 failed" in proc.stdout
         assert (repo_copy.root / "metrics" / "judge_scores.png").read_bytes()[:4] == b"\x89PNG"
+        histogram = (repo_copy.root / "metrics" / "judge_histogram.csv").read_text().splitlines()
+        assert histogram[0] == "bin,low,count" and histogram[1] == "0-9,0,1" and histogram[-2] == "80-89,80,1"
         table = (repo_copy.root / "metrics" / "judge_scores.csv").read_text().splitlines()
-        assert table[0] == "bin,low,count" and table[1] == "0-9,0,1" and table[-2] == "80-89,80,1"
+        assert table == ["entry,instruction,score,form", "0,Name the capital of France.,80,bare",
+                         "1,Name the capital of France.,,failed", "2,Name the capital of France.,0,empty"]
+        shown = repo_copy.dvc("plots", "show", "--json", "metrics/judge_scores.csv").stdout
+        assert '"score"' in shown and '"entry"' in shown  # DVC reads the per-entry table as declared
         assert len((repo_copy.root / "data" / "judge" / "scores.jsonl").read_text().splitlines()) == 3
         n_before = len(fake.requests)
         repo_copy.dvc("repro", "--single-item", "judge")  # nothing changed: DVC skips the stage
