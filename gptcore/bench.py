@@ -79,6 +79,7 @@ def _gptcore_task(spec: BenchSpec, device, precision: str):
     from gptcore.config import PRESETS
     from gptcore.decoding import cast_for_inference, generate, generate_batch
     from gptcore.model import GPTModel, set_activation_checkpointing
+    from gptcore.precision import autocast, make_grad_scaler, weights_dtype
     from gptcore.train import StepRunner, compile_blocks, lm_loss, make_optimizer
     from gptcore.weights import load_model
 
@@ -94,6 +95,7 @@ def _gptcore_task(spec: BenchSpec, device, precision: str):
                 model = GPTModel(dataclasses.replace(config, num_classes=2))
         else:
             model = load_foundation(spec.model, 2, seed=spec.seed, device=device)
+        model.to(weights_dtype(precision))
         trainable = set_trainable(model, "last_block")
         optimizer = make_optimizer(trainable, lr=5e-5, weight_decay=0.1)
         frozen = frozen_prefix(model)
@@ -102,7 +104,8 @@ def _gptcore_task(spec: BenchSpec, device, precision: str):
         frozen_linears_cast(model, frozen, precision).__enter__()
         inputs = torch.randint(0, config.vocab_size, (spec.batch, spec.seq_len), generator=generator)
         labels = torch.randint(0, 2, (spec.batch,), generator=generator)
-        runner = StepRunner(model, optimizer, loss_fn, device, precision, spec.grad_accum, spec.step_in_backward)
+        runner = StepRunner(model, optimizer, loss_fn, device, precision, spec.grad_accum, spec.step_in_backward,
+                            make_grad_scaler(device, precision))
         model.train()
         return lambda: runner.step((inputs, labels))
 
@@ -114,10 +117,12 @@ def _gptcore_task(spec: BenchSpec, device, precision: str):
     if spec.compile:
         compile_blocks(model)
     if spec.task == "train":
+        model.to(weights_dtype(precision))
         set_activation_checkpointing(model, spec.activation_checkpointing)
         optimizer = make_optimizer(model.parameters(), lr=5e-5, weight_decay=0.1)
         ids = torch.randint(0, config.vocab_size, (spec.batch, spec.seq_len + 1), generator=generator)
-        runner = StepRunner(model, optimizer, lm_loss, device, precision, spec.grad_accum, spec.step_in_backward)
+        runner = StepRunner(model, optimizer, lm_loss, device, precision, spec.grad_accum, spec.step_in_backward,
+                            make_grad_scaler(device, precision))
         model.train()
         return lambda: runner.step((ids[:, :-1], ids[:, 1:]))
 
@@ -126,9 +131,19 @@ def _gptcore_task(spec: BenchSpec, device, precision: str):
     prompts = torch.randint(0, config.vocab_size, (spec.batch, spec.prompt_len), generator=generator)
     if spec.batch == 1:
         idx = prompts.to(device)
-        return lambda: generate(model, idx, spec.new_tokens)
+
+        def run():
+            with autocast(device, precision):
+                generate(model, idx, spec.new_tokens)
+
+        return run
     rows = prompts.tolist()
-    return lambda: generate_batch(model, rows, spec.new_tokens)
+
+    def run_batch():
+        with autocast(device, precision):
+            generate_batch(model, rows, spec.new_tokens)
+
+    return run_batch
 
 
 def _hf_task(spec: BenchSpec, device, bf16: bool):
@@ -199,8 +214,9 @@ def measure(spec: BenchSpec) -> dict[str, Any]:
     """Run one system's task in this process: tokens/s of each timed repeat and the peak memory."""
     import torch
 
-    from gptcore.device import resolve_device, resolve_precision
+    from gptcore.device import resolve_device
     from gptcore.memory import keep_freed_memory
+    from gptcore.precision import resolve_precision
 
     if spec.threads:
         torch.set_num_threads(spec.threads)
@@ -209,11 +225,11 @@ def measure(spec: BenchSpec) -> dict[str, Any]:
     keeps_freed = keep_freed_memory() if spec.system == "gptcore" or spec.hf_keep_freed_memory else False
     device = resolve_device(spec.device)
     if spec.system == "gptcore":
-        precision = resolve_precision(spec.precision, device)
+        precision = resolve_precision(spec.precision, device, "inference" if spec.task.startswith("generate") else "train")
         run = _gptcore_task(spec, device, precision)
     else:
-        precision = "bf16" if spec.system == "hf-bf16" else "fp32"
-        run = _hf_task(spec, device, bf16=precision == "bf16")
+        precision = "bf16-mixed" if spec.system == "hf-bf16" else "fp32"
+        run = _hf_task(spec, device, bf16=precision == "bf16-mixed")
 
     def sync():
         if device.type == "cuda":
@@ -271,12 +287,10 @@ def _hf_available() -> bool:
 def _bf16_available(device_name: str) -> bool:
     import torch
 
-    from gptcore.device import cpu_has_native_bf16, resolve_device
+    from gptcore.device import resolve_device
+    from gptcore.precision import has_native_bf16
 
-    device = resolve_device(device_name)
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return device.type == "cpu" and cpu_has_native_bf16()
+    return has_native_bf16(resolve_device(device_name))
 
 
 def _median(result: dict[str, Any] | None) -> float | None:
@@ -315,7 +329,8 @@ def bench(
     rates = ours.get("tokens_per_s") or [None]
     gptcore_rate = _median(ours)
     hf_fp32, hf_bf16 = _median(results["hf-fp32"]), _median(results["hf-bf16"])
-    same = hf_bf16 if ours.get("precision") == "bf16" else hf_fp32 if ours.get("precision") == "fp32" else None
+    ours_precision = ours.get("precision", "")
+    same = hf_bf16 if ours_precision.startswith("bf16") else hf_fp32 if ours_precision == "fp32" else None
     row: dict[str, Any] = {
         "task": spec.task,
         "model": spec.model,
@@ -401,7 +416,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="gpt2-small", help="gpt2-small|gpt2-medium|gpt2-large|gpt2-xl or a weights file")
     parser.add_argument("--task", nargs="+", default=["train"], choices=TASKS, metavar="TASK",
                         help=f"one or more of {', '.join(TASKS)}")
-    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"), help="gptcore's")
+    from gptcore.config import PRECISIONS
+
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS, help="gptcore's (see gptcore/precision.py)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--batch", type=int, default=None, help="rows (default 8; 1 for generate)")
     parser.add_argument("--seq-len", type=int, default=120, help="tokens per row (train, classify)")

@@ -23,7 +23,8 @@ from torch import nn
 from gptcore.config import ClassifierParams, GPTConfig, RunConfig
 from gptcore.data.loader import make_loader
 from gptcore.data.sms import LABELS, PAD_ID, SmsDataset, encode_texts, pad_ids, read_split
-from gptcore.device import PRECISION_DTYPES, autocast, resolve_device, resolve_precision
+from gptcore.device import resolve_device
+from gptcore.precision import COMPUTE_DTYPES, autocast, resolve_precision, weights_dtype
 from gptcore.errors import DataError, WeightsError
 from gptcore.metrics import confusion_rows, split_metrics
 from gptcore.model import GPTModel
@@ -127,9 +128,9 @@ def frozen_linears_cast(model: GPTModel, frozen_blocks: int | None, precision: s
     fp32, as autocast runs them. The fp32 tensors come back on exit (the saved model is unchanged).
     A no-op in fp32 or when nothing is frozen.
     """
-    dtype = PRECISION_DTYPES[precision]
+    dtype = COMPUTE_DTYPES[precision]
     originals: dict[nn.Parameter, torch.Tensor] = {}
-    if dtype != torch.float32 and frozen_blocks:
+    if precision.endswith("-mixed") and frozen_blocks:
         for block in model.trf_blocks[:frozen_blocks]:
             for module in block.modules():
                 if isinstance(module, nn.Linear):
@@ -194,7 +195,7 @@ def class_logits(
             x = last(x)[rows, position]  # [B, C]
         else:
             x = last.forward_at(x, position)  # [B, C]
-    return model.out_head(model.final_norm(x))  # [B, num_classes]
+    return model.head(x)  # [B, num_classes]
 
 
 def classification_loss(token_position: str = "last", pad_id: int = PAD_ID, frozen_blocks: int | None = None):
@@ -305,7 +306,7 @@ def finetune_classifier(
     frames = {name: read_split(splits[name]) for name in ("train", "validation", "test")}
     tokenizer = get_tokenizer()
     seed_everything(run.seed)
-    model = load_foundation(foundation, len(LABELS), seed=run.seed, device=device)
+    model = load_foundation(foundation, len(LABELS), seed=run.seed, device=device).to(weights_dtype(precision))
     trainable = set_trainable(model, params.trainable)
 
     context = model.config.context_length
@@ -332,7 +333,7 @@ def finetune_classifier(
             model, optimizer, train_loader, epochs=params.epochs,
             loss_fn=classification_loss(params.token_position, PAD_ID, frozen), evaluate=evaluate,
             eval_every=params.eval_every, device=device, precision=precision, checkpoint=checkpoint,
-            progress=progress, desc="finetune_classifier", **params.loop_options(),
+            progress=progress, desc="finetune_classifier", seed=run.seed, **params.loop_options(),
         )
     for row in result.history:
         row["examples_seen"] = row["step"] * params.batch_size  # drop_last: every batch is full

@@ -18,7 +18,8 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from gptcore.device import resolve_device, resolve_precision
+    from gptcore.device import resolve_device
+    from gptcore.precision import autocast, resolve_precision
     from gptcore.decoding import cast_for_inference, generate, ids_to_text, make_generator, text_to_ids
     from gptcore.memory import keep_freed_memory
     from gptcore.tokenizer import EOT_ID, get_tokenizer
@@ -29,13 +30,15 @@ def _generate(args: argparse.Namespace) -> int:
     model = load_model(args.model, device=device)
     if model.config.num_classes is not None:
         raise GptcoreError(f"{args.model}: is a classifier; use `gptcore classify`")
-    cast_for_inference(model, resolve_precision(args.precision, device))
+    precision = resolve_precision(args.precision, device, "inference")
+    cast_for_inference(model, precision)
     tokenizer = get_tokenizer()
     idx = text_to_ids(args.prompt, tokenizer, device)
-    out = generate(
-        model, idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-        eos_id=EOT_ID, generator=make_generator(args.seed, device),
-    )
+    with autocast(device, precision):
+        out = generate(
+            model, idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+            eos_id=EOT_ID, generator=make_generator(args.seed, device),
+        )
     print(ids_to_text(out, tokenizer))
     return 0
 
@@ -70,8 +73,11 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _add_decoding_precision(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16", "auto"),
-                   help="weights for decoding: fp32 (exact, default), bf16/fp16 (faster; bf16 on CPUs with native bf16), auto")
+    from gptcore.precision import PRECISIONS
+
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                   help="fp32 (exact, default); bf16-true (bf16 weights, fp32 head: faster on CPUs/GPUs with native "
+                        "bf16); bf16-mixed/fp16-mixed (autocast); auto (bf16-true where bf16 is native, else fp32)")
 
 
 def build_parser() -> argparse.ArgumentParser:

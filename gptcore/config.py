@@ -260,13 +260,25 @@ class ScratchParams(Section):
     init: typing.Literal["gpt2", "pytorch"] = "gpt2"
 
 
+# The `precision` values (Lightning's names), defined here so that reading params needs no torch;
+# gptcore.precision says what each one means for training and inference.
+PRECISIONS = ("auto", "fp32", "bf16-mixed", "bf16-true", "fp16-mixed")
+# Values of earlier versions, whose meaning differed between training and generation.
+RENAMED_PRECISIONS = {"bf16": "bf16-mixed or bf16-true", "fp16": "fp16-mixed"}
+
+
 @dataclass
 class RunConfig(Section):
     """Top-level params.yaml keys that every stage shares."""
 
     seed: int = 123
     device: str = "auto"  # auto, cpu, cuda, cuda:N, mps
-    precision: typing.Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    precision: str = "auto"  # one of PRECISIONS; what each means: gptcore/precision.py
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            hint = f" (renamed: use {RENAMED_PRECISIONS[self.precision]})" if self.precision in RENAMED_PRECISIONS else ""
+            raise ValueError(f"precision: unknown value {self.precision!r}{hint}; expected one of {', '.join(PRECISIONS)}")
 
 
 @dataclass

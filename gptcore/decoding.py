@@ -6,8 +6,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from gptcore.device import PRECISION_DTYPES
 from gptcore.model import GPTModel, KVCache
+from gptcore.precision import RESOLVED, weights_dtype
 from gptcore.tokenizer import encode
 
 
@@ -63,13 +63,13 @@ def generate(
     cache = None
     for _ in range(max_new_tokens):
         if not use_cache:
-            logits = model(idx[:, -ctx:])[:, -1]
+            logits = next_token_logits(model, idx[:, -ctx:])
         elif cache is None or cache.length >= ctx:
             window = idx[:, -ctx:]
             cache = KVCache(model.config, idx.shape[0], device=device, dtype=_cache_dtype(model))
-            logits = model(window, cache)[:, -1]
+            logits = next_token_logits(model, window, cache)
         else:
-            logits = model(idx[:, -1:], cache)[:, -1]
+            logits = next_token_logits(model, idx[:, -1:], cache)
         next_id = sample_next(logits, temperature, top_k, generator)  # [B, 1]
         if eos_id is not None:
             next_id = next_id.masked_fill(done[:, None], eos_id)
@@ -125,9 +125,9 @@ def generate_batch(
                 model.config, len(active), min(ctx, width + max_new_tokens - step), device=device,
                 dtype=_cache_dtype(model), pad_lengths=torch.tensor(pads) if any(pads) else None,
             )
-            logits = model(idx, cache)[:, -1]
+            logits = next_token_logits(model, idx, cache)
         else:
-            logits = model(last, cache)[:, -1]
+            logits = next_token_logits(model, last, cache)
         next_ids = sample_next(logits, temperature, top_k, generator)[:, 0].tolist()
         keep = []
         for row, (b, token) in enumerate(zip(active, next_ids)):
@@ -156,23 +156,41 @@ def _cache_dtype(model: GPTModel) -> torch.dtype:
     return model.tok_emb.weight.dtype
 
 
-def cast_for_inference(model: GPTModel, precision: str, batch_size: int = 1) -> GPTModel:
-    """Cast the model's weights (in place) to the dtype of a resolved precision, for generation.
+def next_token_logits(model: GPTModel, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    """fp32 logits [B, vocab] for the position after the last of idx [B, T] (appended to cache if given).
 
-    Decoding one token reads every weight once, so it is bound by memory traffic: bf16/fp16 weights
-    halve it, and spare autocast from re-casting every weight at every token. fp32 keeps the values
-    (outputs equal the reference path) but, for one prompt at a time (`batch_size` 1) on CPU, stores
-    each Linear weight transposed in memory: a one-row matmul then reads it as x @ W, the layout of
-    GPT-2's Conv1D, which decoded 124M 7-24% faster than nn.Linear's own layout; 8 prompts at once
-    ran 23% slower with it, and bf16 is faster as is (torch 2.13, 2 cores). Logits are sampled in
-    fp32 either way.
+    The final LayerNorm and the head run on that one position only, outside any autocast and in the
+    head's own dtype (fp32 after cast_for_inference): the token choice is made on fp32 logits at
+    every precision.
     """
-    if precision not in PRECISION_DTYPES:
-        raise ValueError(f"precision: expected one of {', '.join(PRECISION_DTYPES)}, got {precision!r}")
-    dtype = PRECISION_DTYPES[precision]
-    if dtype != torch.float32:
-        model.to(dtype)
-    elif batch_size == 1 and next(model.parameters()).device.type == "cpu":
+    h = model.hidden_states(idx, cache)[:, -1]  # [B, C]
+    with torch.autocast(h.device.type, enabled=False):
+        return model.head(h).float()  # [B, vocab]
+
+
+def cast_for_inference(model: GPTModel, precision: str, batch_size: int = 1) -> GPTModel:
+    """Prepare the model (in place) for decoding at a resolved precision (gptcore.precision).
+
+    bf16-true: the embeddings and blocks are cast to bf16 (decoding one token reads every weight
+    once, so it is bound by memory traffic, which bf16 halves); the final LayerNorm and the head stay
+    fp32 (a tied head gets its own fp32 copy), so logits are fp32. *-mixed: the weights stay fp32 and
+    the caller decodes under gptcore.precision.autocast. fp32: the values stay; for one prompt at a
+    time (`batch_size` 1) on CPU each Linear weight is stored transposed in memory: a one-row matmul
+    then reads it as x @ W, the layout of GPT-2's Conv1D, which decoded 124M 7-24% faster than
+    nn.Linear's own layout; 8 prompts at once ran 23% slower with it (torch 2.13, 2 cores).
+
+    Raises:
+        ValueError: precision is not a resolved value (fp32, bf16-mixed, bf16-true, fp16-mixed).
+    """
+    if precision not in RESOLVED:
+        raise ValueError(f"precision: expected one of {', '.join(RESOLVED)}, got {precision!r}")
+    if precision == "bf16-true":
+        head = model.out_head
+        if head.weight is model.tok_emb.weight:  # untie: the head keeps fp32, the embedding goes bf16
+            head.weight = torch.nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+        for module in (model.tok_emb, model.pos_emb, model.trf_blocks):
+            module.to(weights_dtype(precision))
+    elif precision == "fp32" and batch_size == 1 and next(model.parameters()).device.type == "cpu":
         for module in model.modules():
             if isinstance(module, torch.nn.Linear):  # same shape and values; column-major storage
                 module.weight.data = module.weight.data.t().contiguous().t()

@@ -1,10 +1,10 @@
-"""Choosing the device and the numeric precision a run uses."""
+"""Choosing the device a run uses, and the processes that train together (torchrun).
+
+What each numeric precision means lives in gptcore.precision."""
 
 from __future__ import annotations
 
 import atexit
-import contextlib
-import functools
 import os
 
 import torch
@@ -41,47 +41,6 @@ def _resolve_device(name: str) -> torch.device:
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise ConfigError(f"device: {name!r} requested but MPS is not available")
     return device
-
-
-@functools.cache
-def cpu_has_native_bf16() -> bool:
-    """True when the CPU computes bf16 matmuls in hardware (AVX512-BF16 or AMX), where bf16 pays off."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return " avx512_bf16" in flags or " amx_bf16" in flags
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """Map `auto` to bf16 where the hardware runs it natively, else fp32; validate explicit choices."""
-    if precision == "auto":
-        if device.type == "cuda":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-        if device.type == "cpu" and cpu_has_native_bf16():
-            return "bf16"
-        return "fp32"
-    if precision not in ("fp32", "bf16", "fp16"):
-        raise ConfigError(f"precision: expected auto, fp32, bf16 or fp16, got {precision!r}")
-    if precision == "fp16" and device.type != "cuda":
-        raise ConfigError("precision: fp16 is only supported on CUDA; use bf16 or fp32")
-    return precision
-
-
-# The dtype each resolved precision computes in (fp32: no autocast; bf16/fp16: autocast's low precision).
-PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def autocast(device: torch.device, precision: str, cache_enabled: bool = True) -> contextlib.AbstractContextManager:
-    """Mixed-precision context for forward passes: weights stay fp32, matmuls run in low precision.
-
-    cache_enabled=False: do not keep the low-precision copy of every weight until the context ends
-    (with activation checkpointing nothing else holds them, which saves 2 bytes per parameter).
-    """
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=PRECISION_DTYPES[precision], cache_enabled=cache_enabled)
 
 
 # --- several processes (torchrun) ----------------------------------------------------------------------

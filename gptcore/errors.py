@@ -19,3 +19,7 @@ class WeightsError(GptcoreError):
 
 class DownloadError(GptcoreError):
     """A download that failed after retries, or whose size or digest does not match."""
+
+
+class TrainingError(GptcoreError):
+    """Training cannot go on: a non-finite loss (diverged, or fp16 overflow). Progress saved so far is kept."""

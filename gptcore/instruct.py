@@ -15,7 +15,8 @@ from tqdm.auto import tqdm
 from gptcore.atomic import write_json, write_text
 from gptcore.config import GenerateParams, InstructionsParams, RunConfig
 from gptcore.data.instructions import build_instruction_loaders, read_instructions
-from gptcore.device import resolve_device, resolve_precision
+from gptcore.device import resolve_device
+from gptcore.precision import autocast, resolve_precision, weights_dtype
 from gptcore.download import sha256_of
 from gptcore.errors import WeightsError
 from gptcore.decoding import cast_for_inference, generate_batch, make_generator
@@ -72,7 +73,7 @@ def finetune_instructions(
     tokenizer = get_tokenizer()
     train_entries, val_entries = read_instructions(train_path), read_instructions(val_path)
     seed_everything(run.seed)
-    model = load_language_model(foundation, device)
+    model = load_language_model(foundation, device).to(weights_dtype(precision))
     train_loader, val_loader = build_instruction_loaders(
         train_entries, val_entries, tokenizer, batch_size=params.batch_size, seed=run.seed,
         allowed_max_length=min(params.allowed_max_length, model.config.context_length),
@@ -87,7 +88,7 @@ def finetune_instructions(
     result = train(
         model, optimizer, train_loader, epochs=params.epochs, loss_fn=lm_loss, evaluate=evaluate,
         eval_every=params.eval_every, device=device, precision=precision, checkpoint=checkpoint,
-        progress=progress, desc="finetune_instructions", **params.loop_options(),
+        progress=progress, desc="finetune_instructions", seed=run.seed, **params.loop_options(),
     )
     final = result.history[-1]
     metrics = {
@@ -197,19 +198,20 @@ def generate_responses(
 
     Prompts are batched in order of length (less padding); the result keeps the file's order. With
     `log_path`, finished batches are recorded there and a rerun generates only the missing ones
-    (the same tokens as an uninterrupted run, up to the device's floating-point reproducibility: each
-    batch samples from a generator seeded with `params.seed` + its number).
+    (the same tokens as an uninterrupted run: each batch samples from a generator seeded with
+    `params.seed` + its number). `run.precision` is resolved for inference (gptcore.precision).
     """
     device = resolve_device(run.device)
-    precision = resolve_precision(run.precision, device)
+    precision = resolve_precision(run.precision, device, "inference")
     entries = read_instructions(test_path)
     model = cast_for_inference(load_language_model(model_path, device), precision, params.batch_size)  # the bench's path
     tokenizer = get_tokenizer()
     prompts = [prompt_ids(entry, tokenizer) for entry in entries]
-    # Greedy responses do not depend on how prompts are batched (tests/test_generate_batch.py).
+    # The batch size is part of the run's identity even for greedy decoding: in exact arithmetic a
+    # prompt's tokens do not depend on its batch (tests/test_generate_batch.py), but in floating point
+    # the kernels differ by shape (in bf16 enough to flip near-tied choices), so progress made with
+    # another batch size is not mixed in.
     knobs = params.to_dict()
-    if params.temperature == 0.0:
-        knobs.pop("batch_size")
     log = None
     records: list[dict[str, Any]] = []
     if log_path is not None:
@@ -229,10 +231,11 @@ def generate_responses(
                 continue
             began = time.perf_counter()
             generator = make_generator(params.seed + number, device)
-            new_ids = generate_batch(
-                model, [prompts[i] for i in batch], params.max_new_tokens, params.temperature,
-                params.top_k, eos_id=EOT_ID, generator=generator,
-            )
+            with autocast(device, precision):
+                new_ids = generate_batch(
+                    model, [prompts[i] for i in batch], params.max_new_tokens, params.temperature,
+                    params.top_k, eos_id=EOT_ID, generator=generator,
+                )
             record = {
                 "indices": batch,
                 "responses": [extract_response(tokenizer.decode(ids)) for ids in new_ids],

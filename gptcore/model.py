@@ -212,6 +212,14 @@ class GPTModel(nn.Module):
 
         With a cache, idx holds only the new positions; their keys and values are appended to it.
         """
+        return self.head(self.hidden_states(idx, cache))
+
+    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """The last block's output [B, T, C] for token ids idx [B, T] (before the final LayerNorm).
+
+        Raises:
+            ValueError: the cached and new positions together exceed the context length.
+        """
         B, T = idx.shape
         past = cache.length if cache is not None else 0
         if past + T > self.config.context_length:
@@ -229,7 +237,15 @@ class GPTModel(nn.Module):
                 x = block(x, cache, mask)
         if cache is not None:
             cache.advance(T)
-        return self.out_head(self.final_norm(x))
+        return x
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """Final LayerNorm and output head: hidden states [..., C] -> logits [..., vocab or num_classes].
+
+        Computes in the dtype of the head's weights: inference keeps them in fp32 when the blocks run
+        in bf16 (gptcore.decoding.cast_for_inference), so logits are not rounded to bf16.
+        """
+        return self.out_head(self.final_norm(x.to(self.final_norm.weight.dtype)))
 
     def num_parameters(self) -> int:
         """Unique parameters (a tied head counts once)."""

@@ -8,7 +8,8 @@ from pathlib import Path
 
 from gptcore.config import PretrainParams, RunConfig
 from gptcore.data.text import build_text_loaders
-from gptcore.device import resolve_device, resolve_precision
+from gptcore.device import resolve_device
+from gptcore.precision import resolve_precision, weights_dtype
 from gptcore.errors import DataError
 from gptcore.decoding import generate, ids_to_text, text_to_ids
 from gptcore.model import GPTModel, random_model
@@ -66,14 +67,14 @@ def pretrain(
         text, tokenizer, max_length=context, stride=params.stride or context,
         batch_size=params.batch_size, train_ratio=params.train_ratio, seed=run.seed, source=str(corpus),
     )
-    model = random_model(params.model, params.init).to(device)
+    model = random_model(params.model, params.init).to(device, weights_dtype(precision))
     optimizer = make_optimizer(model.parameters(), params.lr, params.weight_decay, device)
     checkpoint = open_checkpoint(checkpoint_dir, params, run.to_dict(), precision, inputs=[corpus])
     evaluate = loss_evaluator(train_loader, val_loader, lm_loss, device, precision, params.eval_batches)
     result = train(
         model, optimizer, train_loader, epochs=params.epochs, loss_fn=lm_loss, evaluate=evaluate,
         eval_every=params.eval_every, device=device, precision=precision, checkpoint=checkpoint,
-        progress=progress, desc="pretrain", **params.loop_options(),
+        progress=progress, desc="pretrain", seed=run.seed, **params.loop_options(),
     )
     final = result.history[-1]
     metrics = {

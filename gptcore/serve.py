@@ -124,7 +124,8 @@ class ModelService:
                  max_predict: int = MAX_PREDICT, max_body: int = MAX_BODY, max_pending: int = MAX_PENDING,
                  precision: str = "fp32"):
         from gptcore import __version__
-        from gptcore.device import resolve_device, resolve_precision
+        from gptcore.device import resolve_device
+        from gptcore.precision import resolve_precision
         from gptcore.download import sha256_of
         from gptcore.decoding import cast_for_inference
         from gptcore.tokenizer import get_tokenizer
@@ -136,7 +137,7 @@ class ModelService:
         if self.model.config.num_classes is not None:
             raise GptcoreError(f"{self.path}: is a classifier ({self.model.config.num_classes} classes); "
                                "only language models can be served")
-        cast_for_inference(self.model, resolve_precision(precision, self.device))
+        cast_for_inference(self.model, resolve_precision(precision, self.device, "inference"))
         self.tokenizer = get_tokenizer()
         self.name = canonical_name(name or default_name(self.path))
         self.digest = sha256_of(self.path)

@@ -20,9 +20,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from gptcore.atomic import atomic_path, write_json
-from gptcore.device import autocast, init_distributed, is_main_process, rank, world_size
-from gptcore.errors import WeightsError
+from gptcore.device import init_distributed, is_main_process, rank, world_size
+from gptcore.errors import TrainingError, WeightsError
 from gptcore.model import set_activation_checkpointing
+from gptcore.precision import autocast, make_grad_scaler
 from gptcore.schedule import lr_factor
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -178,6 +179,17 @@ def _rng_state() -> dict[str, Any]:
     return state
 
 
+def _all_rng_states(world: int) -> list[dict[str, Any]]:
+    """Every process's RNG state, in rank order (a collective under torchrun: all processes call it)."""
+    if world == 1:
+        return [_rng_state()]
+    import torch.distributed as dist
+
+    states: list[Any] = [None] * world
+    dist.all_gather_object(states, _rng_state())
+    return states
+
+
 def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["cpu"])
     if "cuda" in state and torch.cuda.is_available():
@@ -240,9 +252,13 @@ class StepRunner:
         precision: str = "fp32",
         grad_accum: int = 1,
         step_in_backward: bool = False,
+        scaler: torch.amp.GradScaler | None = None,
     ):
         if grad_accum < 1:
             raise ValueError(f"grad_accum must be positive, got {grad_accum}")
+        if step_in_backward and scaler is not None:
+            raise ValueError("step_in_backward cannot unscale gradients: use it without fp16-mixed")
+        self.scaler = scaler
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
         self.device, self.precision, self.grad_accum = device, precision, grad_accum
         self.world = world_size() if init_distributed(device) else 1
@@ -302,10 +318,15 @@ class StepRunner:
             out.append(((inputs[index], targets[index]), n / total * self.world))
         return out
 
-    def step(self, batch: Batch) -> None:
-        """Forward and backward over this process's pieces of the global batch, then the optimizer step."""
+    def step(self, batch: Batch, number: int = 0) -> None:
+        """Forward and backward over this process's pieces of the global batch, then the optimizer step.
+
+        Raises:
+            TrainingError: the loss is not finite (on any process); the optimizer has not stepped.
+        """
         pieces = self.pieces(batch)
         self.optimizer.zero_grad(set_to_none=True)
+        total = torch.zeros((), device=self.device)
         for i, (piece, weight) in enumerate(pieces):
             inputs, targets = to_device(piece, self.device)
             last = i == len(pieces) - 1
@@ -320,9 +341,41 @@ class StepRunner:
                         loss = self.loss_fn(self.model, (inputs, targets))
                 if weight is not None:
                     loss = loss * weight
-                loss.backward()
-        if not self._hooks:
+                total += loss.detach().float()
+                if self._hooks:  # the hooks update the weights during backward: check before it
+                    self._check_finite(total, number)
+                (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        self._check_finite(total, number)
+        if self._hooks:
+            return
+        if self.scaler is not None:  # skips the update when the scaled gradients overflowed
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
             self.optimizer.step()
+
+    def _check_finite(self, loss: torch.Tensor, number: int) -> None:
+        """Stop every process together when any one's loss is inf or NaN (one would hang the others)."""
+        bad = (~torch.isfinite(loss)).float()
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        if bool(bad):
+            raise TrainingError(
+                f"step {number}: the loss is {loss.item()} (not finite); lower the lr, or use bf16-mixed or fp32 "
+                "instead of fp16-mixed; progress saved before this step is kept"
+            )
+
+    def agree(self, flag: bool) -> bool:
+        """True on every process when `flag` is True on any (a stop signal, a due save)."""
+        if self.world == 1:
+            return flag
+        import torch.distributed as dist
+
+        value = torch.tensor([float(flag)], device=self.device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item())
 
     def evaluate(self, evaluate: Callable[[nn.Module], dict[str, float]]) -> dict[str, float]:
         """evaluate(model) on the main process, shared with the others (they wait, then get its row)."""
@@ -364,6 +417,7 @@ def train(
     step_in_backward: bool = False,
     lr_schedule: str = "constant",
     warmup: float = 0.0,
+    seed: int | None = None,
 ) -> TrainResult:
     """Train for `epochs` over train_loader, evaluating after the first step and every `eval_every`.
 
@@ -379,6 +433,16 @@ def train(
     its gradient is complete (less memory; see StepRunner). None of them changes the result beyond
     float rounding. lr_schedule and warmup scale each param group's lr per step (gptcore.schedule):
     the optimizer's lr is the peak.
+
+    Randomness (dropout): one process draws from torch's global generator as the caller left it.
+    Under torchrun each process reseeds it with `seed + rank` once the weights are in place (as
+    nanoGPT does), so the processes draw different dropout masks for their shares; the progress file
+    keeps every process's RNG state and each restores its own. `precision` fp16-mixed scales the loss
+    (torch.amp.GradScaler, its state saved with the progress).
+
+    Raises:
+        TrainingError: a non-finite loss (the error names the step; saved progress is kept).
+        WeightsError: progress that does not fit the model, or was made by another number of processes.
     """
     lr_factor(0, 1, lr_schedule, warmup)  # a bad schedule fails before any work
     sampler = train_loader.batch_sampler
@@ -392,18 +456,18 @@ def train(
             optimizer.load_state_dict(saved["optimizer"])
         except (RuntimeError, ValueError, KeyError) as err:
             raise WeightsError(f"{checkpoint.path}: does not fit this model: {err}") from None
-        _set_rng_state(saved["rng"])
         result.history = list(saved["history"])
         result.steps, result.tokens_seen = saved["step"], saved["tokens_seen"]
         result.seconds = saved["seconds"]
         result.resumed_at_step = result.steps
         start_epoch, skip = divmod(result.steps, batches_per_epoch)
 
-    def snapshot() -> dict[str, Any]:
+    def snapshot(rng_states: list[dict[str, Any]]) -> dict[str, Any]:
         return {
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
-            "rng": _rng_state(),
+            "rng": rng_states,  # one per process, in rank order
+            "grad_scaler": scaler.state_dict() if scaler is not None else {},
             "history": result.history,
             "step": result.steps,
             "tokens_seen": result.tokens_seen,
@@ -415,9 +479,14 @@ def train(
         set_activation_checkpointing(model, True)
     if compile:
         compile_blocks(model)
-    runner = StepRunner(model, optimizer, loss_fn, device, precision, grad_accum, step_in_backward)
+    scaler = make_grad_scaler(device, precision, saved.get("grad_scaler") if saved is not None else None)
+    runner = StepRunner(model, optimizer, loss_fn, device, precision, grad_accum, step_in_backward, scaler)
     if runner.world > 1:
         _check_same_start(result.steps, checkpoint)
+    if saved is not None:
+        _set_rng_state(_own_rng_state(saved["rng"], runner.world, runner.rank, checkpoint))
+    elif runner.world > 1 and seed is not None:
+        torch.manual_seed(seed + runner.rank)  # after DDP's broadcast of the weights: draws differ per rank
     for group in optimizer.param_groups:  # the peak lr; a resumed optimizer brings its own back
         group.setdefault("peak_lr", group["lr"])
     main = is_main_process()
@@ -432,7 +501,7 @@ def train(
                     factor = lr_factor(result.steps, total_steps, lr_schedule, warmup)
                     for group in optimizer.param_groups:
                         group["lr"] = group["peak_lr"] * factor
-                    runner.step(batch)
+                    runner.step(batch, result.steps + 1)
                     result.steps += 1
                     result.tokens_seen += batch[0].numel()
                     bar.update(1)
@@ -442,9 +511,13 @@ def train(
                         result.history.append(row)
                         bar.set_postfix({k: f"{v:.3f}" for k, v in row.items() if k.endswith("loss")})
                     result.seconds = time.perf_counter() - started
-                    if checkpoint is not None and main and (stop.requested or checkpoint.due()):
-                        checkpoint.save(snapshot())
-                    if stop.requested:
+                    # Every process takes part in a save (their RNG states are gathered) and in a stop.
+                    stopping = runner.agree(stop.requested)
+                    if checkpoint is not None and runner.agree(stopping or (main and checkpoint.due())):
+                        states = _all_rng_states(runner.world)
+                        if main:
+                            checkpoint.save(snapshot(states))
+                    if stopping:
                         tqdm.write(f"interrupted at step {result.steps}; progress saved, re-run to resume")
                         raise KeyboardInterrupt
     finally:  # the model leaves as it came: no hooks, no recomputation, not compiled
@@ -456,6 +529,16 @@ def train(
     model.eval()
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _own_rng_state(saved: Any, world: int, rank_: int, checkpoint: Checkpoint | None) -> dict[str, Any]:
+    """This process's RNG state from the progress file (a list in rank order; one dict in older files)."""
+    states = [saved] if isinstance(saved, dict) else list(saved)
+    if len(states) != world:
+        where = checkpoint.path if checkpoint is not None else "the progress file"
+        raise WeightsError(f"{where}: progress of {len(states)} process(es) cannot resume in {world}; "
+                           f"launch {len(states)} or delete it to start afresh")
+    return states[rank_]
 
 
 def _check_same_start(step: int, checkpoint: Checkpoint | None) -> None:

@@ -129,7 +129,7 @@ def test_frozen_linears_cast_changes_nothing_under_bf16_autocast(classifier):
     runs = []
     for cast in (False, True):
         classifier.zero_grad()
-        context = frozen_linears_cast(classifier, frozen, "bf16") if cast else contextlib.nullcontext()
+        context = frozen_linears_cast(classifier, frozen, "bf16-mixed") if cast else contextlib.nullcontext()
         with context, torch.autocast("cpu", dtype=torch.bfloat16):
             if cast:
                 assert classifier.trf_blocks[0].ff.fc.weight.dtype == torch.bfloat16

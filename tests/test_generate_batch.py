@@ -72,7 +72,7 @@ def test_batch_stops_when_every_row_is_done():
     with torch.no_grad():
         model.out_head.weight.zero_()  # every logit 0: greedy picks token 0 at once for every row
     calls = []
-    model.register_forward_hook(lambda *args: calls.append(1))
+    model.out_head.register_forward_hook(lambda *args: calls.append(1))  # once per decoding step
     out = generate_batch(model, random_prompts([2, 7, 4]), 50, eos_id=0)
     assert out == [[], [], []] and len(calls) == 1
 

@@ -32,7 +32,7 @@ def _train(steps=3, precision="fp32", fused=True, **runner_options):
     return model, optimizer
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16-mixed"])
 def test_step_in_backward_is_the_same_update(precision):
     reference, ref_opt = _train(precision=precision)
     model, opt = _train(precision=precision, step_in_backward=True)
@@ -57,7 +57,7 @@ def test_closed_runner_leaves_no_hooks():
     assert all(p.grad is not None for p in model.parameters())
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16-mixed"])
 def test_activation_checkpointing_gives_the_same_gradients(precision):
     grads = []
     for recompute in (False, True):
@@ -65,7 +65,7 @@ def test_activation_checkpointing_gives_the_same_gradients(precision):
         model = GPTModel(CONFIG).train()  # dropout on: the recomputation must replay the same masks
         set_activation_checkpointing(model, recompute)
         ids = torch.randint(0, CONFIG.vocab_size, (3, 17), generator=torch.Generator().manual_seed(2))
-        with torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16", cache_enabled=not recompute):
+        with torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16-mixed", cache_enabled=not recompute):
             loss = lm_loss(model, (ids[:, :-1], ids[:, 1:]))
         loss.backward()
         grads.append([p.grad for p in model.parameters()])
@@ -101,8 +101,10 @@ def test_cast_for_inference():
     assert torch.equal(fp32, reference)
     batched = cast_for_inference(GPTModel(CONFIG).eval(), "fp32", batch_size=8)
     assert batched.trf_blocks[0].att.qkv.weight.is_contiguous()  # row-major suits several rows
-    cast_for_inference(model, "bf16")
-    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    cast_for_inference(model, "bf16-true")
+    head = {p for p in [*model.final_norm.parameters(), *model.out_head.parameters()]}
+    assert {p.dtype for p in model.parameters() if p not in head} == {torch.bfloat16}
+    assert {p.dtype for p in head} == {torch.float32}  # logits in fp32
     out = generate(model, idx, 5)
     assert out.shape == fp32.shape and out[0, :3].tolist() == [1, 2, 3]
     with pytest.raises(ValueError, match="precision"):
@@ -143,7 +145,7 @@ def test_bench_gptcore_only(tiny_weights):
 def test_bench_beside_transformers(tiny_weights):
     pytest.importorskip("transformers")
     out = _bench("--model", str(tiny_weights), "--task", "train", "--json", "--repeats", "1", "--warmup", "0",
-                 "--seq-len", "12", "--threads", "1", "--precision", "bf16")
+                 "--seq-len", "12", "--threads", "1", "--precision", "bf16-mixed")
     (row,) = [json.loads(line) for line in out.stdout.splitlines()]
     assert row["hf_fp32_tokens_per_s"] > 0 and row["hf_fp32_peak_rss_mib"] > 50
     assert row["ratio_vs_hf_fp32"] == pytest.approx(row["gptcore_tokens_per_s"] / row["hf_fp32_tokens_per_s"], rel=1e-2)
