@@ -252,6 +252,7 @@ def generate_responses(
     metrics = {
         "entries": len(entries),
         "batch_size": params.batch_size,
+        "precision": precision,
         "tokens_generated": tokens,
         "generation_seconds": round(seconds, 2),
         "tokens_per_second": round(tokens / seconds, 2) if seconds > 0 else 0.0,

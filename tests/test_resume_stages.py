@@ -209,7 +209,8 @@ def _judge_run(workdir: Path, inputs: Path, url: str) -> StageRun:
     params = {"judge": {"url": url, "retries": 1, "backoff": 0.0, "timeout": 10.0}}
     (workdir / "params.yaml").write_text(yaml.safe_dump(params))
     cmd = _stage("judge") + ["--responses", "responses.json", "--scores", "scores.jsonl", "--metrics", "metrics.json",
-                             "--plot-table", "scores.csv", "--plot-png", "scores.png"]
+                             "--scores-table", "scores.csv", "--histogram-table", "histogram.csv",
+                             "--histogram-png", "histogram.png"]
     return StageRun(workdir, cmd, _lines_at_least("scores.jsonl", 1), ["scores.jsonl", "metrics.json", "scores.csv"])
 
 
@@ -290,6 +291,18 @@ def test_torchrun_stage_resumes_exactly(tmp_path, mirror_dir, stage_inputs):
     torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     env = {**_env(mirror_dir), "OMP_NUM_THREADS": "1"}
     make = lambda d: _classifier_run(d, stage_inputs, "lm-no-dropout.safetensors", grad_accum=2)  # noqa: E731
+    log = _kill_and_resume(make, tmp_path, env, launcher=torchrun)
+    assert "resuming from" in log
+
+
+@pytest.mark.slow
+def test_torchrun_with_dropout_resumes_exactly(tmp_path, mirror_dir, stage_inputs):
+    """Per-rank randomness: two gloo processes, dropout 0.1 (each rank draws its own masks from seed +
+    rank), a global batch of 3 that two processes cannot split evenly; killed together mid-run and
+    launched again, each rank restores its own RNG state and the outputs equal an uninterrupted run."""
+    torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    env = {**_env(mirror_dir), "OMP_NUM_THREADS": "1"}
+    make = lambda d: _instructions_run(d, stage_inputs, "lm.safetensors", batch_size=3)  # noqa: E731
     log = _kill_and_resume(make, tmp_path, env, launcher=torchrun)
     assert "resuming from" in log
 
