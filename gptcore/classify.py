@@ -168,34 +168,12 @@ def class_logits(
     parameters must be frozen), and the last block only where the chosen position needs it; the
     result equals model(idx) at that position up to float rounding.
     """
-    rows = torch.arange(idx.shape[0], device=idx.device)
     position = token_index(idx, token_position, pad_id)  # [B]
     if token_position == "last_non_pad":
         # Attention is causal: pads after the longest text of the batch reach no classified position,
         # so cutting them is exact and saves their compute.
         idx = idx[:, : int(position.max()) + 1]
-    if frozen_blocks is None:
-        return model(idx)[rows, position]  # [B, num_classes]
-    T = idx.shape[1]
-    if T > model.config.context_length:
-        raise ValueError(f"sequence of {T} tokens exceeds the context length {model.config.context_length}")
-    n = len(model.trf_blocks)
-    with torch.no_grad():
-        x = model.drop_emb(model.tok_emb(idx) + model.pos_emb(torch.arange(T, device=idx.device)))  # [B, T, C]
-        for block in model.trf_blocks[: min(frozen_blocks, n - 1)]:
-            x = block(x)
-    for block in model.trf_blocks[frozen_blocks : n - 1]:
-        x = block(x)
-    # The last block, its LayerNorm and the head are needed at the chosen position only (the last block
-    # alone is 8% of a 774M classifier step). With dropout active, the full block keeps the random
-    # draws, and so the results, of earlier versions.
-    last = model.trf_blocks[-1]
-    with torch.set_grad_enabled(torch.is_grad_enabled() and frozen_blocks < n):
-        if last.training and model.config.drop_rate > 0:
-            x = last(x)[rows, position]  # [B, C]
-        else:
-            x = last.forward_at(x, position)  # [B, C]
-    return model.head(x)  # [B, num_classes]
+    return model.logits_at(idx, position, frozen_blocks)  # [B, num_classes]
 
 
 def classification_loss(token_position: str = "last", pad_id: int = PAD_ID, frozen_blocks: int | None = None):

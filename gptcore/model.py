@@ -239,6 +239,43 @@ class GPTModel(nn.Module):
             cache.advance(T)
         return x
 
+    def logits_at(self, idx: torch.Tensor, position: torch.Tensor, frozen_blocks: int | None = None) -> torch.Tensor:
+        """Logits [B, vocab or num_classes] at one position per row: position [B] indexes idx [B, T].
+
+        Without frozen_blocks: forward(idx)[rows, position]. With them, the same up to float rounding
+        for less work (the classifier's finetuning and inference): attention is causal
+        and everything after it acts per position, so the last block runs its query, projections and MLP
+        at the chosen position only (keys and values from every position; with active dropout the full
+        block runs, keeping the random draws of the full forward). frozen_blocks k: the embeddings and
+        the first k blocks run without autograd (their parameters must be frozen). The blocks between
+        them and the last honour activation checkpointing, as forward does.
+
+        Raises:
+            ValueError: idx is longer than the context length.
+        """
+        B, T = idx.shape
+        rows = torch.arange(B, device=idx.device)
+        if frozen_blocks is None:  # everything may train: the full forward pass, as the book's
+            return self(idx)[rows, position]
+        if T > self.config.context_length:
+            raise ValueError(f"sequence of {T} tokens exceeds the context length {self.config.context_length}")
+        n = len(self.trf_blocks)
+        frozen = min(frozen_blocks, n - 1)
+        with torch.no_grad():
+            x = self.drop_emb(self.tok_emb(idx) + self.pos_emb(torch.arange(T, device=idx.device)))  # [B, T, C]
+            for block in self.trf_blocks[:frozen]:
+                x = block(x)
+        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
+        for block in self.trf_blocks[frozen : n - 1]:
+            x = checkpoint(block, x, None, None, use_reentrant=False) if recompute else block(x)
+        last = self.trf_blocks[-1]
+        with torch.set_grad_enabled(torch.is_grad_enabled() and frozen_blocks < n):
+            if last.training and self.config.drop_rate > 0:
+                x = last(x)[rows, position]  # [B, C]
+            else:
+                x = last.forward_at(x, position)  # [B, C]
+        return self.head(x)
+
     def head(self, x: torch.Tensor) -> torch.Tensor:
         """Final LayerNorm and output head: hidden states [..., C] -> logits [..., vocab or num_classes].
 
