@@ -171,9 +171,10 @@ class Conversion:
 
 
 def is_hf_folder(folder: str | os.PathLike) -> bool:
-    """True when `folder` looks like a transformers save_pretrained folder (config.json + weights)."""
+    """True when `folder` is a transformers save_pretrained folder (a config.json) rather than an OpenAI
+    checkpoint (an hparams.json)."""
     folder = Path(folder)
-    return (folder / "config.json").is_file() and any((folder / name).is_file() for name in WEIGHT_FILES)
+    return (folder / "config.json").is_file() and not (folder / "hparams.json").is_file()
 
 
 def convert_hf_folder(folder: str | os.PathLike, out: str | os.PathLike) -> Conversion:

@@ -62,6 +62,9 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
 
 
 def _read_metadata(path: Path) -> tuple[GPTConfig, dict[str, str]]:
+    if path.is_dir():
+        hint = " (a Hugging Face folder: convert it with `gptcore convert`)" if (path / "config.json").is_file() else ""
+        raise WeightsError(f"{path}: is a folder, not a weights file{hint}")
     if not path.is_file():
         raise WeightsError(f"{path}: weights file not found")
     try:

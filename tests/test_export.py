@@ -310,3 +310,10 @@ def test_bad_input_is_one_line_and_writes_nothing(case, pattern, tmp_path, model
     err = capsys.readouterr().err
     assert err.startswith("error:") and err.count("\n") == 1 and re.search(pattern, err), err
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_export_is_deterministic(models, ggufs, tmp_path):
+    """The same weights give the same bytes (DVC and caches see an unchanged output)."""
+    again = tmp_path / "again" / ggufs["stage1_trained", "q8_0"].name
+    export_gguf(models["stage1_trained"], again, dtype="q8_0")
+    assert again.read_bytes() == ggufs["stage1_trained", "q8_0"].read_bytes()

@@ -178,3 +178,10 @@ def test_classifier_reading_the_last_position_is_refused(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error:") and "last_non_pad" in err
     assert not (tmp_path / "hf").exists()
+
+
+def test_generate_on_a_transformers_folder_says_how_to_convert(tmp_path, capsys):
+    hf_model(dict(n_vocab=50257, n_ctx=8, n_embd=16, n_head=2, n_layer=1)).save_pretrained(tmp_path / "hf")
+    assert main(["generate", "--model", str(tmp_path / "hf"), "--prompt", "Hi"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Hugging Face folder: convert it with `gptcore convert`" in err

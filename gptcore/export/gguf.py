@@ -29,11 +29,13 @@ from pathlib import Path
 
 import gguf
 import numpy as np
+import torch
 from safetensors import safe_open
 
 from gptcore.atomic import atomic_path, write_text
 from gptcore.config import GPTConfig
 from gptcore.errors import ConfigError, WeightsError
+from gptcore.model import GPTModel
 from gptcore.prompt import PREAMBLE
 from gptcore.tokenizer import EOT_ID, ENDOFTEXT, find_tokenizer_files
 from gptcore.weights import read_config
@@ -97,12 +99,16 @@ def tensor_type(name: str, shape: tuple[int, ...], dtype: str) -> gguf.GGMLQuant
     return gguf.GGMLQuantizationType.Q8_0 if shape[-1] % block == 0 else gguf.GGMLQuantizationType.F16
 
 
+FLOAT_TYPES = {gguf.GGMLQuantizationType.F32: np.dtype(np.float32), gguf.GGMLQuantizationType.F16: np.dtype(np.float16)}
+
+
 def _encode(array: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
     """A float32 array in the bytes of `qtype` (numpy float32/float16, or uint8 blocks for Q8_0)."""
     return gguf.quants.quantize(np.ascontiguousarray(array, dtype=np.float32), qtype)
 
 
 def _nbytes(shape: tuple[int, ...], qtype: gguf.GGMLQuantizationType) -> int:
+    """Bytes of a tensor of `shape` in `qtype` (GGML_QUANT_SIZES: values per block, bytes per block)."""
     block, size = gguf.GGML_QUANT_SIZES[qtype]
     return math.prod(shape) // block * size
 
@@ -160,9 +166,13 @@ def export_gguf(
     with safe_open(str(model_path), framework="numpy") as source, atomic_path(out) as tmp:
         stored = set(source.keys())
         shapes = {}
+        with torch.device("meta"):
+            expected = {k: tuple(v.shape) for k, v in GPTModel(config).state_dict().items()}
         for ours, theirs in table:
             if ours in stored:
                 shapes[theirs] = tuple(source.get_slice(ours).get_shape())
+                if shapes[theirs] != expected[ours]:
+                    raise WeightsError(f"{model_path}: tensor {ours} has shape {shapes[theirs]}, expected {expected[ours]}")
             elif ours.endswith("att.qkv.bias") and not config.qkv_bias:
                 shapes[theirs] = (3 * config.emb_dim,)
             else:
@@ -170,12 +180,11 @@ def export_gguf(
         writer = gguf.GGUFWriter(tmp, ARCH)
         try:
             _add_metadata(writer, config, dtype, name or out.stem, tokens, merges)
-            for _, theirs in table:
+            for _, theirs in table:  # the header lists every tensor before any data is written
                 shape, qtype = shapes[theirs], tensor_type(theirs, shapes[theirs], dtype)
-                if qtype == gguf.GGMLQuantizationType.F32 or qtype == gguf.GGMLQuantizationType.F16:
-                    writer.add_tensor_info(theirs, shape, np.dtype(np.float32 if qtype.name == "F32" else np.float16),
-                                           _nbytes(shape, qtype))
-                else:
+                if qtype in FLOAT_TYPES:
+                    writer.add_tensor_info(theirs, shape, FLOAT_TYPES[qtype], _nbytes(shape, qtype))
+                else:  # quantized blocks are written as bytes: [rows, bytes per row]
                     byte_shape = gguf.quant_shape_to_byte_shape(shape, qtype)
                     writer.add_tensor_info(theirs, byte_shape, np.dtype(np.uint8), _nbytes(shape, qtype), raw_dtype=qtype)
             writer.write_header_to_file()
@@ -187,7 +196,6 @@ def export_gguf(
                 else:
                     array = np.zeros(shapes[theirs], dtype=np.float32)
                 writer.write_tensor_data(_encode(array, tensor_type(theirs, shapes[theirs], dtype)))
-                del array
         finally:
             writer.close()
         size = tmp.stat().st_size
