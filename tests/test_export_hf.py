@@ -182,6 +182,7 @@ def test_classifier_reading_the_last_position_is_refused(tmp_path, capsys):
 
 def test_generate_on_a_transformers_folder_says_how_to_convert(tmp_path, capsys):
     hf_model(dict(n_vocab=50257, n_ctx=8, n_embd=16, n_head=2, n_layer=1)).save_pretrained(tmp_path / "hf")
+    capsys.readouterr()  # transformers' own progress bar
     assert main(["generate", "--model", str(tmp_path / "hf"), "--prompt", "Hi"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Hugging Face folder: convert it with `gptcore convert`" in err
