@@ -168,7 +168,7 @@ def test_classifier_exports_as_sequence_classification(tmp_path, tokenizer):
         theirs = hf(inputs).logits
     assert (ours - theirs).abs().max().item() < 1e-4
     hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf", local_files_only=True)
-    batch = hf_tokenizer(texts, padding="max_length", max_length=12, truncation=True, return_tensors="pt")
+    batch = hf_tokenizer(texts, padding="max_length", truncation=True, return_tensors="pt")  # model_max_length 12
     assert torch.equal(batch["input_ids"], inputs)
 
 
