@@ -198,6 +198,7 @@ def convert_hf_folder(folder: str | os.PathLike, out: str | os.PathLike) -> Conv
     if not isinstance(data, dict):
         raise WeightsError(f"{config_path}: expected a JSON object")
     config = config_from_hf(data, str(config_path))
+    _check_vocabulary(folder)
     tensors = _open_tensors(folder)
     source = {name[len(PREFIX):] if name.startswith(PREFIX) else name: name for name in tensors.names}
 
@@ -240,12 +241,32 @@ def convert_hf_folder(folder: str | os.PathLike, out: str | os.PathLike) -> Conv
     return Conversion(config=config, tensors=len(table), parameters=sum(math.prod(s) for s in shapes.values()))
 
 
+def _check_vocabulary(folder: Path) -> None:
+    """vocab.json / merges.txt, where present, must be GPT-2's: gptcore's tokenizer is fixed to them."""
+    from gptcore.tokenizer import find_tokenizer_files
+
+    reference = find_tokenizer_files()
+    checks = (
+        ("vocab.json", lambda p: json.loads(p.read_text(encoding="utf-8")), "encoder.json"),
+        ("merges.txt", lambda p: [line for line in p.read_text(encoding="utf-8").splitlines()[1:] if line], "vocab.bpe"),
+    )
+    for name, parse, ours in checks:
+        path = folder / name
+        if path.is_file():
+            try:
+                same = parse(path) == parse(reference / ours)
+            except (OSError, ValueError) as err:
+                raise WeightsError(f"{path}: unreadable: {' '.join(str(err).split())}") from None
+            if not same:
+                raise WeightsError(f"{path}: not GPT-2's {ours}; gptcore's tokenizer would not fit this model")
+
+
 class _Tensors:
     """Named tensors of a folder's weight files, read one at a time as float32 numpy arrays."""
 
-    def __init__(self, names: dict[str, Callable[[], Any]], shapes: dict[str, tuple[int, ...]], source: str):
-        self._get, self._shapes, self.source = names, shapes, source
-        self.names = list(names)
+    def __init__(self, getters: dict[str, Callable[[], Any]], shapes: dict[str, tuple[int, ...]], source: str):
+        self._get, self._shapes, self.source = getters, shapes, source
+        self.names = list(getters)
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self._shapes[name]

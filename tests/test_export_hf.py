@@ -139,6 +139,14 @@ def test_import_refuses_what_it_cannot_run(tmp_path, change, pattern):
     assert not (tmp_path / "m.safetensors").exists()
 
 
+def test_import_refuses_a_foreign_vocabulary(tmp_path, tokenizer):
+    reference = hf_model(dict(n_vocab=50257, n_ctx=8, n_embd=16, n_head=2, n_layer=1), seed=8)
+    reference.save_pretrained(tmp_path / "hf")
+    (tmp_path / "hf" / "vocab.json").write_text(json.dumps({"a": 0, "b": 1}))
+    with pytest.raises(WeightsError, match="vocab.json: not GPT-2's encoder.json"):
+        convert_hf_folder(tmp_path / "hf", tmp_path / "m.safetensors")
+
+
 def _classifier(tmp_path, token_position: str):
     from gptcore.classify import ClassifierInfo, build_classifier, save_classifier
 
