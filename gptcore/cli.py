@@ -28,14 +28,14 @@ def _export(args: argparse.Namespace) -> int:
 
         if args.dtype != "f32":
             raise GptcoreError(f"--dtype {args.dtype}: the Hugging Face export is float32 only")
-        result = export_hf(args.model, args.out)
+        result = export_hf(args.model, args.out, chat_template=args.chat_template)
         print(f"exported {result.architecture} ({result.tensors} tensors) -> {args.out}")
         return 0
     from gptcore.export.gguf import DTYPES, export_gguf, write_modelfile
 
     if args.dtype not in DTYPES:  # checked before any work (choices would print argparse's usage instead)
         raise GptcoreError(f"unknown --dtype {args.dtype!r}; choose one of {', '.join(DTYPES)}")
-    result = export_gguf(args.model, args.out, dtype=args.dtype)
+    result = export_gguf(args.model, args.out, dtype=args.dtype, chat_template=args.chat_template)
     print(f"exported GGUF {result.dtype} ({result.tensors} tensors, {result.bytes:,} bytes) -> {args.out}")
     if args.modelfile:
         path = write_modelfile(args.out, result.config.context_length)
@@ -126,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modelfile", action=argparse.BooleanOptionalAction, default=True,
                    help="write an Ollama Modelfile with the Alpaca chat template beside the GGUF (default: on; "
                         "--no-modelfile for a base model)")
+    p.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=True,
+                   help="store the Alpaca chat template in the GGUF (tokenizer.chat_template) or the HF tokenizer "
+                        "config (default: on; --no-chat-template for a base model)")
     p.set_defaults(func=_export)
 
     p = verbs.add_parser("generate", help="continue a prompt with a gptcore weights file")

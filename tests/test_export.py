@@ -19,7 +19,8 @@ import torch
 from gotemplate import render
 from gptcore.cli import main
 from gptcore.config import GPTConfig
-from gptcore.export.gguf import export_gguf, modelfile_template, modelfile_text, name_table, tensor_type
+from gptcore.export.gguf import export_gguf, modelfile_text, name_table, tensor_type
+from gptcore.export.templates import modelfile_template
 from gptcore.generate import generate
 from gptcore.model import random_model
 from gptcore.prompt import PREAMBLE, RESPONSE_MARKER, format_input
@@ -264,12 +265,15 @@ def test_modelfile_renders_the_training_prompt(entry):
     assert render(template, {"System": "", "Prompt": _user_message(entry), "Response": ""}) == rendered
 
 
-@pytest.mark.parametrize("messages", [
+CHATS = [
     [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye"}],
     [{"role": "system", "content": "A"}, {"role": "user", "content": "Q"}, {"role": "system", "content": "B"}],
     [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "The answer starts"}],
     [{"role": "system", "content": "Only a system message"}],
-])
+]
+
+
+@pytest.mark.parametrize("messages", CHATS)
 def test_modelfile_renders_chats_as_gptcore_serve(messages):
     """Multi-turn chats render as `gptcore serve`'s /api/chat renders them (gptcore.serve.render_chat)."""
     assert render(modelfile_template(), ollama_values(messages)) == render_chat(messages)
@@ -286,6 +290,25 @@ def test_modelfile_text(tmp_path, models, capsys):
     assert "ollama create" in capsys.readouterr().out
     assert main(["export", "--format", "gguf", "--no-modelfile", str(models["gpt2_random"]), str(tmp_path / "b.gguf")]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b.gguf", "deploy"]
+
+
+def test_gguf_chat_template_renders_as_gptcore_serve(ggufs, llama_cpp):
+    """llama-cpp-python formats chats with the GGUF's tokenizer.chat_template (its Jinja2ChatFormatter,
+    add_generation_prompt on, as llama.cpp's chat endpoints): the training prompt for one message,
+    render_chat's prompt for every chat."""
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    llm = _llama(llama_cpp, ggufs["gpt2_random", "f32"], 32, vocab_only=True)
+    formatter = Jinja2ChatFormatter(llm.metadata["tokenizer.chat_template"], "<|endoftext|>", "<|endoftext|>")
+    singles = [[{"role": "user", "content": _user_message(entry)}] for entry in ENTRIES]
+    for messages in [*singles, *CHATS]:
+        assert formatter(messages=messages).prompt == render_chat(messages), messages
+    assert formatter(messages=singles[0]).prompt == format_input(ENTRIES[0]) + RESPONSE_MARKER
+
+
+def test_no_chat_template_for_a_base_model(models, tmp_path):
+    path = export_gguf(models["gpt2_random"], tmp_path / "base.gguf", chat_template=False).path
+    assert "tokenizer.chat_template" not in gguf.GGUFReader(path).fields
 
 
 # --- bad input: one line, nothing written ----------------------------------------------------------------

@@ -22,8 +22,15 @@ from gptcore.hf import convert_hf_folder
 from gptcore.model import random_model
 from gptcore.tokenizer import EOT_ID, encode
 from gptcore.weights import load_model, load_state, save_model
+from gptcore.serve import render_chat
 from test_tokenizer import TEXTS
 from tf_checkpoints import hf_model
+
+CHATS = [
+    [{"role": "user", "content": "Name three primary colours."}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"},
+     {"role": "user", "content": "Q2"}],
+]
 
 transformers = pytest.importorskip("transformers")
 
@@ -72,6 +79,9 @@ def test_transformers_loads_the_export_and_agrees(name, tmp_path, tokenizer):
     hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf", local_files_only=True)
     for text in TEXTS:
         assert hf_tokenizer(text)["input_ids"] == encode(tokenizer, text), text
+    for messages in CHATS:  # the Alpaca chat template, as gptcore serve renders chats
+        rendered = hf_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        assert rendered == render_chat(messages)
 
 
 @pytest.mark.parametrize("name", CONFIGS)

@@ -36,7 +36,7 @@ from gptcore.atomic import atomic_path, write_text
 from gptcore.config import GPTConfig
 from gptcore.errors import ConfigError, WeightsError
 from gptcore.model import GPTModel
-from gptcore.prompt import PREAMBLE
+from gptcore.export.templates import INSTRUCTION_MARKER, jinja_chat_template, modelfile_template
 from gptcore.tokenizer import EOT_ID, ENDOFTEXT, find_tokenizer_files
 from gptcore.weights import read_config
 
@@ -144,6 +144,7 @@ def export_gguf(
     dtype: str = "f32",
     name: str | None = None,
     tokenizer_dir: str | os.PathLike | None = None,
+    chat_template: bool = True,
 ) -> GgufExport:
     """Write the gptcore weights file `model_path` as a GGUF file `out` (atomically).
 
@@ -151,6 +152,8 @@ def export_gguf(
         dtype: f32 (exact), f16, or q8_0 (8-bit blocks of 32 with one f16 scale).
         name: `general.name` in the file (default: the output file's stem).
         tokenizer_dir: where encoder.json and vocab.bpe are (default: gptcore.tokenizer's search).
+        chat_template: store the Alpaca chat template as `tokenizer.chat_template` (Jinja, read by
+            llama.cpp's chat endpoints; gptcore.export.templates), for instruction models.
     Raises:
         ConfigError: an unknown dtype.
         WeightsError: a missing or unreadable file, a classifier, or a vocabulary other than GPT-2's.
@@ -180,6 +183,8 @@ def export_gguf(
         writer = gguf.GGUFWriter(tmp, ARCH)
         try:
             _add_metadata(writer, config, dtype, name or out.stem, tokens, merges)
+            if chat_template:
+                writer.add_chat_template(jinja_chat_template())
             for _, theirs in table:  # the header lists every tensor before any data is written
                 shape, qtype = shapes[theirs], tensor_type(theirs, shapes[theirs], dtype)
                 if qtype in FLOAT_TYPES:
@@ -248,48 +253,6 @@ def read_vocabulary(folder: str | os.PathLike) -> tuple[list[str], list[str]]:
 
 
 # --- the Ollama Modelfile ----------------------------------------------------------------------------
-
-# Ollama's Go template for gptcore.prompt's Alpaca prompt (see modelfile_template).
-INSTRUCTION_MARKER = "### Instruction:"
-
-
-def modelfile_template() -> str:
-    """The TEMPLATE: Ollama's chat rendered exactly as gptcore.serve.render_chat renders it.
-
-    With `.Messages` (Ollama >= 0.3 always takes this path when the template names it), `.System` is
-    every system message joined by a blank line (Ollama's `collate`); it replaces Alpaca's preamble.
-    Each user message becomes `### Instruction:`, each assistant message a `### Response:`; the prompt
-    ends with an open `### Response:` unless the last message is the assistant's (then it is continued).
-    A single user message (with its `### Input:` section, if any, in its text) renders exactly the
-    prompt that `gptcore.prompt.format_input` + RESPONSE_MARKER builds for training.
-    The `else` branch serves runtimes that fill only `.System` / `.Prompt` / `.Response`.
-    """
-    return (
-        "{{- if .System }}{{ .System }}{{ else }}" + PREAMBLE + "{{ end }}\n"
-        "{{- if .Messages }}\n"
-        '{{- $last := "" }}\n'
-        "{{- range .Messages }}\n"
-        '{{- if eq .Role "user" }}\n\n'
-        "### Instruction:\n"
-        "{{ .Content }}\n"
-        '{{- $last = "user" }}\n'
-        '{{- else if eq .Role "assistant" }}\n\n'
-        "### Response:\n"
-        "{{ .Content }}\n"
-        '{{- $last = "assistant" }}\n'
-        "{{- end }}\n"
-        "{{- end }}\n"
-        '{{- if ne $last "assistant" }}\n\n'
-        "### Response:\n"
-        "{{ end }}\n"
-        "{{- else }}\n\n"
-        "### Instruction:\n"
-        "{{ .Prompt }}\n\n"
-        "### Response:\n"
-        "{{ .Response }}\n"
-        "{{- end }}"
-    )
-
 
 def modelfile_text(gguf_name: str, context_length: int) -> str:
     """An Ollama Modelfile for the GGUF file `gguf_name` (a path relative to the Modelfile).

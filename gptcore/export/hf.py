@@ -32,6 +32,7 @@ from safetensors import safe_open
 from gptcore.atomic import atomic_dir
 from gptcore.config import GPTConfig
 from gptcore.errors import WeightsError
+from gptcore.export.templates import jinja_chat_template
 from gptcore.hf import LM_HEAD, PREFIX, RULES, config_to_hf, name_table
 from gptcore.tokenizer import EOT_ID, ENDOFTEXT, find_tokenizer_files
 from gptcore.weights import read_config, read_metadata, write_safetensors
@@ -50,8 +51,11 @@ class HfExport:
 
 
 def export_hf(model_path: str | os.PathLike, out: str | os.PathLike,
-              tokenizer_dir: str | os.PathLike | None = None) -> HfExport:
+              tokenizer_dir: str | os.PathLike | None = None, chat_template: bool = True) -> HfExport:
     """Write the gptcore weights file `model_path` as a transformers folder `out` (swapped in atomically).
+
+    chat_template: a language model's tokenizer_config.json gets the Alpaca chat template
+    (gptcore.export.templates), for `tokenizer.apply_chat_template`.
 
     Raises:
         WeightsError: a missing or unreadable file, or a classifier that GPT2ForSequenceClassification
@@ -109,7 +113,10 @@ def export_hf(model_path: str | os.PathLike, out: str | os.PathLike,
             shutil.copyfile(tokenizer_files / "encoder.json", tmp / "vocab.json")
             shutil.copyfile(tokenizer_files / "vocab.bpe", tmp / "merges.txt")
             model_max_length = config.context_length if config.num_classes is None else max_length
-            _write_json(tmp / "tokenizer_config.json", _tokenizer_config(model_max_length, config.num_classes is not None))
+            tokenizer_config = _tokenizer_config(model_max_length, config.num_classes is not None)
+            if chat_template and config.num_classes is None:
+                tokenizer_config["chat_template"] = jinja_chat_template()
+            _write_json(tmp / "tokenizer_config.json", tokenizer_config)
             if config.num_classes is None:
                 _write_json(tmp / "generation_config.json",
                             {"bos_token_id": EOT_ID, "eos_token_id": EOT_ID, "pad_token_id": EOT_ID})
