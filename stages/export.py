@@ -8,7 +8,7 @@ Hugging Face transformers folder (format hf). See docs/export.md.
 import argparse
 
 from gptcore.atomic import atomic_dir
-from gptcore.cli import run_entry
+from gptcore.entry import run_entry
 from gptcore.config import ExportParams
 from gptcore.export.gguf import export_gguf, write_modelfile
 from gptcore.export.hf import export_hf

@@ -21,7 +21,7 @@ from gptcore.cli import main
 from gptcore.config import GPTConfig
 from gptcore.export.gguf import export_gguf, modelfile_text, name_table, tensor_type
 from gptcore.export.templates import modelfile_template
-from gptcore.generate import generate
+from gptcore.decoding import generate
 from gptcore.model import random_model
 from gptcore.prompt import PREAMBLE, RESPONSE_MARKER, format_input
 from gptcore.serve import render_chat

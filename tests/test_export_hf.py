@@ -17,7 +17,7 @@ from gptcore.cli import main
 from gptcore.config import GPTConfig
 from gptcore.errors import WeightsError
 from gptcore.export.hf import export_hf
-from gptcore.generate import generate
+from gptcore.decoding import generate
 from gptcore.hf import convert_hf_folder
 from gptcore.model import random_model
 from gptcore.tokenizer import EOT_ID, encode

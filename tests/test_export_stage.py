@@ -2,17 +2,11 @@
 
 from __future__ import annotations
 
-import ast
-from pathlib import Path
-
 import torch
-import yaml
 
 from gptcore.config import GPTConfig
 from gptcore.model import random_model
 from gptcore.weights import load_model, save_model
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def test_dvc_repro_export(repo_copy):
@@ -41,34 +35,3 @@ def test_dvc_repro_export(repo_copy):
     for (name, a), b in zip(ours.state_dict().items(), back.state_dict().values()):
         assert torch.equal(a, b), name
 
-
-def _imports(path: Path) -> set[Path]:
-    """gptcore modules (and the package __init__ files on their way) that `path` imports at module level."""
-    found = set()
-    for node in ast.parse(path.read_text()).body:
-        names = []
-        if isinstance(node, ast.Import):
-            names = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
-        for name in names:
-            parts = name.split(".")
-            for i in range(1, len(parts) + 1):
-                stem = REPO.joinpath(*parts[:i])
-                for candidate in (stem.with_suffix(".py"), stem / "__init__.py"):
-                    if parts[0] == "gptcore" and candidate.is_file():
-                        found.add(candidate)
-    return found
-
-
-def test_stage_deps_list_every_imported_module():
-    todo, closure = [REPO / "stages/export.py"], set()
-    while todo:
-        path = todo.pop()
-        if path not in closure:
-            closure.add(path)
-            todo += _imports(path)
-    stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["export"]
-    deps = {REPO / d for d in stage["deps"]}
-    missing = sorted(str(p.relative_to(REPO)) for p in closure - deps)
-    assert not missing, f"dvc.yaml export deps lack {missing}"
