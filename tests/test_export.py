@@ -190,7 +190,7 @@ def test_llama_cpp_greedy_tokens_equal_gptcore_generate(name, models, ggufs, tok
     llm = _llama(llama_cpp, ggufs[name, "f32"], ctx)
     for prompt in PROMPTS:
         ids = encode(tokenizer, prompt)
-        new = ctx - len(ids)  # up to the full context (llama.cpp does not slide a window)
+        new = min(ctx - len(ids), 16)  # the short-context model fills its context (llama.cpp slides no window)
         mine = generate(ours, torch.tensor([ids]), new, eos_id=EOT_ID)[0, len(ids):].tolist()
         theirs = []
         for token in llm.generate(ids, top_k=1, temp=0.0, repeat_penalty=1.0):
