@@ -13,7 +13,7 @@ INSTRUCTION_MARKER = "### Instruction:"
 def modelfile_template() -> str:
     """The TEMPLATE: Ollama's chat rendered exactly as gptcore.serve.render_chat renders it.
 
-    With `.Messages` (Ollama >= 0.3 always takes this path when the template names it), `.System` is
+    With `.Messages` (Ollama's template.Execute takes this path whenever the template names it), `.System` is
     every system message joined by a blank line (Ollama's `collate`); it replaces Alpaca's preamble.
     Each user message becomes `### Instruction:`, each assistant message a `### Response:`; the prompt
     ends with an open `### Response:` unless the last message is the assistant's (then it is continued).
