@@ -369,7 +369,7 @@ class ExportParams(Section):
 
     # gguf: GGUF + Ollama Modelfile (llama.cpp, Ollama); hf: a Hugging Face transformers folder
     formats: list[str] = field(default_factory=lambda: list(EXPORT_FORMATS))
-    # GGUF weights: f32 (exact), f16 (half the size; logits within ~1e-3), q8_0 (a quarter; ~1e-2)
+    # GGUF weights: f32 (exact), f16 (half the size), q8_0 (a quarter); llama.cpp vs gptcore logits in docs/export.md
     dtype: typing.Literal["f32", "f16", "q8_0"] = "f16"
 
     def __post_init__(self):
