@@ -360,24 +360,6 @@ class GenerateParams(Section):
             raise ValueError(f"top_k must be positive, got {self.top_k}")
 
 
-EXPORT_FORMATS = ("gguf", "hf")
-
-
-@dataclass
-class ExportParams(Section):
-    """params.yaml `export:` — the instruction model written for other runtimes (docs/export.md)."""
-
-    # gguf: GGUF + Ollama Modelfile (llama.cpp, Ollama); hf: a Hugging Face transformers folder
-    formats: list[str] = field(default_factory=lambda: list(EXPORT_FORMATS))
-    # GGUF weights: f32 (exact), f16 (half the size), q8_0 (a quarter); llama.cpp vs gptcore logits in docs/export.md
-    dtype: typing.Literal["f32", "f16", "q8_0"] = "f16"
-
-    def __post_init__(self):
-        unknown = [f for f in self.formats if f not in EXPORT_FORMATS]
-        if unknown or not self.formats or len(set(self.formats)) != len(self.formats):
-            raise ValueError(f"formats must list some of {', '.join(EXPORT_FORMATS)} once each, got {self.formats}")
-
-
 FOUNDATIONS = (*OPENAI_SIZES, "pretrained", "scratch")
 
 

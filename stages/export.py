@@ -9,7 +9,7 @@ import argparse
 
 from gptcore.atomic import atomic_dir
 from gptcore.entry import run_entry
-from gptcore.config import ExportParams
+from gptcore.export import ExportParams
 from gptcore.export.gguf import export_gguf, write_modelfile
 from gptcore.export.hf import export_hf
 from gptcore.params import read_params, section

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from gptcore.config import GPTConfig
+from gptcore.errors import ConfigError
+from gptcore.export import ExportParams
 from gptcore.model import random_model
 from gptcore.weights import load_model, save_model
 
@@ -35,3 +38,14 @@ def test_dvc_repro_export(repo_copy):
     for (name, a), b in zip(ours.state_dict().items(), back.state_dict().values()):
         assert torch.equal(a, b), name
 
+
+
+@pytest.mark.parametrize("section, pattern", [
+    ({"formats": ["gguf", "onnx"]}, "formats must list some of gguf, hf"),
+    ({"formats": []}, "formats must list"),
+    ({"dtype": "q4_0"}, "dtype: expected one of 'f32', 'f16', 'q8_0'"),
+    ({"name": "x"}, "unknown key"),
+])
+def test_params_section_is_checked(section, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        ExportParams.from_dict(section, where="params.yaml export")
