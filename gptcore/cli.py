@@ -10,10 +10,36 @@ from gptcore.errors import GptcoreError
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from gptcore.openai import convert_checkpoint
+    from gptcore.hf import convert_hf_folder, is_hf_folder
 
-    result = convert_checkpoint(args.checkpoint, args.out, progress=True)
+    if is_hf_folder(args.checkpoint):  # transformers save_pretrained: config.json + weights
+        result = convert_hf_folder(args.checkpoint, args.out)
+    else:
+        from gptcore.openai import convert_checkpoint
+
+        result = convert_checkpoint(args.checkpoint, args.out, progress=True)
     print(f"converted {result.parameters:,} parameters ({result.tensors} tensors) -> {args.out}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    if args.format == "hf":
+        from gptcore.export.hf import export_hf
+
+        if args.dtype != "f32":
+            raise GptcoreError(f"--dtype {args.dtype}: the Hugging Face export is float32 only")
+        result = export_hf(args.model, args.out, chat_template=args.chat_template)
+        print(f"exported {result.architecture} ({result.tensors} tensors) -> {args.out}")
+        return 0
+    from gptcore.export.gguf import DTYPES, export_gguf, write_modelfile
+
+    if args.dtype not in DTYPES:  # checked before any work (choices would print argparse's usage instead)
+        raise GptcoreError(f"unknown --dtype {args.dtype!r}; choose one of {', '.join(DTYPES)}")
+    result = export_gguf(args.model, args.out, dtype=args.dtype, chat_template=args.chat_template)
+    print(f"exported GGUF {result.dtype} ({result.tensors} tensors, {result.bytes:,} bytes) -> {args.out}")
+    if args.modelfile:
+        path = write_modelfile(args.out, result.config.context_length)
+        print(f"wrote {path}; then: ollama create NAME -f {path}")
     return 0
 
 
@@ -85,10 +111,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
-    p = verbs.add_parser("convert", help="convert an OpenAI GPT-2 TensorFlow checkpoint folder into a weights file")
-    p.add_argument("checkpoint", metavar="CKPT_DIR", help="folder with hparams.json and model.ckpt.*")
+    p = verbs.add_parser("convert", help="convert an OpenAI GPT-2 TensorFlow checkpoint folder, or a Hugging Face "
+                                         "GPT-2 folder, into a weights file")
+    p.add_argument("checkpoint", metavar="CKPT_DIR", help="folder with hparams.json and model.ckpt.* (OpenAI), or "
+                                                          "config.json and model.safetensors / pytorch_model.bin (HF)")
     p.add_argument("out", metavar="OUT", help="weights file to write (.safetensors)")
     p.set_defaults(func=_convert)
+
+    p = verbs.add_parser("export", help="write a weights file as GGUF (+ Ollama Modelfile) or a Hugging Face folder")
+    p.add_argument("--format", required=True, choices=("gguf", "hf"), help="gguf: llama.cpp / Ollama; hf: transformers")
+    p.add_argument("model", metavar="MODEL", help="gptcore weights file (.safetensors)")
+    p.add_argument("out", metavar="OUT", help="the .gguf file, or the folder for --format hf")
+    p.add_argument("--dtype", default="f32", help="GGUF weights: f32 (default, exact), f16, q8_0")
+    p.add_argument("--modelfile", action=argparse.BooleanOptionalAction, default=True,
+                   help="write an Ollama Modelfile with the Alpaca chat template beside the GGUF (default: on; "
+                        "--no-modelfile for a base model)")
+    p.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=True,
+                   help="store the Alpaca chat template in the GGUF (tokenizer.chat_template) or the HF tokenizer "
+                        "config (default: on; --no-chat-template for a base model)")
+    p.set_defaults(func=_export)
 
     p = verbs.add_parser("generate", help="continue a prompt with a gptcore weights file")
     p.add_argument("--model", required=True, help="weights file (.safetensors)")

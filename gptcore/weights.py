@@ -62,6 +62,9 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
 
 
 def _read_metadata(path: Path) -> tuple[GPTConfig, dict[str, str]]:
+    if path.is_dir():
+        hint = " (a Hugging Face folder: convert it with `gptcore convert`)" if (path / "config.json").is_file() else ""
+        raise WeightsError(f"{path}: is a folder, not a weights file{hint}")
     if not path.is_file():
         raise WeightsError(f"{path}: weights file not found")
     try:
@@ -145,8 +148,22 @@ def save_streaming(
     if shapes != expected:
         bad = sorted(set(shapes) ^ set(expected)) or [k for k in shapes if shapes[k] != expected[k]]
         raise WeightsError(f"{path}: tensor layout does not match the model config (first difference: {bad[0]})")
+    write_safetensors(path, shapes, read, _metadata(config, extra))
+
+
+def write_safetensors(
+    path: str | os.PathLike,
+    shapes: Mapping[str, tuple[int, ...]],
+    read: Callable[[str], np.ndarray],
+    metadata: dict[str, str],
+) -> None:
+    """Write a float32 safetensors file one tensor at a time, atomically, in the order of `shapes`.
+
+    `read(name)` is called once per name and must return an array of that shape; a wrong shape is a
+    WeightsError and leaves nothing behind. Peak memory is one tensor.
+    """
     # safetensors: u64 little-endian header size, JSON header (padded to 8 bytes), then raw tensors.
-    header: dict[str, object] = {"__metadata__": _metadata(config, extra)}
+    header: dict[str, object] = {"__metadata__": metadata}
     offset = 0
     for name, shape in shapes.items():
         size = 4 * math.prod(shape)
