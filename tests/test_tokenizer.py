@@ -7,7 +7,8 @@ import pytest
 import tiktoken
 
 from gptcore.errors import DataError
-from gptcore.tokenizer import BASE_URL, EOT_ID, encode, get_tokenizer
+import gptcore.tokenizer as tokenizer_module
+from gptcore.tokenizer import BASE_URL, EOT_ID, encode, encode_text, get_tokenizer
 
 TEXTS = [
     "Hello, world! Every effort moves you.",
@@ -71,3 +72,30 @@ def test_uses_the_cache_without_mirror(tmp_path, mirror_dir, monkeypatch):
     monkeypatch.delenv("GPTCORE_MIRROR")
     monkeypatch.setenv("GPTCORE_CACHE", str(cache))
     assert encode(get_tokenizer(), "Hi<|endoftext|>") == [17250, EOT_ID]
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_user_text_is_ordinary_text(text, reference, tokenizer):
+    assert encode_text(tokenizer, text) == reference.encode_ordinary(text)
+    assert EOT_ID not in encode_text(tokenizer, "Some text<|endoftext|>Another text")
+
+
+def test_chunked_encoding_equals_tiktoken(reference, tokenizer, monkeypatch):
+    """Cut into many small chunks, mixed text still encodes exactly as tiktoken encodes it whole."""
+    import random
+
+    rng = random.Random(0)
+    alphabet = ["a", "Z", "é", "東", "7", "!", "'s", " ", "  ", "\n", "\n\n", "\t", " \n ", "\x1c", "🙂", "--"]
+    text = "".join(rng.choice(alphabet) for _ in range(20_000))
+    monkeypatch.setattr(tokenizer_module, "CHUNK_CHARS", 37)
+    assert encode_text(tokenizer, text) == reference.encode_ordinary(text)
+
+
+def test_very_long_inputs_never_fail(tokenizer):
+    """tiktoken panics (a Rust stack overflow) on a ~1M whitespace run; a 1 MB word is fine either way."""
+    word = "x" * (1 << 20)
+    assert tokenizer.decode(encode_text(tokenizer, word)) == word
+    spaces = "a" + " " * 1_000_000 + "b"
+    assert tokenizer.decode(encode_text(tokenizer, spaces)) == spaces
+    mixed = ("word " * 200_000) + "\n" * 300_000
+    assert tokenizer.decode(encode_text(tokenizer, mixed)) == mixed
