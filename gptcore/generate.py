@@ -30,9 +30,11 @@ def sample_next(
     if top_k is not None and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # [B, 1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    # A tiny temperature overflows the largest logits to +inf (softmax then gives NaN): cap them at the
-    # largest float, which leaves all the mass on them, as the limit T -> 0 does. No effect otherwise.
-    scaled = torch.nan_to_num(logits / temperature, nan=float("-inf"), posinf=torch.finfo(torch.float32).max)
+    scaled = logits / temperature
+    if bool((torch.isinf(scaled) & torch.isfinite(logits)).any()):
+        # A tiny temperature overflows logits to +-inf (softmax then gives NaN); measured from the row's
+        # maximum they stay finite at the top (0), which keeps the mass on the best tokens as T -> 0 does.
+        scaled = (logits - logits.max(dim=-1, keepdim=True).values) / temperature
     probs = torch.softmax(scaled, dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator)
 

@@ -93,3 +93,5 @@ def test_tiny_temperature_samples_the_argmax_without_nan():
     logits = torch.tensor([[1.0, 3.0, 2.0, 3.0 - 1e-3]])
     draws = {int(sample_next(logits, temperature=1e-40, generator=torch.Generator().manual_seed(s))) for s in range(20)}
     assert draws == {1}
+    negative = torch.tensor([[-5.0, -1.0, -3.0]])
+    assert int(sample_next(negative, temperature=1e-40, generator=torch.Generator().manual_seed(0))) == 1
