@@ -154,6 +154,8 @@ def create_app(engine: Engine, info: ServerInfo) -> FastAPI:
         _check_model(name, info)
         if body.images:
             raise p.RequestError(400, f"{name} does not support images")
+        if body.suffix:
+            raise p.RequestError(400, f"{name} does not support insert (suffix)")
         _refuse_thinking(body.think, name)
         sampling, num_predict = _ollama_sampling(body.options)
         grammar = await _ollama_grammar(engine, body.format)
@@ -282,7 +284,7 @@ async def _ollama_reply(request: Request, engine: Engine, info: ServerInfo, name
         if unload:
             engine.request_unload()
             return JSONResponse({**fields("", True), "done_reason": "unload"})
-        load_ns = await asyncio.to_thread(engine.ensure_loaded) if engine.model is None else 0
+        load_ns = await asyncio.to_thread(engine.load)
         return JSONResponse({**fields("", True), "done_reason": "load", "load_duration": load_ns})
 
     def final(done: Done, text: str) -> dict:
@@ -294,9 +296,7 @@ async def _ollama_reply(request: Request, engine: Engine, info: ServerInfo, name
             reply["context"] = done.prompt_ids + done.new_ids
         return reply
 
-    events = _submit(engine, info, ids, sampling, num_predict, grammar)
-    if unload:
-        engine.request_unload()
+    events = _submit(engine, info, ids, sampling, num_predict, grammar, unload_after=unload)
     if stream:
         async def lines() -> AsyncIterator[str]:
             async for event in events:
@@ -393,12 +393,12 @@ def _openai_text(content: Any, i: int) -> str:
 
 # -- shared pieces ----------------------------------------------------------------------------------------
 def _submit(engine: Engine, info: ServerInfo, ids: list[int], sampling: Sampling, num_predict: int | None,
-            grammar: str | None) -> "_Events":
+            grammar: str | None, unload_after: bool = False) -> "_Events":
     if info.max_predict is not None and (num_predict is None or num_predict < 0 or num_predict > info.max_predict):
         num_predict = info.max_predict
     keep, max_new = budget(len(ids), num_predict, info.context_length)
     events = _Events(asyncio.get_running_loop())
-    events.job = Job(ids[len(ids) - keep:], max_new, sampling, events.put, grammar)
+    events.job = Job(ids[len(ids) - keep:], max_new, sampling, events.put, grammar, unload_after)
     engine.submit(events.job)
     return events
 
@@ -503,8 +503,7 @@ async def _embed(engine: Engine, info: ServerInfo, texts: list[str], truncate: b
         prompts.append(ids)
     if not prompts:
         return [], 0, 0
-    load_ns = engine.ensure_loaded() if engine.model is None else 0
-    vectors = await asyncio.to_thread(engine.embed, prompts, normalize)
+    vectors, load_ns = await asyncio.to_thread(engine.embed, prompts, normalize)
     return vectors, sum(len(ids) for ids in prompts), load_ns
 
 

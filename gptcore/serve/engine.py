@@ -84,8 +84,9 @@ class Job:
     """One generation request as the worker sees it; `cancel()` may be called from any thread."""
 
     def __init__(self, prompt: list[int], max_new: int, sampling: Sampling, sink: Callable[[Event], None],
-                 grammar: str | None = None):
+                 grammar: str | None = None, unload_after: bool = False):
         self.prompt = prompt
+        self.unload_after = unload_after  # Ollama's keep_alive 0: drop the model once idle
         self.max_new = max_new
         self.sampling = sampling
         self.sink = sink
@@ -132,6 +133,7 @@ class Engine:
         self._stopping = False
         self._grammar_tokenizer = None
         self._grammar_lock = threading.Lock()
+        self._closers = [ids[0] for ids in (tokenizer.encode_ordinary(t) for t in CLOSERS) if len(ids) == 1]
         self._thread = threading.Thread(target=self._run, name="gptcore-engine", daemon=True)
 
     # -- the handlers' side ----------------------------------------------------------------------------
@@ -147,15 +149,27 @@ class Engine:
     def submit(self, job: Job) -> None:
         self._queue.put(job)
 
-    def embed(self, prompts: list[list[int]], normalize: bool) -> list[list[float]]:
-        """Sentence vectors (run on the worker; blocks the calling thread until they are done)."""
+    def call(self, fn: Callable[[], Any]) -> Any:
+        """fn() run on the worker between decoding steps (it may use the model); blocks until it is done."""
         done = threading.Event()
         box: dict = {}
-        self._queue.put(("embed", prompts, normalize, box, done))
+        self._queue.put(("call", fn, box, done))
         done.wait()
         if "error" in box:
             raise box["error"]
-        return box["vectors"]
+        return box["value"]
+
+    def load(self) -> int:
+        """Load the model on the worker if it is not loaded; the nanoseconds that took (0 if it was)."""
+        return self.call(self.ensure_loaded)
+
+    def embed(self, prompts: list[list[int]], normalize: bool) -> tuple[list[list[float]], int]:
+        """Sentence vectors of token id lists (see embed_ids), and the load time in nanoseconds."""
+        def work():
+            load_ns = self.ensure_loaded()
+            return [embed_ids(self.model, ids, normalize) for ids in prompts], load_ns
+
+        return self.call(work)
 
     def request_unload(self) -> None:
         """Drop the model once no request is running (Ollama's keep_alive 0); the next request reloads it."""
@@ -210,10 +224,13 @@ class Engine:
             if item is None:
                 return
             if isinstance(item, tuple):
-                if item[0] == "embed":
-                    self._embed(*item[1:])
+                if item[0] == "call":
+                    self._call(*item[1:])
                 continue
-            self._start(item)
+            try:
+                self._start(item)
+            except Exception as err:  # noqa: BLE001 - this request fails, the batch goes on
+                item.sink(Failed(f"generation failed: {' '.join(str(err).split()) or type(err).__name__}"))
 
     def _start(self, job: Job) -> None:
         if job.cancelled.is_set():
@@ -310,10 +327,9 @@ class Engine:
     def _closing_token(self, allowed: torch.Tensor, logits: torch.Tensor) -> int:
         """Near the end of its budget, a constrained reply takes the first allowed closer, else its best
         allowed token: the shortest way we know to a value that parses."""
-        for text in CLOSERS:
-            ids = self.tokenizer.encode_ordinary(text)
-            if len(ids) == 1 and bool(allowed[0, ids[0]]):
-                return ids[0]
+        for token in self._closers:
+            if bool(allowed[0, token]):
+                return token
         return int(logits.argmax(dim=-1)[0])
 
     @staticmethod
@@ -346,6 +362,8 @@ class Engine:
         return None
 
     def _finish(self, row: _Row, reason: str) -> None:
+        if row.job.unload_after:
+            self._unload = True
         tail = row.detok.finish()
         if tail:
             row.job.sink(Piece(tail))
@@ -398,11 +416,11 @@ class Engine:
         cache.values = [grow(v) for v in cache.values]
         cache.max_len = size
 
-    @torch.inference_mode()
-    def _embed(self, prompts: list[list[int]], normalize: bool, box: dict, done: threading.Event) -> None:
+    @staticmethod
+    def _call(fn: Callable[[], Any], box: dict, done: threading.Event) -> None:
         try:
-            box["load_ns"] = self.ensure_loaded()
-            box["vectors"] = [embed_ids(self.model, ids, normalize) for ids in prompts]
+            with torch.inference_mode():
+                box["value"] = fn()
         except Exception as err:  # noqa: BLE001 - handed to the caller
             box["error"] = err
         finally:
