@@ -30,7 +30,8 @@ def sample_next(
     if top_k is not None and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # [B, 1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    scaled = logits / temperature
+    # A temperature beyond float32's range would be inf in the division, and -inf / inf is NaN.
+    scaled = logits / min(temperature, torch.finfo(torch.float32).max)
     if bool((torch.isinf(scaled) & torch.isfinite(logits)).any()):
         # A tiny temperature overflows logits to +-inf (softmax then gives NaN); measured from the row's
         # maximum they stay finite at the top (0), which keeps the mass on the best tokens as T -> 0 does.

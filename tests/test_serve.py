@@ -478,3 +478,39 @@ def test_cli_serve_verb_and_empty_prompt(model_path, mirror_dir, capsys):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+ODD_VALUES = [None, -1, 1e308, "", [1, "a"], {"a": None}, True]
+OLLAMA_FIELDS = ["model", "stream", "format", "options", "options.temperature", "options.top_k", "options.num_predict",
+                 "options.stop", "options.seed", "keep_alive"]
+OPENAI_FIELDS = ["model", "messages", "max_tokens", "temperature", "stop", "response_format", "n", "seed", "stream"]
+BASE_BODIES = {
+    "/api/generate": ({"model": "tiny", "prompt": PROMPT, "stream": False, "options": {"num_predict": 2}},
+                      OLLAMA_FIELDS + ["prompt", "context", "raw", "system", "template"]),
+    "/api/chat": ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "stream": False,
+                   "options": {"num_predict": 2}}, OLLAMA_FIELDS + ["messages"]),
+    "/api/embed": ({"model": "tiny", "input": "x"}, ["model", "input", "truncate"]),
+    "/v1/chat/completions": ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2},
+                             OPENAI_FIELDS),
+    "/v1/completions": ({"model": "tiny", "prompt": "x", "max_tokens": 2}, OPENAI_FIELDS[:1] + OPENAI_FIELDS[2:] + ["prompt"]),
+    "/v1/embeddings": ({"model": "tiny", "input": "x"}, ["model", "input", "encoding_format"]),
+}
+
+
+@pytest.mark.parametrize("path", list(BASE_BODIES))
+def test_no_odd_input_gets_a_500(url, path):
+    """Fields of every endpoint set to values of every JSON type: an answer or a clear 4xx."""
+    base, fields = BASE_BODIES[path]
+    with requests.Session() as s:
+        for name in fields:
+            for value in ODD_VALUES:
+                body = json.loads(json.dumps(base))
+                target, key = (body["options"], name[8:]) if name.startswith("options.") else (body, name)
+                target[key] = value
+                if key == "stream" and value is True:
+                    continue  # a stream: covered elsewhere
+                reply = s.post(url + path, json=body, timeout=60)
+                assert reply.status_code < 500, (body, reply.text)
+                if reply.status_code >= 400:
+                    error = reply.json()["error"]
+                    assert isinstance(error if path.startswith("/api/") else error["message"], str)

@@ -99,3 +99,20 @@ def test_very_long_inputs_never_fail(tokenizer):
     assert tokenizer.decode(encode_text(tokenizer, spaces)) == spaces
     mixed = ("word " * 200_000) + "\n" * 300_000
     assert tokenizer.decode(encode_text(tokenizer, mixed)) == mixed
+
+
+def test_datasets_read_special_token_text_as_text(tokenizer):
+    """Instruction and SMS data take `<|endoftext|>` in their text literally, as the server and CLI do."""
+    from gptcore.data.instructions import encode_example
+    from gptcore.data.sms import encode_texts
+
+    entry = {"instruction": "Repeat <|endoftext|>", "input": "", "output": "<|endoftext|>"}
+    ids, _ = encode_example(entry, tokenizer)
+    assert EOT_ID not in ids
+    assert EOT_ID not in encode_texts(tokenizer, ["win <|endoftext|> now"])[0]
+
+
+def test_the_verdict_encodes_as_before(mirror_dir, tokenizer):
+    """Stage 1's corpus holds no special-token text: encode_text gives the ids `encode` gave."""
+    text = (mirror_dir / "the-verdict.txt").read_text(encoding="utf-8")
+    assert encode_text(tokenizer, text) == encode(tokenizer, text)

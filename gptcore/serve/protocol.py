@@ -170,12 +170,20 @@ def parse(model: type[_Model], body: Any) -> Any:
         return model.model_validate(body)
     except ValidationError as err:
         first = err.errors()[0]
-        where = ".".join(str(p) for p in first["loc"] if not isinstance(p, str) or not p[0].isupper())
-        # A union reports each branch; the location up to the branch name is the field.
-        where = ".".join(p for p in where.split(".") if p not in ("str", "list[str]", "int", "float", "function-after"))
-        value = first.get("input")
-        shown = repr(value)[:60] if not isinstance(value, dict) else "an object"
-        raise RequestError(400, f"invalid {where or 'body'}: {first['msg'].lower()}, got {shown}") from None
+        where = ""
+        for part in first["loc"]:
+            if isinstance(part, int):
+                where += f"[{part}]"
+            elif not any(c in part for c in "[]'-") and part not in _TYPE_TAGS:  # a union's branch tag is no field
+                where += f".{part}" if where else part
+        message = first["msg"][0].lower() + first["msg"][1:]
+        if first["type"] != "missing":
+            value = first.get("input")
+            message += f", got {repr(value)[:60] if not isinstance(value, dict) else 'an object'}"
+        raise RequestError(400, f"invalid {where or 'body'}: {message}") from None
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
 
 
 def ollama_error(message: str) -> dict:
