@@ -25,6 +25,7 @@ from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gptcore.serve import protocol as p
@@ -64,34 +65,8 @@ def create_app(engine: Engine, info: ServerInfo) -> FastAPI:
     """The FastAPI application serving `engine`'s model as `info.name`."""
     app = FastAPI(title="gptcore", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine, app.state.info = engine, info
-    origin_patterns = [_glob(o) for o in DEFAULT_ORIGINS + info.origins]
 
-    # -- middleware: size limit, Host and Origin checks, CORS ---------------------------------------
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        openai = request.url.path.startswith("/v1")
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > info.max_body):
-            status = 413 if length.isdigit() else 400
-            message = (f"request body too large: {length} bytes (limit {info.max_body})" if status == 413
-                       else "invalid Content-Length")
-            return _error(status, message, openai, close=True)
-        if not _host_allowed(request.headers.get("host", ""), info.bound_host):
-            return _error(403, "host not allowed", openai)
-        origin = request.headers.get("origin")
-        if origin is not None and not any(pattern.fullmatch(origin) for pattern in origin_patterns):
-            return _error(403, f"origin not allowed: {origin}", openai)
-        if request.method == "OPTIONS" and origin is not None:
-            return Response(status_code=204, headers={
-                "Access-Control-Allow-Origin": origin, "Vary": "Origin",
-                "Access-Control-Allow-Methods": "GET, POST, PUT, PATCH, DELETE, HEAD, OPTIONS",
-                "Access-Control-Allow-Headers": request.headers.get("access-control-request-headers", "*"),
-                "Access-Control-Max-Age": "43200"})
-        response = await call_next(request)
-        if origin is not None:
-            response.headers["Access-Control-Allow-Origin"] = origin
-            response.headers["Vary"] = "Origin"
-        return response
+    app.add_middleware(Guard, info=info, origins=[_glob(o) for o in DEFAULT_ORIGINS + info.origins])
 
     @app.exception_handler(p.RequestError)
     async def request_error(request: Request, err: p.RequestError):
@@ -266,6 +241,47 @@ def create_app(engine: Engine, info: ServerInfo) -> FastAPI:
                 "usage": {"prompt_tokens": count, "total_tokens": count}}
 
     return app
+
+
+class Guard:
+    """ASGI middleware: the body-size limit (on Content-Length), Ollama's Host and Origin checks, CORS."""
+
+    def __init__(self, app, info: ServerInfo, origins: list[re.Pattern]):
+        self.app, self.info, self.origins = app, info, origins
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = Headers(scope=scope)
+        openai = scope["path"].startswith("/v1")
+        length, origin = headers.get("content-length"), headers.get("origin")
+        refusal = None
+        if length is not None and (not length.isdigit() or int(length) > self.info.max_body):
+            refusal = (_error(413, f"request body too large: {length} bytes (limit {self.info.max_body})", openai, close=True)
+                       if length.isdigit() else _error(400, "invalid Content-Length", openai, close=True))
+        elif not _host_allowed(headers.get("host", ""), self.info.bound_host):
+            refusal = _error(403, "host not allowed", openai)
+        elif origin is not None and not any(pattern.fullmatch(origin) for pattern in self.origins):
+            refusal = _error(403, f"origin not allowed: {origin}", openai)
+        elif scope["method"] == "OPTIONS" and origin is not None:
+            refusal = Response(status_code=204, headers={
+                "Access-Control-Allow-Origin": origin, "Vary": "Origin",
+                "Access-Control-Allow-Methods": "GET, POST, PUT, PATCH, DELETE, HEAD, OPTIONS",
+                "Access-Control-Allow-Headers": headers.get("access-control-request-headers", "*"),
+                "Access-Control-Max-Age": "43200"})
+        if refusal is not None:
+            return await refusal(scope, receive, send)
+        if origin is None:
+            return await self.app(scope, receive, send)
+
+        async def send_with_cors(message) -> None:
+            if message["type"] == "http.response.start":
+                out = MutableHeaders(scope=message)
+                out["Access-Control-Allow-Origin"] = origin
+                out["Vary"] = "Origin"
+            await send(message)
+
+        await self.app(scope, receive, send_with_cors)
 
 
 # -- Ollama replies ---------------------------------------------------------------------------------------

@@ -316,6 +316,8 @@ class Engine:
         if row.matcher is None:
             return int(sample_next(logits, s.temperature, s.top_k, row.generator)[0, 0])
         allowed = self._allowed(row.matcher, logits.shape[-1], logits.device)
+        if row.matcher.is_error() or not bool(allowed.any()):  # nothing may follow: end the reply here
+            return EOT_ID
         logits = logits.masked_fill(~allowed, float("-inf"))
         if len(row.new_ids) >= row.job.max_new - self._close_reserve(row):
             return self._closing_token(allowed, logits)
