@@ -514,3 +514,13 @@ def test_no_odd_input_gets_a_500(url, path):
                 if reply.status_code >= 400:
                     error = reply.json()["error"]
                     assert isinstance(error if path.startswith("/api/") else error["message"], str)
+
+
+def test_connection_limit_answers_503(model_path):
+    with_limit = Server(model_path, "127.0.0.1", 0, name="tiny", device="cpu", quiet=True, max_connections=1).start()
+    try:
+        with requests.Session() as first, requests.Session() as second:
+            assert first.get(with_limit.url + "/api/tags").status_code == 200  # kept alive: holds the one slot
+            assert second.get(with_limit.url + "/api/tags").status_code == 503
+    finally:
+        with_limit.close()

@@ -78,8 +78,9 @@ class Server:
         self.host, self.port = self.socket.getsockname()[:2]
         app = create_app(self.engine, self.info)
         self.uvicorn = uvicorn.Server(uvicorn.Config(
-            app, limit_concurrency=max_connections, timeout_keep_alive=30, log_level="warning" if quiet else "info",
-            access_log=not quiet, server_header=False))
+            # uvicorn counts the connection being checked too: +1 lets max_connections connections in
+            app, limit_concurrency=max_connections + 1, timeout_keep_alive=30, log_level="warning",
+            access_log=not quiet, server_header=False, timeout_graceful_shutdown=5))
         self._thread: threading.Thread | None = None
 
     @property
@@ -114,7 +115,7 @@ def serve(model_path: str | os.PathLike, host: str = "127.0.0.1", port: int = 11
           origins: list[str] | None = None) -> None:
     """Load the model and serve it until interrupted (Ctrl-C)."""
     server = Server(model_path, host, port, name=name, device=device, precision=precision, max_predict=max_predict,
-                    origins=origins, quiet=True)
+                    origins=origins)
     if host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: listening on {host}: the API has no authentication; anyone who can reach the port can use it",
               file=sys.stderr)
