@@ -168,6 +168,10 @@ CASES = [
          ["in/ckpt"]),
     Case("generate with a truncated weights file", [sys.executable, "-m", "gptcore", "generate", "--model", "in/model.safetensors", "--prompt", "x"],
          _weights("truncated"), ["model.safetensors"]),
+    Case("generate with an empty prompt", [sys.executable, "-m", "gptcore", "generate", "--model", "in/model.safetensors", "--prompt", ""],
+         _weights("good"), ["prompt is empty"]),
+    Case("generate at temperature nan", [sys.executable, "-m", "gptcore", "generate", "--model", "in/model.safetensors", "--prompt", "x",
+                                         "--temperature", "nan"], _weights("good"), ["temperature", "finite"]),
     Case("generate with a pickle carrying code", [sys.executable, "-m", "gptcore", "generate", "--model", "in/model.safetensors", "--prompt", "x"],
          _weights("pickle"), ["model.safetensors"]),
 ]

@@ -139,8 +139,9 @@ def create_app(engine: Engine, info: ServerInfo) -> FastAPI:
         except TemplateError as err:
             raise p.RequestError(400, str(err)) from None
         context = body.context or []
-        if any(not 0 <= t < 50257 for t in context):
-            raise p.RequestError(400, "invalid context: expected token ids in [0, 50257)")
+        vocab = info.model_info.get("gpt2.vocab_size", 50257)
+        if any(not 0 <= t < vocab for t in context):
+            raise p.RequestError(400, f"invalid context: expected token ids in [0, {vocab})")
         # Ollama: no prompt, system or template loads the model, whatever the context holds
         ids = context + encode_text(engine.tokenizer, text) if text else []
         return await _ollama_reply(request, engine, info, name, ids, sampling, num_predict, grammar,
