@@ -516,11 +516,15 @@ def test_no_odd_input_gets_a_500(url, path):
                     assert isinstance(error if path.startswith("/api/") else error["message"], str)
 
 
-def test_connection_limit_answers_503(model_path):
+def test_connection_limit_and_ollama_origins(model_path, monkeypatch):
+    monkeypatch.setenv("OLLAMA_ORIGINS", "https://*.trusted.dev")
     with_limit = Server(model_path, "127.0.0.1", 0, name="tiny", device="cpu", quiet=True, max_connections=1).start()
     try:
         with requests.Session() as first, requests.Session() as second:
             assert first.get(with_limit.url + "/api/tags").status_code == 200  # kept alive: holds the one slot
             assert second.get(with_limit.url + "/api/tags").status_code == 503
+            trusted = first.get(with_limit.url + "/api/tags", headers={"Origin": "https://app.trusted.dev"})
+            assert trusted.headers["access-control-allow-origin"] == "https://app.trusted.dev"
+            assert first.get(with_limit.url + "/api/tags", headers={"Origin": "https://other.dev"}).status_code == 403
     finally:
         with_limit.close()
