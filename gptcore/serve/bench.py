@@ -39,7 +39,8 @@ def _generate(url: str, name: str, prompt: str, new_tokens: int) -> dict:
     return reply.json()
 
 
-def run(preset: str, clients: int, prompt_len: int, new_tokens: int, seed: int = 0, repeats: int = 2) -> dict:
+def run(preset: str, clients: int, prompt_len: int, new_tokens: int, seed: int = 0, repeats: int = 2,
+        precision: str = "fp32") -> dict:
     import torch
 
     from gptcore.config import GPTConfig
@@ -53,7 +54,7 @@ def run(preset: str, clients: int, prompt_len: int, new_tokens: int, seed: int =
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "bench.safetensors"
         save_model(random_model(GPTConfig.from_name(preset)), path)
-        server = Server(path, "127.0.0.1", 0, name="bench", device="cpu", precision="fp32", quiet=True,
+        server = Server(path, "127.0.0.1", 0, name="bench", device="cpu", precision=precision, quiet=True,
                         max_batch=max(clients, 1)).start()
         try:
             _generate(server.url, "bench", prompts[0], 5)  # warm-up
@@ -79,7 +80,7 @@ def run(preset: str, clients: int, prompt_len: int, new_tokens: int, seed: int =
             server.close()
     best = {k: max(v) for k, v in rates.items()}
     return {
-        "preset": preset, "clients": clients, "prompt_tokens": [r["prompt_eval_count"] for r in alone],
+        "preset": preset, "precision": precision, "clients": clients, "prompt_tokens": [r["prompt_eval_count"] for r in alone],
         "new_tokens": [r["eval_count"] for r in alone],
         "sequential_tokens_per_s": [round(r, 2) for r in rates["sequential"]],
         "concurrent_tokens_per_s": [round(r, 2) for r in rates["concurrent"]],
@@ -97,10 +98,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt-len", type=int, default=50)
     parser.add_argument("--new-tokens", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--precision", default="fp32", help="as gptcore serve --precision (fp32: exact)")
     parser.add_argument("--repeats", type=int, default=2, help="rounds of (one at a time, all at once); best of each")
     args = parser.parse_args(argv)
     print("load average before:", os.getloadavg(), flush=True)
-    print(json.dumps(run(args.preset, args.clients, args.prompt_len, args.new_tokens, args.seed, args.repeats)), flush=True)
+    print(json.dumps(run(args.preset, args.clients, args.prompt_len, args.new_tokens, args.seed, args.repeats, args.precision)), flush=True)
     return 0
 
 
