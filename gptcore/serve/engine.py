@@ -124,8 +124,6 @@ class Engine:
         self.tokenizer = tokenizer
         self.max_batch = max_batch
         self.model: GPTModel | None = None
-        self.loaded_at: float | None = None
-        self._pending_load_ns = 0
         self._queue: queue.Queue = queue.Queue()
         self._rows: list[_Row] = []
         self._cache: KVCache | None = None
@@ -195,7 +193,6 @@ class Engine:
             return 0
         start = time.perf_counter()
         self.model = self._load()
-        self.loaded_at = time.time()
         return int((time.perf_counter() - start) * 1e9)
 
     # -- the worker ------------------------------------------------------------------------------------
@@ -214,7 +211,7 @@ class Engine:
                 self._rows, self._cache = [], None
 
     def _admit(self, block: bool) -> None:
-        """Take queued work: embeddings run at once, generation jobs join the batch (prefilled alone)."""
+        """Take queued work: calls (loads, embeddings) run at once, generation jobs join the batch."""
         while len(self._rows) < self.max_batch:
             try:
                 item = self._queue.get(block=block, timeout=0.5 if block else None)
