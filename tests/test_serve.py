@@ -528,3 +528,24 @@ def test_connection_limit_and_ollama_origins(model_path, monkeypatch):
             assert first.get(with_limit.url + "/api/tags", headers={"Origin": "https://other.dev"}).status_code == 403
     finally:
         with_limit.close()
+
+
+def test_a_client_that_hangs_up_on_a_non_streaming_request_cancels_it(tmp_path):
+    """No stream to fail on: the server notices the closed connection (every 0.5 s) and drops the job."""
+    torch.manual_seed(0)
+    path = tmp_path / "long.safetensors"  # a context of 1024: seconds of generation for -1
+    save_model(GPTModel(GPTConfig(vocab_size=50257, context_length=1024, emb_dim=64, n_heads=4, n_layers=2)), path)
+    long = Server(path, "127.0.0.1", 0, name="long", device="cpu", quiet=True).start()
+    finished = []
+    finish = long.engine._finish
+    long.engine._finish = lambda row, reason: (finished.append(reason), finish(row, reason))
+    try:
+        body = {"model": "long", "prompt": "Hello", "stream": False, "options": {"num_predict": -1, "temperature": 1.0, "seed": 1}}
+        with pytest.raises(requests.exceptions.ReadTimeout):
+            requests.post(long.url + "/api/generate", json=body, timeout=0.3)
+        deadline = time.time() + 5
+        while long.engine.active and time.time() < deadline:
+            time.sleep(0.02)
+        assert long.engine.active == 0 and finished == []  # dropped, not run to its end
+    finally:
+        long.close()

@@ -446,19 +446,23 @@ class _Events:
 
 
 async def _wait(request: Request, events: _Events) -> Done:
-    """The Done event of a non-streaming request; a client that goes away cancels the job."""
+    """The Done event of a non-streaming request; a client that goes away (checked every half second,
+    whether or not tokens keep coming) cancels the job."""
+    checked = time.monotonic()
     try:
         while True:
             try:
                 event = await asyncio.wait_for(events.queue.get(), timeout=0.5)
             except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    raise p.RequestError(499, "client closed the request") from None
-                continue
+                event = None
             if isinstance(event, Done):
                 return event
             if isinstance(event, Failed):
                 raise p.RequestError(500, event.message)
+            if time.monotonic() - checked >= 0.5:
+                checked = time.monotonic()
+                if await request.is_disconnected():
+                    raise p.RequestError(499, "client closed the request")
     finally:
         events.job.cancel()
 
