@@ -30,11 +30,11 @@ def _prompts(tokenizer, clients: int, length: int, seed: int) -> list[str]:
 
 
 def _generate(url: str, name: str, prompt: str, new_tokens: int) -> dict:
-    import httpx
+    import requests
 
     body = {"model": name, "prompt": prompt, "stream": False,
             "options": {"temperature": 0, "num_predict": new_tokens}}
-    reply = httpx.post(url + "/api/generate", json=body, timeout=3600)
+    reply = requests.post(url + "/api/generate", json=body, timeout=3600)
     reply.raise_for_status()
     return reply.json()
 
