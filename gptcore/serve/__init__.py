@@ -79,7 +79,7 @@ class Server:
         app = create_app(self.engine, self.info)
         self.uvicorn = uvicorn.Server(uvicorn.Config(
             # uvicorn counts the connection being checked too: +1 lets max_connections connections in
-            app, limit_concurrency=max_connections + 1, timeout_keep_alive=30, log_level="warning",
+            app, limit_concurrency=max_connections + 1, timeout_keep_alive=30, log_level="warning" if quiet else "info",
             access_log=not quiet, server_header=False, timeout_graceful_shutdown=5))
         self._thread: threading.Thread | None = None
 
