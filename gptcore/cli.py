@@ -88,7 +88,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     keep_freed_memory()
     serve(args.model, host=args.host, port=args.port, name=args.name, device=args.device, max_predict=args.max_predict,
-          precision=args.precision)
+          precision=args.precision, origins=[o for o in (args.origins or "").split(",") if o.strip()])
     return 0
 
 
@@ -148,13 +148,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("texts", nargs="+", metavar="TEXT", help="one line of output per text: label and its probability")
     p.set_defaults(func=_classify)
 
-    p = verbs.add_parser("serve", help="serve a weights file over Ollama's REST API (generate, chat, tags, show)")
+    p = verbs.add_parser("serve", help="serve a weights file over Ollama's and OpenAI's REST APIs (docs/serving.md)")
     p.add_argument("--model", required=True, help="weights file (.safetensors)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=11434, help="Ollama's port by default; 0 picks a free one")
     p.add_argument("--name", default=None, help="model name clients use (default: the weights file's folder)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--max-predict", type=int, default=512, help="most new tokens per request")
+    p.add_argument("--max-predict", type=int, default=None,
+                   help="most new tokens per request (default: as many as the context holds)")
+    p.add_argument("--origins", default=None,
+                   help="more web origins allowed to call the API, comma-separated, * as wildcard "
+                        "(added to localhost's and to OLLAMA_ORIGINS)")
     _add_decoding_precision(p)
     p.set_defaults(func=_serve)
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Sequence
 
 import torch
 
 from gptcore.model import GPTModel, KVCache
 from gptcore.precision import RESOLVED, weights_dtype
-from gptcore.tokenizer import encode
+from gptcore.tokenizer import encode_text
 
 
 def sample_next(
@@ -22,18 +23,29 @@ def sample_next(
     Temperature 0 is greedy (argmax). Otherwise logits outside the top k are dropped, the rest are
     divided by the temperature, and a token is drawn from the softmax with `generator`.
     """
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be positive, got {top_k}")
+    check_sampling(temperature, top_k)
     logits = logits.float()
     if temperature == 0.0:
         return logits.argmax(dim=-1, keepdim=True)
     if top_k is not None and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # [B, 1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits / temperature, dim=-1)
+    # A temperature beyond float32's range would be inf in the division, and -inf / inf is NaN.
+    scaled = logits / min(temperature, torch.finfo(torch.float32).max)
+    if bool((torch.isinf(scaled) & torch.isfinite(logits)).any()):
+        # A tiny temperature overflows logits to +-inf (softmax then gives NaN); measured from the row's
+        # maximum they stay finite at the top (0), which keeps the mass on the best tokens as T -> 0 does.
+        scaled = (logits - logits.max(dim=-1, keepdim=True).values) / temperature
+    probs = torch.softmax(scaled, dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator)
+
+
+def check_sampling(temperature: float, top_k: int | None = None) -> None:
+    """Raise ValueError unless temperature is a finite number >= 0 and top_k is None or >= 1."""
+    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be positive, got {top_k}")
 
 
 @torch.inference_mode()
@@ -57,6 +69,9 @@ def generate(
     `on_token`, if given, sees each appended token column [B, 1] as soon as it is sampled (streaming);
     when it returns True, generation stops there.
     """
+    if idx.ndim != 2 or idx.shape[1] == 0:
+        raise ValueError(f"the prompt is empty: generation needs at least one token (ids of shape {list(idx.shape)})")
+    check_sampling(temperature, top_k)
     ctx = model.config.context_length
     device = idx.device
     done = torch.zeros(idx.shape[0], dtype=torch.bool, device=device)
@@ -198,8 +213,8 @@ def cast_for_inference(model: GPTModel, precision: str, batch_size: int = 1) -> 
 
 
 def text_to_ids(text: str, tokenizer, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Encode text to a batch of one: [1, T]."""
-    return torch.tensor([encode(tokenizer, text)], device=device)
+    """Encode user text (ordinary text, any length) to a batch of one: [1, T]; T may be 0."""
+    return torch.tensor([encode_text(tokenizer, text)], dtype=torch.long, device=device)
 
 
 def ids_to_text(ids: torch.Tensor, tokenizer) -> str:

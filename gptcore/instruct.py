@@ -22,7 +22,7 @@ from gptcore.errors import WeightsError
 from gptcore.decoding import cast_for_inference, generate_batch, make_generator
 from gptcore.model import GPTModel
 from gptcore.prompt import RESPONSE_MARKER, format_input
-from gptcore.tokenizer import EOT_ID, encode, get_tokenizer
+from gptcore.tokenizer import EOT_ID, encode_text, get_tokenizer
 from gptcore.train import (
     Checkpoint,
     TrainResult,
@@ -107,7 +107,7 @@ def finetune_instructions(
 
 def prompt_ids(entry: dict, tokenizer) -> list[int]:
     """The tokens a response is generated from: the Alpaca prompt up to and including the marker."""
-    return encode(tokenizer, format_input(entry) + RESPONSE_MARKER)
+    return encode_text(tokenizer, format_input(entry) + RESPONSE_MARKER)
 
 
 def extract_response(text: str) -> str:

@@ -507,10 +507,10 @@ def _judge_entry(client: OllamaClient, server: JudgeServer | None, entry: dict, 
 
 
 def _gpt2_token_counter() -> Callable[[str], int]:
-    from gptcore.tokenizer import encode, get_tokenizer
+    from gptcore.tokenizer import encode_text, get_tokenizer
 
     tokenizer = get_tokenizer()
-    return lambda text: len(encode(tokenizer, text))
+    return lambda text: len(encode_text(tokenizer, text))
 
 
 def _metrics(records: Sequence[dict], params: JudgeParams, server: JudgeServer | None,

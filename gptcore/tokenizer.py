@@ -92,5 +92,70 @@ def get_tokenizer(folder: str | os.PathLike | None = None) -> tiktoken.Encoding:
 
 
 def encode(tokenizer: tiktoken.Encoding, text: str) -> list[int]:
-    """Token ids of text; `<|endoftext|>` in the text becomes the special token, as in the book."""
+    """Token ids of text where `<|endoftext|>` is the special token (the book's corpus convention).
+
+    Only for text we write ourselves; user text goes through `encode_text`.
+    """
     return tokenizer.encode(text, allowed_special={ENDOFTEXT})
+
+
+# A chunk handed to tiktoken at once, and the longest whitespace run it gets in one piece. tiktoken's
+# regex engine gives up (a Rust panic, not an exception) on a whitespace run of ~1M characters (fancy-regex's
+# backtracking limit; measured with tiktoken 0.14), and BPE cost grows with the piece: both stay bounded.
+CHUNK_CHARS = 1 << 16
+MAX_SPACE_RUN = 100_000
+# Characters that are whitespace for the pre-tokeniser's `\s` for certain (str.isspace() also counts
+# \x1c-\x1f, which `\s` does not).
+ASCII_SPACE = frozenset(" \t\n\r\x0b\x0c")
+
+
+def encode_text(tokenizer: tiktoken.Encoding, text: str) -> list[int]:
+    """Token ids of user text, as ordinary text: `<|endoftext|>` spelled in it is just characters.
+
+    The one entry point for text a user or a data file supplies (CLI, Python API, server, datasets).
+    Any length: the text is cut only where GPT-2's pre-tokeniser cuts anyway (before a whitespace
+    character that follows a non-whitespace one: no pattern of it spans that point), so the ids equal
+    `tokenizer.encode_ordinary(text)`; the exception is a whitespace run longer than MAX_SPACE_RUN, which
+    is encoded in pieces (where tiktoken itself may fail).
+    """
+    ids: list[int] = []
+    for chunk in _chunks(text):
+        ids.extend(tokenizer.encode_ordinary(chunk))
+    return ids
+
+
+def _chunks(text: str):
+    """Consecutive pieces of text, each ending at a safe boundary (see encode_text): about CHUNK_CHARS
+    long, longer where no boundary comes sooner."""
+    start, n = 0, len(text)
+    while n - start > CHUNK_CHARS:
+        cut = _safe_cut_before(text, start, start + CHUNK_CHARS) or _safe_cut_after(text, start + CHUNK_CHARS)
+        yield text[start:cut]
+        start = cut
+    if start < n:
+        yield text[start:]
+
+
+def _is_safe(text: str, i: int) -> bool:
+    return text[i] in ASCII_SPACE and not text[i - 1].isspace()
+
+
+def _safe_cut_before(text: str, start: int, end: int) -> int | None:
+    """The last safe boundary in (start, end], or None."""
+    for i in range(end, start, -1):
+        if _is_safe(text, i):
+            return i
+    return None
+
+
+def _safe_cut_after(text: str, end: int) -> int:
+    """The first safe boundary after `end`; within a whitespace run longer than MAX_SPACE_RUN, a forced
+    cut (tiktoken could not encode that run whole); the end of the text if neither comes."""
+    run = 0
+    for i in range(end + 1, len(text)):
+        if _is_safe(text, i):
+            return i
+        run = run + 1 if text[i].isspace() else 0
+        if run >= MAX_SPACE_RUN:
+            return i
+    return len(text)

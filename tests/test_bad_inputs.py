@@ -62,7 +62,8 @@ def _weights(kind: str) -> Callable[[Path], None]:
     def make(tmp: Path) -> None:
         path = tmp / "in" / "model.safetensors"
         path.parent.mkdir(parents=True, exist_ok=True)
-        config = GPTConfig(vocab_size=50257, context_length=32, emb_dim=16, n_heads=2, n_layers=1)
+        config = GPTConfig(vocab_size=50257, context_length=32, emb_dim=16, n_heads=2, n_layers=1,
+                           num_classes=2 if kind == "classifier" else None)
         save_model(GPTModel(config), path)
         if kind == "truncated":
             path.write_bytes(path.read_bytes()[:5000])
@@ -168,6 +169,12 @@ CASES = [
          ["in/ckpt"]),
     Case("generate with a truncated weights file", [sys.executable, "-m", "gptcore", "generate", "--model", "in/model.safetensors", "--prompt", "x"],
          _weights("truncated"), ["model.safetensors"]),
+    Case("generate with an empty prompt", [sys.executable, "-m", "gptcore", "generate", "--model", "in/model.safetensors", "--prompt", ""],
+         _weights("good"), ["prompt is empty"]),
+    Case("generate at temperature nan", [sys.executable, "-m", "gptcore", "generate", "--model", "in/model.safetensors", "--prompt", "x",
+                                         "--temperature", "nan"], _weights("good"), ["temperature", "finite"]),
+    Case("serve a classifier", [sys.executable, "-m", "gptcore", "serve", "--model", "in/model.safetensors", "--port", "0"],
+         _weights("classifier"), ["model.safetensors", "classifier"]),
     Case("generate with a pickle carrying code", [sys.executable, "-m", "gptcore", "generate", "--model", "in/model.safetensors", "--prompt", "x"],
          _weights("pickle"), ["model.safetensors"]),
 ]

@@ -78,3 +78,22 @@ def test_seeded_generation_gives_exact_tokens(model):
     b = generate(model, idx, 8, temperature=1.0, top_k=5, generator=make_generator(123))
     assert torch.equal(a, b)
     assert a[0, :3].tolist() == [1, 2, 3]
+
+
+def test_bad_prompt_and_temperature_are_clear_errors(tiny_config):
+    model = GPTModel(tiny_config).eval()
+    with pytest.raises(ValueError, match="prompt is empty"):
+        generate(model, torch.zeros(1, 0, dtype=torch.long), 3)
+    for temperature in (float("nan"), float("inf"), -0.5):
+        with pytest.raises(ValueError, match="temperature must be a finite number"):
+            generate(model, torch.tensor([[1, 2]]), 3, temperature=temperature)
+
+
+def test_tiny_temperature_samples_the_argmax_without_nan():
+    logits = torch.tensor([[1.0, 3.0, 2.0, 3.0 - 1e-3]])
+    draws = {int(sample_next(logits, temperature=1e-40, generator=torch.Generator().manual_seed(s))) for s in range(20)}
+    assert draws == {1}
+    negative = torch.tensor([[-5.0, -1.0, -3.0]])
+    assert int(sample_next(negative, temperature=1e-40, generator=torch.Generator().manual_seed(0))) == 1
+    huge = sample_next(torch.tensor([[1.0, 2.0, 3.0]]), temperature=1e308, top_k=2, generator=torch.Generator().manual_seed(0))
+    assert int(huge) in (1, 2)  # uniform over the top 2, no NaN from -inf / inf

@@ -15,7 +15,8 @@ import requests
 import tiktoken
 
 from gptcore.errors import DataError, DownloadError
-from gptcore.tokenizer import BASE_URL, EOT_ID, FILES, _build, encode, find_tokenizer_files, get_tokenizer
+import gptcore.tokenizer as tokenizer_module
+from gptcore.tokenizer import BASE_URL, EOT_ID, FILES, _build, encode, encode_text, find_tokenizer_files, get_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -186,3 +187,45 @@ def test_a_fresh_process_starts_offline_from_the_cache(empty_cache, tmp_path, ti
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.startswith("Hello")
+@pytest.mark.parametrize("text", TEXTS)
+def test_user_text_is_ordinary_text(text, reference, tokenizer):
+    assert encode_text(tokenizer, text) == reference.encode_ordinary(text)
+    assert EOT_ID not in encode_text(tokenizer, "Some text<|endoftext|>Another text")
+
+
+def test_chunked_encoding_equals_tiktoken(reference, tokenizer, monkeypatch):
+    """Cut into many small chunks, mixed text still encodes exactly as tiktoken encodes it whole."""
+    import random
+
+    rng = random.Random(0)
+    alphabet = ["a", "Z", "é", "東", "7", "!", "'s", " ", "  ", "\n", "\n\n", "\t", " \n ", "\x1c", "🙂", "--"]
+    text = "".join(rng.choice(alphabet) for _ in range(20_000))
+    monkeypatch.setattr(tokenizer_module, "CHUNK_CHARS", 37)
+    assert encode_text(tokenizer, text) == reference.encode_ordinary(text)
+
+
+def test_very_long_inputs_never_fail(tokenizer):
+    """tiktoken panics (a Rust stack overflow) on a ~1M whitespace run; a 1 MB word is fine either way."""
+    word = "x" * (1 << 20)
+    assert tokenizer.decode(encode_text(tokenizer, word)) == word
+    spaces = "a" + " " * 1_000_000 + "b"
+    assert tokenizer.decode(encode_text(tokenizer, spaces)) == spaces
+    mixed = ("word " * 200_000) + "\n" * 300_000
+    assert tokenizer.decode(encode_text(tokenizer, mixed)) == mixed
+
+
+def test_datasets_read_special_token_text_as_text(tokenizer):
+    """Instruction and SMS data take `<|endoftext|>` in their text literally, as the server and CLI do."""
+    from gptcore.data.instructions import encode_example
+    from gptcore.data.sms import encode_texts
+
+    entry = {"instruction": "Repeat <|endoftext|>", "input": "", "output": "<|endoftext|>"}
+    ids, _ = encode_example(entry, tokenizer)
+    assert EOT_ID not in ids
+    assert EOT_ID not in encode_texts(tokenizer, ["win <|endoftext|> now"])[0]
+
+
+def test_the_verdict_encodes_as_before(mirror_dir, tokenizer):
+    """Stage 1's corpus holds no special-token text: encode_text gives the ids `encode` gave."""
+    text = (mirror_dir / "the-verdict.txt").read_text(encoding="utf-8")
+    assert encode_text(tokenizer, text) == encode(tokenizer, text)

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 from gptcore.data.loader import ResumableBatchSampler
 from gptcore.errors import DataError
 from gptcore.prompt import RESPONSE_MARKER, format_example, format_input
-from gptcore.tokenizer import EOT_ID, encode
+from gptcore.tokenizer import EOT_ID, encode_text
 from gptcore.train import IGNORE_INDEX
 
 FIELDS = ("instruction", "input", "output")
@@ -93,8 +93,8 @@ def split_instructions(
 
 def encode_example(entry: dict, tokenizer) -> Example:
     """Token ids of the Alpaca-formatted entry and the length of its prompt part."""
-    ids = encode(tokenizer, format_example(entry))
-    prompt = encode(tokenizer, format_input(entry) + RESPONSE_MARKER)
+    ids = encode_text(tokenizer, format_example(entry))
+    prompt = encode_text(tokenizer, format_input(entry) + RESPONSE_MARKER)
     # BPE could merge across the prompt/response boundary; count only the tokens both encodings share.
     prompt_len = 0
     while prompt_len < min(len(ids), len(prompt)) and ids[prompt_len] == prompt[prompt_len]:

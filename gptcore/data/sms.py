@@ -22,6 +22,7 @@ from torch.utils.data import Dataset
 from gptcore.atomic import atomic_path
 from gptcore.download import fetch, mirror_root
 from gptcore.errors import DataError, DownloadError
+from gptcore.tokenizer import encode_text
 
 MEMBER = "SMSSpamCollection"
 MIRROR_NAME = "sms+spam+collection.zip"  # the zip's name in GPTCORE_MIRROR, whichever address it came from
@@ -177,7 +178,7 @@ def read_split(path: str | os.PathLike) -> pd.DataFrame:
 
 def encode_texts(tokenizer, texts) -> list[list[int]]:
     """Token ids of each text; `<|endoftext|>` in a text is plain text, so the pad id is never a real token."""
-    return [tokenizer.encode_ordinary(text) for text in texts]
+    return [encode_text(tokenizer, text) for text in texts]
 
 
 def pad_ids(ids: list[list[int]], max_length: int, pad_id: int = PAD_ID) -> torch.Tensor:

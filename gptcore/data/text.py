@@ -7,7 +7,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from gptcore.data.loader import make_loader
 from gptcore.errors import DataError
-from gptcore.tokenizer import encode
+from gptcore.tokenizer import encode_text
 
 
 class TokenWindowDataset(Dataset):
@@ -47,8 +47,8 @@ def build_text_loaders(
 ) -> tuple[DataLoader, DataLoader]:
     """Train loader (shuffled, last partial batch dropped) and validation loader (in order, all)."""
     train_text, val_text = split_text(text, train_ratio)
-    train = TokenWindowDataset(encode(tokenizer, train_text), max_length, stride)
-    val = TokenWindowDataset(encode(tokenizer, val_text), max_length, stride)
+    train = TokenWindowDataset(encode_text(tokenizer, train_text), max_length, stride)
+    val = TokenWindowDataset(encode_text(tokenizer, val_text), max_length, stride)
     if len(train) < batch_size:
         raise DataError(
             f"{source}: the training split holds {len(train)} windows of {max_length} tokens, "

@@ -1,0 +1,126 @@
+"""`gptcore serve`: a gptcore weights file behind Ollama's REST API (`/api/*`) and OpenAI's (`/v1/*`).
+
+FastAPI + uvicorn; one engine thread owns the model and batches concurrent requests (serve/engine.py);
+prompt templates and the detokenizer live in serve/chat.py, request models in serve/protocol.py, routes in
+serve/app.py. See docs/serving.md for the endpoints and what each honours.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import threading
+from pathlib import Path
+
+from gptcore.errors import GptcoreError
+
+MAX_BODY = 1 << 20  # bytes of a request body; a prompt is text, 1 MiB is ~250k tokens
+MAX_CONNECTIONS = 64  # concurrent connections before uvicorn answers 503
+MAX_BATCH = 16  # requests decoded together; more wait in the queue
+ORIGINS_ENV = "OLLAMA_ORIGINS"
+
+
+class Server:
+    """A loaded model, its engine, and a bound uvicorn server (not yet serving); port 0 picks a free one."""
+
+    def __init__(self, model_path: str | os.PathLike, host: str = "127.0.0.1", port: int = 11434,
+                 name: str | None = None, device: str = "auto", precision: str = "fp32",
+                 max_predict: int | None = None, origins: list[str] | None = None, max_body: int = MAX_BODY,
+                 max_connections: int = MAX_CONNECTIONS, max_batch: int = MAX_BATCH, quiet: bool = False):
+        import uvicorn
+
+        from gptcore import __version__
+        from gptcore.decoding import cast_for_inference
+        from gptcore.device import resolve_device
+        from gptcore.download import sha256_of
+        from gptcore.serve.app import ServerInfo, canonical_name, create_app, default_name
+        from gptcore.serve.engine import Engine
+        from gptcore.precision import autocast, resolve_precision
+        from gptcore.tokenizer import get_tokenizer
+        from gptcore.weights import load_model
+
+        path = Path(model_path)
+        self.device = resolve_device(device)
+        resolved = resolve_precision(precision, self.device, "inference")
+
+        def load():
+            model = load_model(path, device=self.device)
+            if model.config.num_classes is not None:
+                raise GptcoreError(f"{path}: is a classifier ({model.config.num_classes} classes); "
+                                   "only language models can be served")
+            return cast_for_inference(model, resolved, batch_size=max_batch)
+
+        self.engine = Engine(load, get_tokenizer(), max_batch=max_batch,
+                             compute=lambda: autocast(self.device, resolved))
+        self.engine.ensure_loaded()
+        model = self.engine.model
+        config = model.config
+        env_origins = [o.strip() for o in os.environ.get(ORIGINS_ENV, "").split(",") if o.strip()]
+        self.info = ServerInfo(
+            name=canonical_name(name or default_name(path)), path=path, digest=sha256_of(path), version=__version__,
+            context_length=config.context_length, n_params=sum(t.numel() for t in model.parameters()),
+            dtype=str(model.tok_emb.weight.dtype).removeprefix("torch.").upper().replace("FLOAT", "F"),
+            bound_host=host, max_body=max_body, max_predict=max_predict, origins=env_origins + list(origins or []),
+        )
+        self.info.model_info = {
+            "general.architecture": "gpt2", "general.parameter_count": self.info.n_params,
+            "gpt2.context_length": config.context_length, "gpt2.embedding_length": config.emb_dim,
+            "gpt2.block_count": config.n_layers, "gpt2.attention.head_count": config.n_heads,
+            "gpt2.vocab_size": config.vocab_size,
+        }
+        try:
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            self.socket = socket.socket(family, socket.SOCK_STREAM)
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self.socket.bind((host, port))
+        except OSError as err:
+            raise GptcoreError(f"cannot listen on {host}:{port}: {err.strerror or err} "
+                               "(is Ollama or another server using it? pick another --port)") from None
+        self.host, self.port = self.socket.getsockname()[:2]
+        app = create_app(self.engine, self.info)
+        self.uvicorn = uvicorn.Server(uvicorn.Config(
+            # uvicorn counts the connection being checked too: +1 lets max_connections connections in
+            app, limit_concurrency=max_connections + 1, timeout_keep_alive=30, log_level="warning" if quiet else "info",
+            access_log=not quiet, server_header=False, timeout_graceful_shutdown=5))
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}" if ":" not in self.host else f"http://[{self.host}]:{self.port}"
+
+    def serve_forever(self) -> None:
+        """Serve until interrupted (uvicorn handles Ctrl-C when run on the main thread)."""
+        self.engine.start()
+        try:
+            self.uvicorn.run(sockets=[self.socket])
+        finally:
+            self.engine.stop()
+            self.socket.close()
+
+    def start(self) -> "Server":
+        """Serve on a background thread (tests, notebooks); `close()` stops it."""
+        self._thread = threading.Thread(target=self.serve_forever, name="gptcore-serve", daemon=True)
+        self._thread.start()
+        while not self.uvicorn.started and self._thread.is_alive():
+            threading.Event().wait(0.02)
+        return self
+
+    def close(self) -> None:
+        self.uvicorn.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+
+def serve(model_path: str | os.PathLike, host: str = "127.0.0.1", port: int = 11434, name: str | None = None,
+          device: str = "auto", max_predict: int | None = None, precision: str = "fp32",
+          origins: list[str] | None = None) -> None:
+    """Load the model and serve it until interrupted (Ctrl-C)."""
+    server = Server(model_path, host, port, name=name, device=device, precision=precision, max_predict=max_predict,
+                    origins=origins)
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: listening on {host}: the API has no authentication; anyone who can reach the port can use it",
+              file=sys.stderr)
+    print(f"gptcore serve: {server.info.name} ({server.info.path}, {server.info.n_params / 1e6:.0f}M parameters, "
+          f"{server.device}) on {server.url} (Ctrl-C stops)", flush=True)
+    server.serve_forever()

@@ -1,0 +1,452 @@
+"""The one worker thread that owns the model: continuous batching of generation requests, and embeddings.
+
+Handlers submit work and receive events through a callback; they never touch the model, and nothing is
+written to a socket while the model runs. Each decoding step feeds the last token of every active
+request as one batch [B, 1] through a shared KV cache; a new request is prefilled alone (its prompt
+but the last token) and joins the batch at the next step, and a finished or cancelled one leaves it
+(vLLM's continuous batching, Ollama's parallel slots). Rows of different lengths share the cache by
+left padding: `KVCache.pad_lengths` masks each row's padding and shifts its positions, so each request
+sees exactly the positions it would see alone. Every request keeps its own sampling options and
+generator; greedy fp32 decoding gives each the tokens it gets when it runs alone (measured token for
+token, see docs/serving.md).
+
+A request's prompt and new tokens fit in the context (Ollama's num_ctx rule): the prompt is cut from the
+left, so no request ever recomputes a sliding window.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from gptcore.decoding import check_sampling, make_generator, next_token_logits, sample_next
+from gptcore.model import GPTModel, KVCache
+from gptcore.serve.chat import Detokenizer
+from gptcore.tokenizer import EOT_ID
+
+# Tokens a constrained (JSON) reply prefers once it must close: a string's end, then the structures'.
+CLOSERS = ('"', "}", "]", "0", "null")
+
+
+@dataclass
+class Sampling:
+    temperature: float = 0.8
+    top_k: int | None = 40
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Piece:
+    """Text released by the detokenizer (may be empty when a token only completes part of a character)."""
+
+    text: str
+
+
+@dataclass
+class Done:
+    reason: str  # "stop" (end of text, a stop string, a complete JSON value) or "length"
+    text: str
+    prompt_ids: list[int]
+    new_ids: list[int]
+    load_duration: int  # nanoseconds
+    prompt_eval_duration: int
+    eval_duration: int
+    total_duration: int
+
+
+@dataclass
+class Failed:
+    message: str
+
+
+Event = Piece | Done | Failed
+
+
+def budget(prompt_len: int, num_predict: int | None, context: int) -> tuple[int, int]:
+    """(prompt tokens kept, new tokens allowed): prompt + new tokens fit in the context.
+
+    num_predict None or < 0 is unbounded (until end of text or a full context). A prompt that leaves too
+    little room keeps its last tokens: all but the num_predict tokens asked for, at most half the context.
+    """
+    want = context if num_predict is None or num_predict < 0 else num_predict
+    keep = min(prompt_len, context - min(want, context // 2))
+    return keep, min(want, context - keep)
+
+
+class Job:
+    """One generation request as the worker sees it; `cancel()` may be called from any thread."""
+
+    def __init__(self, prompt: list[int], max_new: int, sampling: Sampling, sink: Callable[[Event], None],
+                 grammar: str | None = None, unload_after: bool = False):
+        self.prompt = prompt
+        self.unload_after = unload_after  # Ollama's keep_alive 0: drop the model once idle
+        self.max_new = max_new
+        self.sampling = sampling
+        self.sink = sink
+        self.grammar = grammar
+        self.cancelled = threading.Event()
+        self.submitted = time.perf_counter()
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+class _Row:
+    """An active request in the batch."""
+
+    def __init__(self, job: Job, tokenizer, device: torch.device, matcher: Any, load_ns: int):
+        self.job = job
+        self.detok = Detokenizer(tokenizer, job.sampling.stop)
+        self.new_ids: list[int] = []
+        self.last = job.prompt[-1]
+        seed = job.sampling.seed
+        if job.sampling.temperature > 0 and seed is None:
+            seed = int.from_bytes(os.urandom(8), "little") >> 1
+        self.generator = make_generator(None if seed is None else seed % 2**63, device)
+        self.matcher = matcher
+        self.load_ns = load_ns
+        self.started = time.perf_counter()
+        self.first_token_at: float | None = None
+
+
+class Engine:
+    """Owns the model (loaded by `load()`), serves jobs from a queue on one thread."""
+
+    def __init__(self, load: Callable[[], GPTModel], tokenizer, max_batch: int = 16,
+                 compute: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext):
+        self._load = load
+        self.tokenizer = tokenizer
+        self.max_batch = max_batch
+        self._compute = compute
+        self.model: GPTModel | None = None
+        self._queue: queue.Queue = queue.Queue()
+        self._rows: list[_Row] = []
+        self._cache: KVCache | None = None
+        self._unload = False
+        self._stopping = False
+        self._grammar_tokenizer = None
+        self._grammar_lock = threading.Lock()
+        self._closers = [ids[0] for ids in (tokenizer.encode_ordinary(t) for t in CLOSERS) if len(ids) == 1]
+        self._thread = threading.Thread(target=self._run, name="gptcore-engine", daemon=True)
+
+    # -- the handlers' side ----------------------------------------------------------------------------
+    def start(self) -> None:
+        self.ensure_loaded()
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._queue.put(None)
+        self._thread.join(timeout=30)
+
+    def submit(self, job: Job) -> None:
+        self._queue.put(job)
+
+    def call(self, fn: Callable[[], Any]) -> Any:
+        """fn() run on the worker between decoding steps (it may use the model); blocks until it is done."""
+        done = threading.Event()
+        box: dict = {}
+        self._queue.put(("call", fn, box, done))
+        done.wait()
+        if "error" in box:
+            raise box["error"]
+        return box["value"]
+
+    def load(self) -> int:
+        """Load the model on the worker if it is not loaded; the nanoseconds that took (0 if it was)."""
+        return self.call(self.ensure_loaded)
+
+    def embed(self, prompts: list[list[int]], normalize: bool) -> tuple[list[list[float]], int]:
+        """Sentence vectors of token id lists (see embed_ids), and the load time in nanoseconds."""
+        def work():
+            load_ns = self.ensure_loaded()
+            return [embed_ids(self.model, ids, normalize) for ids in prompts], load_ns
+
+        return self.call(work)
+
+    def request_unload(self) -> None:
+        """Drop the model once no request is running (Ollama's keep_alive 0); the next request reloads it."""
+        self._unload = True
+        self._queue.put(("wake",))
+
+    @property
+    def active(self) -> int:
+        return len(self._rows)
+
+    def grammar_tokenizer(self):
+        """llguidance's view of the GPT-2 vocabulary (built once, ~1 s)."""
+        with self._grammar_lock:
+            if self._grammar_tokenizer is None:
+                from llguidance.tiktoken import lltokenizer_from_encoding
+
+                self._grammar_tokenizer = lltokenizer_from_encoding(self.tokenizer, eos_token=EOT_ID)
+            return self._grammar_tokenizer
+
+    def ensure_loaded(self) -> int:
+        """Load the model if it is not; returns the nanoseconds that took (0 if it was loaded)."""
+        if self.model is not None:
+            return 0
+        start = time.perf_counter()
+        self.model = self._load()
+        return int((time.perf_counter() - start) * 1e9)
+
+    # -- the worker ------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stopping:
+            try:
+                with self._compute():  # the precision's autocast (a no-op for fp32 and bf16-true)
+                    self._admit(block=not self._rows)
+                    if self._rows:
+                        self._step()
+                if not self._rows and self._unload and self._queue.empty():
+                    self.model, self._cache, self._unload = None, None, False
+            except Exception as err:  # noqa: BLE001 - fail the running requests, keep serving others
+                message = " ".join(str(err).split()) or type(err).__name__
+                for row in self._rows:
+                    row.job.sink(Failed(f"generation failed: {message}"))
+                self._rows, self._cache = [], None
+
+    def _admit(self, block: bool) -> None:
+        """Take queued work: calls (loads, embeddings) run at once, generation jobs join the batch."""
+        while len(self._rows) < self.max_batch:
+            try:
+                item = self._queue.get(block=block, timeout=0.5 if block else None)
+            except queue.Empty:
+                return
+            block = False
+            if item is None:
+                return
+            if isinstance(item, tuple):
+                if item[0] == "call":
+                    self._call(*item[1:])
+                continue
+            try:
+                self._start(item)
+            except Exception as err:  # noqa: BLE001 - this request fails, the batch goes on
+                item.sink(Failed(f"generation failed: {' '.join(str(err).split()) or type(err).__name__}"))
+
+    def _start(self, job: Job) -> None:
+        if job.cancelled.is_set():
+            return
+        load_ns = self.ensure_loaded()
+        self._unload = False
+        matcher = None
+        if job.grammar is not None:
+            from llguidance import LLMatcher
+
+            matcher = LLMatcher(self.grammar_tokenizer(), job.grammar, log_level=0)
+            if matcher.is_error():
+                job.sink(Failed(f"format: {matcher.get_error()}"))
+                return
+        row = _Row(job, self.tokenizer, self.model.tok_emb.weight.device, matcher, load_ns)
+        if job.max_new == 0:
+            self._finish(row, "length")
+            return
+        self._join(row)
+
+    @torch.inference_mode()
+    def _join(self, row: _Row) -> None:
+        """Prefill row's prompt but its last token alone, and merge its cache into the batch's."""
+        model, prompt = self.model, row.job.prompt[:-1]
+        device = model.tok_emb.weight.device
+        dtype = model.tok_emb.weight.dtype
+        own = None
+        if prompt:
+            own = KVCache(model.config, 1, len(prompt), device=device, dtype=dtype,
+                          pad_lengths=torch.zeros(1, dtype=torch.long))
+            model.hidden_states(torch.tensor([prompt], device=device), own)  # fills the cache; no logits needed
+        batch = self._cache
+        old_len = batch.length if batch is not None else 0
+        length = max(old_len, len(prompt))
+        rows = len(self._rows) + 1
+        capacity = min(model.config.context_length, max(64, 2 * (length + 1)))
+        cache = KVCache(model.config, rows, capacity, device=device, dtype=dtype,
+                        pad_lengths=torch.zeros(rows, dtype=torch.long))
+        for tensor in cache.keys + cache.values:  # padding is masked, but 0 * NaN garbage would still be NaN
+            tensor.zero_()
+        pads = []
+        if batch is not None:
+            shift = length - old_len
+            for layer in range(model.config.n_layers):
+                cache.keys[layer][:-1, :, shift:length] = batch.keys[layer][:, :, :old_len]
+                cache.values[layer][:-1, :, shift:length] = batch.values[layer][:, :, :old_len]
+            pads = (batch.pad_lengths + shift).tolist()
+        if own is not None:
+            for layer in range(model.config.n_layers):
+                cache.keys[layer][-1:, :, length - len(prompt) : length] = own.keys[layer][:, :, : len(prompt)]
+                cache.values[layer][-1:, :, length - len(prompt) : length] = own.values[layer][:, :, : len(prompt)]
+        pads.append(length - len(prompt))
+        cache.pad_lengths = torch.tensor(pads, dtype=torch.long, device=device)
+        cache.length = length
+        self._cache = cache
+        self._rows.append(row)
+
+    @torch.inference_mode()
+    def _step(self) -> None:
+        """One new token for every active row."""
+        self._make_room()
+        device = self.model.tok_emb.weight.device
+        last = torch.tensor([[row.last] for row in self._rows], device=device)  # [B, 1]
+        logits = next_token_logits(self.model, last, self._cache)  # [B, V], fp32 head
+        keep = []
+        now = time.perf_counter()
+        for b, row in enumerate(self._rows):
+            if row.job.cancelled.is_set():
+                continue
+            if row.first_token_at is None:
+                row.first_token_at = now
+            token = self._sample(row, logits[b : b + 1])
+            reason = self._advance(row, token)
+            if reason is None:
+                keep.append(b)
+            else:
+                self._finish(row, reason)
+        if len(keep) < len(self._rows):
+            self._keep(keep)
+
+    def _sample(self, row: _Row, logits: torch.Tensor) -> int:
+        s = row.job.sampling
+        if row.matcher is None:
+            return int(sample_next(logits, s.temperature, s.top_k, row.generator)[0, 0])
+        allowed = self._allowed(row.matcher, logits.shape[-1], logits.device)
+        if row.matcher.is_error() or not bool(allowed.any()):  # nothing may follow: end the reply here
+            return EOT_ID
+        logits = logits.masked_fill(~allowed, float("-inf"))
+        if len(row.new_ids) >= row.job.max_new - self._close_reserve(row):
+            return self._closing_token(allowed, logits)
+        return int(sample_next(logits, s.temperature, s.top_k, row.generator)[0, 0])
+
+    def _close_reserve(self, row: _Row) -> int:
+        return min(32, row.job.max_new // 2)
+
+    def _closing_token(self, allowed: torch.Tensor, logits: torch.Tensor) -> int:
+        """Near the end of its budget, a constrained reply takes the first allowed closer, else its best
+        allowed token: the shortest way we know to a value that parses."""
+        for token in self._closers:
+            if bool(allowed[0, token]):
+                return token
+        return int(logits.argmax(dim=-1)[0])
+
+    @staticmethod
+    def _allowed(matcher, vocab: int, device: torch.device) -> torch.Tensor:
+        """The matcher's bitmask as a boolean row [1, V]."""
+        import numpy as np
+
+        bits = np.unpackbits(np.frombuffer(matcher.compute_bitmask(), dtype=np.uint8), bitorder="little")
+        return torch.from_numpy(bits[:vocab].astype(bool)).to(device)[None, :]
+
+    def _advance(self, row: _Row, token: int) -> str | None:
+        """Record a sampled token; the reason the row is finished, or None."""
+        if row.matcher is not None:
+            row.matcher.consume_token(token)
+        if token == EOT_ID:
+            return "stop"
+        row.new_ids.append(token)
+        row.last = token
+        piece = row.detok.push(token)
+        if piece:
+            row.job.sink(Piece(piece))
+        if row.detok.stopped or (row.matcher is not None and row.matcher.is_stopped()):
+            return "stop"
+        if len(row.new_ids) >= row.job.max_new:
+            if row.matcher is not None and not row.matcher.is_accepting():
+                context = self.model.config.context_length
+                if len(row.job.prompt) + len(row.new_ids) < context:
+                    return None  # a constrained reply closes its value within the context
+            return "length"
+        return None
+
+    def _finish(self, row: _Row, reason: str) -> None:
+        if row.job.unload_after:
+            self._unload = True
+        tail = row.detok.finish()
+        if tail:
+            row.job.sink(Piece(tail))
+        end = time.perf_counter()
+        first = row.first_token_at or end
+        row.job.sink(Done(
+            reason=reason, text=row.detok.text, prompt_ids=row.job.prompt, new_ids=row.new_ids,
+            load_duration=row.load_ns, prompt_eval_duration=_ns(first - row.started),
+            eval_duration=_ns(end - first), total_duration=_ns(end - row.job.submitted),
+        ))
+
+    def _keep(self, keep: list[int]) -> None:
+        """Drop finished rows from the batch and the cache; drop padding every row has in common."""
+        self._rows = [self._rows[b] for b in keep]
+        if not keep:
+            self._cache = None
+            return
+        cache = self._cache
+        rows = torch.tensor(keep, device=cache.pad_lengths.device)
+        cache.keys = [k[rows] for k in cache.keys]
+        cache.values = [v[rows] for v in cache.values]
+        cache.pad_lengths = cache.pad_lengths[rows]
+        self._compact()
+
+    def _compact(self) -> None:
+        """Shift the cache left by the padding all rows share, so that its length is the longest row's."""
+        cache = self._cache
+        common = int(cache.pad_lengths.min())
+        if common == 0:
+            return
+        n = cache.length - common
+        cache.keys = [k[:, :, common:].clone() if n else k for k in cache.keys]
+        cache.values = [v[:, :, common:].clone() if n else v for v in cache.values]
+        cache.pad_lengths = cache.pad_lengths - common
+        cache.length = n
+        cache.max_len = cache.keys[0].shape[2]
+
+    def _make_room(self) -> None:
+        """Room for one more position: grow the cache (up to the context); every row fits by budget()."""
+        cache = self._cache
+        if cache.length + 1 <= cache.max_len:
+            return
+        self._compact()
+        if cache.length + 1 <= cache.max_len:
+            return
+        context = self.model.config.context_length
+        size = min(context, 2 * cache.max_len)
+        grow = lambda t: torch.cat([t, t.new_zeros(*t.shape[:2], size - t.shape[2], t.shape[3])], dim=2)
+        cache.keys = [grow(k) for k in cache.keys]
+        cache.values = [grow(v) for v in cache.values]
+        cache.max_len = size
+
+    @staticmethod
+    def _call(fn: Callable[[], Any], box: dict, done: threading.Event) -> None:
+        try:
+            with torch.inference_mode():
+                box["value"] = fn()
+        except Exception as err:  # noqa: BLE001 - handed to the caller
+            box["error"] = err
+        finally:
+            done.set()
+
+
+@torch.inference_mode()
+def embed_ids(model: GPTModel, ids: list[int], normalize: bool = True) -> list[float]:
+    """A sentence vector: the mean of the final hidden states (after the last LayerNorm) over the tokens,
+    L2-normalised when `normalize` (as Ollama's /api/embed returns them)."""
+    device = model.tok_emb.weight.device
+    idx = torch.tensor([ids], device=device)  # [1, T]
+    x = model.hidden_states(idx)  # [1, T, C]
+    vector = model.final_norm(x.to(model.final_norm.weight.dtype)).float().mean(dim=1)[0]  # [C]
+    if normalize:
+        vector = torch.nn.functional.normalize(vector, dim=0)
+    return vector.tolist()
+
+
+def check_options(sampling: Sampling) -> None:
+    """ValueError for options that cannot be sampled with."""
+    check_sampling(sampling.temperature, sampling.top_k)
+
+
+def _ns(seconds: float) -> int:
+    return max(0, int(seconds * 1e9))

@@ -1,0 +1,197 @@
+"""Request models of the Ollama (`/api/*`) and OpenAI-compatible (`/v1/*`) APIs, and their error shapes.
+
+Types are strict (a string is not a number, `"yes"` is not true) except where Ollama is lenient: an
+integer option may come as a JSON float with no fraction (`top_k: 40.0`), and null means absent.
+Unknown fields and options Ollama knows but gptcore does not use (num_ctx, top_p, mirostat...) are
+accepted and ignored, as Ollama ignores what a model does not support.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
+
+
+class RequestError(Exception):
+    """A request the server refuses: HTTP status and one clear message."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def _integral(value: Any) -> Any:
+    """40.0 -> 40, as Ollama's option parsing accepts; anything else is left to the strict int check."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+Int = Annotated[int, BeforeValidator(_integral)]
+Stop = Union[str, list[str]]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class Options(_Model):
+    """The `options` gptcore honours."""
+
+    temperature: float | None = None
+    top_k: Int | None = None
+    top_p: float | None = None  # accepted; sampling here is temperature + top-k
+    seed: Int | None = None
+    num_predict: Int | None = None
+    num_ctx: Int | None = None  # accepted; the context is the model's
+    stop: Stop | None = None
+
+
+class Message(_Model):
+    role: str
+    content: str | None = None
+    images: list[Any] | None = None
+    tool_calls: list[Any] | None = None  # an assistant's earlier tool calls: accepted, not rendered
+
+
+Format = Union[Literal["", "json"], dict[str, Any]]
+
+
+class _Generation(_Model):
+    model: str | None = None
+    name: str | None = None  # older clients send `name`
+    stream: bool = True
+    options: Options | None = None
+    format: Format | None = None
+    keep_alive: Union[str, int, float, None] = None
+    think: Union[bool, str, None] = None
+
+    def model_name(self) -> str:
+        name = self.model or self.name
+        if not name:
+            raise RequestError(400, "model is required")
+        return name
+
+
+class GenerateRequest(_Generation):
+    prompt: str | None = None
+    suffix: str | None = None
+    system: str | None = None
+    template: str | None = None
+    context: list[int] | None = None
+    raw: bool = False
+    images: list[Any] | None = None
+
+
+class ChatRequest(_Generation):
+    messages: list[Message] | None = None
+    tools: list[Any] | None = None
+
+
+class ShowRequest(_Model):
+    model: str | None = None
+    name: str | None = None
+
+
+class EmbedRequest(_Model):
+    model: str | None = None
+    input: Union[str, list[str], None] = None
+    truncate: bool = True
+    keep_alive: Union[str, int, float, None] = None
+    options: Options | None = None
+
+
+class LegacyEmbeddingsRequest(_Model):
+    model: str | None = None
+    prompt: str | None = None
+    keep_alive: Union[str, int, float, None] = None
+    options: Options | None = None
+
+
+class PullRequest(_Model):
+    model: str | None = None
+    name: str | None = None
+    stream: bool = True
+
+
+# -- OpenAI ---------------------------------------------------------------------------------------------
+class OpenAIMessage(_Model):
+    role: str
+    content: Union[str, list[dict[str, Any]], None] = None
+
+
+class ResponseFormat(_Model):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: dict[str, Any] | None = None
+
+
+class StreamOptions(_Model):
+    include_usage: bool = False
+
+
+class _OpenAIGeneration(_Model):
+    model: str
+    max_tokens: Int | None = None
+    max_completion_tokens: Int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: Int | None = None
+    stop: Stop | None = None
+    n: Int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    response_format: ResponseFormat | None = None
+
+
+class ChatCompletionRequest(_OpenAIGeneration):
+    messages: list[OpenAIMessage]
+    tools: list[Any] | None = None
+
+
+class CompletionRequest(_OpenAIGeneration):
+    prompt: Union[str, list[str]]
+    echo: bool = False
+    suffix: str | None = None
+
+
+class EmbeddingsRequest(_Model):
+    model: str
+    input: Union[str, list[str]]
+    encoding_format: Literal["float", "base64"] = "float"  # the openai client asks for base64 by default
+
+
+def parse(model: type[_Model], body: Any) -> Any:
+    """body (decoded JSON) as `model`, or RequestError(400) naming the first wrong field."""
+    if not isinstance(body, dict):
+        raise RequestError(400, "the request body must be a JSON object")
+    try:
+        return model.model_validate(body)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ""
+        for part in first["loc"]:
+            if isinstance(part, int):
+                where += f"[{part}]"
+            elif not any(c in part for c in "[]'-") and part not in _TYPE_TAGS:  # a union's branch tag is no field
+                where += f".{part}" if where else part
+        message = first["msg"][0].lower() + first["msg"][1:]
+        if first["type"] != "missing":
+            value = first.get("input")
+            message += f", got {repr(value)[:60] if not isinstance(value, dict) else 'an object'}"
+        raise RequestError(400, f"invalid {where or 'body'}: {message}") from None
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
+def ollama_error(message: str) -> dict:
+    return {"error": message}
+
+
+def openai_error(status: int, message: str, param: str | None = None) -> dict:
+    kind = {401: "authentication_error", 404: "not_found_error", 413: "invalid_request_error",
+            429: "rate_limit_error", 503: "server_error"}.get(status, "invalid_request_error")
+    return {"error": {"message": message, "type": kind, "param": param, "code": None}}
+
