@@ -24,7 +24,7 @@ from gptcore.export.templates import modelfile_template
 from gptcore.decoding import generate
 from gptcore.model import random_model
 from gptcore.prompt import PREAMBLE, RESPONSE_MARKER, format_input
-from gptcore.serve import render_chat
+from gptcore.serve.chat import render_chat
 from gptcore.tokenizer import EOT_ID, encode
 from gptcore.weights import load_model, load_state, save_model
 from test_tokenizer import TEXTS
@@ -275,7 +275,7 @@ CHATS = [
 
 @pytest.mark.parametrize("messages", CHATS)
 def test_modelfile_renders_chats_as_gptcore_serve(messages):
-    """Multi-turn chats render as `gptcore serve`'s /api/chat renders them (gptcore.serve.render_chat)."""
+    """Multi-turn chats render as `gptcore serve`'s /api/chat renders them (gptcore.serve.chat.render_chat)."""
     assert render(modelfile_template(), ollama_values(messages)) == render_chat(messages)
 
 

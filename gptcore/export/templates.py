@@ -1,6 +1,6 @@
 """The Alpaca prompt of gptcore.prompt as other runtimes' chat templates: Ollama's Go template (the
 Modelfile's TEMPLATE) and a Jinja chat template (GGUF `tokenizer.chat_template`, read by llama.cpp and
-llama-cpp-python; transformers' `chat_template`). Both render a chat as gptcore.serve.render_chat does.
+llama-cpp-python; transformers' `chat_template`). Both render a chat as gptcore.serve.chat.render_chat does.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ INSTRUCTION_MARKER = "### Instruction:"
 
 
 def modelfile_template() -> str:
-    """The TEMPLATE: Ollama's chat rendered exactly as gptcore.serve.render_chat renders it.
+    """The TEMPLATE: Ollama's chat rendered exactly as gptcore.serve.chat.render_chat renders it.
 
     With `.Messages` (Ollama's template.Execute takes this path whenever the template names it), `.System` is
     every system message joined by a blank line (Ollama's `collate`); it replaces Alpaca's preamble.
