@@ -22,7 +22,7 @@ from gptcore.hf import convert_hf_folder
 from gptcore.model import random_model
 from gptcore.tokenizer import EOT_ID, encode
 from gptcore.weights import load_model, load_state, save_model
-from gptcore.serve import render_chat
+from gptcore.serve.chat import render_chat
 from test_tokenizer import TEXTS
 from tf_checkpoints import hf_model
 
