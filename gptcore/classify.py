@@ -29,7 +29,7 @@ from gptcore.errors import DataError, WeightsError
 from gptcore.metrics import confusion_rows, split_metrics
 from gptcore.model import GPTModel
 from gptcore.tokenizer import get_tokenizer
-from gptcore.train import Checkpoint, TrainResult, open_checkpoint, seed_everything, to_device, train
+from gptcore.train import Checkpoint, LoopOptions, TrainResult, open_checkpoint, seed_everything, to_device, train
 from gptcore.weights import load_into, load_model, load_state, read_metadata, save_model
 
 METADATA_KEY = "gptcore_classifier"
@@ -307,12 +307,9 @@ def finetune_classifier(
         in_order["train"], in_order["validation"], device, precision, params.eval_batches, params.token_position
     )
     with frozen_linears_cast(model, frozen, precision):
-        result = train(
-            model, optimizer, train_loader, epochs=params.epochs,
-            loss_fn=classification_loss(params.token_position, PAD_ID, frozen), evaluate=evaluate,
-            eval_every=params.eval_every, device=device, precision=precision, checkpoint=checkpoint,
-            progress=progress, desc="finetune_classifier", seed=run.seed, **params.loop_options(),
-        )
+        options = LoopOptions(epochs=params.epochs, eval_every=params.eval_every, seed=run.seed, progress=progress,
+                              desc="finetune_classifier", **params.loop_options())
+        result = train(model, optimizer, train_loader, classification_loss(params.token_position, PAD_ID, frozen), evaluate, device, options, precision, checkpoint)
     for row in result.history:
         row["examples_seen"] = row["step"] * params.batch_size  # drop_last: every batch is full
 

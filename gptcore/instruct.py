@@ -25,6 +25,7 @@ from gptcore.prompt import RESPONSE_MARKER, format_input
 from gptcore.tokenizer import EOT_ID, encode_text, get_tokenizer
 from gptcore.train import (
     Checkpoint,
+    LoopOptions,
     TrainResult,
     fingerprint,
     lm_loss,
@@ -85,11 +86,9 @@ def finetune_instructions(
     # The foundation's losses on the same batches, before any update (a resumed run recomputes them:
     # the checkpoint is loaded inside train()).
     before = {"step": 0, "epoch": 0, "tokens_seen": 0, **evaluate(model)}
-    result = train(
-        model, optimizer, train_loader, epochs=params.epochs, loss_fn=lm_loss, evaluate=evaluate,
-        eval_every=params.eval_every, device=device, precision=precision, checkpoint=checkpoint,
-        progress=progress, desc="finetune_instructions", seed=run.seed, **params.loop_options(),
-    )
+    options = LoopOptions(epochs=params.epochs, eval_every=params.eval_every, seed=run.seed, progress=progress,
+                          desc="finetune_instructions", **params.loop_options())
+    result = train(model, optimizer, train_loader, lm_loss, evaluate, device, options, precision, checkpoint)
     final = result.history[-1]
     metrics = {
         "train_loss": final["train_loss"],

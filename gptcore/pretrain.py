@@ -16,6 +16,7 @@ from gptcore.model import GPTModel, random_model
 from gptcore.tokenizer import EOT_ID, get_tokenizer
 from gptcore.train import (
     Checkpoint,
+    LoopOptions,
     TrainResult,
     lm_loss,
     loss_evaluator,
@@ -71,11 +72,9 @@ def pretrain(
     optimizer = make_optimizer(model.parameters(), params.lr, params.weight_decay, device)
     checkpoint = open_checkpoint(checkpoint_dir, params, run.to_dict(), precision, inputs=[corpus])
     evaluate = loss_evaluator(train_loader, val_loader, lm_loss, device, precision, params.eval_batches)
-    result = train(
-        model, optimizer, train_loader, epochs=params.epochs, loss_fn=lm_loss, evaluate=evaluate,
-        eval_every=params.eval_every, device=device, precision=precision, checkpoint=checkpoint,
-        progress=progress, desc="pretrain", seed=run.seed, **params.loop_options(),
-    )
+    options = LoopOptions(epochs=params.epochs, eval_every=params.eval_every, seed=run.seed, progress=progress,
+                          desc="pretrain", **params.loop_options())
+    result = train(model, optimizer, train_loader, lm_loss, evaluate, device, options, precision, checkpoint)
     final = result.history[-1]
     metrics = {
         "train_loss": final["train_loss"],

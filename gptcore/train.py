@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import math
 import os
+import re
 import signal
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -263,11 +266,14 @@ class StepRunner:
         self.device, self.precision, self.grad_accum = device, precision, grad_accum
         self.world = world_size() if init_distributed(device) else 1
         self._hooks = []
+        self._own: dict[torch.Tensor, torch.optim.Optimizer] = {}  # step_in_backward: one optimizer per parameter
+        self._lr_of: dict[torch.Tensor, dict] = {}
         if step_in_backward:
             if grad_accum > 1 or self.world > 1:
                 raise ValueError("step_in_backward needs grad_accum 1 and a single process")
-            self._group_of = {p: group for group in optimizer.param_groups for p in group["params"]}
-            self._hooks = [p.register_post_accumulate_grad_hook(self._step_one) for p in self._group_of if p.requires_grad]
+            self._own = per_parameter_optimizers(optimizer)
+            self._lr_of = {p: group for group in optimizer.param_groups for p in group["params"]}
+            self._hooks = [p.register_post_accumulate_grad_hook(self._step_one) for p in self._own]
         self.rank = rank() if self.world > 1 else 0
         self.ddp = None
         if self.world > 1:
@@ -279,16 +285,11 @@ class StepRunner:
                 broadcast_buffers=False,
             )
 
-    @torch.no_grad()
     def _step_one(self, param: torch.Tensor) -> None:
-        """The optimizer's step for one parameter whose gradient is complete; then its gradient goes."""
-        groups = self.optimizer.param_groups
-        self.optimizer.param_groups = [{**self._group_of[param], "params": [param]}]
-        try:
-            self.optimizer.step()
-        finally:
-            self.optimizer.param_groups = groups
-        param.grad = None
+        """The optimizer step of one parameter whose gradient is complete; then its gradient goes (PyTorch's
+        "optimizer step in backward" recipe: one optimizer per parameter, stepped by a gradient hook)."""
+        self._own[param].step()
+        self._own[param].zero_grad(set_to_none=True)
 
     def close(self) -> None:
         """Detach the step-in-backward hooks (a later backward() updates nothing by itself)."""
@@ -326,6 +327,8 @@ class StepRunner:
         """
         pieces = self.pieces(batch)
         self.optimizer.zero_grad(set_to_none=True)
+        for param, own in self._own.items():  # this step's lr (the schedule sets the main optimizer's)
+            own.param_groups[0]["lr"] = self._lr_of[param]["lr"]
         total = torch.zeros((), device=self.device)
         for i, (piece, weight) in enumerate(pieces):
             inputs, targets = to_device(piece, self.device)
@@ -388,147 +391,214 @@ class StepRunner:
         return row[0]
 
 
+def per_parameter_optimizers(optimizer: torch.optim.Optimizer) -> dict[torch.Tensor, torch.optim.Optimizer]:
+    """One optimizer of the same kind per trainable parameter, with its group's settings, sharing the
+    given optimizer's state: stepping them updates what `optimizer.state_dict()` saves."""
+    own = {}
+    for group in optimizer.param_groups:
+        settings = {k: v for k, v in group.items() if k != "params"}
+        for param in group["params"]:
+            if param.requires_grad:
+                own[param] = type(optimizer)([{**settings, "params": [param]}])
+                own[param].state = optimizer.state  # keyed by parameter: one state for both views
+    return own
+
+
 def compile_blocks(model: nn.Module, enabled: bool = True) -> None:
-    """torch.compile each transformer block in place, or undo it (state_dict keys are unchanged)."""
+    """torch.compile each transformer block's forward in place, or undo it (state_dict keys unchanged).
+
+    The compiled function is set on the instance, shadowing the class's forward; deleting it restores it.
+    """
     for block in getattr(model, "trf_blocks", []):
         if enabled:
-            block.compile()
-        else:
-            block._compiled_call_impl = None  # what nn.Module.compile sets; None calls forward again
+            block.forward = torch.compile(block.forward)
+        elif "forward" in vars(block):
+            del block.forward
+
+
+@dataclass(frozen=True)
+class LoopOptions:
+    """How `train` runs. Every stage's params section gives these (e.g. TrainConfig.loop_options()).
+
+    grad_accum cuts each process's share of a batch into micro-batches; activation_checkpointing
+    recomputes each block's activations in the backward pass (less memory); compile runs the blocks
+    through torch.compile; step_in_backward updates each parameter as soon as its gradient is complete
+    (less memory; see StepRunner). None of them changes the result beyond float rounding.
+    lr_schedule and warmup scale each param group's lr per step (gptcore.schedule, through
+    torch.optim.lr_scheduler.LambdaLR): the optimizer's lr is the peak. seed: under torchrun, each
+    process reseeds with seed + rank once the weights are in place.
+    """
+
+    epochs: int
+    eval_every: int
+    lr_schedule: str = "constant"
+    warmup: float = 0.0
+    grad_accum: int = 1
+    activation_checkpointing: bool = False
+    compile: bool = False
+    step_in_backward: bool = False
+    seed: int | None = None
+    progress: bool = True
+    desc: str = "train"
 
 
 def train(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     train_loader,
-    *,
-    epochs: int,
     loss_fn: LossFn,
     evaluate: Callable[[nn.Module], dict[str, float]],
-    eval_every: int,
     device: torch.device,
+    options: LoopOptions,
     precision: str = "fp32",
     checkpoint: Checkpoint | None = None,
-    progress: bool = True,
-    desc: str = "train",
-    grad_accum: int = 1,
-    activation_checkpointing: bool = False,
-    compile: bool = False,
-    step_in_backward: bool = False,
-    lr_schedule: str = "constant",
-    warmup: float = 0.0,
-    seed: int | None = None,
 ) -> TrainResult:
-    """Train for `epochs` over train_loader, evaluating after the first step and every `eval_every`.
+    """Train for `options.epochs` over train_loader, evaluating after the first step and every `eval_every`.
 
-    The loader must use a ResumableBatchSampler: a resumed run replays the same batch order, RNG and
-    optimizer state, so on CPU it ends bitwise equal to an uninterrupted run. Progress is saved at
-    SIGINT/SIGTERM (then KeyboardInterrupt is raised) and every `checkpoint.every_seconds`.
+    The loader must use a ResumableBatchSampler: a resumed run replays the same batch order, RNG,
+    optimizer and lr-schedule state, so on CPU it ends bitwise equal to an uninterrupted run. Progress
+    is saved at SIGINT/SIGTERM (then KeyboardInterrupt is raised) and every `checkpoint.every_seconds`.
 
     Under torchrun every process runs this with the same arguments: each takes its share of every
-    global batch (see StepRunner), the main process evaluates and alone writes the checkpoint, and
-    all of them return the same history. grad_accum cuts each process's share into micro-batches;
-    activation_checkpointing recomputes each block's activations in the backward pass (less memory);
-    compile runs the blocks through torch.compile; step_in_backward updates each parameter as soon as
-    its gradient is complete (less memory; see StepRunner). None of them changes the result beyond
-    float rounding. lr_schedule and warmup scale each param group's lr per step (gptcore.schedule):
-    the optimizer's lr is the peak.
-
-    Randomness (dropout): one process draws from torch's global generator as the caller left it.
-    Under torchrun each process reseeds it with `seed + rank` once the weights are in place (as
-    nanoGPT does), so the processes draw different dropout masks for their shares; the progress file
-    keeps every process's RNG state and each restores its own. `precision` fp16-mixed scales the loss
+    global batch (see StepRunner), the main process evaluates and alone writes the checkpoint, and all
+    of them return the same history. Randomness (dropout): one process draws from torch's global
+    generator as the caller left it; under torchrun each process reseeds it with `seed + rank` (as
+    nanoGPT does), and the progress file keeps every process's RNG state. fp16-mixed scales the loss
     (torch.amp.GradScaler, its state saved with the progress).
 
     Raises:
         TrainingError: a non-finite loss (the error names the step; saved progress is kept).
         WeightsError: progress that does not fit the model, or was made by another number of processes.
     """
-    lr_factor(0, 1, lr_schedule, warmup)  # a bad schedule fails before any work
-    sampler = train_loader.batch_sampler
-    batches_per_epoch = len(sampler.batches())
-    result = TrainResult()
-    start_epoch, skip = 0, 0
-    saved = checkpoint.load() if checkpoint is not None else None
-    if saved is not None:
-        try:
-            model.load_state_dict(saved["model"])
-            optimizer.load_state_dict(saved["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as err:
-            raise WeightsError(f"{checkpoint.path}: does not fit this model: {err}") from None
-        result.history = list(saved["history"])
-        result.steps, result.tokens_seen = saved["step"], saved["tokens_seen"]
-        result.seconds = saved["seconds"]
-        result.resumed_at_step = result.steps
-        start_epoch, skip = divmod(result.steps, batches_per_epoch)
-
-    def snapshot(rng_states: list[dict[str, Any]]) -> dict[str, Any]:
-        return {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "rng": rng_states,  # one per process, in rank order
-            "grad_scaler": scaler.state_dict() if scaler is not None else {},
-            "history": result.history,
-            "step": result.steps,
-            "tokens_seen": result.tokens_seen,
-            "seconds": result.seconds,
-        }
-
-    total_steps = epochs * batches_per_epoch
-    if activation_checkpointing:
-        set_activation_checkpointing(model, True)
-    if compile:
-        compile_blocks(model)
-    scaler = make_grad_scaler(device, precision, saved.get("grad_scaler") if saved is not None else None)
-    runner = StepRunner(model, optimizer, loss_fn, device, precision, grad_accum, step_in_backward, scaler)
-    if runner.world > 1:
-        _check_same_start(result.steps, checkpoint)
-    if saved is not None:
-        _set_rng_state(_own_rng_state(saved["rng"], runner.world, runner.rank, checkpoint))
-    elif runner.world > 1 and seed is not None:
-        torch.manual_seed(seed + runner.rank)  # after DDP's broadcast of the weights: draws differ per rank
-    for group in optimizer.param_groups:  # the peak lr; a resumed optimizer brings its own back
-        group.setdefault("peak_lr", group["lr"])
-    main = is_main_process()
-    bar = tqdm(total=total_steps, initial=result.steps, desc=desc, unit="step", disable=not progress or not main)
-    started = time.perf_counter() - result.seconds
-    model.train()
+    lr_factor(0, 1, options.lr_schedule, options.warmup)  # a bad schedule fails before any work
+    run = _TrainingRun(model, optimizer, train_loader, loss_fn, evaluate, device, options, precision, checkpoint)
     try:
-        with _StopRequest() as stop, bar:
-            for epoch in range(start_epoch, epochs):
-                sampler.set_epoch(epoch, skip if epoch == start_epoch else 0)
-                for batch in train_loader:
-                    factor = lr_factor(result.steps, total_steps, lr_schedule, warmup)
-                    for group in optimizer.param_groups:
-                        group["lr"] = group["peak_lr"] * factor
-                    runner.step(batch, result.steps + 1)
-                    result.steps += 1
-                    result.tokens_seen += batch[0].numel()
-                    bar.update(1)
-                    if (result.steps - 1) % eval_every == 0 or result.steps == total_steps:
-                        row = {"step": result.steps, "epoch": epoch + 1, "tokens_seen": result.tokens_seen}
-                        row.update(runner.evaluate(evaluate))
-                        result.history.append(row)
-                        bar.set_postfix({k: f"{v:.3f}" for k, v in row.items() if k.endswith("loss")})
-                    result.seconds = time.perf_counter() - started
-                    # Every process takes part in a save (their RNG states are gathered) and in a stop.
-                    stopping = runner.agree(stop.requested)
-                    if checkpoint is not None and runner.agree(stopping or (main and checkpoint.due())):
-                        states = _all_rng_states(runner.world)
-                        if main:
-                            checkpoint.save(snapshot(states))
-                    if stopping:
-                        tqdm.write(f"interrupted at step {result.steps}; progress saved, re-run to resume")
-                        raise KeyboardInterrupt
-    finally:  # the model leaves as it came: no hooks, no recomputation, not compiled
-        runner.close()
-        if activation_checkpointing:
-            set_activation_checkpointing(model, False)
-        if compile:
-            compile_blocks(model, False)
-    model.eval()
-    result.seconds = time.perf_counter() - started
-    return result
+        run.start()
+        with _StopRequest() as stop, run.bar:
+            for epoch in range(run.start_epoch, options.epochs):
+                run.run_epoch(epoch, stop)
+    finally:
+        run.close()
+    return run.result
+
+
+class _TrainingRun:
+    """The state of one call of `train`, and its steps: restore, run an epoch, evaluate, save."""
+
+    def __init__(self, model, optimizer, train_loader, loss_fn, evaluate, device, options, precision, checkpoint):
+        self.model, self.optimizer, self.loader = model, optimizer, train_loader
+        self.loss_fn, self.evaluate_fn, self.device = loss_fn, evaluate, device
+        self.options, self.precision, self.checkpoint = options, precision, checkpoint
+        self.batches_per_epoch = len(train_loader.batch_sampler.batches())
+        self.total_steps = options.epochs * self.batches_per_epoch
+        self.result = TrainResult()
+        self.start_epoch, self.skip = 0, 0
+        self.runner: StepRunner | None = None
+        self.bar = tqdm(total=self.total_steps, desc=options.desc, unit="step",
+                        disable=not options.progress or not is_main_process())
+        self.started = time.perf_counter()
+
+    def start(self) -> None:
+        """Restore saved progress (if any), set up the speed options, the step runner and the schedule."""
+        saved = self.restore()
+        opts = self.options
+        if opts.activation_checkpointing:
+            set_activation_checkpointing(self.model, True)
+        if opts.compile:
+            compile_blocks(self.model)
+        scaler = make_grad_scaler(self.device, self.precision, saved.get("grad_scaler") if saved else None)
+        self.runner = StepRunner(self.model, self.optimizer, self.loss_fn, self.device, self.precision,
+                                 opts.grad_accum, opts.step_in_backward, scaler)
+        if self.runner.world > 1:
+            _check_same_start(self.result.steps, self.checkpoint)
+        if saved is not None:
+            _set_rng_state(_own_rng_state(saved["rng"], self.runner.world, self.runner.rank, self.checkpoint))
+        elif self.runner.world > 1 and opts.seed is not None:
+            torch.manual_seed(opts.seed + self.runner.rank)  # after DDP's broadcast of the weights
+        for group in self.optimizer.param_groups:  # progress saved by versions that kept the peak as peak_lr
+            if "peak_lr" in group:
+                group.setdefault("initial_lr", group.pop("peak_lr"))
+        factor = functools.partial(lr_factor, total_steps=self.total_steps, schedule=opts.lr_schedule, warmup=opts.warmup)
+        # last_epoch: the steps already taken (a resumed optimizer brings back each group's initial_lr)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor, last_epoch=self.result.steps - 1)
+        self.bar.reset(total=self.total_steps)
+        self.bar.update(self.result.steps)
+        self.started = time.perf_counter() - self.result.seconds
+        self.model.train()
+
+    def restore(self) -> dict[str, Any] | None:
+        """Load the checkpoint's model, optimizer, history and position; None when starting afresh."""
+        saved = self.checkpoint.load() if self.checkpoint is not None else None
+        if saved is None:
+            return None
+        try:
+            self.model.load_state_dict(saved["model"])
+            self.optimizer.load_state_dict(saved["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as err:
+            raise WeightsError(f"{self.checkpoint.path}: does not fit this model: {err}") from None
+        r = self.result
+        r.history, r.steps, r.tokens_seen = list(saved["history"]), saved["step"], saved["tokens_seen"]
+        r.seconds, r.resumed_at_step = saved["seconds"], saved["step"]
+        self.start_epoch, self.skip = divmod(r.steps, self.batches_per_epoch)
+        return saved
+
+    def run_epoch(self, epoch: int, stop: _StopRequest) -> None:
+        """The epoch's remaining steps: a step, its evaluation when due, a save when due, a stop when asked."""
+        self.loader.batch_sampler.set_epoch(epoch, self.skip if epoch == self.start_epoch else 0)
+        r = self.result
+        for batch in self.loader:
+            with warnings.catch_warnings():  # a skipped fp16 step (overflow) is not a misordered call
+                warnings.filterwarnings("ignore", re.escape("Detected call of `lr_scheduler.step()`"))
+                self.runner.step(batch, r.steps + 1)
+                self.scheduler.step()
+            r.steps += 1
+            r.tokens_seen += batch[0].numel()
+            self.bar.update(1)
+            if (r.steps - 1) % self.options.eval_every == 0 or r.steps == self.total_steps:
+                self.evaluate(epoch)
+            r.seconds = time.perf_counter() - self.started
+            # Every process takes part in a save (their RNG states are gathered) and in a stop.
+            stopping = self.runner.agree(stop.requested)
+            if self.checkpoint is not None and self.runner.agree(stopping or (is_main_process() and self.checkpoint.due())):
+                self.save()
+            if stopping:
+                tqdm.write(f"interrupted at step {r.steps}; progress saved, re-run to resume")
+                raise KeyboardInterrupt
+
+    def evaluate(self, epoch: int) -> None:
+        """One history row: step, epoch, tokens seen and the evaluate callback's values."""
+        row = {"step": self.result.steps, "epoch": epoch + 1, "tokens_seen": self.result.tokens_seen}
+        row.update(self.runner.evaluate(self.evaluate_fn))
+        self.result.history.append(row)
+        self.bar.set_postfix({k: f"{v:.3f}" for k, v in row.items() if k.endswith("loss")})
+
+    def save(self) -> None:
+        """Write the progress file (main process); every process's RNG state goes in it."""
+        states = _all_rng_states(self.runner.world)
+        if not is_main_process():
+            return
+        r = self.result
+        self.checkpoint.save({
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "rng": states,  # one per process, in rank order
+            "grad_scaler": self.runner.scaler.state_dict() if self.runner.scaler is not None else {},
+            "history": r.history,
+            "step": r.steps,
+            "tokens_seen": r.tokens_seen,
+            "seconds": r.seconds,
+        })
+
+    def close(self) -> None:
+        """The model leaves as it came: no hooks, no recomputation, not compiled, in eval mode."""
+        if self.runner is not None:
+            self.runner.close()
+        if self.options.activation_checkpointing:
+            set_activation_checkpointing(self.model, False)
+        if self.options.compile:
+            compile_blocks(self.model, False)
+        self.model.eval()
+        self.result.seconds = time.perf_counter() - self.started
 
 
 def _own_rng_state(saved: Any, world: int, rank_: int, checkpoint: Checkpoint | None) -> dict[str, Any]:

@@ -23,7 +23,7 @@ SCRIPT = textwrap.dedent(
     from gptcore.data.loader import make_loader
     from gptcore.device import is_main_process, rank
     from gptcore.model import GPTModel
-    from gptcore.train import IGNORE_INDEX, lm_loss, loss_evaluator, make_optimizer, train
+    from gptcore.train import IGNORE_INDEX, LoopOptions, lm_loss, loss_evaluator, make_optimizer, train
 
     out, grad_accum = sys.argv[1], int(sys.argv[2])
     torch.manual_seed(7)
@@ -42,8 +42,8 @@ SCRIPT = textwrap.dedent(
     optimizer = make_optimizer(model.parameters(), lr=1e-2, weight_decay=0.1)
     cpu = torch.device("cpu")
     evaluate = loss_evaluator(train_loader, val_loader, lm_loss, cpu, "fp32", 3)
-    result = train(model, optimizer, train_loader, epochs=3, loss_fn=lm_loss, evaluate=evaluate, eval_every=2,
-                   device=cpu, progress=False, grad_accum=grad_accum)
+    options = LoopOptions(epochs=3, eval_every=2, progress=False, grad_accum=grad_accum)
+    result = train(model, optimizer, train_loader, lm_loss, evaluate, cpu, options)
     torch.save({"history": result.history, "main": is_main_process(), "state": model.state_dict()},
                f"{out}.{rank()}.pt")
     """
@@ -90,7 +90,7 @@ MISMATCH_SCRIPT = textwrap.dedent(
     from gptcore.device import rank
     from gptcore.errors import WeightsError
     from gptcore.model import GPTModel
-    from gptcore.train import Checkpoint, lm_loss, make_optimizer, train
+    from gptcore.train import Checkpoint, LoopOptions, lm_loss, make_optimizer, train
 
     base, mode = sys.argv[1], sys.argv[2]
     torch.manual_seed(7)
@@ -102,8 +102,8 @@ MISMATCH_SCRIPT = textwrap.dedent(
         torch.manual_seed(7)
         model = GPTModel(GPTConfig(vocab_size=100, context_length=12, emb_dim=16, n_heads=2, n_layers=2))
         optimizer = make_optimizer(model.parameters(), lr=1e-2, weight_decay=0.1)
-        train(model, optimizer, loader, epochs=epochs, loss_fn=lm_loss, evaluate=lambda m: {}, eval_every=100,
-              device=torch.device("cpu"), checkpoint=Checkpoint(f"{base}/{folder}", "same", 0.0), progress=False)
+        train(model, optimizer, loader, lm_loss, lambda m: {}, torch.device("cpu"),
+              LoopOptions(epochs=epochs, eval_every=100, progress=False), checkpoint=Checkpoint(f"{base}/{folder}", "same", 0.0))
 
     if mode == "prepare":  # one process: progress at step 2 in r0, at step 4 in r1
         run("r0", 1)

@@ -16,7 +16,7 @@ from gptcore.errors import ConfigError, TrainingError
 from gptcore.model import GPTModel
 from gptcore.params import run_config
 from gptcore.precision import resolve_precision
-from gptcore.train import Checkpoint, lm_loss, make_optimizer, train
+from gptcore.train import Checkpoint, LoopOptions, lm_loss, make_optimizer, train
 
 CPU = torch.device("cpu")
 TINY = GPTConfig(vocab_size=64, context_length=16, emb_dim=32, n_heads=2, n_layers=2, drop_rate=0.1)
@@ -107,8 +107,8 @@ def _train(precision, checkpoint=None, epochs=3, loss_fn=lm_loss, lr=1e-2):
     optimizer = make_optimizer(model.parameters(), lr=lr, weight_decay=0.1)
     loader = make_loader(_rows(), 4, shuffle=True, drop_last=True, seed=5, collate_fn=_collate)
     evaluate = lambda m: {}  # noqa: E731
-    result = train(model, optimizer, loader, epochs=epochs, loss_fn=loss_fn, evaluate=evaluate, eval_every=100,
-                   device=CPU, precision=precision, checkpoint=checkpoint, progress=False)
+    options = LoopOptions(epochs=epochs, eval_every=100, progress=False)
+    result = train(model, optimizer, loader, loss_fn, evaluate, CPU, options, precision, checkpoint)
     return model, result
 
 
@@ -180,6 +180,6 @@ def test_fp16_mixed_on_cuda_trains():
     model = GPTModel(TINY).to(cuda)
     optimizer = make_optimizer(model.parameters(), lr=1e-3, weight_decay=0.1)
     loader = make_loader(_rows(), 4, shuffle=True, drop_last=True, seed=5, collate_fn=_collate)
-    result = train(model, optimizer, loader, epochs=1, loss_fn=lm_loss, evaluate=lambda m: {}, eval_every=100,
-                   device=cuda, precision="fp16-mixed", progress=False)
+    options = LoopOptions(epochs=1, eval_every=100, progress=False)
+    result = train(model, optimizer, loader, lm_loss, lambda m: {}, cuda, options, "fp16-mixed")
     assert result.steps == 3

@@ -9,7 +9,7 @@ from gptcore.data.text import TokenWindowDataset, build_text_loaders, split_text
 from gptcore.errors import DataError
 from gptcore.model import GPTModel
 from gptcore.schedule import lr_factor
-from gptcore.train import Checkpoint, evaluate_loss, lm_loss, loss_evaluator, train
+from gptcore.train import Checkpoint, LoopOptions, evaluate_loss, lm_loss, loss_evaluator, train
 
 
 def test_windows_and_shifted_targets():
@@ -64,10 +64,8 @@ def _run(tokenizer, text, checkpoint=None, fail_at=None, lrs=None, **schedule):
             raise KeyboardInterrupt
         return lm_loss(m, batch)
 
-    result = train(
-        model, optimizer, loader, epochs=3, loss_fn=loss_fn, evaluate=evaluate, eval_every=4,
-        device=torch.device("cpu"), checkpoint=checkpoint, progress=False, **schedule,
-    )
+    options = LoopOptions(epochs=3, eval_every=4, progress=False, **schedule)
+    result = train(model, optimizer, loader, loss_fn, evaluate, torch.device("cpu"), options, checkpoint=checkpoint)
     return model, result
 
 
