@@ -9,15 +9,18 @@ import argparse
 from gptcore.atomic import write_json
 from gptcore.baseline import fit_baseline
 from gptcore.entry import run_entry
+from gptcore.params import load_params
 from gptcore.data.sms import SPLITS, read_split
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default="params.yaml", help="validated whole before any work")
     for name in SPLITS:
         parser.add_argument(f"--{name}", required=True, help=f"the {name} split CSV")
     parser.add_argument("--metrics", required=True)
     args = parser.parse_args()
+    load_params(args.params)  # not read here, but a bad value anywhere stops every stage
     metrics, _ = fit_baseline({name: read_split(getattr(args, name)) for name in SPLITS})
     write_json(args.metrics, metrics)
     print(f"baseline_classifier: TF-IDF + logistic regression, test accuracy {metrics['test_accuracy']:.2%}, "

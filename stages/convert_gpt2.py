@@ -5,13 +5,16 @@ import argparse
 
 from gptcore.entry import run_entry
 from gptcore.openai import convert_checkpoint
+from gptcore.params import load_params
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default="params.yaml", help="validated whole before any work")
     parser.add_argument("--checkpoint", required=True, help="folder with hparams.json and model.ckpt.*")
     parser.add_argument("--out", required=True, help="weights file, e.g. models/gpt2-large/model.safetensors")
     args = parser.parse_args()
+    load_params(args.params)  # not read here, but a bad value anywhere stops every stage
     result = convert_checkpoint(args.checkpoint, args.out, progress=True)
     c = result.config
     print(

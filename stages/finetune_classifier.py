@@ -12,11 +12,10 @@ import argparse
 from gptcore.atomic import write_json
 from gptcore.classify import finetune_classifier, save_classifier
 from gptcore.entry import run_entry
-from gptcore.config import ClassifierParams
 from gptcore.data.sms import SPLITS
 from gptcore.device import is_main_process
 from gptcore.memory import keep_freed_memory
-from gptcore.params import read_params, run_config, section
+from gptcore.params import load_params
 from gptcore.plots import plot_curves, write_table
 
 LOSS = ["step", "epoch", "examples_seen", "train_loss", "val_loss"]
@@ -39,11 +38,11 @@ def main() -> None:
     parser.add_argument("--checkpoint-dir", required=True)
     args = parser.parse_args()
 
-    params = read_params(args.params)
+    params = load_params(args.params)
     keep_freed_memory()  # the same shapes every step: reuse freed buffers (gptcore/memory.py)
     outcome = finetune_classifier(
         args.foundation, {name: getattr(args, name) for name in SPLITS},
-        section(params, "classifier", ClassifierParams), run_config(params), args.checkpoint_dir,
+        params.classifier, params.run, args.checkpoint_dir,
     )
     if not is_main_process():  # under torchrun, rank 0 writes the outputs
         return

@@ -10,10 +10,9 @@ import argparse
 
 from gptcore.atomic import write_json
 from gptcore.entry import run_entry
-from gptcore.config import InstructionsParams
 from gptcore.device import is_main_process
 from gptcore.instruct import finetune_instructions
-from gptcore.params import read_params, run_config, section
+from gptcore.params import load_params
 from gptcore.plots import plot_curves, write_table
 from gptcore.weights import save_model
 
@@ -31,10 +30,9 @@ def main() -> None:
     parser.add_argument("--checkpoint-dir", required=True)
     args = parser.parse_args()
 
-    params = read_params(args.params)
+    params = load_params(args.params)
     outcome = finetune_instructions(
-        args.model, args.train, args.val, section(params, "instructions", InstructionsParams),
-        run_config(params), args.checkpoint_dir,
+        args.model, args.train, args.val, params.instructions, params.run, args.checkpoint_dir,
     )
     if not is_main_process():  # under torchrun, rank 0 writes the outputs
         return

@@ -11,10 +11,9 @@ from pathlib import Path
 
 from gptcore.atomic import write_json
 from gptcore.entry import run_entry
-from gptcore.config import GenerateParams
 from gptcore.instruct import generate_responses
 from gptcore.memory import keep_freed_memory
-from gptcore.params import read_params, run_config, section
+from gptcore.params import load_params
 
 
 def main() -> None:
@@ -27,10 +26,10 @@ def main() -> None:
     parser.add_argument("--checkpoint-dir", required=True)
     args = parser.parse_args()
 
-    params = read_params(args.params)
+    params = load_params(args.params)
     keep_freed_memory()  # generation: reuse freed buffers (gptcore/memory.py)
     outcome = generate_responses(
-        args.model, args.test, section(params, "generate", GenerateParams), run_config(params),
+        args.model, args.test, params.generate, params.run,
         Path(args.checkpoint_dir) / "partial.jsonl",
     )
     write_json(args.out, outcome.responses)

@@ -7,9 +7,8 @@ import argparse
 import torch
 
 from gptcore.entry import run_entry
-from gptcore.config import PretrainParams, ScratchParams
 from gptcore.model import random_model
-from gptcore.params import read_params, run_config, section
+from gptcore.params import load_params
 from gptcore.weights import save_model
 
 
@@ -18,11 +17,9 @@ def main() -> None:
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
-    params = read_params(args.params)
-    config = section(params, "pretrain", PretrainParams).model
-    scratch = section(params, "init_scratch", ScratchParams)
-    torch.manual_seed(run_config(params).seed)
-    model = random_model(config, scratch.init)
+    params = load_params(args.params)
+    torch.manual_seed(params.seed)
+    model = random_model(params.pretrain.model, params.init_scratch.init)
     save_model(model, args.out)
     print(f"init_scratch: {model.num_parameters():,} parameters -> {args.out}")
 

@@ -12,9 +12,8 @@ import argparse
 
 from gptcore.atomic import write_json
 from gptcore.entry import run_entry
-from gptcore.config import JudgeParams
 from gptcore.judge import judge_responses, plot_score_histogram
-from gptcore.params import read_params, section
+from gptcore.params import load_params
 from gptcore.plots import write_table
 
 
@@ -29,7 +28,7 @@ def main() -> None:
     parser.add_argument("--histogram-png", required=True)
     args = parser.parse_args()
 
-    params = section(read_params(args.params), "judge", JudgeParams)
+    params = load_params(args.params).judge
     outcome = judge_responses(args.responses, args.scores, params)
     write_json(args.metrics, outcome.metrics)
     write_table(args.scores_table, outcome.table, columns=["entry", "instruction", "score", "form"])

@@ -9,9 +9,8 @@ import json
 
 from gptcore.atomic import atomic_dir
 from gptcore.entry import run_entry
-from gptcore.config import PrepareInstructionsParams
 from gptcore.data.instructions import read_instructions, split_instructions
-from gptcore.params import read_params, section
+from gptcore.params import load_params
 
 
 def main() -> None:
@@ -20,7 +19,7 @@ def main() -> None:
     parser.add_argument("--data", required=True)
     parser.add_argument("--out-dir", required=True)
     args = parser.parse_args()
-    params = section(read_params(args.params), "prepare_instructions", PrepareInstructionsParams)
+    params = load_params(args.params).prepare_instructions
     entries = read_instructions(args.data)
     splits = split_instructions(entries, params.train_ratio, params.test_ratio, params.shuffle_seed, source=args.data)
     with atomic_dir(args.out_dir) as tmp:

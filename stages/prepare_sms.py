@@ -8,9 +8,8 @@ import argparse
 
 from gptcore.atomic import write_text
 from gptcore.entry import run_entry
-from gptcore.config import PrepareSmsParams
 from gptcore.data.sms import SPLITS, read_collection, split_collection, to_csv_text
-from gptcore.params import read_params, section
+from gptcore.params import load_params
 
 
 def main() -> None:
@@ -20,7 +19,7 @@ def main() -> None:
     for name in SPLITS:
         parser.add_argument(f"--{name}", required=True, help=f"the {name} split CSV to write")
     args = parser.parse_args()
-    params = section(read_params(args.params), "prepare_sms", PrepareSmsParams)
+    params = load_params(args.params).prepare_sms
     frame = read_collection(args.collection)
     splits = split_collection(frame, params.seed, params.train_frac, params.validation_frac)
     for name in SPLITS:

@@ -9,10 +9,9 @@ import argparse
 
 from gptcore.atomic import write_json, write_text
 from gptcore.entry import run_entry
-from gptcore.config import PretrainParams
 from gptcore.device import is_main_process
 from gptcore.memory import keep_freed_memory
-from gptcore.params import read_params, run_config, section
+from gptcore.params import load_params
 from gptcore.plots import plot_curves, write_table
 from gptcore.pretrain import pretrain
 from gptcore.weights import save_model
@@ -30,9 +29,9 @@ def main() -> None:
     parser.add_argument("--checkpoint-dir", required=True)
     args = parser.parse_args()
 
-    params = read_params(args.params)
+    params = load_params(args.params)
     keep_freed_memory()  # the same shapes every step: reuse freed buffers (gptcore/memory.py)
-    outcome = pretrain(args.corpus, section(params, "pretrain", PretrainParams), run_config(params), args.checkpoint_dir)
+    outcome = pretrain(args.corpus, params.pretrain, params.run, args.checkpoint_dir)
     if not is_main_process():  # under torchrun, rank 0 writes the outputs
         return
     save_model(outcome.model, args.out)
