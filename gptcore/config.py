@@ -218,11 +218,16 @@ def _http_address(value: str) -> str:
     return value
 
 
-def _device_name(value: str) -> str:
+def is_device_name(value: str) -> bool:
+    """Whether value names a device gptcore accepts: auto, cpu, cuda, cuda:N or mps (usable or not)."""
     name, _, index = value.partition(":")
-    if value in ("auto", "cpu", "cuda", "mps") or (name == "cuda" and index.isdigit()):
-        return value
-    raise ValueError(f"expected auto, cpu, cuda, cuda:N or mps, got {value!r}")
+    return value in ("auto", "cpu", "cuda", "mps") or (name == "cuda" and index.isdigit())
+
+
+def _device_name(value: str) -> str:
+    if not is_device_name(value):
+        raise ValueError(f"expected auto, cpu, cuda, cuda:N or mps, got {value!r}")
+    return value
 
 
 Url = Annotated[str, AfterValidator(_http_address)]

@@ -5,8 +5,7 @@ data-00000-of-00001}, encoder.json, vocab.bpe. Unfinished files wait in --partia
 Honours GPTCORE_MIRROR (files served from gpt2/models/<size>/<file>).
 """
 
-import argparse
-
+from gptcore.arguments import ArgumentParser
 from gptcore.entry import run_entry
 from gptcore.errors import ConfigError
 from gptcore.openai import download_checkpoint
@@ -14,8 +13,8 @@ from gptcore.params import load_params
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--params", default="params.yaml")
+    parser = ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default="params.yaml", help="the params file; validated whole before any work")
     parser.add_argument("--model", required=True, help="foundation name, e.g. gpt2-large")
     parser.add_argument("--out", required=True, help="folder for the seven files, e.g. models/openai/774M")
     parser.add_argument("--partial-dir", required=True, help="where unfinished downloads wait to be resumed")

@@ -5,16 +5,15 @@ named SMSSpamCollection is read (archives with unsafe member paths are refused);
 UTF-8 `ham|spam<TAB>text` lines, `expected_rows` of them, before it is written.
 """
 
-import argparse
-
+from gptcore.arguments import ArgumentParser
 from gptcore.entry import run_entry
 from gptcore.data.sms import fetch_collection
 from gptcore.params import load_params
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--params", default="params.yaml")
+    parser = ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default="params.yaml", help="the params file; validated whole before any work")
     parser.add_argument("--out", required=True, help="where SMSSpamCollection goes")
     args = parser.parse_args()
     params = load_params(args.params).download_sms

@@ -7,10 +7,9 @@ accuracy tables (CSV) and figures (PNG), and the test set's confusion table. Pro
 --checkpoint-dir, so an interrupted run resumes where it stopped.
 """
 
-import argparse
-
 from gptcore.atomic import write_json
 from gptcore.classify import finetune_classifier, save_classifier
+from gptcore.arguments import ArgumentParser
 from gptcore.entry import run_entry
 from gptcore.data.sms import SPLITS
 from gptcore.device import is_main_process
@@ -23,19 +22,19 @@ ACCURACY = ["step", "epoch", "examples_seen", "train_accuracy", "val_accuracy"]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--params", default="params.yaml")
+    parser = ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default="params.yaml", help="the params file; validated whole before any work")
     parser.add_argument("--foundation", required=True, help="weights file to start from")
     for name in SPLITS:
         parser.add_argument(f"--{name}", required=True, help=f"the {name} split CSV")
     parser.add_argument("--out", required=True, help="classifier weights file")
-    parser.add_argument("--metrics", required=True)
-    parser.add_argument("--loss-table", required=True)
-    parser.add_argument("--accuracy-table", required=True)
+    parser.add_argument("--metrics", required=True, help="metrics JSON (accuracies on the full splits, test loss, timing)")
+    parser.add_argument("--loss-table", required=True, help="CSV: train and validation loss per evaluation")
+    parser.add_argument("--accuracy-table", required=True, help="CSV: train and validation accuracy per evaluation")
     parser.add_argument("--confusion", required=True, help="test set actual/predicted table")
-    parser.add_argument("--loss-png", required=True)
-    parser.add_argument("--accuracy-png", required=True)
-    parser.add_argument("--checkpoint-dir", required=True)
+    parser.add_argument("--loss-png", required=True, help="figure of the loss table")
+    parser.add_argument("--accuracy-png", required=True, help="figure of the accuracy table")
+    parser.add_argument("--checkpoint-dir", required=True, help="resumable progress (kept between runs)")
     args = parser.parse_args()
 
     params = load_params(args.params)

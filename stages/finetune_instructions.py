@@ -6,9 +6,8 @@ weights, metrics JSON (losses before and after), the loss plot table (CSV) and f
 is kept in --checkpoint-dir, so an interrupted run resumes where it stopped.
 """
 
-import argparse
-
 from gptcore.atomic import write_json
+from gptcore.arguments import ArgumentParser
 from gptcore.entry import run_entry
 from gptcore.device import is_main_process
 from gptcore.instruct import finetune_instructions
@@ -18,16 +17,16 @@ from gptcore.weights import save_model
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--params", default="params.yaml")
+    parser = ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default="params.yaml", help="the params file; validated whole before any work")
     parser.add_argument("--model", required=True, help="foundation weights file")
-    parser.add_argument("--train", required=True)
-    parser.add_argument("--val", required=True)
+    parser.add_argument("--train", required=True, help="train split (JSON list of entries)")
+    parser.add_argument("--val", required=True, help="validation split (JSON list of entries)")
     parser.add_argument("--out", required=True, help="finetuned weights file")
-    parser.add_argument("--metrics", required=True)
-    parser.add_argument("--plot-table", required=True)
-    parser.add_argument("--plot-png", required=True)
-    parser.add_argument("--checkpoint-dir", required=True)
+    parser.add_argument("--metrics", required=True, help="metrics JSON (losses before and after, timing)")
+    parser.add_argument("--plot-table", required=True, help="CSV: train and validation loss per evaluation")
+    parser.add_argument("--plot-png", required=True, help="figure of the loss table")
+    parser.add_argument("--checkpoint-dir", required=True, help="resumable progress (kept between runs)")
     args = parser.parse_args()
 
     params = load_params(args.params)

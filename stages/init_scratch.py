@@ -2,10 +2,9 @@
 drawn as `init_scratch.init` says), the `scratch` foundation of the finetuning stages. Writes one
 weights file to --out."""
 
-import argparse
-
 import torch
 
+from gptcore.arguments import ArgumentParser
 from gptcore.entry import run_entry
 from gptcore.model import random_model
 from gptcore.params import load_params
@@ -13,9 +12,9 @@ from gptcore.weights import save_model
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--out", required=True)
+    parser = ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default="params.yaml", help="the params file; validated whole before any work")
+    parser.add_argument("--out", required=True, help="weights file to write")
     args = parser.parse_args()
     params = load_params(args.params)
     torch.manual_seed(params.seed)

@@ -4,17 +4,16 @@ Reads SMSSpamCollection with quoting disabled; writes the train, validation and 
 to_csv(index=False); columns Label: 0 ham / 1 spam, and Text).
 """
 
-import argparse
-
 from gptcore.atomic import write_text
+from gptcore.arguments import ArgumentParser
 from gptcore.entry import run_entry
 from gptcore.data.sms import SPLITS, read_collection, split_collection, to_csv_text
 from gptcore.params import load_params
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--params", default="params.yaml")
+    parser = ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default="params.yaml", help="the params file; validated whole before any work")
     parser.add_argument("--collection", required=True, help="SMSSpamCollection")
     for name in SPLITS:
         parser.add_argument(f"--{name}", required=True, help=f"the {name} split CSV to write")
