@@ -122,3 +122,20 @@ def test_a_stage_prints_the_line(updates, line, tmp_path):
     proc = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=300, env={**os.environ, "GPTCORE_DEBUG": ""})
     assert (proc.returncode, proc.stderr.strip().splitlines()) == (1, [line])
     assert "Traceback" not in proc.stderr and sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+
+
+DOC_CASES = [  # the inputs of docs/params.md's example lines, in their order
+    {"precison": "fp32"}, {"classifer": {"lr": 0.001}}, {"classifier": {"lrr": 1.0}}, {"classifier": {"lr": "fast"}},
+    {"classifier": {"lr": "5e-5"}}, {"classifier": {"trainable": "everything"}}, {"foundation": "gpt3"},
+    {"foundation": "scratch"}, {"precision": "bf16"}, {"pretrain": {"model": {"n_heads": 5}}}, {"pretrain": {"warmup": 1.5}},
+]
+
+
+def test_the_documented_lines_are_the_real_ones():
+    documented = [line for line in (REPO / "docs" / "params.md").read_text().splitlines() if line.startswith("error: ")]
+    produced = []
+    for updates in DOC_CASES:
+        with pytest.raises(ConfigError) as info:
+            Params.from_dict(_params(updates), where="params.yaml")
+        produced.append(f"error: {info.value}")
+    assert produced == documented
