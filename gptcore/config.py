@@ -27,8 +27,6 @@ from pydantic import (
     StrictInt,
     TypeAdapter,
     ValidationError,
-    ValidationInfo,
-    field_validator,
     model_validator,
 )
 
