@@ -413,22 +413,24 @@ def format_row(row: dict[str, Any]) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from gptcore.arguments import device_name, non_negative_int, number, positive_int
+
     parser.add_argument("--model", default="gpt2-small", help="gpt2-small|gpt2-medium|gpt2-large|gpt2-xl or a weights file")
     parser.add_argument("--task", nargs="+", default=["train"], choices=TASKS, metavar="TASK",
                         help=f"one or more of {', '.join(TASKS)}")
     from gptcore.config import PRECISIONS
 
     parser.add_argument("--precision", default="auto", choices=PRECISIONS, help="gptcore's (see gptcore/precision.py)")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--batch", type=int, default=None, help="rows (default 8; 1 for generate)")
-    parser.add_argument("--seq-len", type=int, default=120, help="tokens per row (train, classify)")
-    parser.add_argument("--prompt-len", type=int, default=50, help="prompt tokens (generate)")
-    parser.add_argument("--new-tokens", type=int, default=100, help="new tokens (generate)")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument("--grad-accum", type=int, default=1)
-    parser.add_argument("--activation-checkpointing", action="store_true")
+    parser.add_argument("--device", type=device_name, default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
+    parser.add_argument("--batch", type=positive_int, default=None, help="rows (default 8; 1 for generate)")
+    parser.add_argument("--seq-len", type=positive_int, default=120, help="tokens per row (train, classify)")
+    parser.add_argument("--prompt-len", type=positive_int, default=50, help="prompt tokens (generate)")
+    parser.add_argument("--new-tokens", type=positive_int, default=100, help="new tokens (generate)")
+    parser.add_argument("--repeats", type=positive_int, default=3, help="timed runs per system (the figures are their median)")
+    parser.add_argument("--warmup", type=non_negative_int, default=1, help="untimed runs first (allocator, kernels, compile)")
+    parser.add_argument("--threads", type=non_negative_int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per step (train)")
+    parser.add_argument("--activation-checkpointing", action="store_true", help="recompute block activations in backward (train)")
     parser.add_argument("--compile", action="store_true", help="torch.compile gptcore's blocks")
     parser.add_argument("--step-in-backward", action="store_true", help="update each weight inside backward (less memory)")
     parser.add_argument("--no-hf", action="store_true", help="measure gptcore only")
@@ -436,7 +438,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="which HF runs: fp32, under bf16 autocast, or both")
     parser.add_argument("--hf-keep-freed-memory", action="store_true",
                         help="run HF with gptcore's allocator setting too (see gptcore/memory.py)")
-    parser.add_argument("--timeout", type=float, default=None, help="seconds per system before it is given up")
+    parser.add_argument("--timeout", type=number(minimum=0.0), default=None, help="seconds per system before it is given up")
     parser.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Sequence
 
+from gptcore.arguments import ArgumentParser, device_name, non_negative_int, non_negative_number, positive_int, seed_number
 from gptcore.entry import run_entry
 from gptcore.errors import GptcoreError
 
@@ -102,12 +103,12 @@ def _add_decoding_precision(p: argparse.ArgumentParser) -> None:
     from gptcore.precision import PRECISIONS
 
     p.add_argument("--precision", default="fp32", choices=PRECISIONS,
-                   help="fp32 (exact, default); bf16-true (bf16 weights, fp32 head: faster on CPUs/GPUs with native "
+                   help="fp32 (exact); bf16-true (bf16 weights, fp32 head: faster on CPUs/GPUs with native "
                         "bf16); bf16-mixed/fp16-mixed (autocast); auto (bf16-true where bf16 is native, else fp32)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gptcore", description=__doc__)
+    parser = ArgumentParser(prog="gptcore", description=__doc__)  # help shows defaults, in every verb too
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
@@ -133,18 +134,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser("generate", help="continue a prompt with a gptcore weights file")
     p.add_argument("--model", required=True, help="weights file (.safetensors)")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=50)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--prompt", required=True, help="the text to continue")
+    p.add_argument("--max-new-tokens", type=non_negative_int, default=50,
+                   help="tokens to generate at most (fewer if the model emits end-of-text)")
+    p.add_argument("--temperature", type=non_negative_number, default=0.0,
+                   help="sampling temperature, a finite number >= 0; 0 is greedy (argmax)")
+    p.add_argument("--top-k", type=positive_int, default=None,
+                   help="sample only among the k most likely tokens (with --temperature > 0); unset: all")
+    p.add_argument("--seed", type=seed_number, default=None,
+                   help="seed of the sampling generator, for repeatable samples; unset: a fresh draw each run")
+    p.add_argument("--device", type=device_name, default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
     _add_decoding_precision(p)
     p.set_defaults(func=_generate)
 
     p = verbs.add_parser("classify", help="label texts spam or ham with a classifier weights file")
     p.add_argument("--model", required=True, help="classifier weights file (models/classifier/model.safetensors)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", type=device_name, default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
     p.add_argument("texts", nargs="+", metavar="TEXT", help="one line of output per text: label and its probability")
     p.set_defaults(func=_classify)
 

@@ -1,95 +1,160 @@
-"""Typed configuration: the model architecture and one dataclass per params.yaml section."""
+"""Typed configuration: the model architecture (GPTConfig) and one validated model of all of params.yaml.
+
+`Params` is the root: every top-level key and one field per params.yaml section, each section a
+pydantic model (`extra="forbid"`, strict types: no string for a number, no 1 for true) whose fields
+carry their default, their constraints and a one-line doc. Every stage validates the whole file with
+it before doing any work, so a typo anywhere stops every stage with one line naming the key path
+(`params.yaml: classifier.lr: expected a number, got 'fast'`). pydantic is pure Python here: this
+module imports no torch and stays cheap in every stage's import closure.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import types
+import difflib
 import typing
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    TypeAdapter,
+    ValidationError,
+    model_validator,
+)
 
 from gptcore.errors import ConfigError
 
+# ---- errors: pydantic's report -> one line naming the key path ----
 
-def _check_type(name: str, value: Any, hint: Any) -> Any:
-    """Return value if it matches the (simple) type hint, else raise ConfigError naming the key."""
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        for option in typing.get_args(hint):
-            try:
-                return _check_type(name, value, option)
-            except ConfigError:
-                continue
-        raise ConfigError(f"{name}: expected {hint}, got {value!r}")
-    if hint is type(None):
-        if value is None:
-            return value
-        raise ConfigError(f"{name}: expected null, got {value!r}")
-    if origin is typing.Literal:
-        if value in typing.get_args(hint):
-            return value
-        choices = ", ".join(repr(a) for a in typing.get_args(hint))
-        raise ConfigError(f"{name}: expected one of {choices}, got {value!r}")
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{name}: expected a list, got {value!r}")
-        (item_hint, *_) = typing.get_args(hint) or (Any,)
-        return [_check_type(f"{name}[{i}]", v, item_hint) for i, v in enumerate(value)]
-    if hint is Any:
-        return value
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if hint in (int, float) and isinstance(value, bool):
-        raise ConfigError(f"{name}: expected {hint.__name__}, got {value!r}")
-    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
-        if isinstance(value, hint):
-            return value
-        if not isinstance(value, dict):
-            raise ConfigError(f"{name}: expected a mapping, got {value!r}")
-        return hint.from_dict(value, where=name)
-    if isinstance(hint, type) and not isinstance(value, hint):
-        raise ConfigError(f"{name}: expected {hint.__name__}, got {value!r}")
-    return value
+# What a value of each kind must be, in words, by pydantic error type.
+_EXPECTED = {
+    "float_type": "a number", "float_parsing": "a number", "int_type": "an integer", "int_parsing": "an integer",
+    "int_from_float": "an integer", "bool_type": "true or false", "bool_parsing": "true or false",
+    "string_type": "text", "dict_type": "a mapping", "model_type": "a mapping", "dataclass_type": "a mapping",
+    "model_attributes_type": "a mapping", "finite_number": "a finite number", "none_required": "null",
+}
+_BOUNDS = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
 
 
-class Section:
-    """Mixin for config dataclasses: strict construction from a params.yaml mapping."""
+def _dotted(loc: tuple) -> str:
+    return ".".join(str(part) for part in loc)
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any] | None, where: str | None = None):
-        """Build from a mapping, rejecting unknown keys and wrong types with a ConfigError."""
-        where = where or cls.__name__
-        data = dict(data or {})
-        hints = typing.get_type_hints(cls)
-        fields = {f.name for f in dataclasses.fields(cls) if f.init}
-        unknown = sorted(set(data) - fields)
-        if unknown:
-            raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(fields))}")
-        kwargs = {k: _check_type(f"{where}.{k}", v, hints[k]) for k, v in data.items()}
-        try:
-            return cls(**kwargs)
-        except (TypeError, ValueError) as err:
-            raise ConfigError(f"{where}: {err}") from None
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+def _allowed_keys(model: Any, loc: tuple) -> list[str]:
+    """The field names of the (nested) model or dataclass at loc, for did-you-mean hints."""
+    for part in loc:
+        fields = _fields_of(model)
+        if part not in fields:
+            return []
+        model = _unwrap(fields[part])
+    return list(_fields_of(model))
+
+
+def _fields_of(model: Any) -> dict[str, Any]:
+    if isinstance(model, type) and issubclass(model, BaseModel):
+        return {name: f.annotation for name, f in model.model_fields.items()}
+    if isinstance(model, type) and dataclasses.is_dataclass(model):
+        hints = typing.get_type_hints(model, include_extras=False)
+        return {f.name: hints[f.name] for f in dataclasses.fields(model) if f.init}
+    return {}
+
+
+def _unwrap(hint: Any) -> Any:
+    """The model/dataclass/Literal inside an annotation (through Optional and Annotated)."""
+    while typing.get_origin(hint) is Annotated:
+        hint = typing.get_args(hint)[0]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) not in (None, Literal, dict, list) and len(args) == 1:
+        return _unwrap(args[0])
+    return hint
+
+
+def _choices(model: Any, loc: tuple) -> tuple | None:
+    hint = model
+    for part in loc:
+        hint = _unwrap(_fields_of(hint).get(part))
+    return typing.get_args(hint) if typing.get_origin(hint) is Literal else None
+
+
+def describe_error(error: dict[str, Any], model: Any) -> str:
+    """One pydantic error as `key.path: problem` in words a params.yaml editor acts on."""
+    loc = tuple(p for p in error["loc"] if isinstance(p, (str, int)))
+    kind, value, ctx = error["type"], error.get("input"), error.get("ctx") or {}
+    where = _dotted(loc) or "(top level)"
+    if kind in ("extra_forbidden", "unexpected_keyword_argument"):
+        allowed = _allowed_keys(model, loc[:-1])
+        what = "section" if not loc[:-1] and isinstance(value, dict) else "key"
+        close = difflib.get_close_matches(str(loc[-1]), allowed, n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]}?" if close else f"expected one of {', '.join(allowed)}"
+        return f"{where}: unknown {what}; {hint}"
+    if kind == "literal_error":
+        choices = _choices(model, loc)
+        listed = ", ".join(map(str, choices)) if choices else ctx.get("expected", "")
+        return f"{where}: expected one of {listed}, got {value!r}"
+    if kind in _BOUNDS:
+        bound = next(iter(ctx.values()))
+        return f"{where}: must be {_BOUNDS[kind]} {bound:g}, got {value!r}"
+    if kind in ("value_error", "assertion_error"):
+        message = str(ctx.get("error", error["msg"]))
+        return f"{where}: {message}" if loc else message  # a whole-file rule names its keys itself
+    if kind in _EXPECTED:
+        hint = ""
+        if kind.startswith("float") and isinstance(value, str) and _is_number(value):
+            hint = " (YAML reads 5e-5 as text: write 5.0e-5)"
+        return f"{where}: expected {_EXPECTED[kind]}, got {value!r}{hint}"
+    return f"{where}: {error['msg'][:1].lower()}{error['msg'][1:]}, got {value!r}"
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def one_line_error(err: ValidationError, model: Any, where: str) -> ConfigError:
+    """A ConfigError for the first problem pydantic found (and how many more there are)."""
+    errors = err.errors(include_url=False)
+    line = f"{where}: {describe_error(errors[0], model)}"
+    if len(errors) > 1:
+        line += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
+    return ConfigError(" ".join(line.split()))
+
+
+# ---- the model architecture ----
 
 
 @dataclass
-class GPTConfig(Section):
-    """Architecture of a GPT-2 style model; saved inside every weights file."""
+class GPTConfig:
+    """Architecture of a GPT-2 style model; saved inside every weights file.
 
-    vocab_size: int = 50257
-    context_length: int = 1024
-    emb_dim: int = 768
-    n_heads: int = 12
-    n_layers: int = 12
-    drop_rate: float = 0.0
-    qkv_bias: bool = False
+    A plain dataclass, so the library builds and copies it (`dataclasses.replace`) as any other;
+    params.yaml (`pretrain.model`) and weights files validate it strictly with `from_dict`.
+    """
+
+    # pydantic's settings when a GPTConfig is validated from a mapping (params.yaml, a weights file).
+    __pydantic_config__ = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    vocab_size: StrictInt = 50257  # token ids
+    context_length: StrictInt = 1024  # tokens the model attends over
+    emb_dim: StrictInt = 768
+    n_heads: StrictInt = 12
+    n_layers: StrictInt = 12
+    drop_rate: StrictFloat = 0.0  # dropout probability in [0, 1)
+    qkv_bias: StrictBool = False
     # GPT-2 ties the output head to the token embedding; the book's pretraining keeps them separate.
-    tie_embeddings: bool = False
+    tie_embeddings: StrictBool = False
     # None: a language model head over the vocabulary; an int: a classifier head with that many classes.
-    num_classes: int | None = None
+    num_classes: StrictInt | None = None
 
     def __post_init__(self):
         for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"):
@@ -107,12 +172,29 @@ class GPTConfig(Section):
         return self.emb_dim // self.n_heads
 
     @classmethod
+    def from_dict(cls, data: dict[str, Any] | None, where: str = "GPTConfig") -> "GPTConfig":
+        """Build from a mapping, strictly typed.
+
+        Raises:
+            ConfigError: one line `where: key: problem` for an unknown key, a wrong type or a bad value.
+        """
+        try:
+            return _GPT_CONFIG.validate_python(dict(data or {}))
+        except ValidationError as err:
+            raise one_line_error(err, cls, where) from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
     def from_name(cls, name: str, **overrides) -> "GPTConfig":
         """A preset by name (gpt2-small, gpt2-medium, gpt2-large, gpt2-xl), with optional overrides."""
         if name not in PRESETS:
             raise ConfigError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
 
+
+_GPT_CONFIG = TypeAdapter(GPTConfig)
 
 _GPT2 = dict(vocab_size=50257, context_length=1024, drop_rate=0.0, qkv_bias=True, tie_embeddings=True)
 PRESETS: dict[str, dict[str, Any]] = {
@@ -125,50 +207,121 @@ PRESETS: dict[str, dict[str, Any]] = {
 OPENAI_SIZES = {"gpt2-small": "124M", "gpt2-medium": "355M", "gpt2-large": "774M", "gpt2-xl": "1558M"}
 
 
-@dataclass
+# ---- params.yaml: one model per section, and the root ----
+
+
+def _http_address(value: str) -> str:
+    if not value.startswith(("http://", "https://")):
+        raise ValueError(f"expected an http(s) address, got {value!r}")
+    return value
+
+
+def is_device_name(value: str) -> bool:
+    """Whether value names a device gptcore accepts: auto, cpu, cuda, cuda:N or mps (usable or not)."""
+    name, _, index = value.partition(":")
+    return value in ("auto", "cpu", "cuda", "mps") or (name == "cuda" and index.isdigit())
+
+
+def _device_name(value: str) -> str:
+    if not is_device_name(value):
+        raise ValueError(f"expected auto, cpu, cuda, cuda:N or mps, got {value!r}")
+    return value
+
+
+Url = Annotated[str, AfterValidator(_http_address)]
+Fraction = Annotated[float, Field(gt=0, lt=1)]  # strictly between 0 and 1
+
+# The knobs every training stage shares; each stage's section sets its own defaults.
+Epochs = Annotated[int, Field(ge=1, description="passes over the training split")]
+BatchSize = Annotated[int, Field(ge=1, description="examples per optimizer step (the global batch under torchrun)")]
+LearningRate = Annotated[float, Field(gt=0, description="AdamW's learning rate (the peak, with a schedule)")]
+WeightDecay = Annotated[float, Field(ge=0, description="AdamW's decoupled weight decay")]
+EvalEvery = Annotated[int, Field(ge=1, description="optimizer steps between evaluations")]
+EvalBatches = Annotated[int, Field(ge=1, description="batches per evaluation (train and validation)")]
+LrSchedule = Annotated[Literal["constant", "cosine"], Field(
+    description="the lr over the run (gptcore/schedule.py): constant, or cosine decay to zero")]
+Warmup = Annotated[float, Field(ge=0, lt=1, description="leading fraction of the steps with a linear lr warmup (0: none)")]
+Init = Annotated[Literal["gpt2", "pytorch"], Field(
+    description="random weights: gpt2 (OpenAI's N(0, 0.02), as nanoGPT/litgpt/HF) or pytorch (the modules' defaults, as the book)")]
+
+
+class Section(BaseModel):
+    """A params.yaml section: unknown keys and loosely typed values (text for a number, 1 for true) are errors."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None, where: str | None = None):
+        """Validate a mapping into this section.
+
+        Raises:
+            ConfigError: one line `where: key.path: problem` (the first problem found).
+        """
+        try:
+            return cls.model_validate(dict(data or {}))
+        except ValidationError as err:
+            raise one_line_error(err, cls, where or cls.__name__) from None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values (the nested GPTConfig as a mapping): what progress fingerprints and metrics record."""
+        return self.model_dump()
+
+
 class DownloadParams(Section):
     """A download stage's section: where the file lives, and optionally its expected digest."""
 
-    url: str = ""
-    sha256: str | None = None  # checked after the download; a mismatch deletes the file
-
-    def __post_init__(self):
-        if not self.url.startswith(("http://", "https://")):
-            raise ValueError(f"url must be an http(s) address, got {self.url!r}")
+    url: Url = Field(description="http(s) address of the file (served from GPTCORE_MIRROR by its name when set)")
+    sha256: str | None = Field(None, description="expected hex digest, checked after the download; a mismatch deletes the file")
 
 
-@dataclass
+class CorpusDownloadParams(DownloadParams):
+    """params.yaml `download_corpus:` — the pretraining text (the book's short story)."""
+
+    url: Url = "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch02/01_main-chapter-code/the-verdict.txt"
+    sha256: str | None = "b41e41a68f0398a3154ae69e2e4c0e2694e17fe0d66730536837f1b01935b31f"
+
+
+class InstructionsDownloadParams(DownloadParams):
+    """params.yaml `download_instructions:` — the book's 1,100 instruction entries."""
+
+    url: Url = "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/01_main-chapter-code/instruction-data.json"
+    sha256: str | None = "7e09a9af353722ca15c18bc580f093f9c39d3178335a75177319cb1e1d163944"
+
+
+class SmsDownloadParams(DownloadParams):
+    """params.yaml `download_sms:` — the UCI SMS Spam Collection zip and what its data file must hold."""
+
+    url: Url = "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip"
+    sha256: str | None = None
+    backup_url: Url | None = Field(
+        "https://f001.backblazeb2.com/file/LLMs-from-scratch/sms%2Bspam%2Bcollection.zip",
+        description="tried when the main address fails (not with GPTCORE_MIRROR)")
+    expected_rows: int = Field(5574, ge=1, description="messages in SMSSpamCollection; another count is a DataError")
+
+
+class Gpt2DownloadParams(Section):
+    """params.yaml `download_gpt2:` — where OpenAI publishes its GPT-2 TensorFlow checkpoints."""
+
+    base_url: Url = Field("https://openaipublic.blob.core.windows.net/gpt-2/models", description="+ /<size>/<file>")
+
+
 class TrainConfig(Section):
     """Optimisation knobs shared by every training stage."""
 
-    epochs: int = 10
-    batch_size: int = 2
-    lr: float = 4e-4
-    weight_decay: float = 0.1
-    eval_every: int = 5  # optimizer steps between evaluations
-    eval_batches: int = 5  # batches per evaluation (train and validation)
-    checkpoint_minutes: float = 10.0  # resumable progress is saved this often (and on SIGINT/SIGTERM)
-    # The lr over the run (gptcore/schedule.py): constant (the book's main chapters) or cosine decay to zero,
-    # after a linear warmup over this leading fraction of the steps (0: none).
-    lr_schedule: typing.Literal["constant", "cosine"] = "constant"
-    warmup: float = 0.0
+    epochs: Epochs = 10
+    batch_size: BatchSize = 2
+    lr: LearningRate = 4e-4
+    weight_decay: WeightDecay = 0.1
+    eval_every: EvalEvery = 5
+    eval_batches: EvalBatches = 5
+    checkpoint_minutes: float = Field(10.0, ge=0, description="resumable progress is saved this often (and on SIGINT/SIGTERM)")
+    lr_schedule: LrSchedule = "constant"
+    warmup: Warmup = 0.0
     # Speed and memory only (the result is the same up to float rounding; batch_size stays the global batch):
-    grad_accum: int = 1  # micro-batches each process cuts its share of a batch into (less activation memory)
-    activation_checkpointing: bool = False  # recompute block activations in the backward pass (large models)
-    compile: bool = False  # torch.compile the transformer blocks (slow start; pays off on long GPU runs)
-    step_in_backward: bool = False  # update each weight as soon as its gradient is ready (less memory; 1 process)
-
-    def __post_init__(self):
-        if self.epochs < 1 or self.batch_size < 1 or self.eval_every < 1 or self.eval_batches < 1:
-            raise ValueError("epochs, batch_size, eval_every and eval_batches must be positive")
-        if self.grad_accum < 1:
-            raise ValueError(f"grad_accum must be positive, got {self.grad_accum}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
-        if self.checkpoint_minutes < 0:
-            raise ValueError(f"checkpoint_minutes must be >= 0, got {self.checkpoint_minutes}")
-        if not 0.0 <= self.warmup < 1.0:
-            raise ValueError(f"warmup must be a fraction in [0, 1), got {self.warmup}")
+    grad_accum: int = Field(1, ge=1, description="micro-batches each process cuts its share of a batch into (less activation memory)")
+    activation_checkpointing: bool = Field(False, description="recompute block activations in the backward pass (large models)")
+    compile: bool = Field(False, description="torch.compile the transformer blocks (slow start; pays off on long GPU runs)")
+    step_in_backward: bool = Field(False, description="update each weight as soon as its gradient is ready (less memory; 1 process)")
 
     def loop_options(self) -> dict[str, Any]:
         """The lr schedule and the speed and memory knobs as keyword arguments of gptcore.train.train."""
@@ -182,213 +335,175 @@ class TrainConfig(Section):
         }
 
 
-@dataclass
 class PretrainParams(TrainConfig):
     """params.yaml `pretrain:` — Stage 1, training GPTModel from scratch on a small text."""
 
-    model: GPTConfig = field(
-        default_factory=lambda: GPTConfig(context_length=256, drop_rate=0.1, qkv_bias=False)
-    )
-    train_ratio: float = 0.9  # leading share of the text used for training, the rest validates
-    stride: int | None = None  # window stride in tokens; None: the context length (no overlap)
-    # Stage 1's random weights: pytorch (the modules' defaults, as the book's chapter 5) or gpt2 (see ScratchParams).
-    init: typing.Literal["gpt2", "pytorch"] = "pytorch"
-    sample_prompt: str = "Every effort moves you"
-    sample_tokens: int = 50
-
-    def __post_init__(self):
-        super().__post_init__()
-        if not 0.0 < self.train_ratio < 1.0:
-            raise ValueError(f"train_ratio must be in (0, 1), got {self.train_ratio}")
-        if self.stride is not None and self.stride < 1:
-            raise ValueError(f"stride must be positive, got {self.stride}")
+    model: GPTConfig = Field(
+        default_factory=lambda: GPTConfig(context_length=256, drop_rate=0.1, qkv_bias=False),
+        description="the Stage 1 architecture (also the `scratch` foundation's); keys left out take GPTConfig's defaults")
+    train_ratio: Fraction = Field(0.9, description="leading share of the text used for training, the rest validates")
+    stride: int | None = Field(None, ge=1, description="window stride in tokens; null: the context length (no overlap)")
+    init: Init = "pytorch"
+    sample_prompt: str = Field("Every effort moves you", description="the prompt of the sample continuation written after training")
+    sample_tokens: int = Field(50, ge=0, description="tokens of that sample")
 
 
-@dataclass
-class SmsDownloadParams(DownloadParams):
-    """params.yaml `download_sms:` — the UCI SMS Spam Collection zip and what its data file must hold."""
-
-    backup_url: str | None = None  # tried when the main address fails (not with GPTCORE_MIRROR)
-    expected_rows: int = 5574  # messages in SMSSpamCollection; another count is a DataError
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.backup_url is not None and not self.backup_url.startswith(("http://", "https://")):
-            raise ValueError(f"backup_url must be an http(s) address, got {self.backup_url!r}")
-        if self.expected_rows < 1:
-            raise ValueError(f"expected_rows must be positive, got {self.expected_rows}")
-
-
-@dataclass
-class PrepareSmsParams(Section):
-    """params.yaml `prepare_sms:` — balancing and splitting, as the book's chapter 6 (defaults are its values)."""
-
-    seed: int = 123  # pandas random_state of the ham subsample and of the shuffle
-    train_frac: float = 0.7
-    validation_frac: float = 0.1  # the test split is the rest
-
-    def __post_init__(self):
-        if not (0 < self.train_frac < 1 and 0 < self.validation_frac < 1 and self.train_frac + self.validation_frac < 1):
-            raise ValueError("train_frac and validation_frac must be in (0, 1) and sum to less than 1")
-
-
-@dataclass
-class ClassifierParams(TrainConfig):
-    """params.yaml `classifier:` — Stage 3, finetuning the foundation into a spam classifier (book ch. 6)."""
-
-    epochs: int = 5
-    batch_size: int = 8
-    lr: float = 5e-5
-    weight_decay: float = 0.1
-    eval_every: int = 50
-    eval_batches: int = 5
-    # What trains: last_block (+ final LayerNorm + head, the book's choice), last_two_blocks, all, head.
-    trainable: typing.Literal["last_block", "last_two_blocks", "all", "head"] = "last_block"
-    # Which position's logits classify: the last one (a pad for short texts, as the book) or the last real token.
-    token_position: typing.Literal["last", "last_non_pad"] = "last"
-    # Warmup then cosine decay: training ends settled rather than on its last noisy steps.
-    lr_schedule: typing.Literal["constant", "cosine"] = "cosine"
-    warmup: float = 0.1
-
-
-@dataclass
 class ScratchParams(Section):
     """params.yaml `init_scratch:` — the `scratch` foundation: random weights of the Stage 1 architecture."""
 
-    # gpt2: OpenAI's N(0, 0.02), as nanoGPT, litgpt and Hugging Face (a from-scratch classifier
-    # generalises better from it); pytorch: the modules' defaults, as the book.
-    init: typing.Literal["gpt2", "pytorch"] = "gpt2"
+    init: Init = "gpt2"  # a from-scratch classifier generalises better from gpt2's init
 
 
-# The `precision` values (Lightning's names), defined here so that reading params needs no torch;
+class PrepareSmsParams(Section):
+    """params.yaml `prepare_sms:` — balancing and splitting, as the book's chapter 6 (defaults are its values)."""
+
+    seed: int = Field(123, description="pandas random_state of the ham subsample and of the shuffle")
+    train_frac: Fraction = 0.7
+    validation_frac: Fraction = Field(0.1, description="the test split is the rest")
+
+    @model_validator(mode="after")
+    def _leave_a_test_split(self):
+        if self.train_frac + self.validation_frac >= 1:
+            raise ValueError("train_frac + validation_frac must be less than 1 (the test split is the rest)")
+        return self
+
+
+class ClassifierParams(TrainConfig):
+    """params.yaml `classifier:` — Stage 3, finetuning the foundation into a spam classifier (book ch. 6)."""
+
+    epochs: Epochs = 5
+    batch_size: BatchSize = 8
+    lr: LearningRate = 5e-5
+    eval_every: EvalEvery = 50
+    trainable: Literal["last_block", "last_two_blocks", "all", "head"] = Field(
+        "last_block", description="what trains: last_block (+ final LayerNorm + head, the book's choice), last_two_blocks, all, head")
+    token_position: Literal["last", "last_non_pad"] = Field(
+        "last", description="whose logits classify: the last position (a pad for short texts, as the book) or the last real token")
+    # Warmup then cosine decay: training ends settled rather than on its last noisy steps.
+    lr_schedule: LrSchedule = "cosine"
+    warmup: Warmup = 0.1
+
+
+# The `precision` values (Lightning's names), declared here so that reading params needs no torch;
 # gptcore.precision says what each one means for training and inference.
-PRECISIONS = ("auto", "fp32", "bf16-mixed", "bf16-true", "fp16-mixed")
+Precision = Literal["auto", "fp32", "bf16-mixed", "bf16-true", "fp16-mixed"]
+PRECISIONS: tuple[str, ...] = typing.get_args(Precision)
 # Values of earlier versions, whose meaning differed between training and generation.
 RENAMED_PRECISIONS = {"bf16": "bf16-mixed or bf16-true", "fp16": "fp16-mixed"}
 
 
-@dataclass
+def _renamed_precision(value: Any) -> Any:
+    if isinstance(value, str) and value in RENAMED_PRECISIONS:
+        raise ValueError(f"unknown value {value!r} (renamed: use {RENAMED_PRECISIONS[value]}); "
+                         f"expected one of {', '.join(PRECISIONS)}")
+    return value
+
+
 class RunConfig(Section):
     """Top-level params.yaml keys that every stage shares."""
 
-    seed: int = 123
-    device: str = "auto"  # auto, cpu, cuda, cuda:N, mps
-    precision: str = "auto"  # one of PRECISIONS; what each means: gptcore/precision.py
-
-    def __post_init__(self):
-        if self.precision not in PRECISIONS:
-            hint = f" (renamed: use {RENAMED_PRECISIONS[self.precision]})" if self.precision in RENAMED_PRECISIONS else ""
-            raise ValueError(f"precision: unknown value {self.precision!r}{hint}; expected one of {', '.join(PRECISIONS)}")
+    seed: int = Field(123, description="seeds torch (and each rank's generator as seed + rank)")
+    device: Annotated[str, AfterValidator(_device_name)] = Field(
+        "auto", description="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps")
+    precision: Annotated[Precision, BeforeValidator(_renamed_precision)] = Field(
+        "auto", description="what each value means for training and inference: gptcore/precision.py")
 
 
-@dataclass
 class JudgeParams(Section):
     """params.yaml `judge:` — Stage 4b, scoring the instruction model's responses with an Ollama model."""
 
-    url: str = "http://localhost:11434"  # the Ollama server
-    model: str = "llama3.1:8b"  # the judge model, as `ollama pull` names it
-    seed: int = 123  # options sent with every request, as in the reference evaluation
-    temperature: float = 0.0
-    num_ctx: int = 2048  # the judge's context in tokens; longer prompts would be cut silently by Ollama
-    timeout: float = 120.0  # seconds to wait for one reply before retrying
-    retries: int = 5  # retries of a request after a transient fault (connection, 5xx, timeout)
-    backoff: float = 1.0  # seconds before the first retry, doubled after each
-    structured: bool = False  # ask for {"score": n} through Ollama's `format` JSON schema
-
-    def __post_init__(self):
-        if not self.url.startswith(("http://", "https://")):
-            raise ValueError(f"url must be an http(s) address, got {self.url!r}")
-        if not self.model:
-            raise ValueError("model must name the judge model")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.num_ctx < 1:
-            raise ValueError(f"num_ctx must be positive, got {self.num_ctx}")
-        if self.timeout <= 0 or self.backoff < 0 or self.retries < 0:
-            raise ValueError("timeout must be positive, backoff and retries non-negative")
+    url: Url = Field("http://localhost:11434", description="the Ollama server")
+    model: str = Field("llama3.1:8b", min_length=1, description="the judge model, as `ollama pull` names it")
+    seed: int = Field(123, description="sent with every request, as in the reference evaluation")
+    temperature: float = Field(0.0, ge=0, description="the judge's sampling temperature (0: greedy)")
+    num_ctx: int = Field(2048, ge=1, description="the judge's context in tokens; longer prompts would be cut silently by Ollama")
+    timeout: float = Field(120.0, gt=0, description="seconds to wait for one reply before retrying")
+    retries: int = Field(5, ge=0, description="retries of a request after a transient fault (connection, 5xx, timeout)")
+    backoff: float = Field(1.0, ge=0, description="seconds before the first retry, doubled after each")
+    structured: bool = Field(False, description="ask for {\"score\": n} through Ollama's `format` JSON schema")
 
 
-@dataclass
 class PrepareInstructionsParams(Section):
     """params.yaml `prepare_instructions:` — the book's split of the instruction data (ch. 7)."""
 
-    train_ratio: float = 0.85  # the first int(n * train_ratio) entries train
-    test_ratio: float = 0.1  # the next int(n * test_ratio) test; the rest validates
-    shuffle_seed: int | None = None  # None: split in file order, as the book; an int: shuffle first
+    train_ratio: Fraction = Field(0.85, description="the first int(n * train_ratio) entries train")
+    test_ratio: Fraction = Field(0.1, description="the next int(n * test_ratio) test; the rest validates")
+    shuffle_seed: int | None = Field(None, description="null: split in file order, as the book; an int: shuffle with it first")
 
-    def __post_init__(self):
-        if not (0 < self.train_ratio < 1 and 0 < self.test_ratio < 1 and self.train_ratio + self.test_ratio < 1):
-            raise ValueError("train_ratio and test_ratio must be in (0, 1) and sum to less than 1")
+    @model_validator(mode="after")
+    def _leave_a_validation_split(self):
+        if self.train_ratio + self.test_ratio >= 1:
+            raise ValueError("train_ratio + test_ratio must be less than 1 (the validation split is the rest)")
+        return self
 
 
-@dataclass
 class InstructionsParams(TrainConfig):
     """params.yaml `instructions:` — Stage 4, finetuning the foundation to follow instructions (book ch. 7)."""
 
-    epochs: int = 2
-    batch_size: int = 8
-    lr: float = 5e-5
-    weight_decay: float = 0.1
-    eval_every: int = 5
-    eval_batches: int = 5
-    allowed_max_length: int = 1024  # tokens per training sequence; never more than the model's context
-    mask_prompt: bool = False  # True: loss on the response tokens only (prompt targets ignored)
-    bucket_by_length: bool = False  # True: batch examples of similar length together (less padding)
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.allowed_max_length < 2:
-            raise ValueError(f"allowed_max_length must be at least 2, got {self.allowed_max_length}")
+    epochs: Epochs = 2
+    batch_size: BatchSize = 8
+    lr: LearningRate = 5e-5
+    allowed_max_length: int = Field(1024, ge=2, description="tokens per training sequence; never more than the model's context")
+    mask_prompt: bool = Field(False, description="true: loss on the response tokens only (prompt targets ignored)")
+    bucket_by_length: bool = Field(False, description="true: batch examples of similar length together (less padding)")
 
 
-@dataclass
 class GenerateParams(Section):
     """params.yaml `generate:` — responses to the test instructions (greedy by default, as the book)."""
 
-    max_new_tokens: int = 256
-    temperature: float = 0.0  # 0: greedy (argmax)
-    top_k: int | None = None  # sample only among the k most likely tokens (temperature > 0)
-    seed: int = 123  # batch n of the schedule samples with seed + n (unused when greedy)
-    batch_size: int = 8  # prompts generated together (left-padded); 1: one at a time
-
-    def __post_init__(self):
-        if self.max_new_tokens < 1 or self.batch_size < 1:
-            raise ValueError("max_new_tokens and batch_size must be positive")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k must be positive, got {self.top_k}")
+    max_new_tokens: int = Field(256, ge=1, description="tokens generated at most per response")
+    temperature: float = Field(0.0, ge=0, description="0: greedy (argmax)")
+    top_k: int | None = Field(None, ge=1, description="sample only among the k most likely tokens (temperature > 0)")
+    seed: int = Field(123, description="batch n of the schedule samples with seed + n (unused when greedy)")
+    batch_size: int = Field(8, ge=1, description="prompts generated together (left-padded); 1: one at a time")
 
 
-FOUNDATIONS = (*OPENAI_SIZES, "pretrained", "scratch")
+Foundation = Literal["gpt2-small", "gpt2-medium", "gpt2-large", "gpt2-xl", "pretrained", "scratch"]
+FOUNDATIONS: tuple[str, ...] = typing.get_args(Foundation)
 
 
-@dataclass
-class Gpt2DownloadParams(Section):
-    """params.yaml `download_gpt2:` — where OpenAI publishes its GPT-2 TensorFlow checkpoints."""
-
-    base_url: str = "https://openaipublic.blob.core.windows.net/gpt-2/models"  # + /<size>/<file>
-
-    def __post_init__(self):
-        if not self.base_url.startswith(("http://", "https://")):
-            raise ValueError(f"base_url must be an http(s) address, got {self.base_url!r}")
+def openai_models_for(foundation: str) -> dict[str, str]:
+    """The `openai_models` value a foundation needs: {name: OpenAI size} for an OpenAI model, else {}."""
+    return {foundation: OPENAI_SIZES[foundation]} if foundation in OPENAI_SIZES else {}
 
 
-def check_openai_models(foundation: object, openai_models: object) -> dict[str, str]:
-    """Check params.yaml `openai_models` against `foundation`; return it as {name: OpenAI size}.
+class Params(RunConfig):
+    """The whole of params.yaml: the top-level keys and one field per section.
 
-    DVC templating cannot derive one key from the other, so `openai_models` (the OpenAI checkpoints
-    that download_gpt2/convert_gpt2 fetch and convert) must name exactly the OpenAI foundation in use,
-    with its size, and be empty for `pretrained` and `scratch`.
+    Extension point: a new params.yaml section is one more field here, typed by a Section subclass
+    defined in this module (so that validating params stays torch-free and in every stage's closure).
     """
-    if foundation not in FOUNDATIONS:
-        raise ConfigError(f"params.yaml foundation: expected one of {', '.join(FOUNDATIONS)}, got {foundation!r}")
-    if not isinstance(openai_models, dict):
-        raise ConfigError(f"params.yaml openai_models: expected a mapping {{name: size}}, got {openai_models!r}")
-    wanted = {foundation: OPENAI_SIZES[foundation]} if foundation in OPENAI_SIZES else {}
-    if openai_models != wanted:
-        raise ConfigError(
-            f"params.yaml openai_models is {openai_models or '{}'} but foundation {foundation} needs "
-            f"{wanted or '{}'}; change both together (README: switching the foundation)"
-        )
-    return wanted
+
+    foundation: Foundation = Field(
+        "gpt2-large", description="the weights the finetuning stages start from: an OpenAI GPT-2, pretrained (Stage 1) or scratch")
+    openai_models: dict[str, str] = Field(
+        default_factory=lambda: {"gpt2-large": "774M"},
+        description="{name: OpenAI size} that download_gpt2/convert_gpt2 fetch: exactly the foundation if it is an OpenAI model, else {}")
+    download_gpt2: Gpt2DownloadParams = Field(default_factory=Gpt2DownloadParams)
+    download_corpus: CorpusDownloadParams = Field(default_factory=CorpusDownloadParams)
+    pretrain: PretrainParams = Field(default_factory=PretrainParams)
+    init_scratch: ScratchParams = Field(default_factory=ScratchParams)
+    download_sms: SmsDownloadParams = Field(default_factory=SmsDownloadParams)
+    prepare_sms: PrepareSmsParams = Field(default_factory=PrepareSmsParams)
+    classifier: ClassifierParams = Field(default_factory=ClassifierParams)
+    download_instructions: InstructionsDownloadParams = Field(default_factory=InstructionsDownloadParams)
+    prepare_instructions: PrepareInstructionsParams = Field(default_factory=PrepareInstructionsParams)
+    instructions: InstructionsParams = Field(default_factory=InstructionsParams)
+    generate: GenerateParams = Field(default_factory=GenerateParams)
+    judge: JudgeParams = Field(default_factory=JudgeParams)
+
+    @model_validator(mode="after")
+    def _openai_models_match_the_foundation(self):
+        # DVC templating cannot derive one key from the other (dvc.yaml's foreach reads openai_models),
+        # so both are written out and must agree.
+        wanted = openai_models_for(self.foundation)
+        if self.openai_models != wanted:
+            raise ValueError(
+                f"openai_models: {self.openai_models or '{}'} does not match foundation {self.foundation}, which needs "
+                f"{wanted or '{}'}; change both together (README: switching the foundation)")
+        return self
+
+    @property
+    def run(self) -> RunConfig:
+        """The top-level keys every stage shares (seed, device, precision)."""
+        return RunConfig(seed=self.seed, device=self.device, precision=self.precision)

@@ -1,20 +1,23 @@
-"""Reading params.yaml: the whole file, or one section as its typed dataclass."""
+"""Reading params.yaml: the whole file, validated as one `Params` model before a stage does any work."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import yaml
 
-from gptcore.config import RunConfig, Section
+from gptcore.config import Params
 from gptcore.errors import ConfigError
-
-S = TypeVar("S", bound=Section)
 
 
 def read_params(path: str | os.PathLike = "params.yaml") -> dict[str, Any]:
+    """The raw mapping of a params file.
+
+    Raises:
+        ConfigError: the file is missing, not YAML, or not a mapping at the top level (one line naming it).
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: params file not found")
@@ -27,15 +30,12 @@ def read_params(path: str | os.PathLike = "params.yaml") -> dict[str, Any]:
     return params
 
 
-def section(params: dict[str, Any], name: str, cls: type[S]) -> S:
-    """The `name:` section of params as `cls`, strictly typed (unknown keys are errors)."""
-    data = params.get(name)
-    if data is not None and not isinstance(data, dict):
-        raise ConfigError(f"params.yaml {name}: expected a mapping, got {data!r}")
-    return cls.from_dict(data or {}, where=f"params.yaml {name}")
+def load_params(path: str | os.PathLike = "params.yaml") -> Params:
+    """Read and validate the whole params file; every stage calls this first, whatever section it uses.
 
-
-def run_config(params: dict[str, Any]) -> RunConfig:
-    """The top-level keys shared by every stage (seed, device, precision)."""
-    fields = {k: params[k] for k in ("seed", "device", "precision") if k in params}
-    return RunConfig.from_dict(fields, where="params.yaml")
+    Raises:
+        ConfigError: one line `<path>: <key path>: <problem>` for the first problem anywhere in the file
+            (an unknown key or section, a wrong type, a value out of range, openai_models not matching
+            foundation), so a bad value in any section stops every stage at once.
+    """
+    return Params.from_dict(read_params(path), where=str(path))

@@ -3,20 +3,18 @@
 Honours GPTCORE_MIRROR (the file is served from the mirror by its name).
 """
 
-import argparse
-
+from gptcore.arguments import ArgumentParser
 from gptcore.entry import run_entry
-from gptcore.config import DownloadParams
 from gptcore.download import fetch
-from gptcore.params import read_params, section
+from gptcore.params import load_params
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--out", required=True)
+    parser = ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default="params.yaml", help="the params file; validated whole before any work")
+    parser.add_argument("--out", required=True, help="where the text goes")
     args = parser.parse_args()
-    params = section(read_params(args.params), "download_corpus", DownloadParams)
+    params = load_params(args.params).download_corpus
     path = fetch(params.url, args.out, sha256=params.sha256)
     print(f"download_corpus: {path} ({path.stat().st_size:,} bytes)")
 

@@ -5,28 +5,25 @@ data-00000-of-00001}, encoder.json, vocab.bpe. Unfinished files wait in --partia
 Honours GPTCORE_MIRROR (files served from gpt2/models/<size>/<file>).
 """
 
-import argparse
-
+from gptcore.arguments import ArgumentParser
 from gptcore.entry import run_entry
-from gptcore.config import Gpt2DownloadParams, check_openai_models
 from gptcore.errors import ConfigError
 from gptcore.openai import download_checkpoint
-from gptcore.params import read_params, section
+from gptcore.params import load_params
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--params", default="params.yaml")
+    parser = ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default="params.yaml", help="the params file; validated whole before any work")
     parser.add_argument("--model", required=True, help="foundation name, e.g. gpt2-large")
     parser.add_argument("--out", required=True, help="folder for the seven files, e.g. models/openai/774M")
     parser.add_argument("--partial-dir", required=True, help="where unfinished downloads wait to be resumed")
     args = parser.parse_args()
-    params = read_params(args.params)
-    wanted = check_openai_models(params.get("foundation"), params.get("openai_models"))
+    params = load_params(args.params)
+    wanted = params.openai_models  # validated: exactly the OpenAI foundation in use
     if args.model not in wanted:
         raise ConfigError(f"--model {args.model}: not in params.yaml openai_models {wanted}")
-    base = section(params, "download_gpt2", Gpt2DownloadParams)
-    out = download_checkpoint(base.base_url, wanted[args.model], args.out, partial_dir=args.partial_dir)
+    out = download_checkpoint(params.download_gpt2.base_url, wanted[args.model], args.out, partial_dir=args.partial_dir)
     total = sum(f.stat().st_size for f in out.iterdir())
     print(f"download_gpt2: {args.model} ({wanted[args.model]}) -> {out} ({total:,} bytes)")
 

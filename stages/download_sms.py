@@ -5,20 +5,18 @@ named SMSSpamCollection is read (archives with unsafe member paths are refused);
 UTF-8 `ham|spam<TAB>text` lines, `expected_rows` of them, before it is written.
 """
 
-import argparse
-
+from gptcore.arguments import ArgumentParser
 from gptcore.entry import run_entry
-from gptcore.config import SmsDownloadParams
 from gptcore.data.sms import fetch_collection
-from gptcore.params import read_params, section
+from gptcore.params import load_params
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--params", default="params.yaml")
+    parser = ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default="params.yaml", help="the params file; validated whole before any work")
     parser.add_argument("--out", required=True, help="where SMSSpamCollection goes")
     args = parser.parse_args()
-    params = section(read_params(args.params), "download_sms", SmsDownloadParams)
+    params = load_params(args.params).download_sms
     counts = fetch_collection(params.url, args.out, backup_url=params.backup_url, expected_rows=params.expected_rows)
     print(f"download_sms: {sum(counts.values()):,} messages ({counts['ham']:,} ham, {counts['spam']:,} spam) -> {args.out}")
 

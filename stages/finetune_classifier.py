@@ -7,16 +7,14 @@ accuracy tables (CSV) and figures (PNG), and the test set's confusion table. Pro
 --checkpoint-dir, so an interrupted run resumes where it stopped.
 """
 
-import argparse
-
 from gptcore.atomic import write_json
 from gptcore.classify import finetune_classifier, save_classifier
+from gptcore.arguments import ArgumentParser
 from gptcore.entry import run_entry
-from gptcore.config import ClassifierParams
 from gptcore.data.sms import SPLITS
 from gptcore.device import is_main_process
 from gptcore.memory import keep_freed_memory
-from gptcore.params import read_params, run_config, section
+from gptcore.params import load_params
 from gptcore.plots import plot_curves, write_table
 
 LOSS = ["step", "epoch", "examples_seen", "train_loss", "val_loss"]
@@ -24,26 +22,26 @@ ACCURACY = ["step", "epoch", "examples_seen", "train_accuracy", "val_accuracy"]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--params", default="params.yaml")
+    parser = ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default="params.yaml", help="the params file; validated whole before any work")
     parser.add_argument("--foundation", required=True, help="weights file to start from")
     for name in SPLITS:
         parser.add_argument(f"--{name}", required=True, help=f"the {name} split CSV")
     parser.add_argument("--out", required=True, help="classifier weights file")
-    parser.add_argument("--metrics", required=True)
-    parser.add_argument("--loss-table", required=True)
-    parser.add_argument("--accuracy-table", required=True)
+    parser.add_argument("--metrics", required=True, help="metrics JSON (accuracies on the full splits, test loss, timing)")
+    parser.add_argument("--loss-table", required=True, help="CSV: train and validation loss per evaluation")
+    parser.add_argument("--accuracy-table", required=True, help="CSV: train and validation accuracy per evaluation")
     parser.add_argument("--confusion", required=True, help="test set actual/predicted table")
-    parser.add_argument("--loss-png", required=True)
-    parser.add_argument("--accuracy-png", required=True)
-    parser.add_argument("--checkpoint-dir", required=True)
+    parser.add_argument("--loss-png", required=True, help="figure of the loss table")
+    parser.add_argument("--accuracy-png", required=True, help="figure of the accuracy table")
+    parser.add_argument("--checkpoint-dir", required=True, help="resumable progress (kept between runs)")
     args = parser.parse_args()
 
-    params = read_params(args.params)
+    params = load_params(args.params)
     keep_freed_memory()  # the same shapes every step: reuse freed buffers (gptcore/memory.py)
     outcome = finetune_classifier(
         args.foundation, {name: getattr(args, name) for name in SPLITS},
-        section(params, "classifier", ClassifierParams), run_config(params), args.checkpoint_dir,
+        params.classifier, params.run, args.checkpoint_dir,
     )
     if not is_main_process():  # under torchrun, rank 0 writes the outputs
         return

@@ -6,35 +6,32 @@ weights, metrics JSON (losses before and after), the loss plot table (CSV) and f
 is kept in --checkpoint-dir, so an interrupted run resumes where it stopped.
 """
 
-import argparse
-
 from gptcore.atomic import write_json
+from gptcore.arguments import ArgumentParser
 from gptcore.entry import run_entry
-from gptcore.config import InstructionsParams
 from gptcore.device import is_main_process
 from gptcore.instruct import finetune_instructions
-from gptcore.params import read_params, run_config, section
+from gptcore.params import load_params
 from gptcore.plots import plot_curves, write_table
 from gptcore.weights import save_model
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--params", default="params.yaml")
+    parser = ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default="params.yaml", help="the params file; validated whole before any work")
     parser.add_argument("--model", required=True, help="foundation weights file")
-    parser.add_argument("--train", required=True)
-    parser.add_argument("--val", required=True)
+    parser.add_argument("--train", required=True, help="train split (JSON list of entries)")
+    parser.add_argument("--val", required=True, help="validation split (JSON list of entries)")
     parser.add_argument("--out", required=True, help="finetuned weights file")
-    parser.add_argument("--metrics", required=True)
-    parser.add_argument("--plot-table", required=True)
-    parser.add_argument("--plot-png", required=True)
-    parser.add_argument("--checkpoint-dir", required=True)
+    parser.add_argument("--metrics", required=True, help="metrics JSON (losses before and after, timing)")
+    parser.add_argument("--plot-table", required=True, help="CSV: train and validation loss per evaluation")
+    parser.add_argument("--plot-png", required=True, help="figure of the loss table")
+    parser.add_argument("--checkpoint-dir", required=True, help="resumable progress (kept between runs)")
     args = parser.parse_args()
 
-    params = read_params(args.params)
+    params = load_params(args.params)
     outcome = finetune_instructions(
-        args.model, args.train, args.val, section(params, "instructions", InstructionsParams),
-        run_config(params), args.checkpoint_dir,
+        args.model, args.train, args.val, params.instructions, params.run, args.checkpoint_dir,
     )
     if not is_main_process():  # under torchrun, rank 0 writes the outputs
         return

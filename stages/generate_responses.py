@@ -6,31 +6,30 @@ Reads --model, --test (the test split) and params `generate:` plus the top-level
 run continues with the remaining entries.
 """
 
-import argparse
 from pathlib import Path
 
 from gptcore.atomic import write_json
+from gptcore.arguments import ArgumentParser
 from gptcore.entry import run_entry
-from gptcore.config import GenerateParams
 from gptcore.instruct import generate_responses
 from gptcore.memory import keep_freed_memory
-from gptcore.params import read_params, run_config, section
+from gptcore.params import load_params
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--test", required=True)
+    parser = ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default="params.yaml", help="the params file; validated whole before any work")
+    parser.add_argument("--model", required=True, help="the finetuned instruction model's weights file")
+    parser.add_argument("--test", required=True, help="test split (JSON list of entries)")
     parser.add_argument("--out", required=True, help="responses JSON")
-    parser.add_argument("--metrics", required=True)
-    parser.add_argument("--checkpoint-dir", required=True)
+    parser.add_argument("--metrics", required=True, help="metrics JSON (tokens per second, batch size, precision)")
+    parser.add_argument("--checkpoint-dir", required=True, help="finished batches, so an interrupted run continues")
     args = parser.parse_args()
 
-    params = read_params(args.params)
+    params = load_params(args.params)
     keep_freed_memory()  # generation: reuse freed buffers (gptcore/memory.py)
     outcome = generate_responses(
-        args.model, args.test, section(params, "generate", GenerateParams), run_config(params),
+        args.model, args.test, params.generate, params.run,
         Path(args.checkpoint_dir) / "partial.jsonl",
     )
     write_json(args.out, outcome.responses)

@@ -8,28 +8,26 @@ Needs a running Ollama server with the judge model: `ollama serve`, `ollama pull
 See docs/judge.md.
 """
 
-import argparse
-
 from gptcore.atomic import write_json
+from gptcore.arguments import ArgumentParser
 from gptcore.entry import run_entry
-from gptcore.config import JudgeParams
 from gptcore.judge import judge_responses, plot_score_histogram
-from gptcore.params import read_params, section
+from gptcore.params import load_params
 from gptcore.plots import write_table
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--responses", required=True)
+    parser = ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default="params.yaml", help="the params file; validated whole before any work")
+    parser.add_argument("--responses", required=True, help="responses JSON (the test entries with model_response)")
     parser.add_argument("--scores", required=True, help="per-entry judgements (JSON lines), kept between runs")
-    parser.add_argument("--metrics", required=True)
+    parser.add_argument("--metrics", required=True, help="metrics JSON (average score, its 95%% interval, counts)")
     parser.add_argument("--scores-table", required=True, help="CSV: one row per entry (score and form)")
     parser.add_argument("--histogram-table", required=True, help="CSV: entries per bin of ten")
-    parser.add_argument("--histogram-png", required=True)
+    parser.add_argument("--histogram-png", required=True, help="figure of the score histogram")
     args = parser.parse_args()
 
-    params = section(read_params(args.params), "judge", JudgeParams)
+    params = load_params(args.params).judge
     outcome = judge_responses(args.responses, args.scores, params)
     write_json(args.metrics, outcome.metrics)
     write_table(args.scores_table, outcome.table, columns=["entry", "instruction", "score", "form"])

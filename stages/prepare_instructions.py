@@ -4,23 +4,22 @@ Reads --data (a JSON list of {instruction, input, output}) and params `prepare_i
 Writes --out-dir/{train,validation,test}.json, the entries unchanged; nothing when an entry is bad.
 """
 
-import argparse
 import json
 
 from gptcore.atomic import atomic_dir
+from gptcore.arguments import ArgumentParser
 from gptcore.entry import run_entry
-from gptcore.config import PrepareInstructionsParams
 from gptcore.data.instructions import read_instructions, split_instructions
-from gptcore.params import read_params, section
+from gptcore.params import load_params
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--data", required=True)
-    parser.add_argument("--out-dir", required=True)
+    parser = ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default="params.yaml", help="the params file; validated whole before any work")
+    parser.add_argument("--data", required=True, help="instruction data (JSON list of {instruction, input, output})")
+    parser.add_argument("--out-dir", required=True, help="folder for train.json, validation.json and test.json")
     args = parser.parse_args()
-    params = section(read_params(args.params), "prepare_instructions", PrepareInstructionsParams)
+    params = load_params(args.params).prepare_instructions
     entries = read_instructions(args.data)
     splits = split_instructions(entries, params.train_ratio, params.test_ratio, params.shuffle_seed, source=args.data)
     with atomic_dir(args.out_dir) as tmp:

@@ -4,23 +4,21 @@ Reads SMSSpamCollection with quoting disabled; writes the train, validation and 
 to_csv(index=False); columns Label: 0 ham / 1 spam, and Text).
 """
 
-import argparse
-
 from gptcore.atomic import write_text
+from gptcore.arguments import ArgumentParser
 from gptcore.entry import run_entry
-from gptcore.config import PrepareSmsParams
 from gptcore.data.sms import SPLITS, read_collection, split_collection, to_csv_text
-from gptcore.params import read_params, section
+from gptcore.params import load_params
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--params", default="params.yaml")
+    parser = ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default="params.yaml", help="the params file; validated whole before any work")
     parser.add_argument("--collection", required=True, help="SMSSpamCollection")
     for name in SPLITS:
         parser.add_argument(f"--{name}", required=True, help=f"the {name} split CSV to write")
     args = parser.parse_args()
-    params = section(read_params(args.params), "prepare_sms", PrepareSmsParams)
+    params = load_params(args.params).prepare_sms
     frame = read_collection(args.collection)
     splits = split_collection(frame, params.seed, params.train_frac, params.validation_frac)
     for name in SPLITS:

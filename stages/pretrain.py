@@ -5,34 +5,32 @@ metrics JSON, the loss plot table (CSV) and figure (PNG), and a sample continuat
 in --checkpoint-dir, so an interrupted run resumes where it stopped.
 """
 
-import argparse
-
 from gptcore.atomic import write_json, write_text
+from gptcore.arguments import ArgumentParser
 from gptcore.entry import run_entry
-from gptcore.config import PretrainParams
 from gptcore.device import is_main_process
 from gptcore.memory import keep_freed_memory
-from gptcore.params import read_params, run_config, section
+from gptcore.params import load_params
 from gptcore.plots import plot_curves, write_table
 from gptcore.pretrain import pretrain
 from gptcore.weights import save_model
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--corpus", required=True)
+    parser = ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default="params.yaml", help="the params file; validated whole before any work")
+    parser.add_argument("--corpus", required=True, help="the training text (UTF-8)")
     parser.add_argument("--out", required=True, help="weights file")
-    parser.add_argument("--metrics", required=True)
-    parser.add_argument("--plot-table", required=True)
-    parser.add_argument("--plot-png", required=True)
-    parser.add_argument("--sample", required=True)
-    parser.add_argument("--checkpoint-dir", required=True)
+    parser.add_argument("--metrics", required=True, help="metrics JSON (final losses, tokens seen, timing)")
+    parser.add_argument("--plot-table", required=True, help="CSV: train and validation loss per evaluation")
+    parser.add_argument("--plot-png", required=True, help="figure of the loss table")
+    parser.add_argument("--sample", required=True, help="text file: a continuation of sample_prompt after training")
+    parser.add_argument("--checkpoint-dir", required=True, help="resumable progress (kept between runs)")
     args = parser.parse_args()
 
-    params = read_params(args.params)
+    params = load_params(args.params)
     keep_freed_memory()  # the same shapes every step: reuse freed buffers (gptcore/memory.py)
-    outcome = pretrain(args.corpus, section(params, "pretrain", PretrainParams), run_config(params), args.checkpoint_dir)
+    outcome = pretrain(args.corpus, params.pretrain, params.run, args.checkpoint_dir)
     if not is_main_process():  # under torchrun, rank 0 writes the outputs
         return
     save_model(outcome.model, args.out)

@@ -15,7 +15,7 @@ from safetensors import safe_open
 
 from gptcore import openai
 from gptcore.cli import main as cli_main
-from gptcore.config import check_openai_models
+from gptcore.config import Params
 from gptcore.errors import ConfigError, WeightsError
 from gptcore.decoding import generate
 from gptcore.model import set_fused_attention
@@ -311,15 +311,15 @@ def test_cli_error_is_one_line(tmp_path, mirror_dir, capsys):
 )
 def test_openai_models_must_match_the_foundation(foundation, models, ok):
     if ok:
-        assert check_openai_models(foundation, models) == models
+        assert Params.from_dict({"foundation": foundation, "openai_models": models}).openai_models == models
     else:
         with pytest.raises(ConfigError):
-            check_openai_models(foundation, models)
+            Params.from_dict({"foundation": foundation, "openai_models": models})
 
 
 def test_default_params_are_consistent():
     params = yaml.safe_load((Path(__file__).parents[1] / "params.yaml").read_text())
-    check_openai_models(params["foundation"], params["openai_models"])
+    Params.from_dict({"foundation": params["foundation"], "openai_models": params["openai_models"]})
 
 
 # ---- end to end: dvc repro convert_gpt2 from a mirror ----

@@ -14,7 +14,7 @@ from gptcore.data.loader import make_loader
 from gptcore.decoding import cast_for_inference, generate, next_token_logits
 from gptcore.errors import ConfigError, TrainingError
 from gptcore.model import GPTModel
-from gptcore.params import run_config
+from gptcore.config import RunConfig
 from gptcore.precision import resolve_precision
 from gptcore.train import Checkpoint, LoopOptions, lm_loss, make_optimizer, train
 
@@ -45,7 +45,7 @@ def test_auto_on_cuda_counts_only_native_bf16(monkeypatch):
 @pytest.mark.parametrize("value", ["fp32", "bf16-mixed", "bf16-true", "fp16-mixed"])
 def test_explicit_values_are_kept(value):
     assert resolve_precision(value, CPU, "train") == value
-    assert run_config({"precision": value}).precision == value
+    assert RunConfig.from_dict({"precision": value}).precision == value
 
 
 @pytest.mark.parametrize("old, new", [("bf16", "bf16-mixed or bf16-true"), ("fp16", "fp16-mixed")])
@@ -53,7 +53,7 @@ def test_old_values_name_the_new_ones(old, new):
     with pytest.raises(ConfigError, match=f"renamed: use {new}"):
         resolve_precision(old, CPU)
     with pytest.raises(ConfigError, match=f"params.yaml: precision: unknown value '{old}' .*{new}"):
-        run_config({"precision": old})
+        RunConfig.from_dict({"precision": old}, where="params.yaml")
 
 
 @pytest.mark.parametrize("tie", [False, True])

@@ -1,0 +1,81 @@
+"""The quick start of docs/quickstart.md, run verbatim: every stage but the judge finishes offline with
+the mirror and writes the responses; the judge without Ollama stops with one line and records nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from conftest import REPO
+from gptcore.config import Params
+
+DOC = REPO / "docs" / "quickstart.md"
+
+
+def _sh_blocks(section: str) -> list[str]:
+    """The ```sh blocks under a `## section` heading of the quick start page."""
+    text = DOC.read_text(encoding="utf-8")
+    body = text.split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```sh\n(.*?)```", body, flags=re.DOTALL)
+
+
+def _key_paths(data: dict, prefix: str = "") -> set[str]:
+    paths = set()
+    for key, value in data.items():
+        paths.add(prefix + key)
+        if isinstance(value, dict) and key != "openai_models":
+            paths |= _key_paths(value, f"{prefix}{key}.")
+    return paths
+
+
+def test_quickstart_params_are_valid_and_shaped_like_params_yaml():
+    """Copied over params.yaml, the file must hold every key dvc.yaml declares, and validate."""
+    quick = yaml.safe_load((REPO / "params-quickstart.yaml").read_text())
+    full = yaml.safe_load((REPO / "params.yaml").read_text())
+    assert _key_paths(quick) == _key_paths(full)
+    params = Params.from_dict(quick, where="params-quickstart.yaml")
+    assert params.foundation == "scratch" and params.openai_models == {}
+    assert params.pretrain.model.context_length <= 256  # the Verdict's validation split holds ~510 tokens
+
+
+def _ollama_answers(port: int = 11434) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.mark.slow
+def test_quickstart_runs_as_documented(repo_copy, mirror_dir):
+    shutil.copy2(REPO / "params-quickstart.yaml", repo_copy.root / "params-quickstart.yaml")
+    (run_block,) = _sh_blocks("Run it")[:1]
+    env = {**os.environ, "GPTCORE_MIRROR": str(mirror_dir), "PYTHONPATH": str(repo_copy.root), "PYTHONUNBUFFERED": "1"}
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env["PATH"]  # dvc, and python for the stages
+    proc = subprocess.run(["bash", "-e", "-c", run_block], cwd=repo_copy.root, env=env, capture_output=True,
+                          text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    responses = json.loads((repo_copy.root / "data" / "responses" / "test.json").read_text())
+    assert len(responses) == 110 and all(isinstance(r["model_response"], str) for r in responses)
+    for name in ("pretrain", "classifier", "classifier_baseline", "instructions", "generation"):
+        assert (repo_copy.root / "metrics" / f"{name}.json").is_file(), name
+    status = json.loads(repo_copy.dvc("status", "--json").stdout or "{}")
+    assert set(status) == {"judge"}, status  # every stage but the judge is done and recorded
+
+    if _ollama_answers():
+        pytest.skip("an Ollama server answers on this machine: the no-server path cannot be checked")
+    (judge_block,) = _sh_blocks("The judge (needs Ollama)")[:1]
+    assert judge_block.strip().splitlines()[-1] == "dvc repro judge"
+    proc = repo_copy.dvc("repro", "judge", check=False)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert proc.returncode != 0
+    assert errors == [line for line in DOC.read_text().splitlines() if line.startswith("error: no Ollama")]
+    assert not (repo_copy.root / "metrics" / "judge.json").exists()
+    assert not (repo_copy.root / "data" / "judge").exists()
