@@ -5,7 +5,15 @@ from __future__ import annotations
 import argparse
 from typing import Sequence
 
-from gptcore.arguments import ArgumentParser, device_name, non_negative_int, non_negative_number, positive_int, seed_number
+from gptcore.arguments import (
+    ArgumentParser,
+    device_name,
+    integer,
+    non_negative_int,
+    non_negative_number,
+    positive_int,
+    seed_number,
+)
 from gptcore.entry import run_entry
 from gptcore.errors import GptcoreError
 
@@ -156,10 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("serve", help="serve a weights file over Ollama's and OpenAI's REST APIs (docs/serving.md)")
     p.add_argument("--model", required=True, help="weights file (.safetensors)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    p.add_argument("--port", type=int, default=11434, help="Ollama's port by default; 0 picks a free one")
+    p.add_argument("--port", type=integer(0, 65535), default=11434, help="Ollama's port by default; 0 picks a free one")
     p.add_argument("--name", default=None, help="model name clients use (default: the weights file's folder)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--max-predict", type=int, default=None,
+    p.add_argument("--device", type=device_name, default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps")
+    p.add_argument("--max-predict", type=integer(1), default=None,
                    help="most new tokens per request (default: as many as the context holds)")
     p.add_argument("--origins", default=None,
                    help="more web origins allowed to call the API, comma-separated, * as wildcard "

@@ -467,6 +467,25 @@ def openai_models_for(foundation: str) -> dict[str, str]:
     return {foundation: OPENAI_SIZES[foundation]} if foundation in OPENAI_SIZES else {}
 
 
+ExportFormat = Literal["gguf", "hf"]
+
+
+class ExportParams(Section):
+    """params.yaml `export:` — the instruction model written for other runtimes (docs/export.md)."""
+
+    formats: list[ExportFormat] = Field(
+        default_factory=lambda: ["gguf", "hf"], min_length=1,
+        description="gguf: GGUF + Ollama Modelfile (llama.cpp, Ollama); hf: a Hugging Face transformers folder")
+    dtype: Literal["f32", "f16", "q8_0"] = Field(
+        "f16", description="GGUF weights: f32 (exact), f16 (half the size), q8_0 (a quarter); agreement in docs/export.md")
+
+    @model_validator(mode="after")
+    def _once_each(self):
+        if len(set(self.formats)) != len(self.formats):
+            raise ValueError("formats: list each of gguf, hf at most once")
+        return self
+
+
 class Params(RunConfig):
     """The whole of params.yaml: the top-level keys and one field per section.
 
@@ -491,6 +510,7 @@ class Params(RunConfig):
     instructions: InstructionsParams = Field(default_factory=InstructionsParams)
     generate: GenerateParams = Field(default_factory=GenerateParams)
     judge: JudgeParams = Field(default_factory=JudgeParams)
+    export: ExportParams = Field(default_factory=ExportParams)
 
     @model_validator(mode="after")
     def _openai_models_match_the_foundation(self):

@@ -5,25 +5,23 @@ an Ollama `Modelfile` beside it (format gguf: `ollama create <name> -f <out>/Mod
 Hugging Face transformers folder (format hf). See docs/export.md.
 """
 
-import argparse
-
+from gptcore.arguments import ArgumentParser
 from gptcore.atomic import atomic_dir
 from gptcore.entry import run_entry
-from gptcore.export import ExportParams
 from gptcore.export.gguf import export_gguf, write_modelfile
 from gptcore.export.hf import export_hf
-from gptcore.params import read_params, section
+from gptcore.params import load_params
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--params", default="params.yaml")
+    parser = ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default="params.yaml", help="the params file (validated whole before any work)")
     parser.add_argument("--model", required=True, help="instruction model weights file")
     parser.add_argument("--out", required=True, help="folder to write, e.g. models/export")
     parser.add_argument("--name", required=True, help="the GGUF's file stem and model name, e.g. gptcore-instruct")
     args = parser.parse_args()
 
-    params = section(read_params(args.params), "export", ExportParams)
+    params = load_params(args.params).export
     written = []
     with atomic_dir(args.out) as tmp:
         if "gguf" in params.formats:

@@ -62,7 +62,7 @@ def _undocumented(parser: argparse.ArgumentParser) -> list[str]:
     return [a.dest for a in parser._actions if not a.help and not isinstance(a, argparse._SubParsersAction)]
 
 
-@pytest.mark.parametrize("verb", ["convert", "generate", "classify", "bench"])
+@pytest.mark.parametrize("verb", ["convert", "generate", "classify", "serve", "export", "bench"])
 def test_every_verb_option_has_help_and_shows_defaults(verb):
     parser = _subparsers(build_parser())[verb]
     assert parser.formatter_class is HelpFormatter

@@ -41,10 +41,11 @@ def test_dvc_repro_export(repo_copy):
 
 
 @pytest.mark.parametrize("section, pattern", [
-    ({"formats": ["gguf", "onnx"]}, "formats must list some of gguf, hf"),
-    ({"formats": []}, "formats must list"),
-    ({"dtype": "q4_0"}, "dtype: expected one of 'f32', 'f16', 'q8_0'"),
-    ({"name": "x"}, "unknown key"),
+    ({"formats": ["gguf", "onnx"]}, "formats"),
+    ({"formats": []}, "formats"),
+    ({"formats": ["gguf", "gguf"]}, "at most once"),
+    ({"dtype": "q4_0"}, "dtype"),
+    ({"name": "x"}, "name"),
 ])
 def test_params_section_is_checked(section, pattern):
     with pytest.raises(ConfigError, match=pattern):
