@@ -27,6 +27,7 @@ from gptcore.train import (
     Checkpoint,
     LoopOptions,
     TrainResult,
+    code_digest,
     fingerprint,
     lm_loss,
     loss_evaluator,
@@ -214,7 +215,7 @@ def generate_responses(
     log = None
     records: list[dict[str, Any]] = []
     if log_path is not None:
-        log = ResponseLog(log_path, fingerprint(knobs, precision, sha256_of(model_path), sha256_of(test_path)))
+        log = ResponseLog(log_path, fingerprint(knobs, precision, sha256_of(model_path), sha256_of(test_path), code_digest()))
         records = log.load()
     responses: dict[int, str] = {}
     for record in records:

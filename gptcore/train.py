@@ -634,15 +634,25 @@ def open_checkpoint(folder: str | os.PathLike | None, params, *identity: Any, in
     """The progress folder of a training stage, or None without one.
 
     Progress belongs to one run: its params section (all but how often it saves), whatever else
-    identifies it (run config, precision) and the digests of its input files.
+    identifies it (run config, precision), the digests of its input files, and the library's code
+    (progress made by other code is not resumed: the result would mix two versions).
     """
     if folder is None:
         return None
     from gptcore.download import sha256_of
 
     knobs = {k: v for k, v in params.to_dict().items() if k != "checkpoint_minutes"}
-    key = fingerprint(knobs, *identity, [sha256_of(path) for path in inputs])
+    key = fingerprint(knobs, *identity, [sha256_of(path) for path in inputs], code_digest())
     return Checkpoint(folder, key, every_seconds=60 * params.checkpoint_minutes)
+
+
+def code_digest() -> str:
+    """SHA-256 over the source of every module of the gptcore package (file names and bytes, sorted)."""
+    root = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
 
 
 def fingerprint(*parts: Any) -> str:

@@ -135,3 +135,15 @@ def test_evaluate_loss_restores_train_mode(tokenizer, verdict):
     model.train()
     loss = evaluate_loss(model, loader, lm_loss, torch.device("cpu"), num_batches=1)
     assert model.training and 9 < loss < 12
+
+
+def test_progress_of_other_code_is_not_resumed(tmp_path, monkeypatch):
+    """The progress identity includes the library's code: an edit to gptcore starts training afresh."""
+    import gptcore.train as train_module
+    from gptcore.config import PretrainParams
+    from gptcore.train import open_checkpoint
+
+    first = open_checkpoint(tmp_path, PretrainParams(), {"seed": 1}).fingerprint
+    assert open_checkpoint(tmp_path, PretrainParams(), {"seed": 1}).fingerprint == first
+    monkeypatch.setattr(train_module, "code_digest", lambda: "edited")
+    assert open_checkpoint(tmp_path, PretrainParams(), {"seed": 1}).fingerprint != first
