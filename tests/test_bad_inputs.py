@@ -191,6 +191,9 @@ def test_bad_input_is_one_clear_line(case: Case, tmp_path: Path, mirror_dir: Pat
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode != 0, proc.stdout
     assert "Traceback" not in proc.stderr
+    if lines and lines[0].startswith("usage: "):  # rejected by argparse: its usage, then one error line (exit 2)
+        assert proc.returncode == 2 and ": error: " in lines[-1], proc.stderr
+        lines = ["error: " + lines[-1].split(": error: ", 1)[1]]
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith("error: ")
     for fragment in case.expect:
