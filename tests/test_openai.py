@@ -356,6 +356,6 @@ def test_dvc_repro_convert_gpt2(repo_copy, tmp_path, mirror_dir, monkeypatch):
     )
     assert failed.returncode == 1
     assert failed.stderr.strip().splitlines() == [
-        "error: params.yaml openai_models is {'gpt2-small': '124M'} but foundation pretrained needs {}; "
-        "change both together (README: switching the foundation)"
+        "error: params.yaml: openai_models: {'gpt2-small': '124M'} does not match foundation pretrained, which "
+        "needs {}; change both together (README: switching the foundation)"
     ]

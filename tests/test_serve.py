@@ -463,8 +463,9 @@ def test_port_in_use_is_one_clear_error(model_path, url):
 def test_cli_serve_verb_and_empty_prompt(model_path, mirror_dir, capsys):
     assert cli_main(["generate", "--model", str(model_path), "--prompt", "", "--device", "cpu"]) == 1
     assert "prompt is empty" in capsys.readouterr().err
-    assert cli_main(["generate", "--model", str(model_path), "--prompt", "x", "--temperature", "nan", "--device", "cpu"]) == 1
-    assert "temperature" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:  # argparse refuses it: usage and one error line, exit 2
+        cli_main(["generate", "--model", str(model_path), "--prompt", "x", "--temperature", "nan", "--device", "cpu"])
+    assert stop.value.code == 2 and "--temperature: expected a finite number" in capsys.readouterr().err
     proc = subprocess.Popen(
         [sys.executable, "-m", "gptcore", "serve", "--model", str(model_path), "--port", "0", "--device", "cpu"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
