@@ -127,7 +127,7 @@ def _gptcore_task(spec: BenchSpec, device, precision: str):
         return lambda: runner.step((ids[:, :-1], ids[:, 1:]))
 
     model.eval()
-    cast_for_inference(model, precision, spec.batch)
+    cast_for_inference(model, precision)
     prompts = torch.randint(0, config.vocab_size, (spec.batch, spec.prompt_len), generator=generator)
     if spec.batch == 1:
         idx = prompts.to(device)

@@ -204,7 +204,7 @@ def generate_responses(
     device = resolve_device(run.device)
     precision = resolve_precision(run.precision, device, "inference")
     entries = read_instructions(test_path)
-    model = cast_for_inference(load_language_model(model_path, device), precision, params.batch_size)  # the bench's path
+    model = cast_for_inference(load_language_model(model_path, device), precision)  # the bench's path
     tokenizer = get_tokenizer()
     prompts = [prompt_ids(entry, tokenizer) for entry in entries]
     # The batch size is part of the run's identity even for greedy decoding: in exact arithmetic a

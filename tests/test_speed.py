@@ -99,8 +99,6 @@ def test_cast_for_inference():
         torch.testing.assert_close(model(idx), reference_logits, rtol=1e-5, atol=1e-5)
     fp32 = generate(model, idx, 5)
     assert torch.equal(fp32, reference)
-    batched = cast_for_inference(GPTModel(CONFIG).eval(), "fp32", batch_size=8)
-    assert batched.trf_blocks[0].att.qkv.weight.is_contiguous()  # row-major suits several rows
     cast_for_inference(model, "bf16-true")
     head = {p for p in [*model.final_norm.parameters(), *model.out_head.parameters()]}
     assert {p.dtype for p in model.parameters() if p not in head} == {torch.bfloat16}

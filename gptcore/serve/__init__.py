@@ -49,7 +49,7 @@ class Server:
             if model.config.num_classes is not None:
                 raise GptcoreError(f"{path}: is a classifier ({model.config.num_classes} classes); "
                                    "only language models can be served")
-            return cast_for_inference(model, resolved, batch_size=max_batch)
+            return cast_for_inference(model, resolved)
 
         self.engine = Engine(load, get_tokenizer(), max_batch=max_batch,
                              compute=lambda: autocast(self.device, resolved))
