@@ -33,21 +33,46 @@ def run_entry(fn: Callable[[], int | None], debug: bool = False) -> int:
     """Run an entry point; user-facing errors become one line on stderr and a non-zero exit.
 
     Relative folder variables (GPTCORE_MIRROR, GPTCORE_CACHE) are made absolute first. A traceback
-    is shown only with --debug or GPTCORE_DEBUG=1.
+    is shown only with --debug or GPTCORE_DEBUG=1. When the reader of our output has gone (a closed
+    pipe: `... | head`, or a `tee` that exited on the same Ctrl-C), the exit is quiet.
 
     Returns:
-        fn's exit code (0 for None); 1 after a user-facing error; 130 after Ctrl-C.
+        fn's exit code (0 for None); 1 after a user-facing error; 130 after Ctrl-C; 141 (128 + SIGPIPE,
+        as a shell reports it) when stdout or stderr was closed by its reader.
     """
     debug = debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     absolute_path_env()
     try:
-        return fn() or 0
+        code = fn() or 0
+        sys.stdout.flush()
+        return code
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        _print_error("interrupted")
         return 130
+    except BrokenPipeError:
+        _silence_closed_streams()
+        return 141
     except (GptcoreError, OSError, ValueError) as err:
         if debug:
             traceback.print_exc()
         message = " ".join(str(err).split()) or type(err).__name__
-        print(f"error: {message}", file=sys.stderr)
+        _print_error(f"error: {message}")
         return 1
+
+
+def _print_error(message: str) -> None:
+    try:
+        print(message, file=sys.stderr, flush=True)
+    except (BrokenPipeError, ValueError):  # stderr's reader is gone; the exit code still tells
+        _silence_closed_streams()
+
+
+def _silence_closed_streams() -> None:
+    """Point stdout and stderr at /dev/null, so that the interpreter's final flush does not fail
+    again on the closed pipe (the recipe of Python's signal module documentation, "Note on SIGPIPE")."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            os.dup2(devnull, stream.fileno())
+        except (OSError, ValueError):
+            pass

@@ -10,6 +10,7 @@ import math
 import os
 import re
 import signal
+import sys
 import threading
 import time
 import warnings
@@ -128,12 +129,12 @@ class Checkpoint:
         try:
             state = torch.load(self.path, map_location="cpu", weights_only=True)
         except Exception as err:  # a corrupt checkpoint must not block a fresh start
-            tqdm.write(f"note: ignoring unreadable checkpoint {self.path} ({type(err).__name__}); starting afresh")
+            _note(f"note: ignoring unreadable progress file {self.path} ({type(err).__name__}); starting afresh")
             return None
         if state.get("fingerprint") != self.fingerprint:
-            tqdm.write(f"note: {self.path} was made with other params or inputs; starting afresh")
+            _note(f"note: {self.path} was made with other params, inputs or code; starting afresh")
             return None
-        tqdm.write(f"resuming from {self.path} at step {state['step']}")
+        _note(f"resuming from {self.path} at step {state['step']}")
         return state
 
     def save(self, state: dict[str, Any]) -> None:
@@ -149,6 +150,36 @@ class Checkpoint:
         """Mark the run complete: keep a summary, drop the (large) resumable state."""
         write_json(self.folder / "done.json", {"fingerprint": self.fingerprint, **summary})
         self.path.unlink(missing_ok=True)
+
+
+class _GuardedStream:
+    """A text stream that survives its reader going away: a write to a closed pipe (EPIPE, e.g. the
+    `tee` of `dvc repro | tee log` exited on the same Ctrl-C) is dropped and sets `broken`, which
+    the loop treats as a stop request, so progress is saved rather than lost to a BrokenPipeError."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.broken = False
+
+    def write(self, text: str) -> int:
+        if not self.broken:
+            try:
+                self.stream.write(text)
+            except (BrokenPipeError, ValueError):  # ValueError: the stream was closed
+                self.broken = True
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.broken:
+            try:
+                self.stream.flush()
+            except (BrokenPipeError, ValueError):
+                self.broken = True
+
+
+def _note(message: str) -> None:
+    """One line on stderr, around any progress bar; dropped if stderr's reader is gone."""
+    tqdm.write(message, file=_GuardedStream(sys.stderr))
 
 
 class _StopRequest:
@@ -494,7 +525,8 @@ class _TrainingRun:
         self.result = TrainResult()
         self.start_epoch, self.skip = 0, 0
         self.runner: StepRunner | None = None
-        self.bar = tqdm(total=self.total_steps, desc=options.desc, unit="step",
+        self.output = _GuardedStream(sys.stderr)
+        self.bar = tqdm(total=self.total_steps, desc=options.desc, unit="step", file=self.output,
                         disable=not options.progress or not is_main_process())
         self.started = time.perf_counter()
 
@@ -553,16 +585,18 @@ class _TrainingRun:
                 self.scheduler.step()
             r.steps += 1
             r.tokens_seen += batch[0].numel()
-            self.bar.update(1)
             if (r.steps - 1) % self.options.eval_every == 0 or r.steps == self.total_steps:
                 self.evaluate(epoch)
             r.seconds = time.perf_counter() - self.started
-            # Every process takes part in a save (their RNG states are gathered) and in a stop.
-            stopping = self.runner.agree(stop.requested)
+            # Every process takes part in a save (their RNG states are gathered) and in a stop. Nothing
+            # is printed between a stop request and the save: the reader of our output may be gone.
+            stopping = self.runner.agree(stop.requested or self.output.broken)
             if self.checkpoint is not None and self.runner.agree(stopping or (is_main_process() and self.checkpoint.due())):
                 self.save()
+            self.bar.update(1)
             if stopping:
-                tqdm.write(f"interrupted at step {r.steps}; progress saved, re-run to resume")
+                saved = "progress saved, re-run to resume" if self.checkpoint is not None else "no progress folder"
+                tqdm.write(f"interrupted at step {r.steps}; {saved}", file=self.output)
                 raise KeyboardInterrupt
 
     def evaluate(self, epoch: int) -> None:
@@ -570,7 +604,7 @@ class _TrainingRun:
         row = {"step": self.result.steps, "epoch": epoch + 1, "tokens_seen": self.result.tokens_seen}
         row.update(self.runner.evaluate(self.evaluate_fn))
         self.result.history.append(row)
-        self.bar.set_postfix({k: f"{v:.3f}" for k, v in row.items() if k.endswith("loss")})
+        self.bar.set_postfix({k: f"{v:.3f}" for k, v in row.items() if k.endswith("loss")}, refresh=False)
 
     def save(self) -> None:
         """Write the progress file (main process); every process's RNG state goes in it."""

@@ -115,6 +115,42 @@ def test_pretrain_resumes_exactly(tmp_path, mirror_dir, sig, pretrain_reference)
     assert _comparable(run_dir) == pretrain_reference
 
 
+@pytest.mark.slow
+def test_piped_ctrl_c_saves_progress(tmp_path, mirror_dir):
+    """`dvc repro 2>&1 | tee log` and Ctrl-C: the terminal sends SIGINT to the stage and its reader at
+    once, so the stage's next write meets a closed pipe. Progress must still be saved (here only at the
+    stop: no periodic saves), the exit must be the interrupt's, and a re-run must resume exactly."""
+    env = _env(mirror_dir)
+    params = {**PRETRAIN, "pretrain": {**PRETRAIN["pretrain"], "eval_every": 1, "checkpoint_minutes": 60.0}}
+    reference_dir, reference_cmd = _setup(tmp_path, "reference", mirror_dir)
+    (reference_dir / "params.yaml").write_text(yaml.safe_dump(params))
+    subprocess.run(reference_cmd, check=True, capture_output=True, env=env)
+
+    run_dir, cmd = _setup(tmp_path, "interrupted", mirror_dir)
+    (run_dir / "params.yaml").write_text(yaml.safe_dump(params))
+    log = run_dir / "log.txt"
+    stage = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, process_group=0)
+    with log.open("wb") as sink:  # `tee`: copies its input until the Ctrl-C ends it
+        reader = subprocess.Popen([sys.executable, "-c", "import shutil, sys; shutil.copyfileobj(sys.stdin.buffer, "
+                                   "sys.stdout.buffer, 16)"], stdin=stage.stdout, stdout=sink, process_group=stage.pid)
+    stage.stdout.close()  # the reader holds the pipe's only read end
+    deadline = time.monotonic() + 300
+    while b"train:" not in log.read_bytes() or not b"loss" in log.read_bytes():  # training has started
+        assert stage.poll() is None and time.monotonic() < deadline, "stage ended before it was interrupted"
+        time.sleep(0.05)
+    time.sleep(random.uniform(0.0, 0.5))
+    os.killpg(stage.pid, signal.SIGINT)  # the terminal's Ctrl-C: the whole foreground process group
+    assert stage.wait(timeout=60) == 130
+    reader.wait(timeout=60)
+    assert not (run_dir / "model.safetensors").exists()  # nothing half-written
+    assert (run_dir / "ck" / "state.pt").is_file()
+
+    resumed = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from" in resumed.stderr
+    assert _comparable(run_dir) == _comparable(reference_dir)
+
+
 # --- the finetuning, generation and judge stages ------------------------------------------------
 # One kill each (SIGKILL: nothing runs after it, the hardest case); the signal handling itself is
 # covered by the pretrain cases above, since every training stage shares that loop.
