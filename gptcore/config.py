@@ -462,11 +462,6 @@ Foundation = Literal["gpt2-small", "gpt2-medium", "gpt2-large", "gpt2-xl", "pret
 FOUNDATIONS: tuple[str, ...] = typing.get_args(Foundation)
 
 
-def openai_models_for(foundation: str) -> dict[str, str]:
-    """The `openai_models` value a foundation needs: {name: OpenAI size} for an OpenAI model, else {}."""
-    return {foundation: OPENAI_SIZES[foundation]} if foundation in OPENAI_SIZES else {}
-
-
 ExportFormat = Literal["gguf", "hf"]
 
 
@@ -495,9 +490,6 @@ class Params(RunConfig):
 
     foundation: Foundation = Field(
         "gpt2-large", description="the weights the finetuning stages start from: an OpenAI GPT-2, pretrained (Stage 1) or scratch")
-    openai_models: dict[str, str] = Field(
-        default_factory=lambda: {"gpt2-large": "774M"},
-        description="{name: OpenAI size} that download_gpt2/convert_gpt2 fetch: exactly the foundation if it is an OpenAI model, else {}")
     download_gpt2: Gpt2DownloadParams = Field(default_factory=Gpt2DownloadParams)
     download_corpus: CorpusDownloadParams = Field(default_factory=CorpusDownloadParams)
     pretrain: PretrainParams = Field(default_factory=PretrainParams)
@@ -512,16 +504,14 @@ class Params(RunConfig):
     judge: JudgeParams = Field(default_factory=JudgeParams)
     export: ExportParams = Field(default_factory=ExportParams)
 
-    @model_validator(mode="after")
-    def _openai_models_match_the_foundation(self):
-        # DVC templating cannot derive one key from the other (dvc.yaml's foreach reads openai_models),
-        # so both are written out and must agree.
-        wanted = openai_models_for(self.foundation)
-        if self.openai_models != wanted:
-            raise ValueError(
-                f"openai_models: {self.openai_models or '{}'} does not match foundation {self.foundation}, which needs "
-                f"{wanted or '{}'}; change both together (README: switching the foundation)")
-        return self
+    @model_validator(mode="before")
+    @classmethod
+    def _no_openai_models(cls, data: Any) -> Any:
+        # Before the `foundation` stage, params.yaml listed the OpenAI checkpoint to fetch beside `foundation`.
+        if isinstance(data, dict) and "openai_models" in data:
+            raise ValueError("openai_models: no longer used: the foundation stage follows `foundation` alone; "
+                             "delete this key")
+        return data
 
     @property
     def run(self) -> RunConfig:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -242,15 +243,52 @@ def download_checkpoint(
     out = Path(out)
     staging = Path(partial_dir) if partial_dir else out.with_name(f".{out.name}.download")
     source = f"{base_url.rstrip('/')}/{size}"
-    _reset_staging(staging, f"{source} mirror={mirror_root()}")
+    origin = f"{source} mirror={mirror_root()}"
+    if (out / ".source").is_file() and (out / ".source").read_text() == origin and all(
+            (out / name).is_file() for name in CHECKPOINT_FILES):
+        return out  # fetched whole before, from the same place (the folder is only ever written whole)
+    _reset_staging(staging, origin)
     for name in CHECKPOINT_FILES:
         if not (staging / name).is_file():  # fetched whole by an earlier, interrupted run
             fetch(f"{source}/{name}", staging / name, mirror_name=f"gpt2/models/{size}/{name}", progress=progress)
     with atomic_dir(out) as tmp:
         for name in CHECKPOINT_FILES:
             os.replace(staging / name, tmp / name)
+        (tmp / ".source").write_text(origin)
     (staging / ".source").unlink(missing_ok=True)
     return out
+
+
+def prepare_foundation(
+    foundation: str, out: str | os.PathLike, *, pretrained: str | os.PathLike, scratch: str | os.PathLike,
+    openai_dir: str | os.PathLike, partial_dir: str | os.PathLike, base_url: str, progress: bool = True,
+) -> str:
+    """Write the weights file `out` that the finetuning stages start from, as params `foundation` names it.
+
+    An OpenAI name (gpt2-small … gpt2-xl): its TensorFlow checkpoint is fetched into
+    `openai_dir/<size>` (kept there, so switching back costs no download; unfinished files wait in
+    `partial_dir/<size>`) and converted. `pretrained` / `scratch`: Stage 1's weights file is copied.
+    The write is atomic.
+
+    Returns:
+        where the weights came from (a folder or a file), for the stage's report.
+    Raises:
+        ConfigError: an unknown foundation name (the valid ones listed).
+    """
+    from gptcore.atomic import atomic_path
+
+    stage1 = {"pretrained": Path(pretrained), "scratch": Path(scratch)}
+    if foundation in stage1:
+        with atomic_path(out) as tmp:
+            shutil.copyfile(stage1[foundation], tmp)
+        return str(stage1[foundation])
+    if foundation not in OPENAI_SIZES:
+        raise ConfigError(f"foundation: {foundation!r} is not one of {', '.join([*OPENAI_SIZES, *stage1])}")
+    size = OPENAI_SIZES[foundation]
+    folder = download_checkpoint(base_url, size, Path(openai_dir) / size, partial_dir=Path(partial_dir) / size,
+                                 progress=progress)
+    convert_checkpoint(folder, out, progress=progress)
+    return str(folder)
 
 
 def _reset_staging(staging: Path, source: str) -> None:

@@ -94,21 +94,10 @@ class RepoCopy:
         self.root = root
 
     def set_params(self, updates: dict) -> None:
-        """Deep-merge `updates` into the copy's params.yaml.
-
-        `openai_models` is a value, not a section: it is replaced, and derived from `foundation` when
-        only that is given (every stage refuses a params file where the two disagree).
-        """
-        from gptcore.config import openai_models_for
-
+        """Deep-merge `updates` into the copy's params.yaml."""
         path = self.root / "params.yaml"
         params = yaml.safe_load(path.read_text())
-        if "foundation" in updates and "openai_models" not in updates:
-            updates = {**updates, "openai_models": openai_models_for(updates["foundation"])}
-        models = updates.get("openai_models")
-        _merge(params, {k: v for k, v in updates.items() if k != "openai_models"})
-        if models is not None:
-            params["openai_models"] = models
+        _merge(params, updates)
         path.write_text(yaml.safe_dump(params, sort_keys=False))
 
     def run(self, *args: str, check: bool = True, timeout: float = 1800) -> subprocess.CompletedProcess:

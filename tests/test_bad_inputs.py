@@ -164,7 +164,7 @@ CASES = [
                _params("judge:\n  url: http://127.0.0.1:9\n  retries: 0\n  timeout: 2\n")),
          ["127.0.0.1:9", "ollama"]),
     # Stage 2 and the CLI
-    Case("checkpoint folder without files", _stage("convert_gpt2", "--checkpoint", "in/ckpt", "--out", "out/m.safetensors"),
+    Case("checkpoint folder without files", [sys.executable, "-m", "gptcore", "convert", "in/ckpt", "out/m.safetensors"],
          _write("in/ckpt/hparams.json", json.dumps({"n_vocab": 50257, "n_ctx": 32, "n_embd": 16, "n_head": 2, "n_layer": 1})),
          ["in/ckpt"]),
     Case("generate with a truncated weights file", [sys.executable, "-m", "gptcore", "generate", "--model", "in/model.safetensors", "--prompt", "x"],

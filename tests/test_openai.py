@@ -4,6 +4,7 @@ TensorFlow itself writes in OpenAI's layout, the test's own power, and every way
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -291,71 +292,37 @@ def test_cli_error_is_one_line(tmp_path, mirror_dir, capsys):
     assert err.count("\n") == 1 and err.startswith("error: ") and "model/wpe missing" in err
 
 
-# ---- foundation wiring ----
-
-
-@pytest.mark.parametrize(
-    "foundation, models, ok",
-    [
-        ("gpt2-large", {"gpt2-large": "774M"}, True),
-        ("gpt2-small", {"gpt2-small": "124M"}, True),
-        ("pretrained", {}, True),
-        ("scratch", {}, True),
-        ("pretrained", {"gpt2-large": "774M"}, False),
-        ("gpt2-large", {}, False),
-        ("gpt2-large", {"gpt2-large": "124M"}, False),
-        ("gpt2-large", {"gpt2-large": "774M", "gpt2-xl": "1558M"}, False),
-        ("gpt3", {}, False),
-        ("gpt2-large", ["gpt2-large"], False),
-    ],
-)
-def test_openai_models_must_match_the_foundation(foundation, models, ok):
-    if ok:
-        assert Params.from_dict({"foundation": foundation, "openai_models": models}).openai_models == models
-    else:
-        with pytest.raises(ConfigError):
-            Params.from_dict({"foundation": foundation, "openai_models": models})
-
-
-def test_default_params_are_consistent():
-    params = yaml.safe_load((Path(__file__).parents[1] / "params.yaml").read_text())
-    Params.from_dict({"foundation": params["foundation"], "openai_models": params["openai_models"]})
-
-
-# ---- end to end: dvc repro convert_gpt2 from a mirror ----
+# ---- the foundation stage, end to end from a mirror ----
 
 
 @pytest.mark.slow
-def test_dvc_repro_convert_gpt2(repo_copy, tmp_path, mirror_dir, monkeypatch):
+def test_one_switch_fetches_converts_and_finetunes(repo_copy, tmp_path, mirror_dir, monkeypatch):
+    """`dvc exp run -S foundation=gpt2-small` alone: the foundation stage fetches the TensorFlow
+    checkpoint (written by TensorFlow in OpenAI's layout, in a temporary mirror), converts it with
+    outputs identical to the reference, and the classifier finetunes from it; Stage 1 does not re-run,
+    and switching back is served from DVC's run cache."""
     mirror = tmp_path / "mirror"
     shutil.copytree(mirror_dir, mirror)
     hparams = dict(n_vocab=50257, n_ctx=24, n_embd=8, n_head=2, n_layer=1)
     reference = hf_model(hparams, seed=7)
     write_checkpoint(mirror / "gpt2" / "models" / "124M", hparams, openai_arrays(reference, 1), mirror_dir / "gpt2")
     monkeypatch.setenv("GPTCORE_MIRROR", str(mirror))
-    params = yaml.safe_load((repo_copy.root / "params.yaml").read_text())
-    params.update(foundation="gpt2-small", openai_models={"gpt2-small": "124M"})
-    (repo_copy.root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    shutil.copy2(Path(__file__).parents[1] / "params-quickstart.yaml", repo_copy.root / "params.yaml")
+    repo_copy.set_params({"classifier": {"epochs": 1}})
+    repo_copy.run("git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qam", "quickstart params")
+    repo_copy.dvc("repro", "finetune_classifier")  # the scratch foundation
+    scratch_metrics = repo_copy.read_json("metrics/classifier.json")
 
-    repo_copy.dvc("repro", "convert_gpt2")
-    assert sorted(p.name for p in (repo_copy.root / "models/openai/124M").iterdir()) == sorted(openai.CHECKPOINT_FILES)
-    ours = load_model(repo_copy.root / "models/gpt2-small/model.safetensors")
-    assert_parity(ours, reference, hparams)
-    status = repo_copy.dvc("status", "convert_gpt2").stdout
-    assert "up to date" in status
+    switched = repo_copy.dvc("exp", "run", "-S", "foundation=gpt2-small", "finetune_classifier")
+    ran = re.findall(r"Running stage '([^']+)'", switched.stdout)
+    assert ran == ["foundation", "finetune_classifier"], switched.stdout
+    assert sorted(p.name for p in (repo_copy.root / "models/openai/124M").iterdir()) == sorted(
+        [*openai.CHECKPOINT_FILES, ".source"])
+    assert_parity(load_model(repo_copy.root / "models/foundation/model.safetensors"), reference, hparams)
+    assert load_model(repo_copy.root / "models/classifier/model.safetensors").config.emb_dim == 8
+    assert repo_copy.read_json("metrics/classifier.json") != scratch_metrics
+    assert "up to date" in repo_copy.dvc("status", "finetune_classifier").stdout
 
-    # pretrained/scratch: neither stage exists; a mismatch of the two keys is refused with one line.
-    params.update(foundation="pretrained", openai_models={})
-    (repo_copy.root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    stages = repo_copy.dvc("stage", "list").stdout
-    assert "download_gpt2" not in stages and "convert_gpt2" not in stages
-    params.update(openai_models={"gpt2-small": "124M"})
-    (repo_copy.root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    failed = repo_copy.run(
-        "python", "stages/download_gpt2.py", "--model", "gpt2-small", "--out", "x", "--partial-dir", "y", check=False
-    )
-    assert failed.returncode == 1
-    assert failed.stderr.strip().splitlines() == [
-        "error: params.yaml: openai_models: {'gpt2-small': '124M'} does not match foundation pretrained, which "
-        "needs {}; change both together (README: switching the foundation)"
-    ]
+    back = repo_copy.dvc("exp", "run", "-S", "foundation=scratch", "finetune_classifier")
+    assert re.findall(r"Running stage '([^']+)'", back.stdout) == [], back.stdout  # all from the run cache
+    assert repo_copy.read_json("metrics/classifier.json") == scratch_metrics
