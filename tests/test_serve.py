@@ -250,6 +250,22 @@ def test_embeddings(client, oai):
     assert vectors.data[0].embedding == pytest.approx(result.embeddings[0], abs=1e-5) and vectors.usage.prompt_tokens == 3
 
 
+def test_embedding_dimensions(client, oai):
+    """`dimensions` keeps the first components and normalises them again, as Ollama (LangChain's
+    OllamaEmbeddings, LiteLLM and the openai client send it); more than the width keeps them all."""
+    full = client.embed(model="tiny", input="first text").embeddings[0]
+    cut = [x / sum(y * y for y in full[:8]) ** 0.5 for x in full[:8]]
+    assert client.embed(model="tiny", input="first text", dimensions=8).embeddings[0] == pytest.approx(cut, abs=1e-5)
+    assert oai.embeddings.create(model="tiny", input="first text", dimensions=8).data[0].embedding == pytest.approx(cut, abs=1e-5)
+    assert client.embed(model="tiny", input="first text", dimensions=1000).embeddings[0] == pytest.approx(full, abs=1e-6)
+    assert client.embed(model="tiny", input="first text", dimensions=0).embeddings[0] == pytest.approx(full, abs=1e-6)
+    with pytest.raises(ollama.ResponseError) as err:
+        client.embed(model="tiny", input="first text", dimensions=-1)
+    assert err.value.status_code == 400 and "dimensions" in err.value.error
+    with pytest.raises(openai.BadRequestError, match="dimensions"):
+        oai.embeddings.create(model="tiny", input="first text", dimensions=-1)
+
+
 # -- OpenAI API through the official client ---------------------------------------------------------------
 def test_openai_chat_completions_and_models(oai, client):
     assert [m.id for m in oai.models.list().data] == ["tiny:latest"]

@@ -175,7 +175,8 @@ def create_app(engine: Engine, info: ServerInfo) -> FastAPI:
         _check_model(body.model, info)
         texts = [body.input] if isinstance(body.input, str) else (body.input or [])
         start = time.perf_counter()
-        vectors, count, load_ns = await _embed(engine, info, texts, body.truncate, normalize=True)
+        vectors, count, load_ns = await _embed(engine, info, texts, body.truncate, normalize=True,
+                                               dimensions=body.dimensions)
         return {"model": body.model, "embeddings": vectors, "total_duration": _ns(time.perf_counter() - start),
                 "load_duration": load_ns, "prompt_eval_count": count}
 
@@ -234,7 +235,7 @@ def create_app(engine: Engine, info: ServerInfo) -> FastAPI:
         texts = [body.input] if isinstance(body.input, str) else body.input
         if not texts:
             raise p.RequestError(400, "input: at least one string is required")
-        vectors, count, _ = await _embed(engine, info, texts, truncate=True, normalize=True)
+        vectors, count, _ = await _embed(engine, info, texts, truncate=True, normalize=True, dimensions=body.dimensions)
         if body.encoding_format == "base64":  # little-endian float32, as OpenAI sends them
             vectors = [base64.b64encode(struct.pack(f"<{len(v)}f", *v)).decode("ascii") for v in vectors]
         return {"object": "list", "model": body.model,
@@ -510,7 +511,10 @@ async def _grammar(engine: Engine, schema: dict) -> str:
     return grammar
 
 
-async def _embed(engine: Engine, info: ServerInfo, texts: list[str], truncate: bool, normalize: bool):
+async def _embed(engine: Engine, info: ServerInfo, texts: list[str], truncate: bool, normalize: bool,
+                 dimensions: int | None = None):
+    if dimensions is not None and dimensions < 0:
+        raise p.RequestError(400, f"invalid dimensions: expected a number >= 1 (0: all), got {dimensions}")
     prompts = []
     for i, text in enumerate(texts):
         ids = encode_text(engine.tokenizer, text)
@@ -524,7 +528,7 @@ async def _embed(engine: Engine, info: ServerInfo, texts: list[str], truncate: b
         prompts.append(ids)
     if not prompts:
         return [], 0, 0
-    vectors, load_ns = await asyncio.to_thread(engine.embed, prompts, normalize)
+    vectors, load_ns = await asyncio.to_thread(engine.embed, prompts, normalize, dimensions or None)
     return vectors, sum(len(ids) for ids in prompts), load_ns
 
 

@@ -164,11 +164,12 @@ class Engine:
         """Load the model on the worker if it is not loaded; the nanoseconds that took (0 if it was)."""
         return self.call(self.ensure_loaded)
 
-    def embed(self, prompts: list[list[int]], normalize: bool) -> tuple[list[list[float]], int]:
+    def embed(self, prompts: list[list[int]], normalize: bool,
+              dimensions: int | None = None) -> tuple[list[list[float]], int]:
         """Sentence vectors of token id lists (see embed_ids), and the load time in nanoseconds."""
         def work():
             load_ns = self.ensure_loaded()
-            return [embed_ids(self.model, ids, normalize) for ids in prompts], load_ns
+            return [embed_ids(self.model, ids, normalize, dimensions) for ids in prompts], load_ns
 
         return self.call(work)
 
@@ -431,13 +432,16 @@ class Engine:
 
 
 @torch.inference_mode()
-def embed_ids(model: GPTModel, ids: list[int], normalize: bool = True) -> list[float]:
+def embed_ids(model: GPTModel, ids: list[int], normalize: bool = True, dimensions: int | None = None) -> list[float]:
     """A sentence vector: the mean of the final hidden states (after the last LayerNorm) over the tokens,
-    L2-normalised when `normalize` (as Ollama's /api/embed returns them)."""
+    L2-normalised when `normalize` (as Ollama's /api/embed returns them). `dimensions` keeps only the first
+    components (then normalised), as Ollama's `dimensions` does for any model; None or more than the
+    width keeps them all."""
     device = model.tok_emb.weight.device
     idx = torch.tensor([ids], device=device)  # [1, T]
     x = model.hidden_states(idx)  # [1, T, C]
     vector = model.final_norm(x.to(model.final_norm.weight.dtype)).float().mean(dim=1)[0]  # [C]
+    vector = vector[:dimensions]  # [min(C, dimensions)]
     if normalize:
         vector = torch.nn.functional.normalize(vector, dim=0)
     return vector.tolist()

@@ -99,6 +99,7 @@ class EmbedRequest(_Model):
     model: str | None = None
     input: Union[str, list[str], None] = None
     truncate: bool = True
+    dimensions: Int | None = None  # keep the first N components (0: all), as Ollama
     keep_alive: Union[str, int, float, None] = None
     options: Options | None = None
 
@@ -160,6 +161,7 @@ class EmbeddingsRequest(_Model):
     model: str
     input: Union[str, list[str]]
     encoding_format: Literal["float", "base64"] = "float"  # the openai client asks for base64 by default
+    dimensions: Int | None = None
 
 
 def parse(model: type[_Model], body: Any) -> Any:
