@@ -67,6 +67,8 @@ class _Generation(_Model):
     format: Format | None = None
     keep_alive: Union[str, int, float, None] = None
     think: Union[bool, str, None] = None
+    logprobs: bool = False
+    top_logprobs: Int | None = None
 
     def model_name(self) -> str:
         name = self.model or self.name
@@ -149,12 +151,15 @@ class _OpenAIGeneration(_Model):
 class ChatCompletionRequest(_OpenAIGeneration):
     messages: list[OpenAIMessage]
     tools: list[Any] | None = None
+    logprobs: bool | None = None
+    top_logprobs: Int | None = None
 
 
 class CompletionRequest(_OpenAIGeneration):
     prompt: Union[str, list[str]]
     echo: bool = False
     suffix: str | None = None
+    logprobs: Int | None = None  # the legacy API's: how many alternatives (0-5) besides each token
 
 
 class EmbeddingsRequest(_Model):

@@ -97,6 +97,13 @@ await check("generate stream = generate", async () => {
   assert(count >= 3 && last.done && last.eval_count >= 1, "stream shape");
   return `${count} chunks`;
 });
+await check("generate logprobs", async () => {
+  const reply = await client.generate({ model, prompt, options: greedy, logprobs: true, top_logprobs: 2 });
+  assert(reply.logprobs.map((t) => t.token).join("") === generated, "tokens do not join to the response");
+  assert(reply.logprobs.every((t) => t.logprob <= 0 && t.top_logprobs.length === 2 && t.top_logprobs[0].token === t.token),
+    "a greedy token is not the best of its alternatives");
+  return `${reply.logprobs.length} tokens`;
+});
 await check("generate seed", async () => {
   const options = { temperature: 1, top_k: 40, seed: 7, num_predict: 12 };
   const a = await client.generate({ model, prompt, options });

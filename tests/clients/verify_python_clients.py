@@ -173,6 +173,12 @@ def check_ollama(url: str, model: str, ref: Reference, check: Checks) -> None:
         return same("".join(parts), chat, "stream") and f"{len(parts)} chunks"
 
     check("AsyncClient chat stream", async_stream)
+
+    def logprobs():
+        reply = client.generate(model=model, prompt=PROMPT, logprobs=True, top_logprobs=2, options=greedy)
+        return tokens_of(reply.response, [(t.token, t.logprob, [a.token for a in t.top_logprobs]) for t in reply.logprobs])
+
+    check("generate logprobs", logprobs)
     check("format json", lambda: json.loads(client.chat(model=model, messages=messages, format="json", options=greedy).message.content))
     check("format schema", lambda: _score(client.generate(model=model, prompt=PROMPT, format=SCHEMA, options=greedy).response))
     check("embed", lambda: unit(client.embed(model=model, input=["first text", "second, longer text"]).embeddings, ref.width))
@@ -213,8 +219,18 @@ def check_openai(url: str, model: str, ref: Reference, check: Checks) -> None:
     stop = stop_inside(want["message"]["content"])
     check("stop", lambda: same(client.chat.completions.create(model=model, messages=messages, stop=[stop], **greedy)
                                .choices[0].message.content, want["message"]["content"].split(stop)[0]))
-    check("completions", lambda: same(client.completions.create(model=model, prompt=PROMPT, **greedy).choices[0].text,
-                                      ref.generate(PROMPT, temperature=0, num_predict=N)["response"]))
+    plain = ref.generate(PROMPT, temperature=0, num_predict=N)["response"]
+    check("completions", lambda: same(client.completions.create(model=model, prompt=PROMPT, **greedy).choices[0].text, plain))
+    check("completions echo", lambda: same(client.completions.create(model=model, prompt=PROMPT, echo=True, **greedy)
+                                           .choices[0].text, PROMPT + plain))
+
+    def logprobs():
+        choice = client.chat.completions.create(model=model, messages=messages, logprobs=True, top_logprobs=2,
+                                                **greedy).choices[0]
+        return tokens_of(choice.message.content, [(t.token, t.logprob, [a.token for a in t.top_logprobs])
+                                                  for t in choice.logprobs.content])
+
+    check("chat.completions logprobs", logprobs)
     check("response_format json_object", lambda: json.loads(client.chat.completions.create(
         model=model, messages=messages, response_format={"type": "json_object"}, **greedy).choices[0].message.content))
 
@@ -272,6 +288,13 @@ def check_langchain(url: str, model: str, ref: Reference, check: Checks) -> None
         return same("".join([c.content async for c in llm.astream(QUESTION)]), text, "astream")
 
     check("ChatOllama ainvoke, astream", async_calls)
+    def logprobs():
+        reply = ChatOllama(model=model, base_url=url, temperature=0, num_predict=N, logprobs=True,
+                           top_logprobs=2).invoke(QUESTION)
+        return tokens_of(reply.content, [(t["token"], t["logprob"], [a["token"] for a in t["top_logprobs"]])
+                                         for t in reply.response_metadata["logprobs"]])
+
+    check("ChatOllama logprobs (top_logprobs)", logprobs)
     check("ChatOllama format json", lambda: json.loads(
         ChatOllama(model=model, base_url=url, temperature=0, num_predict=N, format="json").invoke(QUESTION).content))
 
@@ -404,6 +427,13 @@ def _litellm_reply(reply, want_chat: dict, provider: str) -> str:
         expect(reply.usage.prompt_tokens == want_chat["prompt_eval_count"], f"usage {reply.usage}")
         same(text, want_chat["message"]["content"])
     return text  # `ollama/` renders the messages into a prompt of its own for /api/generate
+
+
+def tokens_of(text: str, tokens: list[tuple[str, float, list[str]]]) -> str:
+    """Greedy replies' logprobs: one per token, joining to the text, each token the best of its alternatives."""
+    expect("".join(t for t, _, _ in tokens) == text, f"tokens {[t for t, _, _ in tokens]} do not join to {text!r}")
+    expect(all(lp <= 0 and top[0] == t and len(top) == 2 for t, lp, top in tokens), f"logprobs {tokens[:3]}...")
+    return f"{len(tokens)} tokens, {tokens[0][1]:.2f} ..."
 
 
 def _score(text: str) -> dict:
