@@ -10,6 +10,8 @@ gptcore (torch) and the tokenizer files (GPTCORE_MIRROR or the cache).
 from __future__ import annotations
 
 import argparse
+import signal
+import sys
 import tempfile
 from pathlib import Path
 
@@ -35,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", default="0")
     parser.add_argument("--name", default="tiny")
     args = parser.parse_args(argv)
+    # uvicorn re-raises the SIGTERM it shut down on: exit through Python so that the folder is removed
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     with tempfile.TemporaryDirectory(prefix="gptcore-clients-") as folder:
         path = write_tiny_model(Path(folder) / "tiny.safetensors")
         return cli_main(["serve", "--model", str(path), "--port", args.port, "--name", args.name,

@@ -111,6 +111,7 @@ await check("generate seed", async () => {
   assert(a.response === b.response && a.response.length > 0, "the same seed gave different text");
 });
 await check("generate stop", async () => {
+  assert(generated.length >= 8, `the reply is too short to cut: ${JSON.stringify(generated)}`);
   const stop = generated.slice(4, 6);
   const cut = await client.generate({ model, prompt, options: { ...greedy, stop: [stop] } });
   assert(cut.response === generated.slice(0, generated.indexOf(stop)) && cut.done_reason === "stop",

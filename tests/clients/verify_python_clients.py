@@ -138,10 +138,17 @@ def raises(fn: Callable[[], Any], error: type | tuple, status: int | None = None
     raise AssertionError(f"expected {getattr(error, '__name__', error)}, got a reply")
 
 
-def stop_inside(text: str) -> str:
-    """A stop string that occurs in text after its first characters."""
+def stop_inside(text: str) -> tuple[str, str]:
+    """A stop string that occurs in text after its first characters, and text cut at its first occurrence."""
     expect(len(text) >= 8, f"reply too short to cut: {text!r}")
-    return text[4:6]
+    stop = text[4:6]
+    return stop, text[: text.index(stop)]
+
+
+def stops(reply: Callable[[list[str]], str], text: str) -> str:
+    """reply(stop strings) must be text cut at a stop string taken from it."""
+    stop, cut = stop_inside(text)
+    return same(reply([stop]), cut) + f" (stop {stop!r})"
 
 
 # -- the clients ------------------------------------------------------------------------------------------
@@ -160,9 +167,8 @@ def check_ollama(url: str, model: str, ref: Reference, check: Checks) -> None:
     seeded = {"temperature": 1.0, "seed": 7, "num_predict": 12}
     check("generate seed", lambda: same(client.generate(model=model, prompt=PROMPT, options=seeded).response,
                                         ref.generate(PROMPT, **seeded)["response"]))
-    stop = stop_inside(want)
-    check("generate stop", lambda: same(client.generate(model=model, prompt=PROMPT, options={**greedy, "stop": [stop]}).response,
-                                        want[: want.index(stop)]))
+    check("generate stop", lambda: stops(lambda stop: client.generate(
+        model=model, prompt=PROMPT, options={**greedy, "stop": stop}).response, want))
     messages = [{"role": "user", "content": QUESTION}]
     chat = ref.chat(QUESTION, **greedy)["message"]["content"]
     check("chat", lambda: same(client.chat(model=model, messages=messages, options=greedy).message.content, chat))
@@ -212,13 +218,11 @@ def check_openai(url: str, model: str, ref: Reference, check: Checks) -> None:
         return same(text, want["message"]["content"], "stream") and f"{len(chunks)} chunks"
 
     check("chat.completions stream", stream)
-    seeded = client.chat.completions.create(model=model, messages=messages, temperature=1, seed=7, max_tokens=12)
     check("seed", lambda: same(client.chat.completions.create(model=model, messages=messages, temperature=1, seed=7,
                                                               max_tokens=12).choices[0].message.content,
-                               seeded.choices[0].message.content))
-    stop = stop_inside(want["message"]["content"])
-    check("stop", lambda: same(client.chat.completions.create(model=model, messages=messages, stop=[stop], **greedy)
-                               .choices[0].message.content, want["message"]["content"].split(stop)[0]))
+                               ref.chat(QUESTION, temperature=1.0, top_k=0, seed=7, num_predict=12)["message"]["content"]))
+    check("stop", lambda: stops(lambda stop: client.chat.completions.create(
+        model=model, messages=messages, stop=stop, **greedy).choices[0].message.content, want["message"]["content"]))
     plain = ref.generate(PROMPT, temperature=0, num_predict=N)["response"]
     check("completions", lambda: same(client.completions.create(model=model, prompt=PROMPT, **greedy).choices[0].text, plain))
     check("completions echo", lambda: same(client.completions.create(model=model, prompt=PROMPT, echo=True, **greedy)
@@ -277,8 +281,7 @@ def check_langchain(url: str, model: str, ref: Reference, check: Checks) -> None
 
     check("ChatOllama invoke", invoke)
     check("ChatOllama stream", lambda: same("".join(c.content for c in llm.stream(QUESTION)), text, "stream"))
-    check("ChatOllama stop", lambda: same(llm.invoke(QUESTION, stop=[stop_inside(text)]).content,
-                                          text[: text.index(stop_inside(text))]))
+    check("ChatOllama stop", lambda: stops(lambda stop: llm.invoke(QUESTION, stop=stop).content, text))
     seeded = ChatOllama(model=model, base_url=url, temperature=1.0, seed=7, num_predict=12)
     check("ChatOllama seed", lambda: same(seeded.invoke(QUESTION).content,
                                           ref.chat(QUESTION, temperature=1.0, seed=7, num_predict=12)["message"]["content"]))
@@ -354,9 +357,8 @@ def check_llamaindex(url: str, model: str, ref: Reference, check: Checks) -> Non
                     additional_kwargs={"seed": 7, "num_predict": 12})
     check("seed", lambda: same(seeded.complete(QUESTION).text,
                                ref.chat(QUESTION, temperature=1.0, seed=7, num_predict=12)["message"]["content"]))
-    stop = stop_inside(text)
-    stopping = Ollama(model=model, base_url=url, temperature=0, request_timeout=120, additional_kwargs={**options, "stop": [stop]})
-    check("stop", lambda: same(stopping.complete(QUESTION).text, text[: text.index(stop)]))
+    check("stop", lambda: stops(lambda stop: Ollama(model=model, base_url=url, temperature=0, request_timeout=120,
+                                                    additional_kwargs={**options, "stop": stop}).complete(QUESTION).text, text))
     check("json_mode", lambda: json.loads(Ollama(model=model, base_url=url, temperature=0, request_timeout=120,
                                                  json_mode=True, additional_kwargs=options).complete(QUESTION).text))
 
@@ -400,10 +402,8 @@ def check_litellm(url: str, model: str, ref: Reference, check: Checks) -> None:
         seeded = {**kw, "temperature": 1.0, "seed": 7, "max_tokens": 12}
         check(f"{provider}/ seed", lambda: same(litellm.completion(**seeded).choices[0].message.content,
                                                 litellm.completion(**seeded).choices[0].message.content))
-        if first:
-            stop = stop_inside(first)
-            check(f"{provider}/ stop", lambda: same(litellm.completion(stop=[stop], **kw).choices[0].message.content,
-                                                    first[: first.index(stop)]))
+        check(f"{provider}/ stop", lambda: stops(lambda stop: litellm.completion(stop=stop, **kw).choices[0].message.content,
+                                                 first or ""))
         check(f"{provider}/ response_format json_object", lambda: json.loads(litellm.completion(
             response_format={"type": "json_object"}, **kw).choices[0].message.content))
         check(f"{provider}/ response_format json_schema", lambda: _score(litellm.completion(
