@@ -250,6 +250,22 @@ def test_embeddings(client, oai):
     assert vectors.data[0].embedding == pytest.approx(result.embeddings[0], abs=1e-5) and vectors.usage.prompt_tokens == 3
 
 
+def test_embedding_dimensions(client, oai):
+    """`dimensions` keeps the first components and normalises them again, as Ollama (LangChain's
+    OllamaEmbeddings, LiteLLM and the openai client send it); more than the width keeps them all."""
+    full = client.embed(model="tiny", input="first text").embeddings[0]
+    cut = [x / sum(y * y for y in full[:8]) ** 0.5 for x in full[:8]]
+    assert client.embed(model="tiny", input="first text", dimensions=8).embeddings[0] == pytest.approx(cut, abs=1e-5)
+    assert oai.embeddings.create(model="tiny", input="first text", dimensions=8).data[0].embedding == pytest.approx(cut, abs=1e-5)
+    assert client.embed(model="tiny", input="first text", dimensions=1000).embeddings[0] == pytest.approx(full, abs=1e-6)
+    assert client.embed(model="tiny", input="first text", dimensions=0).embeddings[0] == pytest.approx(full, abs=1e-6)
+    with pytest.raises(ollama.ResponseError) as err:
+        client.embed(model="tiny", input="first text", dimensions=-1)
+    assert err.value.status_code == 400 and "dimensions" in err.value.error
+    with pytest.raises(openai.BadRequestError, match="dimensions"):
+        oai.embeddings.create(model="tiny", input="first text", dimensions=-1)
+
+
 # -- OpenAI API through the official client ---------------------------------------------------------------
 def test_openai_chat_completions_and_models(oai, client):
     assert [m.id for m in oai.models.list().data] == ["tiny:latest"]
@@ -271,6 +287,74 @@ def test_openai_chat_completions_and_models(oai, client):
     with pytest.raises(openai.BadRequestError) as err:
         oai.chat.completions.create(model="tiny", messages=messages, n=2)
     assert "n=1" in err.value.body["message"]
+
+
+def test_logprobs_are_the_models_own(client, oai, url, model_path):
+    """logprobs / top_logprobs (ollama, openai, LangChain's ChatOllama send them) are each generated token's
+    log-softmax of the raw logits, whatever the temperature, with the best alternatives; a stop string's
+    tokens that were cut off are not reported."""
+    from gptcore.weights import load_model
+
+    model = load_model(model_path, device="cpu")
+    reply = client.generate(model="tiny", prompt=PROMPT, logprobs=True, top_logprobs=3,
+                            options={"temperature": 0.7, "seed": 3, "num_predict": 8})
+    with torch.no_grad():
+        want = torch.log_softmax(model(torch.tensor([reply.context]))[0].float(), dim=-1)  # [T, V]
+    new = reply.context[reply.prompt_eval_count:]
+    assert len(reply.logprobs) == len(new) == reply.eval_count
+    for i, (token, entry) in enumerate(zip(new, reply.logprobs)):
+        row = want[reply.prompt_eval_count - 1 + i]
+        assert entry.logprob == pytest.approx(float(row[token]), abs=1e-4)
+        assert [t.logprob for t in entry.top_logprobs] == pytest.approx(row.topk(3).values.tolist(), abs=1e-4)
+    raw = httpx.post(url + "/api/generate", json={"model": "tiny", "prompt": PROMPT, "stream": False, "logprobs": True,
+                                                  "options": GREEDY}).json()
+    assert b"".join(bytes(t["bytes"]) for t in raw["logprobs"]) == raw["response"].encode()
+    assert "top_logprobs" not in raw["logprobs"][0]  # none asked for, none sent (as Ollama)
+    assert client.generate(model="tiny", prompt=PROMPT, options=GREEDY).logprobs is None
+    stop = raw["response"][6:9]
+    cut = client.generate(model="tiny", prompt=PROMPT, logprobs=True, options={**GREEDY, "stop": [stop]})
+    assert "".join(t.token for t in cut.logprobs).startswith(cut.response) and len(cut.logprobs) < len(raw["logprobs"])
+    chunks = list(client.chat(model="tiny", messages=[{"role": "user", "content": "Hi"}], logprobs=True, stream=True,
+                              options=GREEDY))
+    streamed = [t for c in chunks for t in (c.logprobs or [])]
+    assert [t.token for t in streamed] == [t.token for t in client.chat(
+        model="tiny", messages=[{"role": "user", "content": "Hi"}], logprobs=True, options=GREEDY).logprobs]
+    with pytest.raises(ollama.ResponseError) as err:
+        client.generate(model="tiny", prompt=PROMPT, logprobs=True, top_logprobs=21)
+    assert err.value.status_code == 400 and "top_logprobs" in err.value.error
+
+    messages = [{"role": "user", "content": "Name a color."}]
+    chat = oai.chat.completions.create(model="tiny", messages=messages, max_tokens=6, temperature=0,
+                                       logprobs=True, top_logprobs=2).choices[0]
+    assert "".join(t.token for t in chat.logprobs.content) == chat.message.content
+    assert all(t.top_logprobs[0].token == t.token and len(t.top_logprobs) == 2 for t in chat.logprobs.content)  # greedy
+    chunks = list(oai.chat.completions.create(model="tiny", messages=messages, max_tokens=6, temperature=0,
+                                              logprobs=True, stream=True))
+    assert [t.token for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content] == \
+        [t.token for t in chat.logprobs.content]
+    text = oai.completions.create(model="tiny", prompt=PROMPT, max_tokens=6, temperature=0, logprobs=2).choices[0]
+    assert "".join(text.logprobs.tokens) == text.text and len(text.logprobs.top_logprobs[0]) == 2
+    first = want[reply.prompt_eval_count - 1]  # the same prompt: the same distribution; greedy takes its best
+    assert text.logprobs.text_offset[:2] == [0, len(text.logprobs.tokens[0])]
+    assert text.logprobs.token_logprobs[0] == pytest.approx(float(first.max()), abs=1e-4)
+    with pytest.raises(openai.BadRequestError, match="logprobs"):
+        oai.chat.completions.create(model="tiny", messages=messages, top_logprobs=2)
+    with pytest.raises(openai.BadRequestError, match="logprobs"):
+        oai.completions.create(model="tiny", prompt=PROMPT, logprobs=6)
+
+
+def test_completions_echo_and_suffix(oai, client):
+    """/v1/completions' echo returns the prompt before the completion (it was ignored); a suffix is refused
+    as on /api/generate (no fill-in-the-middle), not ignored."""
+    plain = oai.completions.create(model="tiny", prompt=PROMPT, max_tokens=5, temperature=0).choices[0].text
+    echoed = oai.completions.create(model="tiny", prompt=PROMPT, max_tokens=5, temperature=0, echo=True)
+    assert echoed.choices[0].text == PROMPT + plain
+    stream = oai.completions.create(model="tiny", prompt=PROMPT, max_tokens=5, temperature=0, echo=True, stream=True)
+    assert "".join(c.choices[0].text for c in stream) == PROMPT + plain
+    with pytest.raises(openai.BadRequestError, match="suffix"):
+        oai.completions.create(model="tiny", prompt=PROMPT, suffix="!")
+    with pytest.raises(openai.BadRequestError, match="echo"):
+        oai.completions.create(model="tiny", prompt=PROMPT, echo=True, logprobs=1)
 
 
 # -- connections, CORS, Host, limits ------------------------------------------------------------------------
@@ -483,18 +567,20 @@ def test_cli_serve_verb_and_empty_prompt(model_path, mirror_dir, capsys):
 
 ODD_VALUES = [None, -1, 1e308, "", [1, "a"], {"a": None}, True]
 OLLAMA_FIELDS = ["model", "stream", "format", "options", "options.temperature", "options.top_k", "options.num_predict",
-                 "options.stop", "options.seed", "keep_alive"]
-OPENAI_FIELDS = ["model", "messages", "max_tokens", "temperature", "stop", "response_format", "n", "seed", "stream"]
+                 "options.stop", "options.seed", "keep_alive", "logprobs", "top_logprobs"]
+OPENAI_FIELDS = ["model", "messages", "max_tokens", "temperature", "stop", "response_format", "n", "seed", "stream",
+                 "logprobs"]
 BASE_BODIES = {
     "/api/generate": ({"model": "tiny", "prompt": PROMPT, "stream": False, "options": {"num_predict": 2}},
                       OLLAMA_FIELDS + ["prompt", "context", "raw", "system", "template"]),
     "/api/chat": ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "stream": False,
                    "options": {"num_predict": 2}}, OLLAMA_FIELDS + ["messages"]),
-    "/api/embed": ({"model": "tiny", "input": "x"}, ["model", "input", "truncate"]),
+    "/api/embed": ({"model": "tiny", "input": "x"}, ["model", "input", "truncate", "dimensions"]),
     "/v1/chat/completions": ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2},
-                             OPENAI_FIELDS),
-    "/v1/completions": ({"model": "tiny", "prompt": "x", "max_tokens": 2}, OPENAI_FIELDS[:1] + OPENAI_FIELDS[2:] + ["prompt"]),
-    "/v1/embeddings": ({"model": "tiny", "input": "x"}, ["model", "input", "encoding_format"]),
+                             OPENAI_FIELDS + ["top_logprobs"]),
+    "/v1/completions": ({"model": "tiny", "prompt": "x", "max_tokens": 2},
+                        OPENAI_FIELDS[:1] + OPENAI_FIELDS[2:] + ["prompt", "echo", "suffix"]),
+    "/v1/embeddings": ({"model": "tiny", "input": "x"}, ["model", "input", "encoding_format", "dimensions"]),
 }
 
 

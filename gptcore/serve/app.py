@@ -30,11 +30,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gptcore.serve import protocol as p
 from gptcore.serve.chat import ROLES, TemplateError, render_chat, render_generate
-from gptcore.serve.engine import Done, Engine, Failed, Job, Piece, Sampling, budget, check_options
+from gptcore.serve.engine import Done, Engine, Failed, Job, Piece, Sampling, TokenLogprob, budget, check_options
 from gptcore.tokenizer import encode_text
 
 DEFAULT_TEMPERATURE = 0.8  # Ollama's sampling defaults, used when a request leaves them out
 DEFAULT_TOP_K = 40
+MAX_TOP_LOGPROBS = 20  # Ollama's and OpenAI's chat limit; the legacy completions API allows 5
 OPENAI_MAX_TOKENS = 16  # /v1/completions' default, as OpenAI's
 # Ollama's default allowed origins (envconfig.AllowedOrigins), `*` matching anything.
 DEFAULT_ORIGINS = [f"{scheme}://{host}{port}" for host in ("localhost", "127.0.0.1", "0.0.0.0")
@@ -145,7 +146,8 @@ def create_app(engine: Engine, info: ServerInfo) -> FastAPI:
         # Ollama: no prompt, system or template loads the model, whatever the context holds
         ids = context + encode_text(engine.tokenizer, text) if text else []
         return await _ollama_reply(request, engine, info, name, ids, sampling, num_predict, grammar,
-                                   body.stream, chat=False, raw=body.raw, keep_alive=body.keep_alive)
+                                   body.stream, chat=False, raw=body.raw, keep_alive=body.keep_alive,
+                                   logprobs=_ollama_logprobs_asked(body))
 
     @app.post("/api/chat")
     async def chat(request: Request):
@@ -166,7 +168,8 @@ def create_app(engine: Engine, info: ServerInfo) -> FastAPI:
             messages.append({"role": m.role, "content": m.content or ""})
         ids = encode_text(engine.tokenizer, render_chat(messages)) if messages else []
         return await _ollama_reply(request, engine, info, name, ids, sampling, num_predict, grammar,
-                                   body.stream, chat=True, raw=True, keep_alive=body.keep_alive)
+                                   body.stream, chat=True, raw=True, keep_alive=body.keep_alive,
+                                   logprobs=_ollama_logprobs_asked(body))
 
     # -- embeddings ------------------------------------------------------------------------------------
     @app.post("/api/embed")
@@ -175,7 +178,8 @@ def create_app(engine: Engine, info: ServerInfo) -> FastAPI:
         _check_model(body.model, info)
         texts = [body.input] if isinstance(body.input, str) else (body.input or [])
         start = time.perf_counter()
-        vectors, count, load_ns = await _embed(engine, info, texts, body.truncate, normalize=True)
+        vectors, count, load_ns = await _embed(engine, info, texts, body.truncate, normalize=True,
+                                               dimensions=body.dimensions)
         return {"model": body.model, "embeddings": vectors, "total_duration": _ns(time.perf_counter() - start),
                 "load_duration": load_ns, "prompt_eval_count": count}
 
@@ -212,8 +216,11 @@ def create_app(engine: Engine, info: ServerInfo) -> FastAPI:
             messages.append({"role": role, "content": _openai_text(m.content, i)})
         if not messages:
             raise p.RequestError(400, "messages: at least one message is required")
+        if body.top_logprobs is not None and not body.logprobs:
+            raise p.RequestError(400, "top_logprobs: logprobs must be true to use top_logprobs")
+        logprobs = _top_count(body.top_logprobs or 0, MAX_TOP_LOGPROBS, "top_logprobs") if body.logprobs else None
         ids = encode_text(engine.tokenizer, render_chat(messages))
-        return await _openai_reply(request, engine, info, body, ids, chat=True)
+        return await _openai_reply(request, engine, info, body, ids, chat=True, logprobs=logprobs)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -224,8 +231,14 @@ def create_app(engine: Engine, info: ServerInfo) -> FastAPI:
             raise p.RequestError(400, "prompt: gptcore completes one prompt per request")
         if not prompts[0]:
             raise p.RequestError(400, "prompt: the prompt is empty")
+        if body.suffix:
+            raise p.RequestError(400, f"suffix: {body.model} does not support insert (fill-in-the-middle)")
+        logprobs = None if body.logprobs is None else _top_count(body.logprobs, 5, "logprobs")
+        if body.echo and logprobs is not None:  # OpenAI would score the echoed prompt's tokens too
+            raise p.RequestError(400, "echo and logprobs: gptcore does not return the prompt's log-probabilities")
         ids = encode_text(engine.tokenizer, prompts[0])
-        return await _openai_reply(request, engine, info, body, ids, chat=False)
+        return await _openai_reply(request, engine, info, body, ids, chat=False, logprobs=logprobs,
+                                   echo=prompts[0] if body.echo else None)
 
     @app.post("/v1/embeddings")
     async def openai_embeddings(request: Request):
@@ -234,7 +247,7 @@ def create_app(engine: Engine, info: ServerInfo) -> FastAPI:
         texts = [body.input] if isinstance(body.input, str) else body.input
         if not texts:
             raise p.RequestError(400, "input: at least one string is required")
-        vectors, count, _ = await _embed(engine, info, texts, truncate=True, normalize=True)
+        vectors, count, _ = await _embed(engine, info, texts, truncate=True, normalize=True, dimensions=body.dimensions)
         if body.encoding_format == "base64":  # little-endian float32, as OpenAI sends them
             vectors = [base64.b64encode(struct.pack(f"<{len(v)}f", *v)).decode("ascii") for v in vectors]
         return {"object": "list", "model": body.model,
@@ -288,14 +301,16 @@ class Guard:
 # -- Ollama replies ---------------------------------------------------------------------------------------
 async def _ollama_reply(request: Request, engine: Engine, info: ServerInfo, name: str, ids: list[int],
                         sampling: Sampling, num_predict: int | None, grammar: str | None, stream: bool,
-                        chat: bool, raw: bool, keep_alive: Any) -> Response:
+                        chat: bool, raw: bool, keep_alive: Any, logprobs: int | None = None) -> Response:
     unload = _is_zero(keep_alive)
 
-    def fields(text: str, done: bool) -> dict:
+    def fields(text: str, done: bool, tokens: list[TokenLogprob] | None = None) -> dict:
         head = {"model": name, "created_at": _now()}
-        if chat:
-            return {**head, "message": {"role": "assistant", "content": text}, "done": done}
-        return {**head, "response": text, "done": done}
+        reply = ({**head, "message": {"role": "assistant", "content": text}, "done": done} if chat
+                 else {**head, "response": text, "done": done})
+        if tokens:
+            reply["logprobs"] = [_ollama_logprob(t, logprobs) for t in tokens]
+        return reply
 
     if not ids:  # Ollama answers an empty prompt by loading (or, with keep_alive 0, unloading) the model
         if unload:
@@ -304,8 +319,8 @@ async def _ollama_reply(request: Request, engine: Engine, info: ServerInfo, name
         load_ns = await asyncio.to_thread(engine.load)
         return JSONResponse({**fields("", True), "done_reason": "load", "load_duration": load_ns})
 
-    def final(done: Done, text: str) -> dict:
-        reply = {**fields(text, True), "done_reason": done.reason, "total_duration": done.total_duration,
+    def final(done: Done, text: str, tokens: list[TokenLogprob] | None = None) -> dict:
+        reply = {**fields(text, True, tokens), "done_reason": done.reason, "total_duration": done.total_duration,
                  "load_duration": done.load_duration, "prompt_eval_count": len(done.prompt_ids),
                  "prompt_eval_duration": done.prompt_eval_duration, "eval_count": len(done.new_ids),
                  "eval_duration": done.eval_duration}
@@ -313,12 +328,12 @@ async def _ollama_reply(request: Request, engine: Engine, info: ServerInfo, name
             reply["context"] = done.prompt_ids + done.new_ids
         return reply
 
-    events = _submit(engine, info, ids, sampling, num_predict, grammar, unload_after=unload)
+    events = _submit(engine, info, ids, sampling, num_predict, grammar, unload_after=unload, logprobs=logprobs)
     if stream:
         async def lines() -> AsyncIterator[str]:
             async for event in events:
                 if isinstance(event, Piece):
-                    yield json.dumps(fields(event.text, False), ensure_ascii=False) + "\n"
+                    yield json.dumps(fields(event.text, False, event.logprobs), ensure_ascii=False) + "\n"
                 elif isinstance(event, Done):
                     yield json.dumps(final(event, ""), ensure_ascii=False) + "\n"
                 else:
@@ -326,11 +341,12 @@ async def _ollama_reply(request: Request, engine: Engine, info: ServerInfo, name
 
         return StreamingResponse(lines(), media_type="application/x-ndjson")
     done = await _wait(request, events)
-    return JSONResponse(final(done, done.text))
+    return JSONResponse(final(done, done.text, done.logprobs))
 
 
 # -- OpenAI replies ---------------------------------------------------------------------------------------
-async def _openai_reply(request: Request, engine: Engine, info: ServerInfo, body, ids: list[int], chat: bool) -> Response:
+async def _openai_reply(request: Request, engine: Engine, info: ServerInfo, body, ids: list[int], chat: bool,
+                        logprobs: int | None = None, echo: str | None = None) -> Response:
     if body.n != 1:
         raise p.RequestError(400, "n: gptcore returns one choice per request (n=1)")
     temperature = 1.0 if body.temperature is None else body.temperature
@@ -353,11 +369,14 @@ async def _openai_reply(request: Request, engine: Engine, info: ServerInfo, body
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     created = int(time.time())
 
-    def choice(text: str, reason: str | None, delta: bool = False) -> dict:
+    def choice(text: str, reason: str | None, delta: bool = False, tokens: list[TokenLogprob] | None = None) -> dict:
+        shown = None
+        if logprobs is not None and tokens is not None:
+            shown = _openai_chat_logprobs(tokens) if chat else _openai_completion_logprobs(tokens, logprobs)
         if chat:
             key = "delta" if delta else "message"
-            return {"index": 0, key: {"role": "assistant", "content": text}, "finish_reason": reason, "logprobs": None}
-        return {"index": 0, "text": text, "finish_reason": reason, "logprobs": None}
+            return {"index": 0, key: {"role": "assistant", "content": text}, "finish_reason": reason, "logprobs": shown}
+        return {"index": 0, "text": text, "finish_reason": reason, "logprobs": shown}
 
     def usage(done: Done) -> dict:
         return {"prompt_tokens": len(done.prompt_ids), "completion_tokens": len(done.new_ids),
@@ -367,15 +386,17 @@ async def _openai_reply(request: Request, engine: Engine, info: ServerInfo, body
         return {"id": rid, "object": kind + ("" if not extra.pop("chunk", False) else ".chunk"), "created": created,
                 "model": body.model, "system_fingerprint": "gptcore", **extra}
 
-    events = _submit(engine, info, ids, sampling, max_tokens, grammar)
+    events = _submit(engine, info, ids, sampling, max_tokens, grammar, logprobs=logprobs)
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
 
         async def sse() -> AsyncIterator[str]:
+            if echo:  # the legacy API's echo: the prompt comes back first
+                yield _sse(envelope(choices=[choice(echo, None)]))
             async for event in events:
                 if isinstance(event, Piece):
-                    if event.text:
-                        yield _sse(envelope(chunk=chat, choices=[choice(event.text, None, delta=True)]))
+                    if event.text or event.logprobs:
+                        yield _sse(envelope(chunk=chat, choices=[choice(event.text, None, True, event.logprobs)]))
                 elif isinstance(event, Done):
                     yield _sse(envelope(chunk=chat, choices=[choice("", _finish_reason(event), delta=True)]))
                     if include_usage:
@@ -386,7 +407,40 @@ async def _openai_reply(request: Request, engine: Engine, info: ServerInfo, body
 
         return StreamingResponse(sse(), media_type="text/event-stream")
     done = await _wait(request, events)
-    return JSONResponse(envelope(choices=[choice(done.text, _finish_reason(done))], usage=usage(done)))
+    text = (echo or "") + done.text
+    return JSONResponse(envelope(choices=[choice(text, _finish_reason(done), tokens=done.logprobs)], usage=usage(done)))
+
+
+def _ollama_logprobs_asked(body) -> int | None:
+    """Ollama's logprobs / top_logprobs: how many alternatives to report per token, None for no logprobs."""
+    count = _top_count(body.top_logprobs or 0, MAX_TOP_LOGPROBS, "top_logprobs")
+    return count if body.logprobs else None
+
+
+def _top_count(count: int, most: int, name: str) -> int:
+    if not 0 <= count <= most:
+        raise p.RequestError(400, f"{name} must be between 0 and {most}, got {count}")
+    return count
+
+
+def _ollama_logprob(token: TokenLogprob, top: int) -> dict:
+    entry = {"token": token.token, "logprob": token.logprob, "bytes": list(token.raw)}
+    if top:
+        entry["top_logprobs"] = [{"token": t.token, "logprob": t.logprob, "bytes": list(t.raw)} for t in token.top]
+    return entry
+
+
+def _openai_chat_logprobs(tokens: list[TokenLogprob]) -> dict:
+    return {"content": [{"token": t.token, "logprob": t.logprob, "bytes": list(t.raw),
+                         "top_logprobs": [{"token": a.token, "logprob": a.logprob, "bytes": list(a.raw)} for a in t.top]}
+                        for t in tokens], "refusal": None}
+
+
+def _openai_completion_logprobs(tokens: list[TokenLogprob], top: int) -> dict:
+    """The legacy completions shape: parallel lists, and where each token's text starts in the reply."""
+    return {"tokens": [t.token for t in tokens], "token_logprobs": [t.logprob for t in tokens],
+            "top_logprobs": [{a.token: a.logprob for a in t.top} for t in tokens] if top else None,
+            "text_offset": [t.offset for t in tokens]}
 
 
 def _finish_reason(done: Done) -> str:
@@ -410,12 +464,12 @@ def _openai_text(content: Any, i: int) -> str:
 
 # -- shared pieces ----------------------------------------------------------------------------------------
 def _submit(engine: Engine, info: ServerInfo, ids: list[int], sampling: Sampling, num_predict: int | None,
-            grammar: str | None, unload_after: bool = False) -> "_Events":
+            grammar: str | None, unload_after: bool = False, logprobs: int | None = None) -> "_Events":
     if info.max_predict is not None and (num_predict is None or num_predict < 0 or num_predict > info.max_predict):
         num_predict = info.max_predict
     keep, max_new = budget(len(ids), num_predict, info.context_length)
     events = _Events(asyncio.get_running_loop())
-    events.job = Job(ids[len(ids) - keep:], max_new, sampling, events.put, grammar, unload_after)
+    events.job = Job(ids[len(ids) - keep:], max_new, sampling, events.put, grammar, unload_after, logprobs)
     engine.submit(events.job)
     return events
 
@@ -510,7 +564,10 @@ async def _grammar(engine: Engine, schema: dict) -> str:
     return grammar
 
 
-async def _embed(engine: Engine, info: ServerInfo, texts: list[str], truncate: bool, normalize: bool):
+async def _embed(engine: Engine, info: ServerInfo, texts: list[str], truncate: bool, normalize: bool,
+                 dimensions: int | None = None):
+    if dimensions is not None and dimensions < 0:
+        raise p.RequestError(400, f"invalid dimensions: expected a number >= 1 (0: all), got {dimensions}")
     prompts = []
     for i, text in enumerate(texts):
         ids = encode_text(engine.tokenizer, text)
@@ -524,7 +581,7 @@ async def _embed(engine: Engine, info: ServerInfo, texts: list[str], truncate: b
         prompts.append(ids)
     if not prompts:
         return [], 0, 0
-    vectors, load_ns = await asyncio.to_thread(engine.embed, prompts, normalize)
+    vectors, load_ns = await asyncio.to_thread(engine.embed, prompts, normalize, dimensions or None)
     return vectors, sum(len(ids) for ids in prompts), load_ns
 
 

@@ -44,10 +44,24 @@ class Sampling:
 
 
 @dataclass
+class TokenLogprob:
+    """A generated token's log-probability under the model (log-softmax of its raw logits, before
+    temperature, top-k and format masks, as Ollama reports them) and the most likely alternatives."""
+
+    token: str  # its text ("\ufffd" where it holds part of a UTF-8 character; `raw` has the bytes)
+    raw: bytes
+    logprob: float
+    offset: int  # where its text starts in the reply (characters)
+    top: list["TokenLogprob"] = field(default_factory=list)
+
+
+@dataclass
 class Piece:
-    """Text released by the detokenizer (may be empty when a token only completes part of a character)."""
+    """Text released by the detokenizer (may be empty when a token only completes part of a character),
+    and, for a job that asked for them, the log-probabilities of the tokens whose text it begins."""
 
     text: str
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 @dataclass
@@ -56,6 +70,7 @@ class Done:
     text: str
     prompt_ids: list[int]
     new_ids: list[int]
+    logprobs: list[TokenLogprob] | None  # every token's, for a job that asked for them
     load_duration: int  # nanoseconds
     prompt_eval_duration: int
     eval_duration: int
@@ -85,8 +100,9 @@ class Job:
     """One generation request as the worker sees it; `cancel()` may be called from any thread."""
 
     def __init__(self, prompt: list[int], max_new: int, sampling: Sampling, sink: Callable[[Event], None],
-                 grammar: str | None = None, unload_after: bool = False):
+                 grammar: str | None = None, unload_after: bool = False, logprobs: int | None = None):
         self.prompt = prompt
+        self.logprobs = logprobs  # None: none; k >= 0: each token's log-probability and its k best alternatives
         self.unload_after = unload_after  # Ollama's keep_alive 0: drop the model once idle
         self.max_new = max_new
         self.sampling = sampling
@@ -106,6 +122,8 @@ class _Row:
         self.job = job
         self.detok = Detokenizer(tokenizer, job.sampling.stop)
         self.new_ids: list[int] = []
+        self.pending: list[TokenLogprob] = []  # log-probabilities whose token's text is not released yet
+        self.logprobs: list[TokenLogprob] = []  # those released
         self.last = job.prompt[-1]
         seed = job.sampling.seed
         if job.sampling.temperature > 0 and seed is None:
@@ -164,11 +182,12 @@ class Engine:
         """Load the model on the worker if it is not loaded; the nanoseconds that took (0 if it was)."""
         return self.call(self.ensure_loaded)
 
-    def embed(self, prompts: list[list[int]], normalize: bool) -> tuple[list[list[float]], int]:
+    def embed(self, prompts: list[list[int]], normalize: bool,
+              dimensions: int | None = None) -> tuple[list[list[float]], int]:
         """Sentence vectors of token id lists (see embed_ids), and the load time in nanoseconds."""
         def work():
             load_ns = self.ensure_loaded()
-            return [embed_ids(self.model, ids, normalize) for ids in prompts], load_ns
+            return [embed_ids(self.model, ids, normalize, dimensions) for ids in prompts], load_ns
 
         return self.call(work)
 
@@ -304,6 +323,8 @@ class Engine:
             if row.first_token_at is None:
                 row.first_token_at = now
             token = self._sample(row, logits[b : b + 1])
+            if row.job.logprobs is not None and token != EOT_ID:
+                row.pending.append(self._logprob(logits[b], token, row.job.logprobs, len(row.detok.text)))
             reason = self._advance(row, token)
             if reason is None:
                 keep.append(b)
@@ -323,6 +344,33 @@ class Engine:
         if len(row.new_ids) >= row.job.max_new - self._close_reserve(row):
             return self._closing_token(allowed, logits)
         return int(sample_next(logits, s.temperature, s.top_k, row.generator)[0, 0])
+
+    def _logprob(self, logits: torch.Tensor, token: int, top: int, offset: int) -> TokenLogprob:
+        """token's log-probability under logits [V] and the `top` most likely tokens'."""
+        logp = torch.log_softmax(logits.float(), dim=-1)  # [V]
+
+        def entry(t: int, value: float, at: int) -> TokenLogprob:
+            raw = self.tokenizer.decode_single_token_bytes(t)
+            return TokenLogprob(raw.decode("utf-8", errors="replace"), raw, value, at)
+
+        chosen = entry(token, float(logp[token]), offset)
+        if top > 0:
+            values, ids = torch.topk(logp, min(top, logp.shape[-1]))
+            chosen.top = [entry(int(t), float(v), offset) for v, t in zip(values.tolist(), ids.tolist())]
+        return chosen
+
+    def _release_logprobs(self, row: _Row, final: bool) -> list[TokenLogprob]:
+        """The pending log-probabilities of tokens whose text has begun to be released (at the end: of every
+        token whose text was not cut off by a stop string)."""
+        if final:
+            limit = len(row.detok.text) if row.detok.stopped else None
+            ready = [t for t in row.pending if limit is None or t.offset < limit]
+            row.pending = []
+        else:
+            ready = [t for t in row.pending if t.offset < row.detok.sent]
+            row.pending = row.pending[len(ready):]
+        row.logprobs += ready
+        return ready
 
     def _close_reserve(self, row: _Row) -> int:
         return min(32, row.job.max_new // 2)
@@ -353,7 +401,7 @@ class Engine:
         row.last = token
         piece = row.detok.push(token)
         if piece:
-            row.job.sink(Piece(piece))
+            row.job.sink(Piece(piece, self._release_logprobs(row, final=False)))
         if row.detok.stopped or (row.matcher is not None and row.matcher.is_stopped()):
             return "stop"
         if len(row.new_ids) >= row.job.max_new:
@@ -368,12 +416,14 @@ class Engine:
         if row.job.unload_after:
             self._unload = True
         tail = row.detok.finish()
-        if tail:
-            row.job.sink(Piece(tail))
+        logprobs = self._release_logprobs(row, final=True)
+        if tail or logprobs:
+            row.job.sink(Piece(tail, logprobs))
         end = time.perf_counter()
         first = row.first_token_at or end
         row.job.sink(Done(
             reason=reason, text=row.detok.text, prompt_ids=row.job.prompt, new_ids=row.new_ids,
+            logprobs=row.logprobs if row.job.logprobs is not None else None,
             load_duration=row.load_ns, prompt_eval_duration=_ns(first - row.started),
             eval_duration=_ns(end - first), total_duration=_ns(end - row.job.submitted),
         ))
@@ -431,13 +481,16 @@ class Engine:
 
 
 @torch.inference_mode()
-def embed_ids(model: GPTModel, ids: list[int], normalize: bool = True) -> list[float]:
+def embed_ids(model: GPTModel, ids: list[int], normalize: bool = True, dimensions: int | None = None) -> list[float]:
     """A sentence vector: the mean of the final hidden states (after the last LayerNorm) over the tokens,
-    L2-normalised when `normalize` (as Ollama's /api/embed returns them)."""
+    L2-normalised when `normalize` (as Ollama's /api/embed returns them). `dimensions` keeps only the first
+    components (then normalised), as Ollama's `dimensions` does for any model; None or more than the
+    width keeps them all."""
     device = model.tok_emb.weight.device
     idx = torch.tensor([ids], device=device)  # [1, T]
     x = model.hidden_states(idx)  # [1, T, C]
     vector = model.final_norm(x.to(model.final_norm.weight.dtype)).float().mean(dim=1)[0]  # [C]
+    vector = vector[:dimensions]  # [min(C, dimensions)]
     if normalize:
         vector = torch.nn.functional.normalize(vector, dim=0)
     return vector.tolist()

@@ -67,6 +67,8 @@ class _Generation(_Model):
     format: Format | None = None
     keep_alive: Union[str, int, float, None] = None
     think: Union[bool, str, None] = None
+    logprobs: bool = False
+    top_logprobs: Int | None = None
 
     def model_name(self) -> str:
         name = self.model or self.name
@@ -99,6 +101,7 @@ class EmbedRequest(_Model):
     model: str | None = None
     input: Union[str, list[str], None] = None
     truncate: bool = True
+    dimensions: Int | None = None  # keep the first N components (0: all), as Ollama
     keep_alive: Union[str, int, float, None] = None
     options: Options | None = None
 
@@ -148,18 +151,22 @@ class _OpenAIGeneration(_Model):
 class ChatCompletionRequest(_OpenAIGeneration):
     messages: list[OpenAIMessage]
     tools: list[Any] | None = None
+    logprobs: bool | None = None
+    top_logprobs: Int | None = None
 
 
 class CompletionRequest(_OpenAIGeneration):
     prompt: Union[str, list[str]]
     echo: bool = False
     suffix: str | None = None
+    logprobs: Int | None = None  # the legacy API's: how many alternatives (0-5) besides each token
 
 
 class EmbeddingsRequest(_Model):
     model: str
     input: Union[str, list[str]]
     encoding_format: Literal["float", "base64"] = "float"  # the openai client asks for base64 by default
+    dimensions: Int | None = None
 
 
 def parse(model: type[_Model], body: Any) -> Any:
