@@ -11,13 +11,13 @@ identical responses and of identical tokens (position by position, up to the sho
 
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 from pathlib import Path
 
 import torch
 
+from gptcore.arguments import ArgumentParser, non_negative_int, positive_int
 from gptcore.config import GenerateParams, InstructionsParams, RunConfig
 from gptcore.device import resolve_device
 from gptcore.instruct import finetune_instructions, generate_responses
@@ -26,14 +26,14 @@ from gptcore.weights import save_model
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--model", required=True, help="foundation weights file")
-    parser.add_argument("--train", required=True)
-    parser.add_argument("--val", required=True)
-    parser.add_argument("--test", required=True)
-    parser.add_argument("--steps", type=int, default=20, help="finetuning steps of batch 8 (0: none)")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--train", required=True, help="Stage 4 training split (JSON), for the short finetuning")
+    parser.add_argument("--val", required=True, help="Stage 4 validation split (JSON)")
+    parser.add_argument("--test", required=True, help="Stage 4 test split (JSON): the prompts compared")
+    parser.add_argument("--steps", type=non_negative_int, default=20, help="finetuning steps of batch 8 (0: none)")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=64, help="greedy tokens per response")
+    parser.add_argument("--batch-size", type=positive_int, default=8, help="prompts decoded together (left-padded)")
     parser.add_argument("--precision", default="auto", help="compared with fp32 (auto: as resolved for inference)")
     args = parser.parse_args()
 

@@ -72,7 +72,7 @@ def fetch(
             raise DownloadError(f"{source}: not in the mirror ({MIRROR_ENV}={root}); needed for {url}")
         with atomic_path(dest) as tmp:
             shutil.copyfile(source, tmp)
-            _verify_digest(tmp, sha256, str(source))
+            _verify_digest(tmp, sha256, str(source), mirrored=True)
         return dest
     download(
         url, dest, sha256=sha256, retries=retries, backoff=backoff, timeout=timeout, progress=progress,
@@ -202,10 +202,12 @@ def _stream(session: requests.Session, url: str, part: Path, timeout: float, pro
         raise _Transient(f"got {size} of {total} bytes")
 
 
-def _verify_digest(path: Path, sha256: str | None, source: str) -> None:
+def _verify_digest(path: Path, sha256: str | None, source: str, mirrored: bool = False) -> None:
+    """Delete `path` (our download or copy) unless its SHA-256 is `sha256`; the error says what was kept."""
     if sha256 is None:
         return
     actual = sha256_of(path)
     if actual != sha256:
         path.unlink(missing_ok=True)
-        raise DownloadError(f"{source}: SHA-256 {actual[:12]}… does not match the expected {sha256[:12]}…; file deleted")
+        what = "the mirror's file is left as it is, nothing was copied" if mirrored else "the download was deleted"
+        raise DownloadError(f"{source}: SHA-256 {actual[:12]}… does not match the expected {sha256[:12]}…; {what}")

@@ -92,6 +92,17 @@ def test_every_stage_option_has_help_and_shows_defaults(stage, monkeypatch):
     assert "(default: params.yaml)" in " ".join(parser.format_help().split())
 
 
+@pytest.mark.parametrize("script", ["benchmarks/greedy_agreement.py", "gptcore/serve/bench.py"])
+def test_every_benchmark_option_has_help_and_shows_defaults(script, monkeypatch):
+    def capture(self, *args, **kwargs):
+        raise _Parsed(self)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", capture)
+    with pytest.raises(_Parsed) as parsed:
+        runpy.run_path(str(REPO / script), run_name="benchmark_under_test")["main"]()
+    assert parsed.value.parser.formatter_class is HelpFormatter and _undocumented(parsed.value.parser) == []
+
+
 def test_port_and_positive_bounds():
     assert [port_number("0"), port_number("65535"), positive_int("1")] == [0, 65535, 1]
     for parse, text, message in [(port_number, "65536", "must be in 0..65535, got 65536"),

@@ -172,9 +172,18 @@ def test_wrong_size_is_an_error(server, network, tmp_path):
 
 def test_wrong_digest_is_an_error(server, network, tmp_path):
     server.files["/f.bin"] = BODY
-    with pytest.raises(DownloadError, match="SHA-256"):
+    with pytest.raises(DownloadError, match="SHA-256 .* does not match .*; the download was deleted"):
         get(server, tmp_path / "f.bin", sha256="0" * 64)
     assert not (tmp_path / "f.bin").exists()
+
+
+def test_wrong_digest_in_the_mirror_keeps_the_mirror_file(tmp_path, monkeypatch):
+    (tmp_path / "mirror").mkdir()
+    (tmp_path / "mirror" / "f.bin").write_bytes(BODY)
+    monkeypatch.setenv("GPTCORE_MIRROR", str(tmp_path / "mirror"))
+    with pytest.raises(DownloadError, match="mirror/f.bin: SHA-256 .*; the mirror's file is left as it is, nothing was copied"):
+        fetch("https://example.invalid/f.bin", tmp_path / "f.bin", sha256="0" * 64)
+    assert (tmp_path / "mirror" / "f.bin").read_bytes() == BODY and not (tmp_path / "f.bin").exists()
 
 
 def test_404_is_not_retried(server, network, tmp_path):
@@ -269,7 +278,8 @@ def test_download_checkpoint_over_http(server, network, tmp_path, monkeypatch):
     server.faults = ["drop", 503]
     out = download_checkpoint(f"{server.url}/gpt-2/models", "124M", tmp_path / "openai" / "124M",
                               partial_dir=tmp_path / "partial", progress=False)
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == openai_files("124M")
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != ".source"} == openai_files("124M")
+    assert (out / ".source").read_text().startswith(f"{server.url}/gpt-2/models/124M")
     assert [p.name for p in (tmp_path / "partial").iterdir()] == []
     assert sleeps == [1.0, 2.0]  # exponential backoff between the attempts
 
@@ -303,8 +313,10 @@ def test_download_checkpoint_from_the_mirror(tmp_path, monkeypatch):
         (folder / name).write_bytes(body)
     monkeypatch.setenv("GPTCORE_MIRROR", str(mirror))
     out = download_checkpoint("https://example.invalid/gpt-2/models", "774M", tmp_path / "out", progress=False)
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == openai_files("774M")
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != ".source"} == openai_files("774M")
     (folder / "vocab.bpe").unlink()
+    # A folder fetched whole from the same place is kept (the foundation stage re-runs without a download)
+    assert download_checkpoint("https://example.invalid/gpt-2/models", "774M", out, progress=False) == out
     with pytest.raises(DownloadError, match=r"gpt2/models/774M/vocab\.bpe: not in the mirror"):
         download_checkpoint("https://example.invalid/gpt-2/models", "774M", tmp_path / "out2", progress=False)
     assert not (tmp_path / "out2").exists()

@@ -12,7 +12,6 @@ average, since the machine may be shared.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
@@ -91,16 +90,26 @@ def run(preset: str, clients: int, prompt_len: int, new_tokens: int, seed: int =
     }
 
 
+def build_parser():
+    from gptcore.arguments import ArgumentParser, non_negative_int, positive_int
+    from gptcore.config import PRESETS
+    from gptcore.precision import PRECISIONS
+
+    parser = ArgumentParser(prog="python -m gptcore.serve.bench", description=__doc__)
+    parser.add_argument("--preset", default="gpt2-small", choices=list(PRESETS), help="model shape (random weights)")
+    parser.add_argument("--clients", type=positive_int, default=8, help="concurrent clients, each with its own prompt")
+    parser.add_argument("--prompt-len", type=positive_int, default=50, help="prompt tokens per client")
+    parser.add_argument("--new-tokens", type=positive_int, default=100, help="greedy new tokens per client")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="seeds the weights and the prompts")
+    parser.add_argument("--precision", default="fp32", choices=list(PRECISIONS),
+                        help="as gptcore serve --precision (fp32: every client's tokens must equal its tokens alone)")
+    parser.add_argument("--repeats", type=positive_int, default=2,
+                        help="rounds of (one at a time, all at once); the ratio takes the best of each")
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m gptcore.serve.bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="gpt2-small")
-    parser.add_argument("--clients", type=int, default=8)
-    parser.add_argument("--prompt-len", type=int, default=50)
-    parser.add_argument("--new-tokens", type=int, default=100)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--precision", default="fp32", help="as gptcore serve --precision (fp32: exact)")
-    parser.add_argument("--repeats", type=int, default=2, help="rounds of (one at a time, all at once); best of each")
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     print("load average before:", os.getloadavg(), flush=True)
     print(json.dumps(run(args.preset, args.clients, args.prompt_len, args.new_tokens, args.seed, args.repeats, args.precision)), flush=True)
     return 0
