@@ -26,7 +26,7 @@ from gptcore.errors import GptcoreError
 from gptcore.judge import judge_responses
 from gptcore.model import GPTModel
 from gptcore.prompt import RESPONSE_MARKER, format_input
-from gptcore.serve import Server
+from gptcore.serve import Limits, Server
 from gptcore.serve.chat import Detokenizer, render_chat, render_generate
 from gptcore.serve.engine import Done, Engine, Job, Piece, Sampling, budget
 from gptcore.weights import save_model
@@ -605,7 +605,7 @@ def test_no_odd_input_gets_a_500(url, path):
 
 def test_connection_limit_and_ollama_origins(model_path, monkeypatch):
     monkeypatch.setenv("OLLAMA_ORIGINS", "https://*.trusted.dev")
-    with_limit = Server(model_path, "127.0.0.1", 0, name="tiny", device="cpu", quiet=True, max_connections=1).start()
+    with_limit = Server(model_path, "127.0.0.1", 0, name="tiny", device="cpu", quiet=True, limits=Limits(max_connections=1)).start()
     try:
         with requests.Session() as first, requests.Session() as second:
             assert first.get(with_limit.url + "/api/tags").status_code == 200  # kept alive: holds the one slot

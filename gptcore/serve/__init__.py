@@ -11,6 +11,7 @@ import os
 import socket
 import sys
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 from gptcore.errors import GptcoreError
@@ -21,13 +22,23 @@ MAX_BATCH = 16  # requests decoded together; more wait in the queue
 ORIGINS_ENV = "OLLAMA_ORIGINS"
 
 
+@dataclass(frozen=True)
+class Limits:
+    """What one server accepts: request body bytes, open connections, requests decoded together (more
+    wait in the queue), and new tokens per request (None: up to the context, as Ollama's num_ctx)."""
+
+    max_body: int = MAX_BODY
+    max_connections: int = MAX_CONNECTIONS
+    max_batch: int = MAX_BATCH
+    max_predict: int | None = None
+
+
 class Server:
     """A loaded model, its engine, and a bound uvicorn server (not yet serving); port 0 picks a free one."""
 
     def __init__(self, model_path: str | os.PathLike, host: str = "127.0.0.1", port: int = 11434,
                  name: str | None = None, device: str = "auto", precision: str = "fp32",
-                 max_predict: int | None = None, origins: list[str] | None = None, max_body: int = MAX_BODY,
-                 max_connections: int = MAX_CONNECTIONS, max_batch: int = MAX_BATCH, quiet: bool = False):
+                 origins: list[str] | None = None, limits: Limits = Limits(), quiet: bool = False):
         import uvicorn
 
         from gptcore import __version__
@@ -51,7 +62,7 @@ class Server:
                                    "only language models can be served")
             return cast_for_inference(model, resolved)
 
-        self.engine = Engine(load, get_tokenizer(), max_batch=max_batch,
+        self.engine = Engine(load, get_tokenizer(), max_batch=limits.max_batch,
                              compute=lambda: autocast(self.device, resolved))
         self.engine.ensure_loaded()
         model = self.engine.model
@@ -61,7 +72,7 @@ class Server:
             name=canonical_name(name or default_name(path)), path=path, digest=sha256_of(path), version=__version__,
             context_length=config.context_length, n_params=sum(t.numel() for t in model.parameters()),
             dtype=str(model.tok_emb.weight.dtype).removeprefix("torch.").upper().replace("FLOAT", "F"),
-            bound_host=host, max_body=max_body, max_predict=max_predict, origins=env_origins + list(origins or []),
+            bound_host=host, max_body=limits.max_body, max_predict=limits.max_predict, origins=env_origins + list(origins or []),
         )
         self.info.model_info = {
             "general.architecture": "gpt2", "general.parameter_count": self.info.n_params,
@@ -81,7 +92,7 @@ class Server:
         app = create_app(self.engine, self.info)
         self.uvicorn = uvicorn.Server(uvicorn.Config(
             # uvicorn counts the connection being checked too: +1 lets max_connections connections in
-            app, limit_concurrency=max_connections + 1, timeout_keep_alive=30, log_level="warning" if quiet else "info",
+            app, limit_concurrency=limits.max_connections + 1, timeout_keep_alive=30, log_level="warning" if quiet else "info",
             access_log=not quiet, server_header=False, timeout_graceful_shutdown=5))
         self._thread: threading.Thread | None = None
 
@@ -116,8 +127,8 @@ def serve(model_path: str | os.PathLike, host: str = "127.0.0.1", port: int = 11
           device: str = "auto", max_predict: int | None = None, precision: str = "fp32",
           origins: list[str] | None = None) -> None:
     """Load the model and serve it until interrupted (Ctrl-C)."""
-    server = Server(model_path, host, port, name=name, device=device, precision=precision, max_predict=max_predict,
-                    origins=origins)
+    server = Server(model_path, host, port, name=name, device=device, precision=precision, origins=origins,
+                    limits=Limits(max_predict=max_predict))
     if host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: listening on {host}: the API has no authentication; anyone who can reach the port can use it",
               file=sys.stderr)

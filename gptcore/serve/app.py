@@ -23,7 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, AsyncIterator
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -82,7 +82,15 @@ def create_app(engine: Engine, info: ServerInfo) -> FastAPI:
     async def unexpected(request: Request, err: Exception):  # a bug; still one line, never a traceback
         return _error(500, " ".join(str(err).split()) or type(err).__name__, request.url.path.startswith("/v1"))
 
-    # -- Ollama: metadata ------------------------------------------------------------------------------
+    for routes in (_ollama_metadata_routes, _ollama_generation_routes, _embedding_routes, _openai_routes):
+        app.include_router(routes(engine, info))
+    return app
+
+
+def _ollama_metadata_routes(engine: Engine, info: ServerInfo) -> APIRouter:
+    """/, /api/version, /api/tags, /api/ps, /api/show, /api/pull, /api/delete."""
+    app = APIRouter()
+
     @app.api_route("/", methods=["GET", "HEAD"])
     async def root():
         return PlainTextResponse("Ollama is running")
@@ -122,7 +130,13 @@ def create_app(engine: Engine, info: ServerInfo) -> FastAPI:
         await _read_json(request, info, required=False)
         raise p.RequestError(400, f"gptcore serves {info.name} from {info.path.name} and does not delete it")
 
-    # -- Ollama: generation ----------------------------------------------------------------------------
+    return app
+
+
+def _ollama_generation_routes(engine: Engine, info: ServerInfo) -> APIRouter:
+    """/api/generate and /api/chat."""
+    app = APIRouter()
+
     @app.post("/api/generate")
     async def generate(request: Request):
         body = p.parse(p.GenerateRequest, await _read_json(request, info))
@@ -145,9 +159,9 @@ def create_app(engine: Engine, info: ServerInfo) -> FastAPI:
             raise p.RequestError(400, f"invalid context: expected token ids in [0, {vocab})")
         # Ollama: no prompt, system or template loads the model, whatever the context holds
         ids = context + encode_text(engine.tokenizer, text) if text else []
-        return await _ollama_reply(request, engine, info, name, ids, sampling, num_predict, grammar,
-                                   body.stream, chat=False, raw=body.raw, keep_alive=body.keep_alive,
-                                   logprobs=_ollama_logprobs_asked(body))
+        job = OllamaJob(name, ids, sampling, num_predict, grammar, body.stream, chat=False, raw=body.raw,
+                        keep_alive=body.keep_alive, logprobs=_ollama_logprobs_asked(body))
+        return await _ollama_reply(request, engine, info, job)
 
     @app.post("/api/chat")
     async def chat(request: Request):
@@ -167,11 +181,17 @@ def create_app(engine: Engine, info: ServerInfo) -> FastAPI:
                 raise p.RequestError(400, f"{name} does not support images")
             messages.append({"role": m.role, "content": m.content or ""})
         ids = encode_text(engine.tokenizer, render_chat(messages)) if messages else []
-        return await _ollama_reply(request, engine, info, name, ids, sampling, num_predict, grammar,
-                                   body.stream, chat=True, raw=True, keep_alive=body.keep_alive,
-                                   logprobs=_ollama_logprobs_asked(body))
+        job = OllamaJob(name, ids, sampling, num_predict, grammar, body.stream, chat=True, raw=True,
+                        keep_alive=body.keep_alive, logprobs=_ollama_logprobs_asked(body))
+        return await _ollama_reply(request, engine, info, job)
 
-    # -- embeddings ------------------------------------------------------------------------------------
+    return app
+
+
+def _embedding_routes(engine: Engine, info: ServerInfo) -> APIRouter:
+    """/api/embed, /api/embeddings (Ollama's legacy route) and /v1/embeddings."""
+    app = APIRouter()
+
     @app.post("/api/embed")
     async def embed(request: Request):
         body = p.parse(p.EmbedRequest, await _read_json(request, info))
@@ -192,7 +212,27 @@ def create_app(engine: Engine, info: ServerInfo) -> FastAPI:
         vectors, _, _ = await _embed(engine, info, [body.prompt], truncate=True, normalize=False)
         return {"embedding": vectors[0]}
 
-    # -- OpenAI ----------------------------------------------------------------------------------------
+    @app.post("/v1/embeddings")
+    async def openai_embeddings(request: Request):
+        body = p.parse(p.EmbeddingsRequest, await _read_json(request, info))
+        _check_model(body.model, info)
+        texts = [body.input] if isinstance(body.input, str) else body.input
+        if not texts:
+            raise p.RequestError(400, "input: at least one string is required")
+        vectors, count, _ = await _embed(engine, info, texts, truncate=True, normalize=True, dimensions=body.dimensions)
+        if body.encoding_format == "base64":  # little-endian float32, as OpenAI sends them
+            vectors = [base64.b64encode(struct.pack(f"<{len(v)}f", *v)).decode("ascii") for v in vectors]
+        return {"object": "list", "model": body.model,
+                "data": [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)],
+                "usage": {"prompt_tokens": count, "total_tokens": count}}
+
+    return app
+
+
+def _openai_routes(engine: Engine, info: ServerInfo) -> APIRouter:
+    """/v1/models, /v1/models/{model}, /v1/chat/completions, /v1/completions."""
+    app = APIRouter()
+
     @app.api_route("/v1/models", methods=["GET", "HEAD"])
     async def models():
         return {"object": "list", "data": [_openai_model(info)]}
@@ -240,20 +280,6 @@ def create_app(engine: Engine, info: ServerInfo) -> FastAPI:
         return await _openai_reply(request, engine, info, body, ids, chat=False, logprobs=logprobs,
                                    echo=prompts[0] if body.echo else None)
 
-    @app.post("/v1/embeddings")
-    async def openai_embeddings(request: Request):
-        body = p.parse(p.EmbeddingsRequest, await _read_json(request, info))
-        _check_model(body.model, info)
-        texts = [body.input] if isinstance(body.input, str) else body.input
-        if not texts:
-            raise p.RequestError(400, "input: at least one string is required")
-        vectors, count, _ = await _embed(engine, info, texts, truncate=True, normalize=True, dimensions=body.dimensions)
-        if body.encoding_format == "base64":  # little-endian float32, as OpenAI sends them
-            vectors = [base64.b64encode(struct.pack(f"<{len(v)}f", *v)).decode("ascii") for v in vectors]
-        return {"object": "list", "model": body.model,
-                "data": [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)],
-                "usage": {"prompt_tokens": count, "total_tokens": count}}
-
     return app
 
 
@@ -299,10 +325,25 @@ class Guard:
 
 
 # -- Ollama replies ---------------------------------------------------------------------------------------
-async def _ollama_reply(request: Request, engine: Engine, info: ServerInfo, name: str, ids: list[int],
-                        sampling: Sampling, num_predict: int | None, grammar: str | None, stream: bool,
-                        chat: bool, raw: bool, keep_alive: Any, logprobs: int | None = None) -> Response:
-    unload = _is_zero(keep_alive)
+@dataclass
+class OllamaJob:
+    """A parsed /api/generate or /api/chat request: what `_ollama_reply` runs and how it answers."""
+
+    name: str  # the model name the client used, echoed in every reply
+    ids: list[int]  # the prompt's token ids (empty: load or unload the model, as Ollama does)
+    sampling: Sampling
+    num_predict: int | None  # None or < 0: until end of text or a full context
+    grammar: str | None  # llguidance grammar of `format`, or None
+    stream: bool
+    chat: bool  # /api/chat's reply shape ("message") rather than /api/generate's ("response")
+    raw: bool  # /api/generate's raw: no `context` in the reply
+    keep_alive: Any
+    logprobs: int | None = None  # alternatives per token to report, None for no logprobs
+
+
+async def _ollama_reply(request: Request, engine: Engine, info: ServerInfo, job: OllamaJob) -> Response:
+    name, ids, chat, raw, logprobs = job.name, job.ids, job.chat, job.raw, job.logprobs
+    unload = _is_zero(job.keep_alive)
 
     def fields(text: str, done: bool, tokens: list[TokenLogprob] | None = None) -> dict:
         head = {"model": name, "created_at": _now()}
@@ -328,8 +369,8 @@ async def _ollama_reply(request: Request, engine: Engine, info: ServerInfo, name
             reply["context"] = done.prompt_ids + done.new_ids
         return reply
 
-    events = _submit(engine, info, ids, sampling, num_predict, grammar, unload_after=unload, logprobs=logprobs)
-    if stream:
+    events = _submit(engine, info, ids, job.sampling, job.num_predict, job.grammar, unload_after=unload, logprobs=logprobs)
+    if job.stream:
         async def lines() -> AsyncIterator[str]:
             async for event in events:
                 if isinstance(event, Piece):

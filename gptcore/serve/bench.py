@@ -44,7 +44,7 @@ def run(preset: str, clients: int, prompt_len: int, new_tokens: int, seed: int =
 
     from gptcore.config import GPTConfig
     from gptcore.model import random_model
-    from gptcore.serve import Server
+    from gptcore.serve import Limits, Server
     from gptcore.tokenizer import get_tokenizer
     from gptcore.weights import save_model
 
@@ -54,7 +54,7 @@ def run(preset: str, clients: int, prompt_len: int, new_tokens: int, seed: int =
         path = Path(tmp) / "bench.safetensors"
         save_model(random_model(GPTConfig.from_name(preset)), path)
         server = Server(path, "127.0.0.1", 0, name="bench", device="cpu", precision=precision, quiet=True,
-                        max_batch=max(clients, 1)).start()
+                        limits=Limits(max_batch=max(clients, 1))).start()
         try:
             _generate(server.url, "bench", prompts[0], 5)  # warm-up
             rates: dict[str, list[float]] = {"sequential": [], "concurrent": []}
