@@ -2,8 +2,8 @@
 download_gpt2) into one gptcore weights file (--out), the architecture taken from its hparams.json."""
 
 from gptcore.arguments import ArgumentParser
-from gptcore.entry import run_entry
-from gptcore.openai import convert_checkpoint
+from gptcore.entry import run_entry, set_environ_defaults
+from gptcore.openai import TENSORFLOW_ENV, convert_checkpoint
 from gptcore.params import load_params
 
 
@@ -14,6 +14,7 @@ def main() -> None:
     parser.add_argument("--out", required=True, help="weights file, e.g. models/gpt2-large/model.safetensors")
     args = parser.parse_args()
     load_params(args.params)  # not read here, but a bad value anywhere stops every stage
+    set_environ_defaults(TENSORFLOW_ENV)  # before TensorFlow is imported
     result = convert_checkpoint(args.checkpoint, args.out, progress=True)
     c = result.config
     print(
