@@ -1,14 +1,36 @@
-"""Atomic outputs: every file is written beside its target and renamed, so a kill leaves old or new."""
+"""Atomic outputs: every file is written beside its target and renamed, so a kill leaves old or new.
+
+The temporary file or folder is created with the usual permissions (0666 / 0777 less the umask, as
+`open` and `mkdir` give), applied by the kernel: the umask is never read, let alone set, which would
+race with other threads creating files (tempfile's mkstemp/mkdtemp make owner-only 0600 / 0700).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
+
+
+def _create_beside(path: Path, create: Callable[[Path], None]) -> Path:
+    """A new hidden `.<name>.<random>.tmp` beside `path`, made by `create`, which must fail with
+    FileExistsError if the name is taken (O_EXCL, mkdir)."""
+    for _ in range(100):
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            create(tmp)
+        except FileExistsError:
+            continue
+        return tmp
+    raise FileExistsError(f"{path.parent}: no free temporary name for {path.name}")
+
+
+def _create_file(tmp: Path) -> None:
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666))
 
 
 @contextlib.contextmanager
@@ -16,15 +38,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path in the target's folder; rename it onto `path` if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp)
+    tmp = _create_beside(path, _create_file)
     try:
         yield tmp
-        # mkstemp creates 0600 files; outputs should have the usual permissions.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -35,7 +51,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary folder beside `path`; swap it in place of `path` if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = _create_beside(path, lambda p: p.mkdir(0o777))
     old = path.with_name(f".{path.name}.old")
     try:
         yield tmp

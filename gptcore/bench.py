@@ -4,7 +4,11 @@ Each system (gptcore; HF in fp32; HF under bf16 autocast) is measured in a fresh
 one after the other, so that their peak resident memory (ru_maxrss) does not mix and one's allocations
 do not slow the next. Every worker builds its model with random weights (or gptcore's from a weights
 file), runs `warmup` untimed repetitions of the task, then `repeats` timed ones, and reports tokens/s
-of each. Tasks:
+of each, and the page faults they took. gptcore's worker is started as the task's work is: train and
+classify with glibc's allocator keeping freed memory, as dvc.yaml starts the fixed-shape training
+stages (gptcore/memory.py), generation with the defaults, as serve and generate_responses
+(--keep-freed-memory / --no-keep-freed-memory to choose); HF's with the defaults, as its users get it
+(--hf-keep-freed-memory: as gptcore's). Tasks:
 - train: one full optimizer step (AdamW, every parameter) on a batch of batch x seq_len random tokens;
 - classify: one classifier step (2-class head; last block + final LayerNorm + head train, the frozen
   prefix runs without autograd) on batch x seq_len tokens;
@@ -15,6 +19,7 @@ of each. Tasks:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -28,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 TASKS = ("train", "classify", "generate", "generate-batch")
+FIXED_SHAPE_TASKS = ("train", "classify")  # the same shapes every step, as the stages that train
 SYSTEMS = ("gptcore", "hf-fp32", "hf-bf16")
 
 
@@ -52,7 +58,16 @@ class BenchSpec:
     activation_checkpointing: bool = False
     compile: bool = False
     step_in_backward: bool = False
-    hf_keep_freed_memory: bool = False  # give HF gptcore's allocator setting too (gptcore always has it)
+    # Start gptcore's worker with glibc's allocator keeping freed memory (gptcore/memory.py); None: as
+    # the entry points of the task's work start, with it for train/classify (dvc.yaml's fixed-shape
+    # training stages), without for generation (serve, generate_responses).
+    keep_freed_memory: bool | None = None
+    hf_keep_freed_memory: bool = False  # HF's worker as gptcore's (by default HF runs as its users get it)
+
+    def keeps_freed_memory(self) -> bool:
+        """Whether this system's worker starts with the allocator setting."""
+        ours = self.task in FIXED_SHAPE_TASKS if self.keep_freed_memory is None else self.keep_freed_memory
+        return ours if self.system == "gptcore" else ours and self.hf_keep_freed_memory
 
     def tokens_per_repeat(self) -> int:
         if self.task.startswith("generate"):
@@ -78,6 +93,7 @@ def _gptcore_task(spec: BenchSpec, device, precision: str):
 
     from gptcore.config import PRESETS
     from gptcore.decoding import cast_for_inference, generate, generate_batch
+    from gptcore.device import forked_rng
     from gptcore.model import GPTModel, set_activation_checkpointing
     from gptcore.precision import autocast, make_grad_scaler, weights_dtype
     from gptcore.train import StepRunner, compile_blocks, lm_loss, make_optimizer
@@ -91,7 +107,7 @@ def _gptcore_task(spec: BenchSpec, device, precision: str):
         )
 
         if spec.model in PRESETS:
-            with torch.device(device):
+            with forked_rng(device, spec.seed), torch.device(device):
                 model = GPTModel(dataclasses.replace(config, num_classes=2))
         else:
             model = load_foundation(spec.model, 2, seed=spec.seed, device=device)
@@ -110,7 +126,7 @@ def _gptcore_task(spec: BenchSpec, device, precision: str):
         return lambda: runner.step((inputs, labels))
 
     if spec.model in PRESETS:
-        with torch.device(device):
+        with forked_rng(device, spec.seed), torch.device(device):
             model = GPTModel(config)
     else:
         model = load_model(spec.model, device)
@@ -148,11 +164,11 @@ def _gptcore_task(spec: BenchSpec, device, precision: str):
 
 def _hf_task(spec: BenchSpec, device, bf16: bool):
     """A zero-argument callable that runs the task once on transformers' GPT2LMHeadModel."""
-    import contextlib
-
     import torch
     import torch.nn.functional as F
     from transformers import GPT2Config, GPT2LMHeadModel
+
+    from gptcore.device import forked_rng
 
     config = _model_config(spec)
     hf_config = GPT2Config(
@@ -161,8 +177,7 @@ def _hf_task(spec: BenchSpec, device, bf16: bool):
         attn_pdrop=config.drop_rate, layer_norm_epsilon=1e-5, activation_function="gelu_new",
         tie_word_embeddings=config.tie_embeddings, use_cache=spec.task.startswith("generate"),
     )
-    torch.manual_seed(spec.seed)
-    with torch.device(device):
+    with forked_rng(device, spec.seed), torch.device(device):
         model = GPT2LMHeadModel(hf_config)
     generator = torch.Generator().manual_seed(spec.seed)
 
@@ -211,18 +226,38 @@ def _hf_task(spec: BenchSpec, device, bf16: bool):
 
 
 def measure(spec: BenchSpec) -> dict[str, Any]:
-    """Run one system's task in this process: tokens/s of each timed repeat and the peak memory."""
+    """Run one system's task in this process: tokens/s of each timed repeat, page faults and peak memory.
+
+    The allocator setting is the process's (`keeps_freed_memory` reports it; `bench` starts each
+    worker with it or without). torch's thread count is spec.threads for the call only, and its draws
+    (init, dropout) come from a fork of torch's generators.
+    """
+    from gptcore.device import forked_rng, resolve_device
+
+    with _torch_threads(spec.threads), forked_rng(resolve_device(spec.device)):
+        return _measure(spec)
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: int):
+    import torch
+
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _measure(spec: BenchSpec) -> dict[str, Any]:
     import torch
 
     from gptcore.device import resolve_device
-    from gptcore.memory import keep_freed_memory
+    from gptcore.memory import keeps_freed_memory
     from gptcore.precision import resolve_precision
 
-    if spec.threads:
-        torch.set_num_threads(spec.threads)
-    # What every gptcore entry point does; HF runs with the allocator's defaults, as its users get it,
-    # unless asked for the like-for-like comparison.
-    keeps_freed = keep_freed_memory() if spec.system == "gptcore" or spec.hf_keep_freed_memory else False
     device = resolve_device(spec.device)
     if spec.system == "gptcore":
         precision = resolve_precision(spec.precision, device, "inference" if spec.task.startswith("generate") else "train")
@@ -239,11 +274,13 @@ def measure(spec: BenchSpec) -> dict[str, Any]:
         run()
     sync()
     rates = []
+    faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(spec.repeats):
         started = time.perf_counter()
         run()
         sync()
         rates.append(spec.tokens_per_repeat() / (time.perf_counter() - started))
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     result = {
         "system": spec.system,
@@ -252,7 +289,8 @@ def measure(spec: BenchSpec) -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "tokens_per_s": rates,
         "peak_rss_mib": round(peak_kib / 1024, 1),
-        "keeps_freed_memory": keeps_freed,
+        "page_faults_per_repeat": round(faults / spec.repeats),  # minor faults: memory faulted in afresh
+        "keeps_freed_memory": keeps_freed_memory(),
     }
     if device.type == "cuda":
         result["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
@@ -263,7 +301,9 @@ def measure(spec: BenchSpec) -> dict[str, Any]:
 
 
 def _run_worker(spec: BenchSpec, timeout: float | None) -> dict[str, Any]:
-    env = dict(os.environ)
+    from gptcore.memory import allocator_env
+
+    env = allocator_env(spec.keeps_freed_memory())
     if spec.threads:
         env.update(OMP_NUM_THREADS=str(spec.threads), MKL_NUM_THREADS=str(spec.threads))
     cmd = [sys.executable, "-m", "gptcore.bench", "--worker", json.dumps(dataclasses.asdict(spec))]
@@ -349,6 +389,7 @@ def bench(
         gptcore_tokens_per_s_min=_round(min(rates) if rates[0] is not None else None),
         gptcore_tokens_per_s_max=_round(max(rates) if rates[0] is not None else None),
         gptcore_peak_rss_mib=ours.get("peak_rss_mib"),
+        gptcore_page_faults_per_repeat=ours.get("page_faults_per_repeat"),
         hf_fp32_tokens_per_s=_round(hf_fp32),
         hf_bf16_tokens_per_s=_round(hf_bf16),
         hf_fp32_peak_rss_mib=(results["hf-fp32"] or {}).get("peak_rss_mib"),
@@ -405,6 +446,9 @@ def format_row(row: dict[str, Any]) -> str:
         f"  gptcore / HF fp32: {fmt(row['ratio_vs_hf_fp32'], '.2f')}x; / HF bf16: {fmt(row['ratio_vs_hf_bf16'], '.2f')}x;"
         f" / HF same precision: {fmt(row['ratio_vs_hf_same_precision'], '.2f')}x"
     )
+    kept = [name for name, keeps in row.get("keeps_freed_memory", {}).items() if keeps]
+    lines.append(f"  allocator keeps freed memory (gptcore/memory.py): {', '.join(kept) or 'none'}; "
+                 f"gptcore page faults per repeat: {fmt(row.get('gptcore_page_faults_per_repeat'), ',.0f')}")
     if "gptcore_batch_speedup" in row:
         lines.append(f"  gptcore batch {row['batch']} vs batch 1: {row['gptcore_batch_speedup']:.2f}x tokens/s")
     if row.get("notes"):
@@ -436,8 +480,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-hf", action="store_true", help="measure gptcore only")
     parser.add_argument("--hf", default="both", choices=("both", "fp32", "bf16"),
                         help="which HF runs: fp32, under bf16 autocast, or both")
+    parser.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=None,
+                        help="start gptcore's worker with glibc's allocator keeping freed memory (gptcore/memory.py) "
+                             "or not; default: as the task's work is started, with it for train and classify "
+                             "(dvc.yaml's training stages), without for generation (serve, generate_responses)")
     parser.add_argument("--hf-keep-freed-memory", action="store_true",
-                        help="run HF with gptcore's allocator setting too (see gptcore/memory.py)")
+                        help="start HF's workers with the same allocator setting as gptcore's")
     parser.add_argument("--timeout", type=number(minimum=0.0), default=None, help="seconds per system before it is given up")
     parser.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
 
@@ -461,7 +509,8 @@ def run_cli(args: argparse.Namespace) -> int:
             seq_len=args.seq_len, prompt_len=args.prompt_len, new_tokens=args.new_tokens, repeats=args.repeats,
             warmup=args.warmup, threads=args.threads, grad_accum=args.grad_accum,
             activation_checkpointing=args.activation_checkpointing, compile=args.compile,
-            step_in_backward=args.step_in_backward, hf_keep_freed_memory=args.hf_keep_freed_memory,
+            step_in_backward=args.step_in_backward, keep_freed_memory=args.keep_freed_memory,
+            hf_keep_freed_memory=args.hf_keep_freed_memory,
         )
         hf_precisions = ("fp32", "bf16") if args.hf == "both" else (args.hf,)
         row = bench(spec, hf=not args.no_hf, timeout=args.timeout, hf_precisions=hf_precisions)

@@ -23,13 +23,13 @@ from torch import nn
 from gptcore.config import ClassifierParams, GPTConfig, RunConfig
 from gptcore.data.loader import make_loader
 from gptcore.data.sms import LABELS, PAD_ID, SmsDataset, encode_texts, pad_ids, read_split
-from gptcore.device import resolve_device
+from gptcore.device import forked_rng, resolve_device
 from gptcore.precision import COMPUTE_DTYPES, autocast, resolve_precision, weights_dtype
 from gptcore.errors import DataError, WeightsError
 from gptcore.metrics import confusion_rows, split_metrics
 from gptcore.model import GPTModel
 from gptcore.tokenizer import get_tokenizer
-from gptcore.train import Checkpoint, LoopOptions, TrainResult, open_checkpoint, seed_everything, to_device, train
+from gptcore.train import Checkpoint, LoopOptions, TrainResult, open_checkpoint, to_device, train
 from gptcore.weights import load_into, load_model, load_state, read_metadata, save_model
 
 METADATA_KEY = "gptcore_classifier"
@@ -62,14 +62,17 @@ def build_classifier(
     device: torch.device | str = "cpu",
     source: str = "foundation",
 ) -> GPTModel:
-    """A GPTModel with a fresh Linear(emb_dim, num_classes) head and every other weight from `state`."""
+    """A GPTModel with a fresh Linear(emb_dim, num_classes) head and every other weight from `state`.
+
+    The head's weights are those drawn after `torch.manual_seed(seed)`, as the book's
+    `torch.manual_seed(123)` + `nn.Linear(emb_dim, 2)`: the same head as the book's for the same seed.
+    Every draw is made on a fork of torch's generators; the caller's stream is left as it was.
+    """
     config = dataclasses.replace(config, num_classes=num_classes)
-    with torch.device(device):
-        model = GPTModel(config)
-    # Seeded right before the head is (re)initialised, as the book's `torch.manual_seed(123)` +
-    # `nn.Linear(emb_dim, 2)`: the same head weights as the book's for the same seed.
-    torch.manual_seed(seed)
-    model.out_head.reset_parameters()
+    with forked_rng(device), torch.device(device):
+        model = GPTModel(config)  # every weight but the head's is replaced below
+    with forked_rng(device, seed):
+        model.out_head.reset_parameters()
     body = {k: v for k, v in state.items() if not k.startswith("out_head.")}
     head = {k: v for k, v in model.state_dict().items() if k.startswith("out_head.")}
     load_into(model, {**body, **head}, source)
@@ -283,7 +286,6 @@ def finetune_classifier(
     precision = resolve_precision(run.precision, device)
     frames = {name: read_split(splits[name]) for name in ("train", "validation", "test")}
     tokenizer = get_tokenizer()
-    seed_everything(run.seed)
     model = load_foundation(foundation, len(LABELS), seed=run.seed, device=device).to(weights_dtype(precision))
     trainable = set_trainable(model, params.trainable)
 
@@ -306,7 +308,8 @@ def finetune_classifier(
     evaluate = classifier_evaluator(
         in_order["train"], in_order["validation"], device, precision, params.eval_batches, params.token_position
     )
-    with frozen_linears_cast(model, frozen, precision):
+    # Dropout draws from a fork of torch's generators seeded with run.seed; the caller's stay as they were.
+    with frozen_linears_cast(model, frozen, precision), forked_rng(device, run.seed):
         options = LoopOptions(epochs=params.epochs, eval_every=params.eval_every, seed=run.seed, progress=progress,
                               desc="finetune_classifier", **params.loop_options())
         result = train(model, optimizer, train_loader, classification_loss(params.token_position, PAD_ID, frozen), evaluate, device, options, precision, checkpoint)

@@ -24,8 +24,10 @@ def _convert(args: argparse.Namespace) -> int:
     if is_hf_folder(args.checkpoint):  # transformers save_pretrained: config.json + weights
         result = convert_hf_folder(args.checkpoint, args.out)
     else:
-        from gptcore.openai import convert_checkpoint
+        from gptcore.entry import set_environ_defaults
+        from gptcore.openai import TENSORFLOW_ENV, convert_checkpoint
 
+        set_environ_defaults(TENSORFLOW_ENV)  # before TensorFlow is imported
         result = convert_checkpoint(args.checkpoint, args.out, progress=True)
     print(f"converted {result.parameters:,} parameters ({result.tensors} tensors) -> {args.out}")
     return 0
@@ -56,11 +58,9 @@ def _generate(args: argparse.Namespace) -> int:
     from gptcore.device import resolve_device
     from gptcore.precision import autocast, resolve_precision
     from gptcore.decoding import cast_for_inference, generate, ids_to_text, make_generator, text_to_ids
-    from gptcore.memory import keep_freed_memory
     from gptcore.tokenizer import EOT_ID, get_tokenizer
     from gptcore.weights import load_model
 
-    keep_freed_memory()
     device = resolve_device(args.device)
     model = load_model(args.model, device=device)
     if model.config.num_classes is not None:
@@ -81,10 +81,8 @@ def _generate(args: argparse.Namespace) -> int:
 def _classify(args: argparse.Namespace) -> int:
     from gptcore.classify import classify_texts, load_classifier
     from gptcore.device import resolve_device
-    from gptcore.memory import keep_freed_memory
     from gptcore.tokenizer import get_tokenizer
 
-    keep_freed_memory()
     model, info = load_classifier(args.model, device=resolve_device(args.device))
     for label, probability in classify_texts(model, info, get_tokenizer(), args.texts):
         print(f"{label} {probability:.3f}")
@@ -92,10 +90,8 @@ def _classify(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from gptcore.memory import keep_freed_memory
     from gptcore.serve import serve
 
-    keep_freed_memory()
     serve(args.model, host=args.host, port=args.port, name=args.name, device=args.device, max_predict=args.max_predict,
           precision=args.precision, origins=[o for o in (args.origins or "").split(",") if o.strip()])
     return 0

@@ -1,11 +1,13 @@
-"""Choosing the device a run uses, and the processes that train together (torchrun).
+"""Choosing the device a run uses, its random number generators, and the processes that train together
+(torchrun).
 
 What each numeric precision means lives in gptcore.precision."""
 
 from __future__ import annotations
 
-import atexit
+import contextlib
 import os
+from typing import Iterator
 
 import torch
 
@@ -43,6 +45,32 @@ def _resolve_device(name: str) -> torch.device:
     return device
 
 
+# --- random number generators ---------------------------------------------------------------------------
+# Dropout and nn.Module initialisation draw from torch's global generators, which belong to the caller:
+# a library call that seeds or restores them works on a fork and gives the caller's states back.
+
+
+@contextlib.contextmanager
+def forked_rng(device: torch.device | str = "cpu", seed: int | None = None) -> Iterator[None]:
+    """Run the block on a copy of torch's generators, seeded with `seed` when given; on exit the
+    caller's generator states are back as they were, whatever the block drew, seeded or restored.
+
+    The CPU generator is always forked. The accelerator's (every CUDA device, or MPS) are forked when
+    the block runs there, or when CUDA is already in use; a CPU run never starts CUDA, and never leaves
+    a seed queued for it. With a seed, the draws equal those after `torch.manual_seed(seed)`.
+    """
+    device = torch.device(device)
+    kind = device.type if device.type in ("cuda", "mps") else "cuda" if torch.cuda.is_initialized() else None
+    module = torch.get_device_module(kind) if kind else None
+    devices = list(range(module.device_count())) if module else []
+    with torch.random.fork_rng(devices=devices, device_type=kind or "cpu"):
+        if seed is not None:
+            torch.random.default_generator.manual_seed(seed)
+            if module is not None:
+                (getattr(module, "manual_seed_all", None) or module.manual_seed)(seed)
+        yield
+
+
 # --- several processes (torchrun) ----------------------------------------------------------------------
 # torchrun starts one process per GPU (or CPU worker) and tells each its place through the environment;
 # outside torchrun these read as a single process of rank 0.
@@ -71,7 +99,9 @@ def is_main_process() -> bool:
 def init_distributed(device: torch.device) -> bool:
     """Join the process group torchrun set up (NCCL on GPUs, gloo on CPU); False for a single process.
 
-    Idempotent; the group is destroyed at exit.
+    Idempotent. The group stays for the process's life: the entry point leaves it (gptcore.entry's
+    run_entry does, for every stage script and CLI verb; a script of your own calls
+    torch.distributed.destroy_process_group() at its end, as PyTorch's DDP tutorials do).
     """
     if world_size() <= 1:
         return False
@@ -81,12 +111,4 @@ def init_distributed(device: torch.device) -> bool:
         backend = "nccl" if device.type == "cuda" else "gloo"
         kwargs = {"device_id": device} if device.type == "cuda" else {}
         dist.init_process_group(backend=backend, **kwargs)
-        atexit.register(_destroy_process_group)
     return True
-
-
-def _destroy_process_group() -> None:
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.destroy_process_group()

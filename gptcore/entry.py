@@ -1,5 +1,9 @@
 """The entry-point wrapper of every stage script and CLI verb: user errors become one line and an exit code.
 
+Settings that belong to the whole process (environment variables other libraries read, leaving the
+torchrun process group) are made here, by entry points, never by library calls. The allocator setting
+of the fixed-shape training stages is made before Python starts, in dvc.yaml (gptcore/memory.py).
+
 Kept apart from `gptcore.cli` (which knows every verb) so that a stage script's import closure, and
 with it its DVC dependencies, is only what the stage uses.
 """
@@ -9,7 +13,7 @@ from __future__ import annotations
 import os
 import sys
 import traceback
-from typing import Callable
+from typing import Callable, Mapping
 
 from gptcore.errors import GptcoreError
 
@@ -29,12 +33,19 @@ def absolute_path_env(environ: dict[str, str] | None = None) -> None:
             environ[name] = os.path.abspath(os.path.expanduser(value))
 
 
+def set_environ_defaults(defaults: Mapping[str, str]) -> None:
+    """Set each variable the user has not set (for libraries that read them when imported)."""
+    for name, value in defaults.items():
+        os.environ.setdefault(name, value)
+
+
 def run_entry(fn: Callable[[], int | None], debug: bool = False) -> int:
     """Run an entry point; user-facing errors become one line on stderr and a non-zero exit.
 
     Relative folder variables (GPTCORE_MIRROR, GPTCORE_CACHE) are made absolute first. A traceback
     is shown only with --debug or GPTCORE_DEBUG=1. When the reader of our output has gone (a closed
-    pipe: `... | head`, or a `tee` that exited on the same Ctrl-C), the exit is quiet.
+    pipe: `... | head`, or a `tee` that exited on the same Ctrl-C), the exit is quiet. A torchrun
+    process group that the run joined (gptcore.device.init_distributed) is left at the end.
 
     Returns:
         fn's exit code (0 for None); 1 after a user-facing error; 130 after Ctrl-C; 141 (128 + SIGPIPE,
@@ -58,6 +69,14 @@ def run_entry(fn: Callable[[], int | None], debug: bool = False) -> int:
         message = " ".join(str(err).split()) or type(err).__name__
         _print_error(f"error: {message}")
         return 1
+    finally:
+        _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    dist = sys.modules.get("torch.distributed")  # never imported here: most entry points have no torch
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _print_error(message: str) -> None:

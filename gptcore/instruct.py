@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from gptcore.atomic import write_json, write_text
 from gptcore.config import GenerateParams, InstructionsParams, RunConfig
 from gptcore.data.instructions import build_instruction_loaders, read_instructions
-from gptcore.device import resolve_device
+from gptcore.device import forked_rng, resolve_device
 from gptcore.precision import autocast, resolve_precision, weights_dtype
 from gptcore.download import sha256_of
 from gptcore.errors import WeightsError
@@ -34,7 +34,6 @@ from gptcore.train import (
     make_optimizer,
     open_checkpoint,
     perplexity,
-    seed_everything,
     train,
 )
 from gptcore.weights import load_model
@@ -74,7 +73,6 @@ def finetune_instructions(
     precision = resolve_precision(run.precision, device)
     tokenizer = get_tokenizer()
     train_entries, val_entries = read_instructions(train_path), read_instructions(val_path)
-    seed_everything(run.seed)
     model = load_language_model(foundation, device).to(weights_dtype(precision))
     train_loader, val_loader = build_instruction_loaders(
         train_entries, val_entries, tokenizer, batch_size=params.batch_size, seed=run.seed,
@@ -89,7 +87,8 @@ def finetune_instructions(
     before = {"step": 0, "epoch": 0, "tokens_seen": 0, **evaluate(model)}
     options = LoopOptions(epochs=params.epochs, eval_every=params.eval_every, seed=run.seed, progress=progress,
                           desc="finetune_instructions", **params.loop_options())
-    result = train(model, optimizer, train_loader, lm_loss, evaluate, device, options, precision, checkpoint)
+    with forked_rng(device, run.seed):  # dropout's draws; the caller's generators stay as they were
+        result = train(model, optimizer, train_loader, lm_loss, evaluate, device, options, precision, checkpoint)
     final = result.history[-1]
     metrics = {
         "train_loss": final["train_loss"],

@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from gptcore.config import GPTConfig
+from gptcore.device import forked_rng
 
 
 class KVCache:
@@ -293,8 +294,12 @@ INIT_SCHEMES = ("gpt2", "pytorch")
 
 
 @torch.no_grad()
-def random_model(config: GPTConfig, init: str = "gpt2") -> GPTModel:
-    """A GPTModel with fresh random weights, drawn by one of two schemes (from torch's global RNG).
+def random_model(config: GPTConfig, init: str = "gpt2", *, seed: int | None = None) -> GPTModel:
+    """A GPTModel with fresh random weights, drawn by one of two schemes.
+
+    With a seed the weights are those drawn after `torch.manual_seed(seed)`, from a fork of torch's
+    generator (the caller's stream is left as it was); without one they are drawn from torch's global
+    generator, as any nn.Module's are.
 
     gpt2: OpenAI's GPT-2 initialisation, as nanoGPT, litgpt and Hugging Face use it: N(0, 0.02) for
     embeddings and Linear weights, N(0, 0.02 / sqrt(2 n_layers)) for the two projections that write
@@ -306,6 +311,9 @@ def random_model(config: GPTConfig, init: str = "gpt2") -> GPTModel:
     """
     if init not in INIT_SCHEMES:
         raise ValueError(f"init: expected one of {', '.join(INIT_SCHEMES)}, got {init!r}")
+    if seed is not None:
+        with forked_rng(torch.get_default_device(), seed):
+            return random_model(config, init)
     model = GPTModel(config)
     if init == "pytorch":
         return model

@@ -216,11 +216,15 @@ def _check_vocabulary(ckpt_dir: Path) -> None:
             raise WeightsError(f"{path}: not GPT-2's {name} (SHA-256 mismatch); gptcore's tokenizer would not fit this model")
 
 
+# What quiets TensorFlow's import: its C++ info and warning lines, and oneDNN's numerics notice (we only
+# read files). Read by TensorFlow when imported, so they are process settings: entry points that convert
+# (`gptcore convert`, stages/foundation.py) set them (gptcore.entry.set_environ_defaults); a library
+# call does not.
+TENSORFLOW_ENV = {"TF_CPP_MIN_LOG_LEVEL": "2", "TF_ENABLE_ONEDNN_OPTS": "0"}
+
+
 def _tensorflow():
     """TensorFlow, imported here only: it is slow to import and nothing else needs it."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    # We only read files, so oneDNN's numerics notice (printed at import) is noise.
-    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
     try:
         import tensorflow as tf
     except ImportError:

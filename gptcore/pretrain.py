@@ -8,7 +8,7 @@ from pathlib import Path
 
 from gptcore.config import PretrainParams, RunConfig
 from gptcore.data.text import build_text_loaders
-from gptcore.device import resolve_device
+from gptcore.device import forked_rng, resolve_device
 from gptcore.precision import resolve_precision, weights_dtype
 from gptcore.errors import DataError
 from gptcore.decoding import generate, ids_to_text, text_to_ids
@@ -23,7 +23,6 @@ from gptcore.train import (
     make_optimizer,
     open_checkpoint,
     perplexity,
-    seed_everything,
     train,
 )
 
@@ -62,19 +61,21 @@ def pretrain(
     device = resolve_device(run.device)
     precision = resolve_precision(run.precision, device)
     tokenizer = get_tokenizer()
-    seed_everything(run.seed)
     context = params.model.context_length
     train_loader, val_loader = build_text_loaders(
         text, tokenizer, max_length=context, stride=params.stride or context,
         batch_size=params.batch_size, train_ratio=params.train_ratio, seed=run.seed, source=str(corpus),
     )
-    model = random_model(params.model, params.init).to(device, weights_dtype(precision))
-    optimizer = make_optimizer(model.parameters(), params.lr, params.weight_decay, device)
-    checkpoint = open_checkpoint(checkpoint_dir, params, run.to_dict(), precision, inputs=[corpus])
-    evaluate = loss_evaluator(train_loader, val_loader, lm_loss, device, precision, params.eval_batches)
-    options = LoopOptions(epochs=params.epochs, eval_every=params.eval_every, seed=run.seed, progress=progress,
-                          desc="pretrain", **params.loop_options())
-    result = train(model, optimizer, train_loader, lm_loss, evaluate, device, options, precision, checkpoint)
+    # The init's draws, then dropout's, from a fork of torch's generators seeded with run.seed (the same
+    # numbers as after torch.manual_seed); the caller's generators stay as they were.
+    with forked_rng(device, run.seed):
+        model = random_model(params.model, params.init).to(device, weights_dtype(precision))
+        optimizer = make_optimizer(model.parameters(), params.lr, params.weight_decay, device)
+        checkpoint = open_checkpoint(checkpoint_dir, params, run.to_dict(), precision, inputs=[corpus])
+        evaluate = loss_evaluator(train_loader, val_loader, lm_loss, device, precision, params.eval_batches)
+        options = LoopOptions(epochs=params.epochs, eval_every=params.eval_every, seed=run.seed, progress=progress,
+                              desc="pretrain", **params.loop_options())
+        result = train(model, optimizer, train_loader, lm_loss, evaluate, device, options, precision, checkpoint)
     final = result.history[-1]
     metrics = {
         "train_loss": final["train_loss"],

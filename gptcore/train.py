@@ -24,7 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from gptcore.atomic import atomic_path, write_json
-from gptcore.device import init_distributed, is_main_process, rank, world_size
+from gptcore.device import forked_rng, init_distributed, is_main_process, rank, world_size
 from gptcore.errors import TrainingError, WeightsError
 from gptcore.model import set_activation_checkpointing
 from gptcore.precision import autocast, make_grad_scaler
@@ -492,10 +492,11 @@ def train(
 
     Under torchrun every process runs this with the same arguments: each takes its share of every
     global batch (see StepRunner), the main process evaluates and alone writes the checkpoint, and all
-    of them return the same history. Randomness (dropout): one process draws from torch's global
-    generator as the caller left it; under torchrun each process reseeds it with `seed + rank` (as
-    nanoGPT does), and the progress file keeps every process's RNG state. fp16-mixed scales the loss
-    (torch.amp.GradScaler, its state saved with the progress).
+    of them return the same history. Randomness (dropout): one process draws from a fork of torch's
+    global generators, starting where the caller left them (a resumed run: where the progress file
+    left them); under torchrun each process reseeds it with `seed + rank` (as nanoGPT does), and the
+    progress file keeps every process's RNG state. The caller's generators are as they were on return.
+    fp16-mixed scales the loss (torch.amp.GradScaler, its state saved with the progress).
 
     Raises:
         TrainingError: a non-finite loss (the error names the step; saved progress is kept).
@@ -525,6 +526,7 @@ class _TrainingRun:
         self.result = TrainResult()
         self.start_epoch, self.skip = 0, 0
         self.runner: StepRunner | None = None
+        self.rng = contextlib.ExitStack()  # the fork of torch's generators the run draws from (start to close)
         self.output = _GuardedStream(sys.stderr)
         self.bar = tqdm(total=self.total_steps, desc=options.desc, unit="step", file=self.output,
                         disable=not options.progress or not is_main_process())
@@ -532,6 +534,7 @@ class _TrainingRun:
 
     def start(self) -> None:
         """Restore saved progress (if any), set up the speed options, the step runner and the schedule."""
+        self.rng.enter_context(forked_rng(self.device))  # before resume or torchrun set the generators
         saved = self.restore()
         opts = self.options
         if opts.activation_checkpointing:
@@ -625,6 +628,7 @@ class _TrainingRun:
 
     def close(self) -> None:
         """The model leaves as it came: no hooks, no recomputation, not compiled, in eval mode."""
+        self.rng.close()  # the caller's generator states come back
         if self.runner is not None:
             self.runner.close()
         if self.options.activation_checkpointing:
@@ -657,11 +661,6 @@ def _check_same_start(step: int, checkpoint: Checkpoint | None) -> None:
         where = checkpoint.path if checkpoint is not None else "the progress file"
         raise WeightsError(f"{where}: the processes resumed from different steps {steps}; is an earlier run "
                            "still writing it? Stop it and launch again")
-
-
-def seed_everything(seed: int) -> None:
-    """Seed torch's CPU and CUDA generators (the only RNGs gptcore draws from)."""
-    torch.manual_seed(seed)
 
 
 def open_checkpoint(folder: str | os.PathLike | None, params, *identity: Any, inputs: Iterable[str | os.PathLike] = ()) -> Checkpoint | None:

@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 
 from gptcore.atomic import atomic_path
 from gptcore.config import GPTConfig
+from gptcore.device import forked_rng
 from gptcore.errors import ConfigError, WeightsError
 from gptcore.model import GPTModel
 
@@ -96,7 +97,8 @@ def load_state(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> GPTModel:
     """Rebuild the GPTModel a weights file describes, in eval mode on `device`."""
     config, state = load_state(path, device)
-    with torch.device(device):
+    # Every weight is replaced by the file's: the modules' random init draws on a fork of torch's generators.
+    with forked_rng(device), torch.device(device):
         model = GPTModel(config)
     load_into(model, state, source=str(path))
     return model.eval()

@@ -4,7 +4,8 @@ Reads params `classifier:` and the top-level `seed`, `device`, `precision`; the 
 file and the prepared splits come from the command line. Writes the classifier weights file (with
 its padding rule in the metadata), metrics JSON (accuracies on the full splits), per-step loss and
 accuracy tables (CSV) and figures (PNG), and the test set's confusion table. Progress is kept in
---checkpoint-dir, so an interrupted run resumes where it stopped.
+--checkpoint-dir, so an interrupted run resumes where it stopped. dvc.yaml starts it with glibc's
+allocator set to keep freed memory (every step has the same shapes; gptcore/memory.py).
 """
 
 from gptcore.atomic import write_json
@@ -13,7 +14,6 @@ from gptcore.arguments import ArgumentParser
 from gptcore.entry import run_entry
 from gptcore.data.sms import SPLITS
 from gptcore.device import is_main_process
-from gptcore.memory import keep_freed_memory
 from gptcore.params import load_params
 from gptcore.plots import plot_curves, write_table
 
@@ -38,7 +38,6 @@ def main() -> None:
     args = parser.parse_args()
 
     params = load_params(args.params)
-    keep_freed_memory()  # the same shapes every step: reuse freed buffers (gptcore/memory.py)
     outcome = finetune_classifier(
         args.foundation, {name: getattr(args, name) for name in SPLITS},
         params.classifier, params.run, args.checkpoint_dir,

@@ -8,8 +8,8 @@ Honours GPTCORE_MIRROR (OpenAI's files served from gpt2/models/<size>/<file>).
 """
 
 from gptcore.arguments import ArgumentParser
-from gptcore.entry import run_entry
-from gptcore.openai import prepare_foundation
+from gptcore.entry import run_entry, set_environ_defaults
+from gptcore.openai import TENSORFLOW_ENV, prepare_foundation
 from gptcore.params import load_params
 
 
@@ -23,6 +23,7 @@ def main() -> None:
     parser.add_argument("--out", required=True, help="the foundation's weights file")
     args = parser.parse_args()
     params = load_params(args.params)
+    set_environ_defaults(TENSORFLOW_ENV)  # before TensorFlow is imported (an OpenAI foundation converts)
     source = prepare_foundation(
         params.foundation, args.out, pretrained=args.pretrained, scratch=args.scratch, openai_dir=args.openai_dir,
         partial_dir=args.partial_dir, base_url=params.download_gpt2.base_url)

@@ -12,7 +12,6 @@ from gptcore.atomic import write_json
 from gptcore.arguments import ArgumentParser
 from gptcore.entry import run_entry
 from gptcore.instruct import generate_responses
-from gptcore.memory import keep_freed_memory
 from gptcore.params import load_params
 
 
@@ -27,7 +26,6 @@ def main() -> None:
     args = parser.parse_args()
 
     params = load_params(args.params)
-    keep_freed_memory()  # generation: reuse freed buffers (gptcore/memory.py)
     outcome = generate_responses(
         args.model, args.test, params.generate, params.run,
         Path(args.checkpoint_dir) / "partial.jsonl",

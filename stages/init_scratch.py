@@ -2,8 +2,6 @@
 drawn as `init_scratch.init` says), the `scratch` foundation of the finetuning stages. Writes one
 weights file to --out."""
 
-import torch
-
 from gptcore.arguments import ArgumentParser
 from gptcore.entry import run_entry
 from gptcore.model import random_model
@@ -17,8 +15,7 @@ def main() -> None:
     parser.add_argument("--out", required=True, help="weights file to write")
     args = parser.parse_args()
     params = load_params(args.params)
-    torch.manual_seed(params.seed)
-    model = random_model(params.pretrain.model, params.init_scratch.init)
+    model = random_model(params.pretrain.model, params.init_scratch.init, seed=params.seed)
     save_model(model, args.out)
     print(f"init_scratch: {model.num_parameters():,} parameters -> {args.out}")
 

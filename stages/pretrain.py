@@ -2,14 +2,14 @@
 
 Reads params `pretrain:` and the top-level `seed`, `device`, `precision`. Writes the weights file,
 metrics JSON, the loss plot table (CSV) and figure (PNG), and a sample continuation. Progress is kept
-in --checkpoint-dir, so an interrupted run resumes where it stopped.
+in --checkpoint-dir, so an interrupted run resumes where it stopped. dvc.yaml starts it with glibc's
+allocator set to keep freed memory (every step has the same shapes; gptcore/memory.py).
 """
 
 from gptcore.atomic import write_json, write_text
 from gptcore.arguments import ArgumentParser
 from gptcore.entry import run_entry
 from gptcore.device import is_main_process
-from gptcore.memory import keep_freed_memory
 from gptcore.params import load_params
 from gptcore.plots import plot_curves, write_table
 from gptcore.pretrain import pretrain
@@ -29,7 +29,6 @@ def main() -> None:
     args = parser.parse_args()
 
     params = load_params(args.params)
-    keep_freed_memory()  # the same shapes every step: reuse freed buffers (gptcore/memory.py)
     outcome = pretrain(args.corpus, params.pretrain, params.run, args.checkpoint_dir)
     if not is_main_process():  # under torchrun, rank 0 writes the outputs
         return

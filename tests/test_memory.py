@@ -1,22 +1,27 @@
-"""keep_freed_memory: a freed large tensor's memory is reused without faulting it in again."""
+"""The allocator setting (gptcore/memory.py): glibc's tunables keep freed memory for reuse; it is given
+by the launcher of the fixed-shape training stages (dvc.yaml) and by `gptcore bench`, never by the library."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
-from gptcore.memory import ENV
+from gptcore.memory import COMMAND_PREFIX, ENV, TUNABLES, allocator_env, keeps_freed_memory
+
+REPO = Path(__file__).resolve().parents[1]
+# The training stages whose every step has the same shapes; not instruction finetuning (batches as long
+# as their longest entry) nor generation (prompts of every length), where one heap fragments.
+FIXED_SHAPE_STAGES = {"pretrain", "finetune_classifier"}
 
 # Eight training steps of the same shapes on a tiny model with GPT-2's vocabulary: its logits and their
 # gradients ([8, 64, 50257] floats, 100 MiB) are blocks that glibc maps afresh on every step by default.
 STEPS = r"""
 import json, resource, torch
-from gptcore.memory import keep_freed_memory
-applied = keep_freed_memory()
 from gptcore.config import GPTConfig
+from gptcore.memory import keeps_freed_memory
 from gptcore.model import GPTModel
 from gptcore.train import StepRunner, lm_loss, make_optimizer
 torch.manual_seed(0)
@@ -28,20 +33,22 @@ for _ in range(8):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     runner.step((ids[:, :-1], ids[:, 1:]))
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-print(json.dumps({"applied": applied, "faults": faults}))
+print(json.dumps({"keeps": keeps_freed_memory(), "faults": faults}))
 """
 
 
-def _steps(setting: str) -> dict:
-    env = {**os.environ, ENV: setting}
-    out = subprocess.run([sys.executable, "-c", STEPS], env=env, capture_output=True, text=True, check=True)
+def _steps(keep_freed: bool) -> dict:
+    out = subprocess.run([sys.executable, "-c", STEPS], env=allocator_env(keep_freed), capture_output=True, text=True,
+                         check=True)
     return json.loads(out.stdout)
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="glibc's allocator")
-def test_repeated_steps_reuse_freed_memory_instead_of_faulting_it_in():
-    kept, default = _steps("1"), _steps("0")
-    assert kept["applied"] is True and default["applied"] is False
+def test_the_tunables_make_repeated_steps_reuse_freed_memory_instead_of_faulting_it_in():
+    import os
+
+    kept, default = _steps(True), _steps(False)
+    assert kept["keeps"] is True and default["keeps"] is False
     logits_pages = 8 * 64 * 50257 * 4 // os.sysconf("SC_PAGE_SIZE")
     # By default every step faults in at least its logits afresh.
     assert all(f >= logits_pages for f in default["faults"]), default
@@ -50,20 +57,28 @@ def test_repeated_steps_reuse_freed_memory_instead_of_faulting_it_in():
     assert sum(kept["faults"][4:]) < sum(default["faults"][4:]) / 2, (kept, default)
 
 
-def test_generation_and_fixed_shape_entry_points_apply_it(monkeypatch, tmp_path, mirror_dir):
-    from gptcore import memory
-    from gptcore.cli import main as cli_main
-    from gptcore.config import GPTConfig
-    from gptcore.model import GPTModel
-    from gptcore.weights import save_model
+def test_dvc_starts_exactly_the_fixed_shape_training_stages_with_the_setting():
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    for name, stage in stages.items():
+        cmd = " ".join(stage.get("do", stage)["cmd"].split())
+        if name in FIXED_SHAPE_STAGES:
+            assert cmd.startswith(COMMAND_PREFIX + f"python stages/{name}.py "), (name, cmd)
+        else:  # serve-like and variable-shape work keeps the allocator's defaults
+            assert ENV not in cmd, (name, cmd)
 
-    path = tmp_path / "tiny.safetensors"
-    save_model(GPTModel(GPTConfig(vocab_size=50257, context_length=16, emb_dim=16, n_heads=2, n_layers=1)), path)
-    calls = []
-    monkeypatch.setattr(memory, "keep_freed_memory", lambda: calls.append(1) or True)
-    assert cli_main(["generate", "--model", str(path), "--prompt", "Hello", "--max-new-tokens", "2"]) == 0
-    assert calls == [1]
-    for stage in ("pretrain", "finetune_classifier", "generate_responses"):
-        assert "keep_freed_memory()" in (Path(__file__).parents[1] / "stages" / f"{stage}.py").read_text()
-    # Instruction batches are as long as their longest entry: varying shapes would fragment the heap.
-    assert "keep_freed_memory" not in (Path(__file__).parents[1] / "stages" / "finetune_instructions.py").read_text()
+
+def test_no_library_code_changes_the_allocator():
+    for path in sorted((REPO / "gptcore").rglob("*.py")) + sorted((REPO / "stages").glob("*.py")):
+        text = path.read_text()
+        assert "import ctypes" not in text and ".mallopt(" not in text, path
+
+
+def test_allocator_env_adds_or_removes_only_its_own_tunables():
+    user = {"PATH": "/bin", ENV: "glibc.malloc.arena_max=2"}
+    kept = allocator_env(True, user)
+    assert kept[ENV] == f"glibc.malloc.arena_max=2:{TUNABLES}" and kept["PATH"] == "/bin" and keeps_freed_memory(kept)
+    assert allocator_env(False, kept)[ENV] == "glibc.malloc.arena_max=2"
+    assert ENV not in allocator_env(False, {ENV: TUNABLES})
+    assert allocator_env(True, {})[ENV] == TUNABLES
+    assert not keeps_freed_memory({}) and not keeps_freed_memory({ENV: "glibc.malloc.mmap_max=0"})
+    assert user == {"PATH": "/bin", ENV: "glibc.malloc.arena_max=2"}  # a copy

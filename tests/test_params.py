@@ -92,6 +92,8 @@ def _stage_argv(stage: dict) -> list[str]:
     for name, value in {"${key}": "gpt2-large", "${item}": "774M", "${foundation}": "gpt2-large"}.items():
         cmd = cmd.replace(name, value)
     argv = shlex.split(cmd)
+    while "=" in argv[0]:  # a launcher's environment assignment (GLIBC_TUNABLES=... python ...)
+        argv = argv[1:]
     assert argv[0] == "python" and argv[1].startswith("stages/")
     return [sys.executable, str(REPO / argv[1]), *argv[2:]]
 

@@ -137,6 +137,15 @@ def test_bench_gptcore_only(tiny_weights):
         assert row["gptcore_peak_rss_mib"] > 50
         assert row["hf_fp32_tokens_per_s"] is None and row["ratio_vs_hf_fp32"] is None
     assert rows[2]["batch"] == 1 and rows[3]["batch"] == 8 and rows[3]["gptcore_batch_speedup"] > 0
+    # The worker starts as the task's work does: training with glibc's allocator keeping freed memory
+    # (dvc.yaml's training stages), generation with its defaults (serve, generate_responses).
+    if sys.platform == "linux":
+        assert [r["keeps_freed_memory"]["gptcore"] for r in rows] == [True, True, False, False]
+    assert all(r["gptcore_page_faults_per_repeat"] >= 0 for r in rows)
+    (swapped,) = [json.loads(line) for line in _bench(
+        "--model", str(tiny_weights), "--task", "train", "--no-keep-freed-memory", "--no-hf", "--json",
+        "--repeats", "1", "--warmup", "0", "--seq-len", "12", "--threads", "1").stdout.splitlines()]
+    assert swapped["keeps_freed_memory"] == {"gptcore": False}
 
 
 @pytest.mark.slow
