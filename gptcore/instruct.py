@@ -7,7 +7,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -68,8 +68,13 @@ def finetune_instructions(
     run: RunConfig,
     checkpoint_dir: str | os.PathLike | None = None,
     progress: bool = True,
+    report: Callable[[list[dict]], None] | None = None,
 ) -> FinetuneOutcome:
-    """Finetune the foundation LM on the training entries (book ch. 7); resumes from checkpoint_dir."""
+    """Finetune the foundation LM on the training entries (book ch. 7); resumes from checkpoint_dir.
+
+    report: called with the history so far (the row before training first), on start and after every
+    evaluation (gptcore.train.train).
+    """
     device = resolve_device(run.device)
     precision = resolve_precision(run.precision, device)
     tokenizer = get_tokenizer()
@@ -89,7 +94,8 @@ def finetune_instructions(
     before = {"step": 0, "epoch": 0, "tokens_seen": 0, **evaluate(model)}
     options = LoopOptions(epochs=params.epochs, eval_every=params.eval_every, seed=run.seed, progress=progress,
                           desc="finetune_instructions", **params.loop_options())
-    result = train(model, optimizer, train_loader, lm_loss, evaluate, device, options, precision, checkpoint)
+    with_before = (lambda rows: report([before, *rows])) if report is not None else None
+    result = train(model, optimizer, train_loader, lm_loss, evaluate, device, options, precision, checkpoint, report=with_before)
     final = result.history[-1]
     metrics = {
         "train_loss": final["train_loss"],
