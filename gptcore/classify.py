@@ -14,7 +14,7 @@ import itertools
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -277,10 +277,13 @@ def finetune_classifier(
     *,
     progress: bool = True,
     no_grad_prefix: bool = True,
+    report: Callable[[list[dict]], None] | None = None,
 ) -> ClassifierOutcome:
     """Finetune the foundation weights file on the prepared splits (keys train, validation, test).
 
     no_grad_prefix: run the frozen embeddings and blocks without autograd (exact; saves time and memory).
+    report: called with the history so far (rows with examples_seen), on start and after every
+    evaluation (gptcore.train.train).
     """
     device = resolve_device(run.device)
     precision = resolve_precision(run.precision, device)
@@ -308,13 +311,17 @@ def finetune_classifier(
     evaluate = classifier_evaluator(
         in_order["train"], in_order["validation"], device, precision, params.eval_batches, params.token_position
     )
+
+    def with_examples(rows: list[dict]) -> list[dict]:
+        return [{**row, "examples_seen": row["step"] * params.batch_size} for row in rows]  # drop_last: full batches
+
     # Dropout draws from a fork of torch's generators seeded with run.seed; the caller's stay as they were.
     with frozen_linears_cast(model, frozen, precision), forked_rng(device, run.seed):
         options = LoopOptions(epochs=params.epochs, eval_every=params.eval_every, seed=run.seed, progress=progress,
                               desc="finetune_classifier", **params.loop_options())
-        result = train(model, optimizer, train_loader, classification_loss(params.token_position, PAD_ID, frozen), evaluate, device, options, precision, checkpoint)
-    for row in result.history:
-        row["examples_seen"] = row["step"] * params.batch_size  # drop_last: every batch is full
+        result = train(model, optimizer, train_loader, classification_loss(params.token_position, PAD_ID, frozen), evaluate, device, options, precision, checkpoint,
+                       report=(lambda rows: report(with_examples(rows))) if report is not None else None)
+    result.history = with_examples(result.history)
 
     final = {
         name: evaluate_classifier(model, loader, device, precision, token_position=params.token_position)

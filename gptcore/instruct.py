@@ -7,7 +7,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -67,8 +67,13 @@ def finetune_instructions(
     run: RunConfig,
     checkpoint_dir: str | os.PathLike | None = None,
     progress: bool = True,
+    report: Callable[[list[dict]], None] | None = None,
 ) -> FinetuneOutcome:
-    """Finetune the foundation LM on the training entries (book ch. 7); resumes from checkpoint_dir."""
+    """Finetune the foundation LM on the training entries (book ch. 7); resumes from checkpoint_dir.
+
+    report: called with the history so far (the row before training first), on start and after every
+    evaluation (gptcore.train.train).
+    """
     device = resolve_device(run.device)
     precision = resolve_precision(run.precision, device)
     tokenizer = get_tokenizer()
@@ -87,8 +92,10 @@ def finetune_instructions(
     before = {"step": 0, "epoch": 0, "tokens_seen": 0, **evaluate(model)}
     options = LoopOptions(epochs=params.epochs, eval_every=params.eval_every, seed=run.seed, progress=progress,
                           desc="finetune_instructions", **params.loop_options())
+    with_before = (lambda rows: report([before, *rows])) if report is not None else None
     with forked_rng(device, run.seed):  # dropout's draws; the caller's generators stay as they were
-        result = train(model, optimizer, train_loader, lm_loss, evaluate, device, options, precision, checkpoint)
+        result = train(model, optimizer, train_loader, lm_loss, evaluate, device, options, precision, checkpoint,
+                       report=with_before)
     final = result.history[-1]
     metrics = {
         "train_loss": final["train_loss"],

@@ -569,14 +569,17 @@ def bootstrap_interval(scores: Sequence[float], seed: int, resamples: int = BOOT
 
 
 def score_rows(entries: Sequence[dict], records: Sequence[dict]) -> list[dict]:
-    """The per-entry plot table: entry index, the instruction's first words, score (blank if failed) and
-    the form that stated it ("failed" if none did), so `dvc plots diff` compares runs entry by entry."""
+    """The per-entry plot table: entry index, the instruction's first words, score and the form that
+    stated it ("failed" if none did), so `dvc plots diff` compares runs entry by entry.
+
+    A failed entry's score is NaN, which Vega leaves out of the scatter; a blank would be drawn as 0.
+    """
     rows = []
     for entry, record in zip(entries, records):
         words = " ".join(entry["instruction"].split())
         scored = record["status"] == "scored"
         rows.append({"entry": record["index"], "instruction": words[:60] + ("…" if len(words) > 60 else ""),
-                     "score": record["score"] if scored else "", "form": record["form"] if scored else "failed"})
+                     "score": record["score"] if scored else "NaN", "form": record["form"] if scored else "failed"})
     return rows
 
 
@@ -587,24 +590,3 @@ def histogram_rows(scores: Sequence[int]) -> list[dict]:
     """Counts of scores in bins of ten (the last bin holds 90-100): the plot table."""
     return [{"bin": f"{low}-{high}", "low": low, "count": sum(low <= s <= high for s in scores)}
             for low, high in HISTOGRAM_BINS]
-
-
-def plot_score_histogram(path: str | os.PathLike, rows: Sequence[dict], title: str = "") -> None:
-    """A PNG bar chart of the histogram rows, written atomically."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only; never open a window
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    ax.bar([r["bin"] for r in rows], [r["count"] for r in rows], color="tab:blue")
-    ax.set_xlabel("score")
-    ax.set_ylabel("entries")
-    if title:
-        ax.set_title(title)
-    ax.tick_params(axis="x", labelrotation=45)
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)

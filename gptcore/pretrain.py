@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from gptcore.config import PretrainParams, RunConfig
 from gptcore.data.text import build_text_loaders
@@ -55,8 +56,12 @@ def pretrain(
     run: RunConfig,
     checkpoint_dir: str | os.PathLike | None = None,
     progress: bool = True,
+    report: Callable[[list[dict]], None] | None = None,
 ) -> PretrainOutcome:
-    """Train a fresh GPTModel on the corpus; resumes from checkpoint_dir when it holds this run's progress."""
+    """Train a fresh GPTModel on the corpus; resumes from checkpoint_dir when it holds this run's progress.
+
+    report: called with the history so far, on start and after every evaluation (gptcore.train.train).
+    """
     text = read_corpus(corpus)
     device = resolve_device(run.device)
     precision = resolve_precision(run.precision, device)
@@ -75,7 +80,8 @@ def pretrain(
         evaluate = loss_evaluator(train_loader, val_loader, lm_loss, device, precision, params.eval_batches)
         options = LoopOptions(epochs=params.epochs, eval_every=params.eval_every, seed=run.seed, progress=progress,
                               desc="pretrain", **params.loop_options())
-        result = train(model, optimizer, train_loader, lm_loss, evaluate, device, options, precision, checkpoint)
+        result = train(model, optimizer, train_loader, lm_loss, evaluate, device, options, precision, checkpoint,
+                       report=report)
     final = result.history[-1]
     metrics = {
         "train_loss": final["train_loss"],

@@ -483,6 +483,7 @@ def train(
     options: LoopOptions,
     precision: str = "fp32",
     checkpoint: Checkpoint | None = None,
+    report: Callable[[list[dict[str, float]]], None] | None = None,
 ) -> TrainResult:
     """Train for `options.epochs` over train_loader, evaluating after the first step and every `eval_every`.
 
@@ -498,12 +499,16 @@ def train(
     progress file keeps every process's RNG state. The caller's generators are as they were on return.
     fp16-mixed scales the loss (torch.amp.GradScaler, its state saved with the progress).
 
+    report(history) is called with the whole history once the saved progress is restored (a resumed
+    run's rows, or none) and again after every evaluation, so that a logger can rebuild what it wrote
+    from the progress and then follow the run (gptcore.live.TrainingLog).
+
     Raises:
         TrainingError: a non-finite loss (the error names the step; saved progress is kept).
         WeightsError: progress that does not fit the model, or was made by another number of processes.
     """
     lr_factor(0, 1, options.lr_schedule, options.warmup)  # a bad schedule fails before any work
-    run = _TrainingRun(model, optimizer, train_loader, loss_fn, evaluate, device, options, precision, checkpoint)
+    run = _TrainingRun(model, optimizer, train_loader, loss_fn, evaluate, device, options, precision, checkpoint, report)
     try:
         run.start()
         with _StopRequest() as stop, run.bar:
@@ -517,10 +522,11 @@ def train(
 class _TrainingRun:
     """The state of one call of `train`, and its steps: restore, run an epoch, evaluate, save."""
 
-    def __init__(self, model, optimizer, train_loader, loss_fn, evaluate, device, options, precision, checkpoint):
+    def __init__(self, model, optimizer, train_loader, loss_fn, evaluate, device, options, precision, checkpoint, report):
         self.model, self.optimizer, self.loader = model, optimizer, train_loader
         self.loss_fn, self.evaluate_fn, self.device = loss_fn, evaluate, device
         self.options, self.precision, self.checkpoint = options, precision, checkpoint
+        self.report = report
         self.batches_per_epoch = len(train_loader.batch_sampler.batches())
         self.total_steps = options.epochs * self.batches_per_epoch
         self.result = TrainResult()
@@ -560,6 +566,8 @@ class _TrainingRun:
         self.bar.update(self.result.steps)
         self.started = time.perf_counter() - self.result.seconds
         self.model.train()
+        if self.report is not None:
+            self.report(self.result.history)
 
     def restore(self) -> dict[str, Any] | None:
         """Load the checkpoint's model, optimizer, history and position; None when starting afresh."""
@@ -608,6 +616,8 @@ class _TrainingRun:
         row.update(self.runner.evaluate(self.evaluate_fn))
         self.result.history.append(row)
         self.bar.set_postfix({k: f"{v:.3f}" for k, v in row.items() if k.endswith("loss")}, refresh=False)
+        if self.report is not None:
+            self.report(self.result.history)
 
     def save(self) -> None:
         """Write the progress file (main process); every process's RNG state goes in it."""

@@ -11,9 +11,9 @@ See docs/judge.md.
 from gptcore.atomic import write_json
 from gptcore.arguments import ArgumentParser
 from gptcore.entry import run_entry
-from gptcore.judge import judge_responses, plot_score_histogram
+from gptcore.judge import judge_responses
 from gptcore.params import load_params
-from gptcore.plots import write_table
+from gptcore.plots import bar_figure, save_png, write_table
 
 
 def main() -> None:
@@ -32,7 +32,10 @@ def main() -> None:
     write_json(args.metrics, outcome.metrics)
     write_table(args.scores_table, outcome.table, columns=["entry", "instruction", "score", "form"])
     write_table(args.histogram_table, outcome.histogram, columns=["bin", "low", "count"])
-    plot_score_histogram(args.histogram_png, outcome.histogram, title=f"Scores by {params.model}")
+    histogram = bar_figure([row["bin"] for row in outcome.histogram], [row["count"] for row in outcome.histogram],
+                           title=f"Judge scores by {params.model}", xlabel="score (points out of 100, bins of ten)",
+                           ylabel="entries (count)")
+    save_png(histogram, args.histogram_png)
     m = outcome.metrics
     average = "n/a" if m["average_score"] is None else (
         f"{m['average_score']:.2f} (95% CI {m['average_score_ci95_low']:.2f}-{m['average_score_ci95_high']:.2f})")

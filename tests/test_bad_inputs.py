@@ -86,11 +86,10 @@ def _stage(name: str, *args: str) -> list[str]:
     return [sys.executable, str(REPO / "stages" / f"{name}.py"), *args]
 
 
-PRETRAIN_OUT = ["--out", "out/m.safetensors", "--metrics", "out/m.json", "--plot-table", "out/l.csv",
-                "--plot-png", "out/l.png", "--sample", "out/s.txt", "--checkpoint-dir", "out/ck"]
-CLASSIFIER_OUT = ["--out", "out/c.safetensors", "--metrics", "out/c.json", "--loss-table", "out/l.csv",
-                  "--accuracy-table", "out/a.csv", "--confusion", "out/cm.csv", "--loss-png", "out/l.png",
-                  "--accuracy-png", "out/a.png", "--checkpoint-dir", "out/ck"]
+PRETRAIN_OUT = ["--out", "out/m.safetensors", "--metrics", "out/m.json", "--plots", "out/plots",
+                "--sample", "out/s.txt", "--checkpoint-dir", "out/ck"]
+CLASSIFIER_OUT = ["--out", "out/c.safetensors", "--metrics", "out/c.json", "--plots", "out/plots",
+                  "--checkpoint-dir", "out/ck"]
 SPLITS = ["--train", "in/train.csv", "--validation", "in/validation.csv", "--test", "in/test.csv"]
 GOOD_SPLIT = "Label,Text\n0,hello\n1,win\n"
 

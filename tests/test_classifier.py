@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 import sys
 
@@ -197,14 +198,17 @@ def test_stages_end_to_end_and_classify(repo_copy):
     # measured; the book's N(0, 1) embeddings stay at chance, 50%, in this budget).
     assert ours["test_accuracy"] > 0.75
     assert baseline["test_accuracy"] > 0.9
-    for name in ("classifier_loss.png", "classifier_accuracy.png"):
-        assert (root / "metrics" / name).read_bytes().startswith(b"\x89PNG")
-    loss_rows = (root / "metrics/classifier_loss.csv").read_text().splitlines()
-    assert loss_rows[0] == "step,epoch,examples_seen,train_loss,val_loss" and len(loss_rows) == 1 + 4  # steps 1, 51, 101, 130
-    accuracy_rows = (root / "metrics/classifier_accuracy.csv").read_text().splitlines()
-    assert accuracy_rows[0] == "step,epoch,examples_seen,train_accuracy,val_accuracy"
-    confusion = (root / "metrics/classifier_confusion.csv").read_text().splitlines()
-    assert confusion[0] == "actual,predicted" and len(confusion) == 301
+    plots = root / "plots/classifier"
+    for name in ("loss.png", "accuracy.png"):
+        assert (plots / "images" / name).read_bytes().startswith(b"\x89PNG")
+    tables = {path.stem: path.read_text().splitlines() for path in (plots / "metrics").glob("*.tsv")}
+    assert set(tables) == {"epoch", "examples_seen", "train_loss", "val_loss", "train_accuracy", "val_accuracy"}
+    assert [row.split("\t")[0] for row in tables["val_loss"]] == ["step", "1", "51", "101", "130"]
+    assert tables["examples_seen"][1:] == ["1\t8", "51\t408", "101\t808", "130\t1040"]
+    assert tables["val_accuracy"][0] == "step\tval_accuracy"
+    confusion = json.loads((plots / "sklearn/confusion_matrix.json").read_text())
+    assert len(confusion) == 300 and {row["actual"] for row in confusion} == {"ham", "spam"}
+    assert ours["step"] == 130  # DVCLive's step, beside our own keys
     assert (root / "checkpoints/finetune_classifier/done.json").is_file()
     assert "up to date" in repo_copy.dvc("status", "finetune_classifier", "baseline_classifier").stdout
 

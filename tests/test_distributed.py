@@ -195,8 +195,7 @@ def test_pretrain_stage_runs_unchanged_under_torchrun(tmp_path, mirror_dir):
         (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(p))
         cmd = [sys.executable, *launcher, str(REPO / "stages/pretrain.py"), "--params", str(tmp_path / f"{name}.yaml"),
                "--corpus", str(mirror_dir / "the-verdict.txt"), "--out", str(out / "model.safetensors"),
-               "--metrics", str(out / "metrics.json"), "--plot-table", str(out / "loss.csv"),
-               "--plot-png", str(out / "loss.png"), "--sample", str(out / "sample.txt"),
+               "--metrics", str(out / "metrics.json"), "--plots", str(out / "plots"), "--sample", str(out / "sample.txt"),
                "--checkpoint-dir", str(out / "checkpoints")]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr[-3000:]

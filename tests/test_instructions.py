@@ -365,7 +365,9 @@ def test_pipeline_generate_responses_end_to_end(repo_copy):
     g = repo_copy.read_json("metrics/generation.json")
     assert g["entries"] == 110 and g["batch_size"] == 16 and g["tokens_per_second"] > 0
     assert (repo_copy.root / "models/instruct/model.safetensors").is_file()
-    assert (repo_copy.root / "metrics/instructions_loss.png").stat().st_size > 0
+    assert (repo_copy.root / "plots/instructions/images/loss.png").stat().st_size > 0
+    steps = (repo_copy.root / "plots/instructions/metrics/val_loss.tsv").read_text().splitlines()
+    assert steps[:2] == ["step\tval_loss", f"0\t{m['val_loss_before']}"]  # the foundation's loss, logged first
     assert (repo_copy.root / "checkpoints/generate_responses/done.json").is_file()
     assert (repo_copy.root / "checkpoints/finetune_instructions/done.json").is_file()
     status = repo_copy.dvc("status", "generate_responses").stdout

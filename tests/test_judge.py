@@ -504,14 +504,16 @@ def test_judge_stage_end_to_end(repo_copy):
         assert (metrics["average_score_ci95_low"], metrics["average_score_ci95_high"]) == (0.0, 80.0)
         assert metrics["score_std"] == pytest.approx(56.57, abs=0.01) and metrics["bootstrap_seed"] == 123
         assert "judge: average score 40.00 (95% CI 0.00-80.00) over 2 entries, 1 failed" in proc.stdout
-        assert (repo_copy.root / "metrics" / "judge_scores.png").read_bytes()[:4] == b"\x89PNG"
-        histogram = (repo_copy.root / "metrics" / "judge_histogram.csv").read_text().splitlines()
+        assert (repo_copy.root / "plots/judge/histogram.png").read_bytes()[:4] == b"\x89PNG"
+        histogram = (repo_copy.root / "plots/judge/histogram.csv").read_text().splitlines()
         assert histogram[0] == "bin,low,count" and histogram[1] == "0-9,0,1" and histogram[-2] == "80-89,80,1"
-        table = (repo_copy.root / "metrics" / "judge_scores.csv").read_text().splitlines()
+        table = (repo_copy.root / "plots/judge/scores.csv").read_text().splitlines()
         assert table == ["entry,instruction,score,form", "0,Name the capital of France.,80,bare",
-                         "1,Name the capital of France.,,failed", "2,Name the capital of France.,0,empty"]
-        shown = repo_copy.dvc("plots", "show", "--json", "metrics/judge_scores.csv").stdout
-        assert '"score"' in shown and '"entry"' in shown  # DVC reads the per-entry table as declared
+                         "1,Name the capital of France.,NaN,failed", "2,Name the capital of France.,0,empty"]
+        shown = json.loads(repo_copy.dvc("plots", "show", "--json", "judge_scores").stdout)["data"]["judge_scores"]
+        spec = shown[0]["content"]  # DVC reads the per-entry table as dvc.yaml declares it
+        assert spec["title"]["text"] == "Judge score per test entry (failed entries have none)"
+        assert {row["entry"]: row["score"] for row in spec["data"]["values"]} == {"0": "80", "1": "NaN", "2": "0"}
         assert len((repo_copy.root / "data" / "judge" / "scores.jsonl").read_text().splitlines()) == 3
         n_before = len(fake.requests)
         repo_copy.dvc("repro", "--single-item", "judge")  # nothing changed: DVC skips the stage

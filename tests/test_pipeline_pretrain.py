@@ -1,9 +1,12 @@
 """End to end through DVC, offline: download_corpus -> pretrain with a tiny model, then the DVC workflow
-a user follows (nothing to do on a second run; an experiment; metrics diff)."""
+a user follows (nothing to do on a second run; an experiment; metrics diff, exp show, plots show)."""
 
-import csv
+import json
+import re
 
 import pytest
+
+from conftest import REPO
 
 TINY = {
     "precision": "fp32",
@@ -25,12 +28,13 @@ def test_pretrain_stage_through_dvc(repo_copy):
     root = repo_copy.root
     assert (root / "data/raw/the-verdict.txt").stat().st_size == 20479
     metrics = repo_copy.read_json("metrics/pretrain.json")
-    assert set(metrics) >= {"train_loss", "val_loss", "train_perplexity", "val_perplexity", "tokens_seen"}
-    rows = list(csv.DictReader((root / "metrics/pretrain_loss.csv").open()))
-    assert float(rows[-1]["train_loss"]) == pytest.approx(metrics["train_loss"])
-    assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
-    assert (root / "metrics/pretrain_loss.png").read_bytes()[:4] == b"\x89PNG"
-    assert (root / "metrics/pretrain_sample.txt").read_text().startswith("Every effort moves you")
+    assert set(metrics) >= {"train_loss", "val_loss", "train_perplexity", "val_perplexity", "tokens_seen", "step"}
+    rows = (root / "plots/pretrain/metrics/train_loss.tsv").read_text().splitlines()
+    assert rows[0] == "step\ttrain_loss" and rows[1].startswith("1\t")
+    assert rows[-1] == f"{metrics['steps']}\t{metrics['train_loss']}"
+    assert float(rows[-1].split("\t")[1]) < float(rows[1].split("\t")[1])
+    assert (root / "plots/pretrain/images/loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert (root / "samples/pretrain.txt").read_text().startswith("Every effort moves you")
     assert (root / "checkpoints/pretrain/done.json").is_file()
     assert not (root / "checkpoints/pretrain/state.pt").exists()
 
@@ -45,11 +49,29 @@ def test_pretrain_stage_through_dvc(repo_copy):
     repo_copy.run("git", "add", "-A")
     repo_copy.run("git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "baseline")
     repo_copy.dvc("exp", "run", "-S", "pretrain.epochs=1", "pretrain")
-    diff = repo_copy.dvc("metrics", "diff", "--json").stdout
-    import json
-
-    changed = json.loads(diff)["metrics/pretrain.json"]
+    diff = repo_copy.dvc("metrics", "diff", "--json")
+    changed = json.loads(diff.stdout)["metrics/pretrain.json"]
     assert changed["tokens_seen"]["diff"] < 0
+    # The other stages' metrics (the judge's among them) do not exist here: nothing to fail to load.
+    assert "failed to load" not in diff.stderr + repo_copy.dvc("metrics", "diff").stderr
+
+    # The README's experiment table: the changed param and the kept metrics, no noise columns.
+    command = next(line for line in (REPO / "README.md").read_text().splitlines() if line.startswith("dvc exp show"))
+    table = repo_copy.run("bash", "-c", command.split("#")[0]).stdout
+    header = table.splitlines()[0]
+    assert "pretrain.epochs" in header and "val_loss" in header
+    assert not re.search(r"Created|gptcore/|perplexity|seconds|pretrain\.lr", header), header
+
+    # Plots: each declared once, titled, offline (the page carries its scripts; no CDN).
+    shown = repo_copy.dvc("plots", "show", "--json", "pretrain_loss").stdout
+    spec = json.loads(shown)["data"]["pretrain_loss"][0]["content"]
+    assert spec["title"]["text"] == "Stage 1 pretraining: loss"
+    axis_titles = set(re.findall(r'"title": "([^"]*)"', json.dumps(spec)))
+    assert {"tokens seen", "cross-entropy loss (nats per token)"} <= axis_titles
+    repo_copy.dvc("plots", "show", "-o", "page")
+    page = (root / "page" / "index.html").read_text()
+    assert "cdn.jsdelivr" not in page and not re.search(r"<script[^>]*\ssrc=", page)
+    assert page.count("vegaEmbed('#") == 7  # one chart per definition in dvc.yaml, the not-yet-run stages' empty
 
 
 def test_cli_generate_and_errors(tmp_path, tiny_config):

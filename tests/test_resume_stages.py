@@ -3,7 +3,8 @@
 Every long stage (pretrain, finetune_classifier, finetune_instructions, generate_responses, judge)
 runs as a real process on tiny real data, is interrupted once its progress file exists, and is run
 again; its outputs must then equal those of a run that was never interrupted (bitwise on CPU, with
-wall-clock fields dropped).
+wall-clock fields dropped), the DVCLive metrics and plots folder included: the killed run left live
+values there, and the resumed run rebuilt them from its saved progress.
 """
 
 import json
@@ -42,8 +43,8 @@ def _pretrain_cmd(workdir: Path, corpus: Path) -> list[str]:
     return [
         sys.executable, str(REPO / "stages/pretrain.py"), "--params", str(workdir / "params.yaml"),
         "--corpus", str(corpus), "--out", str(workdir / "model.safetensors"),
-        "--metrics", str(workdir / "metrics.json"), "--plot-table", str(workdir / "loss.csv"),
-        "--plot-png", str(workdir / "loss.png"), "--sample", str(workdir / "sample.txt"),
+        "--metrics", str(workdir / "metrics.json"), "--plots", str(workdir / "plots"),
+        "--sample", str(workdir / "sample.txt"),
         "--checkpoint-dir", str(workdir / "ck"),
     ]
 
@@ -61,9 +62,24 @@ def _comparable(workdir: Path) -> dict:
     return {
         "weights": (workdir / "model.safetensors").read_bytes(),
         "metrics": metrics,
-        "table": (workdir / "loss.csv").read_text(),
+        "plots": _folder(workdir / "plots"),
         "sample": (workdir / "sample.txt").read_text(),
     }
+
+
+def _folder(root: Path) -> dict[str, bytes]:
+    """Every file under root, by relative path (tables, figures: compared byte for byte)."""
+    return {path.relative_to(root).as_posix(): path.read_bytes() for path in sorted(root.rglob("*")) if path.is_file()}
+
+
+def _live_outputs_are_whole(metrics: Path, plots: Path) -> None:
+    """What a killed training stage leaves of its DVCLive outputs: nothing, or whole files (JSON that
+    parses, tables whose every row has its two fields), never a file cut in the middle."""
+    if metrics.exists():
+        assert json.loads(metrics.read_text())["step"] >= 1
+    for table in plots.glob("metrics/*.tsv"):
+        rows = table.read_text().splitlines()
+        assert rows[0] == f"step\t{table.stem}" and all(len(row.split("\t")) == 2 for row in rows), table
 
 
 def _wait_for_progress(workdir: Path, proc: subprocess.Popen, polls: int, timeout: float = 300,
@@ -107,6 +123,7 @@ def test_pretrain_resumes_exactly(tmp_path, mirror_dir, sig, pretrain_reference)
     if sig != signal.SIGKILL:
         assert proc.returncode == 130 and "progress saved" in proc.stdout.read() + proc.stderr.read()
     assert not (run_dir / "model.safetensors").exists()  # nothing half-written
+    _live_outputs_are_whole(run_dir / "metrics.json", run_dir / "plots")
     assert (run_dir / "ck" / "state.pt").is_file()
 
     resumed = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -165,14 +182,17 @@ class StageRun:
     workdir: Path
     cmd: list[str]
     started: Callable[[Path], bool]  # progress has been saved (so a kill now interrupts real work)
-    outputs: list[str]  # files compared with an uninterrupted run
+    outputs: list[str]  # files (or folders) compared with an uninterrupted run
     volatile: dict[str, set[str]] = field(default_factory=dict)  # JSON file -> wall-clock keys to drop
+    live: tuple[str, ...] = ()  # DVCLive outputs (metrics JSON, plots folder): written while it runs
 
     def comparable(self) -> dict[str, object]:
         seen: dict[str, object] = {}
         for name in self.outputs:
             path = self.workdir / name
-            if name in self.volatile:
+            if path.is_dir():
+                seen[name] = _folder(path)
+            elif name in self.volatile:
                 seen[name] = {k: v for k, v in json.loads(path.read_text()).items() if k not in self.volatile[name]}
             elif name.endswith(".jsonl"):  # judge records carry the time they were made
                 seen[name] = [{k: v for k, v in json.loads(line).items() if k != "time"}
@@ -204,13 +224,10 @@ def _classifier_run(workdir: Path, inputs: Path, foundation: str = "lm.safetenso
     cmd = _stage("finetune_classifier") + [
         "--foundation", str(inputs / foundation), "--train", str(inputs / "train.csv"),
         "--validation", str(inputs / "validation.csv"), "--test", str(inputs / "test.csv"),
-        "--out", "model.safetensors", "--metrics", "metrics.json", "--loss-table", "loss.csv",
-        "--accuracy-table", "accuracy.csv", "--confusion", "confusion.csv", "--loss-png", "loss.png",
-        "--accuracy-png", "accuracy.png", "--checkpoint-dir", "ck",
+        "--out", "model.safetensors", "--metrics", "metrics.json", "--plots", "plots", "--checkpoint-dir", "ck",
     ]
-    return StageRun(workdir, cmd, _checkpoint_saved,
-                    ["model.safetensors", "metrics.json", "loss.csv", "accuracy.csv", "confusion.csv"],
-                    {"metrics.json": {"train_seconds"}})
+    return StageRun(workdir, cmd, _checkpoint_saved, ["model.safetensors", "metrics.json", "plots"],
+                    {"metrics.json": {"train_seconds"}}, live=("metrics.json", "plots"))
 
 
 def _instructions_run(workdir: Path, inputs: Path, foundation: str = "lm.safetensors", **overrides) -> StageRun:
@@ -220,10 +237,10 @@ def _instructions_run(workdir: Path, inputs: Path, foundation: str = "lm.safeten
     cmd = _stage("finetune_instructions") + [
         "--model", str(inputs / foundation), "--train", str(inputs / "train.json"),
         "--val", str(inputs / "val.json"), "--out", "model.safetensors", "--metrics", "metrics.json",
-        "--plot-table", "loss.csv", "--plot-png", "loss.png", "--checkpoint-dir", "ck",
+        "--plots", "plots", "--checkpoint-dir", "ck",
     ]
-    return StageRun(workdir, cmd, _checkpoint_saved, ["model.safetensors", "metrics.json", "loss.csv"],
-                    {"metrics.json": {"train_seconds"}})
+    return StageRun(workdir, cmd, _checkpoint_saved, ["model.safetensors", "metrics.json", "plots"],
+                    {"metrics.json": {"train_seconds"}}, live=("metrics.json", "plots"))
 
 
 def _generation_run(workdir: Path, inputs: Path) -> StageRun:
@@ -301,7 +318,9 @@ def _kill_and_resume(make: Callable[[Path], StageRun], tmp_path: Path, env: dict
     _kill_tree(proc.pid)
     proc.wait(timeout=60)
     assert not any((stage.workdir / name).exists() for name in stage.outputs
-                   if not name.endswith(".jsonl")), "a half-run left an output behind"
+                   if not name.endswith(".jsonl") and name not in stage.live), "a half-run left an output behind"
+    if stage.live:
+        _live_outputs_are_whole(*(stage.workdir / name for name in stage.live))
 
     resumed = subprocess.run(command(stage), cwd=stage.workdir, capture_output=True, text=True, env=env)
     assert resumed.returncode == 0, resumed.stderr
