@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from gptcore.atomic import atomic_dir
+from gptcore.atomic import atomic_dir, atomic_path
 from gptcore.config import OPENAI_SIZES, GPTConfig
 from gptcore.download import fetch, mirror_root, sha256_of
 from gptcore.errors import ConfigError, WeightsError
@@ -279,8 +279,6 @@ def prepare_foundation(
     Raises:
         ConfigError: an unknown foundation name (the valid ones listed).
     """
-    from gptcore.atomic import atomic_path
-
     stage1 = {"pretrained": Path(pretrained), "scratch": Path(scratch)}
     if foundation in stage1:
         with atomic_path(out) as tmp:
