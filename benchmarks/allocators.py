@@ -16,7 +16,6 @@ machine was; CPU seconds depend less on what else runs.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -25,7 +24,9 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from gptcore.bench import BenchSpec
+from gptcore.arguments import ArgumentParser, positive_int
+from gptcore.bench import TASKS, BenchSpec
+from gptcore.config import PRECISIONS
 from gptcore.memory import allocator_env
 
 # In the child: optionally the old in-process mallopt, then one measurement.
@@ -62,13 +63,15 @@ def settings() -> dict[str, dict[str, str]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="gpt2-small")
-    parser.add_argument("--task", default="train", choices=("train", "classify", "generate", "generate-batch"))
-    parser.add_argument("--precision", default="auto")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--only", nargs="*", help="setting names to run (default: all found)")
+    parser = ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default="gpt2-small", help="a preset (gpt2-small...) or a gptcore weights file")
+    parser.add_argument("--task", default="train", choices=TASKS, help="the `gptcore bench` task measured")
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS, help="gptcore's precision")
+    parser.add_argument("--repeats", type=positive_int, default=3, help="timed repeats per process (after 1 warm-up)")
+    parser.add_argument("--rounds", type=positive_int, default=2, help="processes per setting, interleaved")
+    parser.add_argument("--only", nargs="*", default=None, metavar="SETTING",
+                        help="settings to run (defaults tunables mallopt jemalloc jemalloc-pt tcmalloc; "
+                             "default: all whose library is installed)")
     args = parser.parse_args()
 
     spec = BenchSpec(task=args.task, model=args.model, precision=args.precision, device="cpu", repeats=args.repeats,
