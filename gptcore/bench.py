@@ -274,13 +274,13 @@ def _measure(spec: BenchSpec) -> dict[str, Any]:
         run()
     sync()
     rates = []
-    faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    before = resource.getrusage(resource.RUSAGE_SELF)
     for _ in range(spec.repeats):
         started = time.perf_counter()
         run()
         sync()
         rates.append(spec.tokens_per_repeat() / (time.perf_counter() - started))
-    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before
+    after = resource.getrusage(resource.RUSAGE_SELF)
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     result = {
         "system": spec.system,
@@ -289,7 +289,11 @@ def _measure(spec: BenchSpec) -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "tokens_per_s": rates,
         "peak_rss_mib": round(peak_kib / 1024, 1),
-        "page_faults_per_repeat": round(faults / spec.repeats),  # minor faults: memory faulted in afresh
+        "page_faults_per_repeat": round((after.ru_minflt - before.ru_minflt) / spec.repeats),  # memory faulted in afresh
+        # CPU time (all threads) and its kernel share (page faults are zeroed there): steadier than
+        # tokens/s on a machine that other work shares.
+        "cpu_s_per_repeat": round((after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime) / spec.repeats, 3),
+        "system_s_per_repeat": round((after.ru_stime - before.ru_stime) / spec.repeats, 3),
         "keeps_freed_memory": keeps_freed_memory(),
     }
     if device.type == "cuda":
@@ -390,6 +394,8 @@ def bench(
         gptcore_tokens_per_s_max=_round(max(rates) if rates[0] is not None else None),
         gptcore_peak_rss_mib=ours.get("peak_rss_mib"),
         gptcore_page_faults_per_repeat=ours.get("page_faults_per_repeat"),
+        gptcore_cpu_s_per_repeat=ours.get("cpu_s_per_repeat"),
+        gptcore_system_s_per_repeat=ours.get("system_s_per_repeat"),
         hf_fp32_tokens_per_s=_round(hf_fp32),
         hf_bf16_tokens_per_s=_round(hf_bf16),
         hf_fp32_peak_rss_mib=(results["hf-fp32"] or {}).get("peak_rss_mib"),

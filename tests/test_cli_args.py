@@ -92,7 +92,7 @@ def test_every_stage_option_has_help_and_shows_defaults(stage, monkeypatch):
     assert "(default: params.yaml)" in " ".join(parser.format_help().split())
 
 
-@pytest.mark.parametrize("script", ["benchmarks/greedy_agreement.py", "gptcore/serve/bench.py"])
+@pytest.mark.parametrize("script", ["benchmarks/greedy_agreement.py", "benchmarks/allocators.py", "gptcore/serve/bench.py"])
 def test_every_benchmark_option_has_help_and_shows_defaults(script, monkeypatch):
     def capture(self, *args, **kwargs):
         raise _Parsed(self)

@@ -40,19 +40,16 @@ def _generate(url: str, name: str, prompt: str, new_tokens: int) -> dict:
 
 def run(preset: str, clients: int, prompt_len: int, new_tokens: int, seed: int = 0, repeats: int = 2,
         precision: str = "fp32") -> dict:
-    import torch
-
     from gptcore.config import GPTConfig
     from gptcore.model import random_model
     from gptcore.serve import Limits, Server
     from gptcore.tokenizer import get_tokenizer
     from gptcore.weights import save_model
 
-    torch.manual_seed(seed)
     prompts = _prompts(get_tokenizer(), clients, prompt_len, seed)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "bench.safetensors"
-        save_model(random_model(GPTConfig.from_name(preset)), path)
+        save_model(random_model(GPTConfig.from_name(preset), seed=seed), path)  # the caller's RNG untouched
         server = Server(path, "127.0.0.1", 0, name="bench", device="cpu", precision=precision, quiet=True,
                         limits=Limits(max_batch=max(clients, 1))).start()
         try:
