@@ -60,20 +60,22 @@ def main() -> None:
             print(f"{precision}: {result.metrics['tokens_generated']} tokens, {result.metrics['tokens_per_second']} tokens/s")
     from gptcore.tokenizer import get_tokenizer
 
-    tok = get_tokenizer()
     a, b = ([r["model_response"] for r in runs[p].responses] for p in ("fp32", other))
+    print(json.dumps({"compared": ["fp32", other], **agreement(a, b, get_tokenizer())}))
+
+
+def agreement(a: list[str], b: list[str], tokenizer) -> dict:
+    """How far two lists of responses agree: identical responses, and tokens before the first difference."""
     same = sum(x == y for x, y in zip(a, b))
     matched = total = 0
     for x, y in zip(a, b):
-        ids_x, ids_y = tok.encode(x, disallowed_special=()), tok.encode(y, disallowed_special=())
-        n = max(len(ids_x), len(ids_y))
+        ids_x, ids_y = tokenizer.encode(x, disallowed_special=()), tokenizer.encode(y, disallowed_special=())
         prefix = next((i for i, (p, q) in enumerate(zip(ids_x, ids_y)) if p != q), min(len(ids_x), len(ids_y)))
         matched += prefix
-        total += n
-    print(json.dumps({"compared": ["fp32", other], "responses": len(a), "identical_responses": same,
-                      "identical_share": round(same / len(a), 4), "tokens_before_first_difference": matched,
-                      "tokens": total, "identical_token_share": round(matched / total, 4) if total else None}))
-
+        total += max(len(ids_x), len(ids_y))
+    return {"responses": len(a), "identical_responses": same, "identical_share": round(same / len(a), 4),
+            "tokens_before_first_difference": matched, "tokens": total,
+            "identical_token_share": round(matched / total, 4) if total else None}
 
 if __name__ == "__main__":
     main()

@@ -13,7 +13,12 @@ stages (gptcore/memory.py), generation with the defaults, as serve and generate_
 - classify: one classifier step (2-class head; last block + final LayerNorm + head train, the frozen
   prefix runs without autograd) on batch x seq_len tokens;
 - generate / generate-batch: greedy decoding of new_tokens tokens after a prompt_len-token prompt, for
-  1 prompt / `batch` prompts (8 by default) at once; tokens/s counts new tokens.
+  1 prompt / `batch` prompts (8 by default) at once; tokens/s counts new tokens (prefill included).
+For generate (batch 1), llama.cpp (llama-cpp-python, when installed) runs the same weights exported to
+GGUF in f16 and q8_0, the same prompt and as many greedy tokens, with as many threads. In the same run
+a worker measures the task's roofs (gptcore/roofline.py), and each row gives the fraction of its roof
+that gptcore reached. Around every worker, gptcore/machine_load.py records the load average and the
+CPU other processes used; a row measured on a machine that was not quiet says so and warns.
 """
 
 from __future__ import annotations
@@ -32,9 +37,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gptcore.machine_load import QUIET_LOAD, QUIET_OTHER_CORES, LoadWatch
+
 TASKS = ("train", "classify", "generate", "generate-batch")
 FIXED_SHAPE_TASKS = ("train", "classify")  # the same shapes every step, as the stages that train
-SYSTEMS = ("gptcore", "hf-fp32", "hf-bf16")
+SYSTEMS = ("gptcore", "hf-fp32", "hf-bf16", "llama.cpp-f16", "llama.cpp-q8_0")
+ROOF = "roof"  # the worker that measures the task's roofs (gptcore/roofline.py)
 
 
 @dataclass
@@ -58,6 +66,7 @@ class BenchSpec:
     activation_checkpointing: bool = False
     compile: bool = False
     step_in_backward: bool = False
+    quantize: str = "none"  # gptcore's decoding weights: none, or int8 (weight-only; gptcore/quantize.py)
     # Start gptcore's worker with glibc's allocator keeping freed memory (gptcore/memory.py); None: as
     # the entry points of the task's work start, with it for train/classify (dvc.yaml's fixed-shape
     # training stages), without for generation (serve, generate_responses).
@@ -144,6 +153,10 @@ def _gptcore_task(spec: BenchSpec, device, precision: str):
 
     model.eval()
     cast_for_inference(model, precision)
+    if spec.quantize == "int8":
+        from gptcore.quantize import quantize_int8
+
+        quantize_int8(model)
     prompts = torch.randint(0, config.vocab_size, (spec.batch, spec.prompt_len), generator=generator)
     if spec.batch == 1:
         idx = prompts.to(device)
@@ -225,6 +238,78 @@ def _hf_task(spec: BenchSpec, device, bf16: bool):
     return run
 
 
+def _llama_cpp_task(spec: BenchSpec, folder: Path, gguf_dtype: str):
+    """The same random weights (or weights file) as gptcore's worker, exported to GGUF and run by
+    llama.cpp: greedy decoding of new_tokens tokens after the same prompt."""
+    import llama_cpp
+    import torch
+
+    from gptcore.config import PRESETS
+    from gptcore.device import forked_rng
+    from gptcore.export.gguf import export_gguf
+    from gptcore.model import GPTModel
+    from gptcore.weights import save_model
+
+    config = _model_config(spec)
+    source = Path(spec.model)
+    if spec.model in PRESETS:
+        with forked_rng(torch.device("cpu"), spec.seed):
+            model = GPTModel(config)
+        source = folder / "model.safetensors"
+        save_model(model, source)
+        del model
+    export_gguf(source, folder / "model.gguf", dtype=gguf_dtype, chat_template=False)
+    threads = spec.threads or torch.get_num_threads()
+    llm = llama_cpp.Llama(model_path=str(folder / "model.gguf"), n_ctx=spec.prompt_len + spec.new_tokens,
+                          n_batch=spec.prompt_len, n_threads=threads, n_threads_batch=threads, verbose=False)
+    generator = torch.Generator().manual_seed(spec.seed)
+    prompt = torch.randint(0, config.vocab_size, (1, spec.prompt_len), generator=generator)[0].tolist()
+
+    def run():
+        made = 0
+        for _ in llm.generate(prompt, top_k=1, temp=0.0, repeat_penalty=1.0, reset=True):
+            made += 1
+            if made == spec.new_tokens:
+                break
+
+    return run
+
+
+def _roofs(spec: BenchSpec, device) -> dict[str, Any]:
+    """The task's roofs on this machine in gptcore's precision (gptcore/roofline.py)."""
+    import torch
+
+    from gptcore import roofline
+    from gptcore.precision import resolve_precision
+
+    decoding = spec.task.startswith("generate")
+    precision = resolve_precision(spec.precision, device, "inference" if decoding else "train")
+    compute = {"fp32": torch.float32, "fp16-mixed": torch.float16}.get(precision, torch.bfloat16)
+    config = _model_config(spec)
+    result: dict[str, Any] = {"system": ROOF, "precision": precision}
+    if not decoding:
+        if spec.task == "classify":
+            config = dataclasses.replace(config, num_classes=2)
+        tokens = spec.batch * spec.seq_len
+        work = roofline.training_matmuls(config, tokens, 1 if spec.task == "classify" else None)
+        seconds = roofline.time_matmuls(work, compute, device)
+        flops = sum(mm.flops * count for mm, count in work.items())
+        return {**result, "matmul_s_per_step": round(seconds, 4), "matmul_gflop_per_s": round(flops / seconds / 1e9, 1),
+                "tokens_per_s": tokens / seconds}
+    # As cast_for_inference stores them: bf16-true blocks with an fp32 head; fp32 column-major on CPU;
+    # the mixed precisions keep fp32 weights and compute in 16 bits.
+    # int8 (gptcore/quantize.py): every Linear, the head too, int8 with scales.
+    int8 = spec.quantize == "int8"
+    block_dtype = torch.int8 if int8 else torch.bfloat16 if precision == "bf16-true" else torch.float32
+    layout = "int8" if int8 else "column" if precision == "fp32" and device.type == "cpu" else "row"
+    blocks, head = roofline.decoding_matmuls(config, spec.batch, layout)
+    kernel_s = roofline.time_matmuls(blocks, compute, device) + roofline.time_matmuls(head, torch.float32, device)
+    weight_bytes = roofline.decoding_weight_bytes(config, block_dtype, torch.int8 if int8 else torch.float32)
+    bandwidth = roofline.memory_read_bandwidth(device)
+    return {**result, "read_gb_per_s": round(bandwidth / 1e9, 1), "weight_mb_per_step": round(weight_bytes / 1e6, 1),
+            "tokens_per_s": spec.batch * bandwidth / weight_bytes, "kernel_tokens_per_s": spec.batch / kernel_s}
+
+
 def measure(spec: BenchSpec) -> dict[str, Any]:
     """Run one system's task in this process: tokens/s of each timed repeat, page faults and peak memory.
 
@@ -252,19 +337,32 @@ def _torch_threads(threads: int):
 
 
 def _measure(spec: BenchSpec) -> dict[str, Any]:
-    import torch
-
     from gptcore.device import resolve_device
-    from gptcore.memory import keeps_freed_memory
     from gptcore.precision import resolve_precision
 
     device = resolve_device(spec.device)
-    if spec.system == "gptcore":
-        precision = resolve_precision(spec.precision, device, "inference" if spec.task.startswith("generate") else "train")
-        run = _gptcore_task(spec, device, precision)
-    else:
-        precision = "bf16-mixed" if spec.system == "hf-bf16" else "fp32"
-        run = _hf_task(spec, device, bf16=precision == "bf16-mixed")
+    if spec.system == ROOF:
+        return _roofs(spec, device)
+    with contextlib.ExitStack() as stack:
+        if spec.system == "gptcore":
+            precision = resolve_precision(spec.precision, device, "inference" if spec.task.startswith("generate") else "train")
+            run = _gptcore_task(spec, device, precision)
+        elif spec.system.startswith("llama.cpp"):
+            import tempfile
+
+            precision = spec.system.split("-", 1)[1]  # the GGUF dtype
+            folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="gptcore-bench-"))
+            run = _llama_cpp_task(spec, Path(folder), precision)
+        else:
+            precision = "bf16-mixed" if spec.system == "hf-bf16" else "fp32"
+            run = _hf_task(spec, device, bf16=precision == "bf16-mixed")
+        return _time_task(spec, device, precision, run)
+
+
+def _time_task(spec: BenchSpec, device, precision: str, run) -> dict[str, Any]:
+    import torch
+
+    from gptcore.memory import keeps_freed_memory
 
     def sync():
         if device.type == "cuda":
@@ -312,14 +410,15 @@ def _run_worker(spec: BenchSpec, timeout: float | None) -> dict[str, Any]:
         env.update(OMP_NUM_THREADS=str(spec.threads), MKL_NUM_THREADS=str(spec.threads))
     cmd = [sys.executable, "-m", "gptcore.bench", "--worker", json.dumps(dataclasses.asdict(spec))]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+        with LoadWatch() as watch:
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout:.0f}s"}
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
         return {"error": f"exit status {proc.returncode}: {tail}"}
-    return json.loads(lines[-1])
+    return {**json.loads(lines[-1]), "load": watch.to_dict()}
 
 
 def _hf_available() -> bool:
@@ -347,13 +446,15 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return round(a / b, 3) if a and b else None
 
 
-def bench(
-    spec: BenchSpec, hf: bool = True, timeout: float | None = None, hf_precisions: tuple[str, ...] = ("fp32", "bf16")
-) -> dict[str, Any]:
-    """Measure gptcore and (when wanted and installed) HF in fp32 and bf16; one flat row of results."""
-    results: dict[str, dict[str, Any] | None] = {name: None for name in SYSTEMS}
-    notes = []
-    systems = ["gptcore"]
+def _llama_cpp_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+def _systems(spec: BenchSpec, hf: bool, hf_precisions: tuple[str, ...], llama_cpp: bool | None) -> tuple[list[str], list[str]]:
+    """The systems to run for spec (gptcore first), and notes on those left out."""
+    systems, notes = ["gptcore"], []
     if hf and _hf_available():
         if "fp32" in hf_precisions:
             systems.append("hf-fp32")
@@ -363,30 +464,63 @@ def bench(
             notes.append("hf-bf16: no native bf16 on this device")
     elif hf:
         notes.append("transformers is not installed")
-    for system in systems:
+    # llama.cpp runs on the CPU: beside a CUDA gptcore it would compare two machines.
+    if llama_cpp is not False and spec.task == "generate" and spec.batch == 1 and spec.device in ("auto", "cpu"):
+        if _llama_cpp_available():
+            systems += ["llama.cpp-f16", "llama.cpp-q8_0"]
+        elif llama_cpp:
+            notes.append("llama.cpp: llama-cpp-python is not installed")
+    return systems, notes
+
+
+def bench(
+    spec: BenchSpec, hf: bool = True, timeout: float | None = None, hf_precisions: tuple[str, ...] = ("fp32", "bf16"),
+    llama_cpp: bool | None = None, roof: bool = True,
+) -> dict[str, Any]:
+    """Measure gptcore, the peers that apply (HF fp32/bf16; llama.cpp f16/q8_0 for batch-1 generation,
+    when installed, or when `llama_cpp` is True) and the task's roofs; one flat row of results.
+
+    Each runs in a worker process of its own, one after the other; `load` gives, per worker, the load
+    average before and after and the CPU cores other processes used meanwhile (gptcore/machine_load.py),
+    and `quiet` is False (with a note) when any of them was not quiet.
+    """
+    systems, notes = _systems(spec, hf, hf_precisions, llama_cpp)
+    results: dict[str, dict[str, Any] | None] = {name: None for name in (*SYSTEMS, ROOF)}
+    for system in systems + ([ROOF] if roof else []):
         result = _run_worker(dataclasses.replace(spec, system=system), timeout)
         if "error" in result:
             notes.append(f"{system}: {result['error']}")
         else:
             results[system] = result
+    row = _row(spec, results)
+    loads = {name: result["load"] for name, result in results.items() if result}
+    row["load"] = loads
+    row["quiet"] = all(load["quiet"] for load in loads.values())
+    if not row["quiet"]:
+        noisy = ", ".join(f"{name} (load {v['load_before']} -> {v['load_after']}, other processes {v['other_cores']} cores)"
+                          for name, v in loads.items() if not v["quiet"])
+        notes.append(f"NOT QUIET, the figures are not comparable: {noisy}; quiet means load average < {QUIET_LOAD} "
+                     f"before and other processes <= {QUIET_OTHER_CORES} cores during each run")
+    if notes:
+        row["notes"] = "; ".join(notes)
+    return row
+
+
+def _row(spec: BenchSpec, results: dict[str, dict[str, Any] | None]) -> dict[str, Any]:
     ours = results["gptcore"] or {}
     rates = ours.get("tokens_per_s") or [None]
     gptcore_rate = _median(ours)
     hf_fp32, hf_bf16 = _median(results["hf-fp32"]), _median(results["hf-bf16"])
     ours_precision = ours.get("precision", "")
     same = hf_bf16 if ours_precision.startswith("bf16") else hf_fp32 if ours_precision == "fp32" else None
-    row: dict[str, Any] = {
-        "task": spec.task,
-        "model": spec.model,
-        "precision": ours.get("precision", spec.precision),
-        "device": ours.get("device"),
-        "threads": ours.get("threads"),
-        "batch": spec.batch,
-    }
+    row: dict[str, Any] = {"task": spec.task, "model": spec.model, "precision": ours.get("precision", spec.precision),
+                           "device": ours.get("device"), "threads": ours.get("threads"), "batch": spec.batch}
     row.update(
         {"seq_len": spec.seq_len} if not spec.task.startswith("generate")
         else {"prompt_len": spec.prompt_len, "new_tokens": spec.new_tokens}
     )
+    if spec.quantize != "none":
+        row["quantize"] = spec.quantize
     row.update(
         repeats=spec.repeats,
         gptcore_tokens_per_s=_round(gptcore_rate),
@@ -404,6 +538,12 @@ def bench(
         ratio_vs_hf_bf16=_ratio(gptcore_rate, hf_bf16),
         ratio_vs_hf_same_precision=_ratio(gptcore_rate, same),
     )
+    for system in ("llama.cpp-f16", "llama.cpp-q8_0"):
+        if results[system]:
+            key = system.replace(".", "_").replace("-", "_")
+            row[f"{key}_tokens_per_s"] = _round(_median(results[system]))
+            row[f"ratio_vs_{key}"] = _ratio(gptcore_rate, _median(results[system]))
+    row.update(_roof_columns(results[ROOF], gptcore_rate))
     for system, result in results.items():
         if result and "peak_gpu_mib" in result:
             row[f"{system.replace('-', '_')}_peak_gpu_mib"] = result["peak_gpu_mib"]
@@ -413,11 +553,23 @@ def bench(
             compile=spec.compile, step_in_backward=spec.step_in_backward,
         )
     row["keeps_freed_memory"] = {
-        system.replace("-", "_"): result["keeps_freed_memory"] for system, result in results.items() if result
+        system.replace(".", "_").replace("-", "_"): result["keeps_freed_memory"] for system, result in results.items()
+        if result and "keeps_freed_memory" in result
     }
-    if notes:
-        row["notes"] = "; ".join(notes)
     return row
+
+
+def _roof_columns(roof: dict[str, Any] | None, gptcore_rate: float | None) -> dict[str, Any]:
+    """The roof worker's figures, and the fraction of each that gptcore reached."""
+    if not roof:
+        return {}
+    columns = {f"roof_{key}": value for key, value in roof.items() if key not in ("system", "precision", "load")}
+    columns["roof_tokens_per_s"] = _round(roof["tokens_per_s"])
+    columns["gptcore_fraction_of_roof"] = _ratio(gptcore_rate, roof["tokens_per_s"])
+    if "kernel_tokens_per_s" in roof:
+        columns["roof_kernel_tokens_per_s"] = _round(roof["kernel_tokens_per_s"])
+        columns["gptcore_fraction_of_kernels"] = _ratio(gptcore_rate, roof["kernel_tokens_per_s"])
+    return columns
 
 
 def _round(value: float | None) -> float | None:
@@ -448,18 +600,41 @@ def format_row(row: dict[str, Any]) -> str:
             f"  {name:<10} {precision:<9} {fmt(row[key + '_tokens_per_s']):>9} {'':>9} {'':>9} "
             f"{fmt(row[key + '_peak_rss_mib'], '.0f'):>13}"
         )
+    for dtype in ("f16", "q8_0"):
+        if f"llama_cpp_{dtype}_tokens_per_s" in row:
+            lines.append(f"  {'llama.cpp':<10} {dtype:<9} {fmt(row[f'llama_cpp_{dtype}_tokens_per_s']):>9}")
     lines.append(
         f"  gptcore / HF fp32: {fmt(row['ratio_vs_hf_fp32'], '.2f')}x; / HF bf16: {fmt(row['ratio_vs_hf_bf16'], '.2f')}x;"
         f" / HF same precision: {fmt(row['ratio_vs_hf_same_precision'], '.2f')}x"
+        + "".join(f"; / llama.cpp {d}: {fmt(row[f'ratio_vs_llama_cpp_{d}'], '.2f')}x"
+                  for d in ("f16", "q8_0") if f"ratio_vs_llama_cpp_{d}" in row)
     )
+    lines.extend(_roof_lines(row, fmt))
     kept = [name for name, keeps in row.get("keeps_freed_memory", {}).items() if keeps]
     lines.append(f"  allocator keeps freed memory (gptcore/memory.py): {', '.join(kept) or 'none'}; "
                  f"gptcore page faults per repeat: {fmt(row.get('gptcore_page_faults_per_repeat'), ',.0f')}")
     if "gptcore_batch_speedup" in row:
         lines.append(f"  gptcore batch {row['batch']} vs batch 1: {row['gptcore_batch_speedup']:.2f}x tokens/s")
+    loads = "; ".join(f"{name} {v['load_before']} -> {v['load_after']} (others {v['other_cores']} cores)"
+                      for name, v in row.get("load", {}).items())
+    lines.append(f"  load average before -> after each run: {loads}")
     if row.get("notes"):
         lines.append(f"  note: {row['notes']}")
     return "\n".join(lines)
+
+
+def _roof_lines(row: dict[str, Any], fmt) -> list[str]:
+    if "roof_tokens_per_s" not in row:
+        return []
+    if "roof_matmul_s_per_step" in row:
+        return [f"  roof: the step's matmuls alone at torch's kernels {row['roof_matmul_s_per_step']:.3f} s "
+                f"({fmt(row['roof_matmul_gflop_per_s'])} GFLOP/s) = {fmt(row['roof_tokens_per_s'])} tokens/s; "
+                f"gptcore reached {fmt(row['gptcore_fraction_of_roof'], '.0%')} of it"]
+    return [f"  roof: {fmt(row['roof_weight_mb_per_step'], '.0f')} MB of weights per step at "
+            f"{fmt(row['roof_read_gb_per_s'])} GB/s memory read = {fmt(row['roof_tokens_per_s'])} tokens/s; "
+            f"the step's matmuls alone at torch's kernels: {fmt(row['roof_kernel_tokens_per_s'])} tokens/s; "
+            f"gptcore reached {fmt(row['gptcore_fraction_of_roof'], '.0%')} and "
+            f"{fmt(row['gptcore_fraction_of_kernels'], '.0%')}"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -483,6 +658,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--activation-checkpointing", action="store_true", help="recompute block activations in backward (train)")
     parser.add_argument("--compile", action="store_true", help="torch.compile gptcore's blocks")
     parser.add_argument("--step-in-backward", action="store_true", help="update each weight inside backward (less memory)")
+    parser.add_argument("--quantize", default="none", choices=("none", "int8"),
+                        help="gptcore's decoding weights (generate): int8 = weight-only int8 (gptcore/quantize.py)")
     parser.add_argument("--no-hf", action="store_true", help="measure gptcore only")
     parser.add_argument("--hf", default="both", choices=("both", "fp32", "bf16"),
                         help="which HF runs: fp32, under bf16 autocast, or both")
@@ -492,6 +669,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(dvc.yaml's training stages), without for generation (serve, generate_responses)")
     parser.add_argument("--hf-keep-freed-memory", action="store_true",
                         help="start HF's workers with the same allocator setting as gptcore's")
+    parser.add_argument("--llama-cpp", action=argparse.BooleanOptionalAction, default=None,
+                        help="run llama.cpp (llama-cpp-python) on the same weights as GGUF f16 and q8_0 for generate "
+                             "(batch 1); default: when it is installed")
+    parser.add_argument("--no-roof", action="store_true", help="skip measuring the task's roofs (gptcore/roofline.py)")
     parser.add_argument("--timeout", type=number(minimum=0.0), default=None, help="seconds per system before it is given up")
     parser.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
 
@@ -515,11 +696,14 @@ def run_cli(args: argparse.Namespace) -> int:
             seq_len=args.seq_len, prompt_len=args.prompt_len, new_tokens=args.new_tokens, repeats=args.repeats,
             warmup=args.warmup, threads=args.threads, grad_accum=args.grad_accum,
             activation_checkpointing=args.activation_checkpointing, compile=args.compile,
-            step_in_backward=args.step_in_backward, keep_freed_memory=args.keep_freed_memory,
+            step_in_backward=args.step_in_backward, keep_freed_memory=args.keep_freed_memory, quantize=args.quantize,
             hf_keep_freed_memory=args.hf_keep_freed_memory,
         )
         hf_precisions = ("fp32", "bf16") if args.hf == "both" else (args.hf,)
-        row = bench(spec, hf=not args.no_hf, timeout=args.timeout, hf_precisions=hf_precisions)
+        row = bench(spec, hf=not args.no_hf, timeout=args.timeout, hf_precisions=hf_precisions,
+                    llama_cpp=args.llama_cpp, roof=not args.no_roof)
+        if not row["quiet"]:
+            print(f"warning: {task}: the machine was not quiet; see the row's notes", file=sys.stderr, flush=True)
         if task == "generate" and batch == 1:
             batch1 = row["gptcore_tokens_per_s"]
         if task == "generate-batch" and batch1 and row["gptcore_tokens_per_s"]:

@@ -29,7 +29,7 @@ from gptcore.errors import DataError, WeightsError
 from gptcore.metrics import confusion_rows, split_metrics
 from gptcore.model import GPTModel
 from gptcore.tokenizer import get_tokenizer
-from gptcore.train import Checkpoint, LoopOptions, TrainResult, open_checkpoint, to_device, train
+from gptcore.train import LoopOptions, Progress, TrainResult, open_progress, to_device, train
 from gptcore.weights import load_into, load_model, load_state, read_metadata, save_model
 
 METADATA_KEY = "gptcore_classifier"
@@ -265,7 +265,7 @@ class ClassifierOutcome:
     result: TrainResult
     metrics: dict[str, float]
     confusion: list[dict[str, str]]  # test set: one {actual, predicted} row per message
-    checkpoint: Checkpoint | None  # call .finish() once the outputs are written
+    progress: Progress | None  # call .finish() once the outputs are written
 
 
 def finetune_classifier(
@@ -273,9 +273,9 @@ def finetune_classifier(
     splits: dict[str, str | os.PathLike],
     params: ClassifierParams,
     run: RunConfig,
-    checkpoint_dir: str | os.PathLike | None = None,
+    progress_dir: str | os.PathLike | None = None,
     *,
-    progress: bool = True,
+    show_progress: bool = True,
     no_grad_prefix: bool = True,
     report: Callable[[list[dict]], None] | None = None,
 ) -> ClassifierOutcome:
@@ -306,7 +306,7 @@ def finetune_classifier(
 
     optimizer = make_optimizer(trainable, params, device)
     inputs = [foundation] + [splits[name] for name in frames]
-    checkpoint = open_checkpoint(checkpoint_dir, params, run.to_dict(), precision, inputs=inputs)
+    progress = open_progress(progress_dir, params, run.to_dict(), precision, inputs=inputs)
     frozen = frozen_prefix(model) if no_grad_prefix else None
     evaluate = classifier_evaluator(
         in_order["train"], in_order["validation"], device, precision, params.eval_batches, params.token_position
@@ -317,9 +317,9 @@ def finetune_classifier(
 
     # Dropout draws from a fork of torch's generators seeded with run.seed; the caller's stay as they were.
     with frozen_linears_cast(model, frozen, precision), forked_rng(device, run.seed):
-        options = LoopOptions(epochs=params.epochs, eval_every=params.eval_every, seed=run.seed, progress=progress,
+        options = LoopOptions(epochs=params.epochs, eval_every=params.eval_every, seed=run.seed, show_progress=show_progress,
                               desc="finetune_classifier", **params.loop_options())
-        result = train(model, optimizer, train_loader, classification_loss(params.token_position, PAD_ID, frozen), evaluate, device, options, precision, checkpoint,
+        result = train(model, optimizer, train_loader, classification_loss(params.token_position, PAD_ID, frozen), evaluate, device, options, precision, progress,
                        report=(lambda rows: report(with_examples(rows))) if report is not None else None)
     result.history = with_examples(result.history)
 
@@ -337,7 +337,7 @@ def finetune_classifier(
         trainable_parameters=sum(p.numel() for p in trainable),
     )
     confusion = confusion_rows(test.labels, test.predictions, LABELS)
-    return ClassifierOutcome(model.cpu(), info, result, metrics, confusion, checkpoint)
+    return ClassifierOutcome(model.cpu(), info, result, metrics, confusion, progress)
 
 
 # --- inference ----------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ def _convert(args: argparse.Namespace) -> int:
         from gptcore.openai import TENSORFLOW_ENV, convert_checkpoint
 
         set_environ_defaults(TENSORFLOW_ENV)  # before TensorFlow is imported
-        result = convert_checkpoint(args.checkpoint, args.out, progress=True)
+        result = convert_checkpoint(args.checkpoint, args.out, show_progress=True)
     print(f"converted {result.parameters:,} parameters ({result.tensors} tensors) -> {args.out}")
     return 0
 
@@ -66,7 +66,7 @@ def _generate(args: argparse.Namespace) -> int:
     if model.config.num_classes is not None:
         raise GptcoreError(f"{args.model}: is a classifier; use `gptcore classify`")
     precision = resolve_precision(args.precision, device, "inference")
-    cast_for_inference(model, precision)
+    cast_for_inference(model, precision, args.quantize)
     tokenizer = get_tokenizer()
     idx = text_to_ids(args.prompt, tokenizer, device)
     with autocast(device, precision):
@@ -93,7 +93,7 @@ def _serve(args: argparse.Namespace) -> int:
     from gptcore.serve import serve
 
     serve(args.model, host=args.host, port=args.port, name=args.name, device=args.device, max_predict=args.max_predict,
-          precision=args.precision, origins=[o for o in (args.origins or "").split(",") if o.strip()])
+          precision=args.precision, quantize=args.quantize, origins=[o for o in (args.origins or "").split(",") if o.strip()])
     return 0
 
 
@@ -109,6 +109,8 @@ def _add_decoding_precision(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", default="fp32", choices=PRECISIONS,
                    help="fp32 (exact); bf16-true (bf16 weights, fp32 head: faster on CPUs/GPUs with native "
                         "bf16); bf16-mixed/fp16-mixed (autocast); auto (bf16-true where bf16 is native, else fp32)")
+    p.add_argument("--quantize", default="none", choices=("none", "int8"),
+                   help="int8: weight-only int8 weights (CPU; faster decoding, some quality cost: docs/performance.md)")
 
 
 def build_parser() -> argparse.ArgumentParser:

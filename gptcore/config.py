@@ -314,7 +314,7 @@ class TrainConfig(Section):
     weight_decay: WeightDecay = 0.1
     eval_every: EvalEvery = 5
     eval_batches: EvalBatches = 5
-    checkpoint_minutes: float = Field(10.0, ge=0, description="resumable progress is saved this often (and on SIGINT/SIGTERM)")
+    progress_minutes: float = Field(10.0, ge=0, description="resumable progress is saved this often (and on SIGINT/SIGTERM)")
     lr_schedule: LrSchedule = "constant"
     warmup: Warmup = 0.0
     # Speed and memory only (the result is the same up to float rounding; batch_size stays the global batch):
@@ -322,6 +322,14 @@ class TrainConfig(Section):
     activation_checkpointing: bool = Field(False, description="recompute block activations in the backward pass (large models)")
     compile: bool = Field(False, description="torch.compile the transformer blocks (slow start; pays off on long GPU runs)")
     step_in_backward: bool = Field(False, description="update each weight as soon as its gradient is ready (less memory; 1 process)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_progress_minutes(cls, data: Any) -> Any:
+        # "checkpoint" now names OpenAI's TensorFlow files only; resumable training state is "progress".
+        if isinstance(data, dict) and "checkpoint_minutes" in data:
+            raise ValueError("checkpoint_minutes: renamed to progress_minutes")
+        return data
 
     def loop_options(self) -> dict[str, Any]:
         """The lr schedule and the speed and memory knobs as keyword arguments of gptcore.train.train."""
@@ -456,6 +464,7 @@ class GenerateParams(Section):
     top_k: int | None = Field(None, ge=1, description="sample only among the k most likely tokens (temperature > 0)")
     seed: int = Field(123, description="batch n of the schedule samples with seed + n (unused when greedy)")
     batch_size: int = Field(8, ge=1, description="prompts generated together (left-padded); 1: one at a time")
+    quantize: Literal["none", "int8"] = Field("none", description="int8: weight-only int8 weights (CPU; gptcore/quantize.py)")
 
 
 Foundation = Literal["gpt2-small", "gpt2-medium", "gpt2-large", "gpt2-xl", "pretrained", "scratch"]

@@ -9,6 +9,7 @@ import torch
 
 from gptcore.model import GPTModel, KVCache
 from gptcore.precision import RESOLVED, weights_dtype
+from gptcore.quantize import check_quantize, quantize_int8
 from gptcore.tokenizer import encode_text
 
 
@@ -183,8 +184,9 @@ def next_token_logits(model: GPTModel, idx: torch.Tensor, cache: KVCache | None 
         return model.head(h).float()  # [B, vocab]
 
 
-def cast_for_inference(model: GPTModel, precision: str) -> GPTModel:
-    """Prepare the model (in place) for decoding at a resolved precision (gptcore.precision).
+def cast_for_inference(model: GPTModel, precision: str, quantize: str = "none") -> GPTModel:
+    """Prepare the model (in place) for decoding at a resolved precision (gptcore.precision), then,
+    with quantize="int8", every Linear to weight-only int8 (gptcore.quantize; CPU only).
 
     bf16-true: the embeddings and blocks are cast to bf16 (decoding one token reads every weight
     once, so it is bound by memory traffic, which bf16 halves); the final LayerNorm and the head stay
@@ -197,10 +199,13 @@ def cast_for_inference(model: GPTModel, precision: str) -> GPTModel:
     (In bf16 the same layout was 10-50% slower, so bf16 weights keep nn.Linear's own.)
 
     Raises:
-        ValueError: precision is not a resolved value (fp32, bf16-mixed, bf16-true, fp16-mixed).
+        ValueError: precision is not a resolved value (fp32, bf16-mixed, bf16-true, fp16-mixed), or
+            quantize is not none or int8.
+        ConfigError: int8 on a device other than the CPU.
     """
     if precision not in RESOLVED:
         raise ValueError(f"precision: expected one of {', '.join(RESOLVED)}, got {precision!r}")
+    check_quantize(quantize)
     if precision == "bf16-true":
         head = model.out_head
         if head.weight is model.tok_emb.weight:  # untie: the head keeps fp32, the embedding goes bf16
@@ -211,6 +216,8 @@ def cast_for_inference(model: GPTModel, precision: str) -> GPTModel:
         for module in model.modules():
             if isinstance(module, torch.nn.Linear):  # same shape and values; column-major storage
                 module.weight.data = module.weight.data.t().contiguous().t()
+    if quantize == "int8":
+        quantize_int8(model)
     return model
 
 

@@ -92,7 +92,7 @@ def local_rank() -> int:
 
 
 def is_main_process() -> bool:
-    """True for the one process that writes outputs, metrics and checkpoints (rank 0)."""
+    """True for the one process that writes outputs, metrics and saved progress (rank 0)."""
     return rank() == 0
 
 

@@ -54,7 +54,7 @@ def fetch(
     retries: int = 5,
     backoff: float = 1.0,
     timeout: float = 60.0,
-    progress: bool = True,
+    show_progress: bool = True,
     partial_dir: str | os.PathLike | None = None,
 ) -> Path:
     """Put the file at `url` at `dest`, from the mirror when GPTCORE_MIRROR is set, else the network.
@@ -75,7 +75,7 @@ def fetch(
             _verify_digest(tmp, sha256, str(source), mirrored=True)
         return dest
     download(
-        url, dest, sha256=sha256, retries=retries, backoff=backoff, timeout=timeout, progress=progress,
+        url, dest, sha256=sha256, retries=retries, backoff=backoff, timeout=timeout, show_progress=show_progress,
         partial_dir=partial_dir,
     )
     return dest
@@ -97,7 +97,7 @@ def download(
     retries: int = 5,
     backoff: float = 1.0,
     timeout: float = 60.0,
-    progress: bool = True,
+    show_progress: bool = True,
     session: requests.Session | None = None,
     partial_dir: str | os.PathLike | None = None,
 ) -> Path:
@@ -116,7 +116,7 @@ def download(
     session = session or requests.Session()
     for attempt in range(retries + 1):
         try:
-            _stream(session, url, part, timeout, progress)
+            _stream(session, url, part, timeout, show_progress)
             break
         except _Transient as err:
             if attempt == retries:
@@ -149,7 +149,7 @@ def _resume_state(part: Path, url: str) -> tuple[int, str | None]:
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 
 
-def _stream(session: requests.Session, url: str, part: Path, timeout: float, progress: bool) -> None:
+def _stream(session: requests.Session, url: str, part: Path, timeout: float, show_progress: bool) -> None:
     have, validator = _resume_state(part, url)
     # identity: a compressed body would not match Content-Length, nor resume at a byte offset.
     headers = {"Accept-Encoding": "identity"}
@@ -184,7 +184,7 @@ def _stream(session: requests.Session, url: str, part: Path, timeout: float, pro
         # If-Range takes only a strong validator: a weak ETag (W/...) falls back to Last-Modified.
         validator = (etag if etag and not etag.startswith("W/") else None) or response.headers.get("Last-Modified")
         _sidecar(part).write_text(json.dumps({"url": url, "validator": validator}))
-        bar = tqdm(total=total, initial=have, unit="B", unit_scale=True, desc=part.name[:-5], disable=not progress)
+        bar = tqdm(total=total, initial=have, unit="B", unit_scale=True, desc=part.name[:-5], disable=not show_progress)
         try:
             with open(part, "ab" if have else "wb") as f:
                 for chunk in response.iter_content(CHUNK):

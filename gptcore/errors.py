@@ -14,7 +14,7 @@ class DataError(GptcoreError):
 
 
 class WeightsError(GptcoreError):
-    """A weights or checkpoint file that cannot be loaded safely."""
+    """A weights, progress or OpenAI checkpoint file that cannot be loaded safely."""
 
 
 class DownloadError(GptcoreError):

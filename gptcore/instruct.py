@@ -24,15 +24,15 @@ from gptcore.model import GPTModel
 from gptcore.prompt import RESPONSE_MARKER, format_input
 from gptcore.tokenizer import EOT_ID, encode_text, get_tokenizer
 from gptcore.train import (
-    Checkpoint,
     LoopOptions,
+    Progress,
     TrainResult,
     code_digest,
     fingerprint,
     lm_loss,
     loss_evaluator,
     make_optimizer,
-    open_checkpoint,
+    open_progress,
     perplexity,
     train,
 )
@@ -56,7 +56,7 @@ class FinetuneOutcome:
     result: TrainResult
     history: list[dict[str, float]]  # one row per evaluation, the one before training first (step 0)
     metrics: dict[str, float]
-    checkpoint: Checkpoint | None  # call .finish() once the outputs are written
+    progress: Progress | None  # call .finish() once the outputs are written
 
 
 def finetune_instructions(
@@ -65,11 +65,11 @@ def finetune_instructions(
     val_path: str | os.PathLike,
     params: InstructionsParams,
     run: RunConfig,
-    checkpoint_dir: str | os.PathLike | None = None,
-    progress: bool = True,
+    progress_dir: str | os.PathLike | None = None,
+    show_progress: bool = True,
     report: Callable[[list[dict]], None] | None = None,
 ) -> FinetuneOutcome:
-    """Finetune the foundation LM on the training entries (book ch. 7); resumes from checkpoint_dir.
+    """Finetune the foundation LM on the training entries (book ch. 7); resumes from progress_dir.
 
     report: called with the history so far (the row before training first), on start and after every
     evaluation (gptcore.train.train).
@@ -85,16 +85,16 @@ def finetune_instructions(
         mask_prompt=params.mask_prompt, bucket_by_length=params.bucket_by_length,
     )
     optimizer = make_optimizer(model.parameters(), params.lr, params.weight_decay, device)
-    checkpoint = open_checkpoint(checkpoint_dir, params, run.to_dict(), precision, inputs=[foundation, train_path, val_path])
+    progress = open_progress(progress_dir, params, run.to_dict(), precision, inputs=[foundation, train_path, val_path])
     evaluate = loss_evaluator(train_loader, val_loader, lm_loss, device, precision, params.eval_batches)
     # The foundation's losses on the same batches, before any update (a resumed run recomputes them:
-    # the checkpoint is loaded inside train()).
+    # the progress is loaded inside train()).
     before = {"step": 0, "epoch": 0, "tokens_seen": 0, **evaluate(model)}
-    options = LoopOptions(epochs=params.epochs, eval_every=params.eval_every, seed=run.seed, progress=progress,
+    options = LoopOptions(epochs=params.epochs, eval_every=params.eval_every, seed=run.seed, show_progress=show_progress,
                           desc="finetune_instructions", **params.loop_options())
     with_before = (lambda rows: report([before, *rows])) if report is not None else None
     with forked_rng(device, run.seed):  # dropout's draws; the caller's generators stay as they were
-        result = train(model, optimizer, train_loader, lm_loss, evaluate, device, options, precision, checkpoint,
+        result = train(model, optimizer, train_loader, lm_loss, evaluate, device, options, precision, progress,
                        report=with_before)
     final = result.history[-1]
     metrics = {
@@ -108,7 +108,7 @@ def finetune_instructions(
         "steps": result.steps,
         "train_seconds": round(result.seconds, 2),
     }
-    return FinetuneOutcome(model.cpu(), result, [before, *result.history], metrics, checkpoint)
+    return FinetuneOutcome(model.cpu(), result, [before, *result.history], metrics, progress)
 
 
 def prompt_ids(entry: dict, tokenizer) -> list[int]:
@@ -198,7 +198,7 @@ def generate_responses(
     params: GenerateParams,
     run: RunConfig,
     log_path: str | os.PathLike | None = None,
-    progress: bool = True,
+    show_progress: bool = True,
 ) -> GenerationOutcome:
     """Answer every test entry with the model, `params.batch_size` prompts at a time.
 
@@ -210,7 +210,7 @@ def generate_responses(
     device = resolve_device(run.device)
     precision = resolve_precision(run.precision, device, "inference")
     entries = read_instructions(test_path)
-    model = cast_for_inference(load_language_model(model_path, device), precision)  # the bench's path
+    model = cast_for_inference(load_language_model(model_path, device), precision, params.quantize)  # the bench's path
     tokenizer = get_tokenizer()
     prompts = [prompt_ids(entry, tokenizer) for entry in entries]
     # The batch size is part of the run's identity even for greedy decoding: in exact arithmetic a
@@ -230,7 +230,7 @@ def generate_responses(
     # a resumed run draws for the missing batches exactly the numbers an uninterrupted run would.
     order = sorted(range(len(entries)), key=lambda i: len(prompts[i]))
     schedule = [order[start : start + params.batch_size] for start in range(0, len(order), params.batch_size)]
-    bar = tqdm(total=len(entries), initial=len(responses), desc="generate_responses", unit="entry", disable=not progress)
+    bar = tqdm(total=len(entries), initial=len(responses), desc="generate_responses", unit="entry", disable=not show_progress)
     with bar:
         for number, batch in enumerate(schedule):
             if all(i in responses for i in batch):

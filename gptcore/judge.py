@@ -375,7 +375,7 @@ def judge_responses(
     scores_path: str | os.PathLike,
     params: JudgeParams,
     *,
-    progress: bool = True,
+    show_progress: bool = True,
     warn: Callable[[str], None] = _stderr_warning,
     count_tokens: Callable[[str], int] | None = None,
     sleep: Callable[[float], None] = time.sleep,
@@ -410,7 +410,7 @@ def judge_responses(
         except BaseException:
             client.close()
             raise
-    bar = tqdm(entries, desc="judge", unit="entry", disable=not progress, file=sys.stderr)
+    bar = tqdm(entries, desc="judge", unit="entry", disable=not show_progress, file=sys.stderr)
     try:
         for index, entry in enumerate(bar):
             prompt = judge_prompt(entry)

@@ -131,7 +131,7 @@ class Conversion:
     parameters: int
 
 
-def convert_checkpoint(ckpt_dir: str | os.PathLike, out: str | os.PathLike, progress: bool = False) -> Conversion:
+def convert_checkpoint(ckpt_dir: str | os.PathLike, out: str | os.PathLike, show_progress: bool = False) -> Conversion:
     """Convert an OpenAI GPT-2 checkpoint folder into one gptcore weights file, written atomically.
 
     Every variable of the name table must be in the checkpoint with the shape hparams.json implies,
@@ -166,7 +166,7 @@ def convert_checkpoint(ckpt_dir: str | os.PathLike, out: str | os.PathLike, prog
     _check_variables(prefix, expected, found, dtypes, data_files)
 
     by_target = {target: (source, RULES[rule]) for source, target, rule in table}
-    bar = tqdm(total=len(table), unit="tensor", desc="convert", disable=not progress)
+    bar = tqdm(total=len(table), unit="tensor", desc="convert", disable=not show_progress)
 
     def read(target: str) -> np.ndarray:
         source, rule = by_target[target]
@@ -234,7 +234,7 @@ def _tensorflow():
 
 def download_checkpoint(
     base_url: str, size: str, out: str | os.PathLike, *, partial_dir: str | os.PathLike | None = None,
-    progress: bool = True,
+    show_progress: bool = True,
 ) -> Path:
     """Fetch OpenAI's seven files of one GPT-2 size (`124M`…`1558M`) into the folder `out`, all or nothing.
 
@@ -254,7 +254,7 @@ def download_checkpoint(
     _reset_staging(staging, origin)
     for name in CHECKPOINT_FILES:
         if not (staging / name).is_file():  # fetched whole by an earlier, interrupted run
-            fetch(f"{source}/{name}", staging / name, mirror_name=f"gpt2/models/{size}/{name}", progress=progress)
+            fetch(f"{source}/{name}", staging / name, mirror_name=f"gpt2/models/{size}/{name}", show_progress=show_progress)
     with atomic_dir(out) as tmp:
         for name in CHECKPOINT_FILES:
             os.replace(staging / name, tmp / name)
@@ -265,7 +265,7 @@ def download_checkpoint(
 
 def prepare_foundation(
     foundation: str, out: str | os.PathLike, *, pretrained: str | os.PathLike, scratch: str | os.PathLike,
-    openai_dir: str | os.PathLike, partial_dir: str | os.PathLike, base_url: str, progress: bool = True,
+    openai_dir: str | os.PathLike, partial_dir: str | os.PathLike, base_url: str, show_progress: bool = True,
 ) -> str:
     """Write the weights file `out` that the finetuning stages start from, as params `foundation` names it.
 
@@ -288,8 +288,8 @@ def prepare_foundation(
         raise ConfigError(f"foundation: {foundation!r} is not one of {', '.join([*OPENAI_SIZES, *stage1])}")
     size = OPENAI_SIZES[foundation]
     folder = download_checkpoint(base_url, size, Path(openai_dir) / size, partial_dir=Path(partial_dir) / size,
-                                 progress=progress)
-    convert_checkpoint(folder, out, progress=progress)
+                                 show_progress=show_progress)
+    convert_checkpoint(folder, out, show_progress=show_progress)
     return str(folder)
 
 

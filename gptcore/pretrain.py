@@ -16,13 +16,13 @@ from gptcore.decoding import generate, ids_to_text, text_to_ids
 from gptcore.model import GPTModel, random_model
 from gptcore.tokenizer import EOT_ID, get_tokenizer
 from gptcore.train import (
-    Checkpoint,
     LoopOptions,
+    Progress,
     TrainResult,
     lm_loss,
     loss_evaluator,
     make_optimizer,
-    open_checkpoint,
+    open_progress,
     perplexity,
     train,
 )
@@ -34,7 +34,7 @@ class PretrainOutcome:
     result: TrainResult
     metrics: dict[str, float]
     sample: str
-    checkpoint: Checkpoint | None  # call .finish() once the outputs are written
+    progress: Progress | None  # call .finish() once the outputs are written
 
 
 def read_corpus(path: str | os.PathLike) -> str:
@@ -54,11 +54,11 @@ def pretrain(
     corpus: str | os.PathLike,
     params: PretrainParams,
     run: RunConfig,
-    checkpoint_dir: str | os.PathLike | None = None,
-    progress: bool = True,
+    progress_dir: str | os.PathLike | None = None,
+    show_progress: bool = True,
     report: Callable[[list[dict]], None] | None = None,
 ) -> PretrainOutcome:
-    """Train a fresh GPTModel on the corpus; resumes from checkpoint_dir when it holds this run's progress.
+    """Train a fresh GPTModel on the corpus; resumes from progress_dir when it holds this run's progress.
 
     report: called with the history so far, on start and after every evaluation (gptcore.train.train).
     """
@@ -76,11 +76,11 @@ def pretrain(
     with forked_rng(device, run.seed):
         model = random_model(params.model, params.init).to(device, weights_dtype(precision))
         optimizer = make_optimizer(model.parameters(), params.lr, params.weight_decay, device)
-        checkpoint = open_checkpoint(checkpoint_dir, params, run.to_dict(), precision, inputs=[corpus])
+        progress = open_progress(progress_dir, params, run.to_dict(), precision, inputs=[corpus])
         evaluate = loss_evaluator(train_loader, val_loader, lm_loss, device, precision, params.eval_batches)
-        options = LoopOptions(epochs=params.epochs, eval_every=params.eval_every, seed=run.seed, progress=progress,
+        options = LoopOptions(epochs=params.epochs, eval_every=params.eval_every, seed=run.seed, show_progress=show_progress,
                               desc="pretrain", **params.loop_options())
-        result = train(model, optimizer, train_loader, lm_loss, evaluate, device, options, precision, checkpoint,
+        result = train(model, optimizer, train_loader, lm_loss, evaluate, device, options, precision, progress,
                        report=report)
     final = result.history[-1]
     metrics = {
@@ -94,4 +94,4 @@ def pretrain(
     }
     prompt = text_to_ids(params.sample_prompt, tokenizer, device)
     sample = ids_to_text(generate(model, prompt, params.sample_tokens, eos_id=EOT_ID), tokenizer)
-    return PretrainOutcome(model.cpu(), result, metrics, sample, checkpoint)
+    return PretrainOutcome(model.cpu(), result, metrics, sample, progress)

@@ -1,4 +1,4 @@
-"""The one training loop every stage shares: losses, evaluation, progress, checkpoint and exact resume."""
+"""The one training loop every stage shares: losses, evaluation, saved progress and exact resume."""
 
 from __future__ import annotations
 
@@ -108,7 +108,7 @@ class TrainResult:
     resumed_at_step: int = 0
 
 
-class Checkpoint:
+class Progress:
     """Training progress in a folder: `state.pt` (model, optimizer, data position, RNG, history).
 
     Loaded with weights_only=True (no code is unpickled). A fingerprint of the params and inputs that
@@ -128,7 +128,7 @@ class Checkpoint:
             return None
         try:
             state = torch.load(self.path, map_location="cpu", weights_only=True)
-        except Exception as err:  # a corrupt checkpoint must not block a fresh start
+        except Exception as err:  # a corrupt progress file must not block a fresh start
             _note(f"note: ignoring unreadable progress file {self.path} ({type(err).__name__}); starting afresh")
             return None
         if state.get("fingerprint") != self.fingerprint:
@@ -469,7 +469,7 @@ class LoopOptions:
     compile: bool = False
     step_in_backward: bool = False
     seed: int | None = None
-    progress: bool = True
+    show_progress: bool = True
     desc: str = "train"
 
 
@@ -482,17 +482,17 @@ def train(
     device: torch.device,
     options: LoopOptions,
     precision: str = "fp32",
-    checkpoint: Checkpoint | None = None,
+    progress: Progress | None = None,
     report: Callable[[list[dict[str, float]]], None] | None = None,
 ) -> TrainResult:
     """Train for `options.epochs` over train_loader, evaluating after the first step and every `eval_every`.
 
     The loader must use a ResumableBatchSampler: a resumed run replays the same batch order, RNG,
     optimizer and lr-schedule state, so on CPU it ends bitwise equal to an uninterrupted run. Progress
-    is saved at SIGINT/SIGTERM (then KeyboardInterrupt is raised) and every `checkpoint.every_seconds`.
+    is saved at SIGINT/SIGTERM (then KeyboardInterrupt is raised) and every `progress.every_seconds`.
 
     Under torchrun every process runs this with the same arguments: each takes its share of every
-    global batch (see StepRunner), the main process evaluates and alone writes the checkpoint, and all
+    global batch (see StepRunner), the main process evaluates and alone saves the progress, and all
     of them return the same history. Randomness (dropout): one process draws from a fork of torch's
     global generators, starting where the caller left them (a resumed run: where the progress file
     left them); under torchrun each process reseeds it with `seed + rank` (as nanoGPT does), and the
@@ -508,7 +508,7 @@ def train(
         WeightsError: progress that does not fit the model, or was made by another number of processes.
     """
     lr_factor(0, 1, options.lr_schedule, options.warmup)  # a bad schedule fails before any work
-    run = _TrainingRun(model, optimizer, train_loader, loss_fn, evaluate, device, options, precision, checkpoint, report)
+    run = _TrainingRun(model, optimizer, train_loader, loss_fn, evaluate, device, options, precision, progress, report)
     try:
         run.start()
         with _StopRequest() as stop, run.bar:
@@ -522,10 +522,10 @@ def train(
 class _TrainingRun:
     """The state of one call of `train`, and its steps: restore, run an epoch, evaluate, save."""
 
-    def __init__(self, model, optimizer, train_loader, loss_fn, evaluate, device, options, precision, checkpoint, report):
+    def __init__(self, model, optimizer, train_loader, loss_fn, evaluate, device, options, precision, progress, report):
         self.model, self.optimizer, self.loader = model, optimizer, train_loader
         self.loss_fn, self.evaluate_fn, self.device = loss_fn, evaluate, device
-        self.options, self.precision, self.checkpoint = options, precision, checkpoint
+        self.options, self.precision, self.progress = options, precision, progress
         self.report = report
         self.batches_per_epoch = len(train_loader.batch_sampler.batches())
         self.total_steps = options.epochs * self.batches_per_epoch
@@ -535,7 +535,7 @@ class _TrainingRun:
         self.rng = contextlib.ExitStack()  # the fork of torch's generators the run draws from (start to close)
         self.output = _GuardedStream(sys.stderr)
         self.bar = tqdm(total=self.total_steps, desc=options.desc, unit="step", file=self.output,
-                        disable=not options.progress or not is_main_process())
+                        disable=not options.show_progress or not is_main_process())
         self.started = time.perf_counter()
 
     def start(self) -> None:
@@ -551,9 +551,9 @@ class _TrainingRun:
         self.runner = StepRunner(self.model, self.optimizer, self.loss_fn, self.device, self.precision,
                                  opts.grad_accum, opts.step_in_backward, scaler)
         if self.runner.world > 1:
-            _check_same_start(self.result.steps, self.checkpoint)
+            _check_same_start(self.result.steps, self.progress)
         if saved is not None:
-            _set_rng_state(_own_rng_state(saved["rng"], self.runner.world, self.runner.rank, self.checkpoint))
+            _set_rng_state(_own_rng_state(saved["rng"], self.runner.world, self.runner.rank, self.progress))
         elif self.runner.world > 1 and opts.seed is not None:
             torch.manual_seed(opts.seed + self.runner.rank)  # after DDP's broadcast of the weights
         for group in self.optimizer.param_groups:  # progress saved by versions that kept the peak as peak_lr
@@ -570,15 +570,15 @@ class _TrainingRun:
             self.report(self.result.history)
 
     def restore(self) -> dict[str, Any] | None:
-        """Load the checkpoint's model, optimizer, history and position; None when starting afresh."""
-        saved = self.checkpoint.load() if self.checkpoint is not None else None
+        """Load the saved model, optimizer, history and position; None when starting afresh."""
+        saved = self.progress.load() if self.progress is not None else None
         if saved is None:
             return None
         try:
             self.model.load_state_dict(saved["model"])
             self.optimizer.load_state_dict(saved["optimizer"])
         except (RuntimeError, ValueError, KeyError) as err:
-            raise WeightsError(f"{self.checkpoint.path}: does not fit this model: {err}") from None
+            raise WeightsError(f"{self.progress.path}: does not fit this model: {err}") from None
         r = self.result
         r.history, r.steps, r.tokens_seen = list(saved["history"]), saved["step"], saved["tokens_seen"]
         r.seconds, r.resumed_at_step = saved["seconds"], saved["step"]
@@ -602,11 +602,11 @@ class _TrainingRun:
             # Every process takes part in a save (their RNG states are gathered) and in a stop. Nothing
             # is printed between a stop request and the save: the reader of our output may be gone.
             stopping = self.runner.agree(stop.requested or self.output.broken)
-            if self.checkpoint is not None and self.runner.agree(stopping or (is_main_process() and self.checkpoint.due())):
+            if self.progress is not None and self.runner.agree(stopping or (is_main_process() and self.progress.due())):
                 self.save()
             self.bar.update(1)
             if stopping:
-                saved = "progress saved, re-run to resume" if self.checkpoint is not None else "no progress folder"
+                saved = "progress saved, re-run to resume" if self.progress is not None else "no progress folder"
                 tqdm.write(f"interrupted at step {r.steps}; {saved}", file=self.output)
                 raise KeyboardInterrupt
 
@@ -625,7 +625,7 @@ class _TrainingRun:
         if not is_main_process():
             return
         r = self.result
-        self.checkpoint.save({
+        self.progress.save({
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "rng": states,  # one per process, in rank order
@@ -649,17 +649,17 @@ class _TrainingRun:
         self.result.seconds = time.perf_counter() - self.started
 
 
-def _own_rng_state(saved: Any, world: int, rank_: int, checkpoint: Checkpoint | None) -> dict[str, Any]:
+def _own_rng_state(saved: Any, world: int, rank_: int, progress: Progress | None) -> dict[str, Any]:
     """This process's RNG state from the progress file (a list in rank order; one dict in older files)."""
     states = [saved] if isinstance(saved, dict) else list(saved)
     if len(states) != world:
-        where = checkpoint.path if checkpoint is not None else "the progress file"
+        where = progress.path if progress is not None else "the progress file"
         raise WeightsError(f"{where}: progress of {len(states)} process(es) cannot resume in {world}; "
                            f"launch {len(states)} or delete it to start afresh")
     return states[rank_]
 
 
-def _check_same_start(step: int, checkpoint: Checkpoint | None) -> None:
+def _check_same_start(step: int, progress: Progress | None) -> None:
     """Every process must start from the step the main one starts from, or their collectives pair up
     wrongly and the run hangs or crashes far from the cause (e.g. workers of an earlier launch, still
     alive, rewrote the progress file while this launch's processes read it)."""
@@ -668,12 +668,12 @@ def _check_same_start(step: int, checkpoint: Checkpoint | None) -> None:
     steps = [None] * world_size()
     dist.all_gather_object(steps, step)
     if len(set(steps)) > 1:
-        where = checkpoint.path if checkpoint is not None else "the progress file"
+        where = progress.path if progress is not None else "the progress file"
         raise WeightsError(f"{where}: the processes resumed from different steps {steps}; is an earlier run "
                            "still writing it? Stop it and launch again")
 
 
-def open_checkpoint(folder: str | os.PathLike | None, params, *identity: Any, inputs: Iterable[str | os.PathLike] = ()) -> Checkpoint | None:
+def open_progress(folder: str | os.PathLike | None, params, *identity: Any, inputs: Iterable[str | os.PathLike] = ()) -> Progress | None:
     """The progress folder of a training stage, or None without one.
 
     Progress belongs to one run: its params section (all but how often it saves), whatever else
@@ -684,9 +684,9 @@ def open_checkpoint(folder: str | os.PathLike | None, params, *identity: Any, in
         return None
     from gptcore.download import sha256_of
 
-    knobs = {k: v for k, v in params.to_dict().items() if k != "checkpoint_minutes"}
+    knobs = {k: v for k, v in params.to_dict().items() if k != "progress_minutes"}
     key = fingerprint(knobs, *identity, [sha256_of(path) for path in inputs], code_digest())
-    return Checkpoint(folder, key, every_seconds=60 * params.checkpoint_minutes)
+    return Progress(folder, key, every_seconds=60 * params.progress_minutes)
 
 
 def code_digest() -> str:

@@ -5,7 +5,7 @@ file and the prepared splits come from the command line. Writes the classifier w
 its padding rule in the metadata), and through DVCLive (gptcore/live.py) the metrics JSON, rewritten
 at every evaluation while it trains and ending with the accuracies on the full splits, and the plots
 folder: one table per logged value, the loss and accuracy figures, and the test set's confusion
-table. Progress is kept in --checkpoint-dir, so an interrupted run resumes where it stopped. dvc.yaml starts
+table. Progress is kept in --progress-dir, so an interrupted run resumes where it stopped. dvc.yaml starts
 it with glibc's allocator set to keep freed memory (every step has the same shapes; gptcore/memory.py).
 """
 
@@ -31,14 +31,14 @@ def main() -> None:
     parser.add_argument("--metrics", required=True, help="metrics JSON (live while training; then accuracies on the full splits, test loss, timing)")
     parser.add_argument("--plots", required=True, help="plots folder: metrics/<value>.tsv per evaluation, "
                         "images/loss.png, images/accuracy.png, sklearn/confusion_matrix.json")
-    parser.add_argument("--checkpoint-dir", required=True, help="resumable progress (kept between runs)")
+    parser.add_argument("--progress-dir", required=True, help="resumable progress (kept between runs)")
     args = parser.parse_args()
 
     params = load_params(args.params)
     with TrainingLog(args.metrics, args.plots, LOGGED) as log:
         outcome = finetune_classifier(
             args.foundation, {name: getattr(args, name) for name in SPLITS},
-            params.classifier, params.run, args.checkpoint_dir, report=log.update,
+            params.classifier, params.run, args.progress_dir, report=log.update,
         )
         if not is_main_process():  # under torchrun, rank 0 writes the outputs
             return
@@ -54,7 +54,7 @@ def main() -> None:
         }
         confusion = ([row["actual"] for row in outcome.confusion], [row["predicted"] for row in outcome.confusion])
         log.finish(outcome.metrics, images=figures, confusion=confusion)
-    outcome.checkpoint.finish(outcome.metrics)
+    outcome.progress.finish(outcome.metrics)
     m = outcome.metrics
     print(f"finetune_classifier: test accuracy {m['test_accuracy']:.2%} (val {m['val_accuracy']:.2%}, "
           f"train {m['train_accuracy']:.2%}), {m['steps']} steps in {m['train_seconds']:.0f}s -> {args.out}")

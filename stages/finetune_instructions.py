@@ -4,7 +4,7 @@ Reads --model (models/<foundation>/model.safetensors, a language model), the tra
 splits, params `instructions:` and the top-level `seed`, `device`, `precision`. Writes the finetuned
 weights, and through DVCLive (gptcore/live.py) the metrics JSON (losses before and after), rewritten
 at every evaluation while it trains, and the plots folder: one table per logged value and the loss
-figure. Progress is kept in --checkpoint-dir, so an interrupted run resumes where it stopped.
+figure. Progress is kept in --progress-dir, so an interrupted run resumes where it stopped.
 """
 
 from gptcore.arguments import ArgumentParser
@@ -28,13 +28,13 @@ def main() -> None:
     parser.add_argument("--out", required=True, help="finetuned weights file")
     parser.add_argument("--metrics", required=True, help="metrics JSON (live while training; then losses before and after, timing)")
     parser.add_argument("--plots", required=True, help="plots folder: metrics/<value>.tsv per evaluation, images/loss.png")
-    parser.add_argument("--checkpoint-dir", required=True, help="resumable progress (kept between runs)")
+    parser.add_argument("--progress-dir", required=True, help="resumable progress (kept between runs)")
     args = parser.parse_args()
 
     params = load_params(args.params)
     with TrainingLog(args.metrics, args.plots, LOGGED) as log:
         outcome = finetune_instructions(
-            args.model, args.train, args.val, params.instructions, params.run, args.checkpoint_dir, report=log.update,
+            args.model, args.train, args.val, params.instructions, params.run, args.progress_dir, report=log.update,
         )
         if not is_main_process():  # under torchrun, rank 0 writes the outputs
             return
@@ -43,7 +43,7 @@ def main() -> None:
                            title="Stage 4 instruction finetuning: loss", xlabel="tokens seen (padding included)",
                            ylabel="cross-entropy loss (nats per token)")
         log.finish(outcome.metrics, images={"loss.png": loss})
-    outcome.checkpoint.finish(outcome.metrics)
+    outcome.progress.finish(outcome.metrics)
     m = outcome.metrics
     print(f"finetune_instructions: val loss {m['val_loss_before']:.3f} -> {m['val_loss']:.3f}, "
           f"{m['tokens_seen']:,} tokens in {m['train_seconds']:.0f}s -> {args.out}")

@@ -2,7 +2,7 @@
 
 Reads --model, --test (the test split) and params `generate:` plus the top-level `device`,
 `precision`. Writes --out, the test entries each with `model_response` (the judge's input), and
---metrics (tokens per second). Finished batches are logged in --checkpoint-dir, so an interrupted
+--metrics (tokens per second). Finished batches are logged in --progress-dir, so an interrupted
 run continues with the remaining entries.
 """
 
@@ -22,13 +22,13 @@ def main() -> None:
     parser.add_argument("--test", required=True, help="test split (JSON list of entries)")
     parser.add_argument("--out", required=True, help="responses JSON")
     parser.add_argument("--metrics", required=True, help="metrics JSON (tokens per second, batch size, precision)")
-    parser.add_argument("--checkpoint-dir", required=True, help="finished batches, so an interrupted run continues")
+    parser.add_argument("--progress-dir", required=True, help="finished batches, so an interrupted run continues")
     args = parser.parse_args()
 
     params = load_params(args.params)
     outcome = generate_responses(
         args.model, args.test, params.generate, params.run,
-        Path(args.checkpoint_dir) / "partial.jsonl",
+        Path(args.progress_dir) / "partial.jsonl",
     )
     write_json(args.out, outcome.responses)
     write_json(args.metrics, outcome.metrics)

@@ -3,7 +3,7 @@
 Reads params `pretrain:` and the top-level `seed`, `device`, `precision`. Writes the weights file, a
 sample continuation, and through DVCLive (gptcore/live.py) the metrics JSON, rewritten at every
 evaluation while it trains, and the plots folder: one table per logged value and the loss figure.
-Progress is kept in --checkpoint-dir, so an interrupted run resumes where it stopped. dvc.yaml starts it with glibc's
+Progress is kept in --progress-dir, so an interrupted run resumes where it stopped. dvc.yaml starts it with glibc's
 allocator set to keep freed memory (every step has the same shapes; gptcore/memory.py).
 """
 
@@ -28,12 +28,12 @@ def main() -> None:
     parser.add_argument("--metrics", required=True, help="metrics JSON (live while training; then final losses, tokens seen, timing)")
     parser.add_argument("--plots", required=True, help="plots folder: metrics/<value>.tsv per evaluation, images/loss.png")
     parser.add_argument("--sample", required=True, help="text file: a continuation of sample_prompt after training")
-    parser.add_argument("--checkpoint-dir", required=True, help="resumable progress (kept between runs)")
+    parser.add_argument("--progress-dir", required=True, help="resumable progress (kept between runs)")
     args = parser.parse_args()
 
     params = load_params(args.params)
     with TrainingLog(args.metrics, args.plots, LOGGED) as log:
-        outcome = pretrain(args.corpus, params.pretrain, params.run, args.checkpoint_dir, report=log.update)
+        outcome = pretrain(args.corpus, params.pretrain, params.run, args.progress_dir, report=log.update)
         if not is_main_process():  # under torchrun, rank 0 writes the outputs
             return
         save_model(outcome.model, args.out)
@@ -42,7 +42,7 @@ def main() -> None:
                            title="Stage 1 pretraining: loss", xlabel="tokens seen",
                            ylabel="cross-entropy loss (nats per token)")
         log.finish(outcome.metrics, images={"loss.png": loss})
-    outcome.checkpoint.finish(outcome.metrics)
+    outcome.progress.finish(outcome.metrics)
     m = outcome.metrics
     print(f"pretrain: train loss {m['train_loss']:.3f}, val loss {m['val_loss']:.3f}, "
           f"{m['tokens_seen']:,} tokens in {m['train_seconds']:.0f}s -> {args.out}")

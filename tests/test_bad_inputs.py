@@ -87,9 +87,9 @@ def _stage(name: str, *args: str) -> list[str]:
 
 
 PRETRAIN_OUT = ["--out", "out/m.safetensors", "--metrics", "out/m.json", "--plots", "out/plots",
-                "--sample", "out/s.txt", "--checkpoint-dir", "out/ck"]
+                "--sample", "out/s.txt", "--progress-dir", "out/ck"]
 CLASSIFIER_OUT = ["--out", "out/c.safetensors", "--metrics", "out/c.json", "--plots", "out/plots",
-                  "--checkpoint-dir", "out/ck"]
+                  "--progress-dir", "out/ck"]
 SPLITS = ["--train", "in/train.csv", "--validation", "in/validation.csv", "--test", "in/test.csv"]
 GOOD_SPLIT = "Label,Text\n0,hello\n1,win\n"
 

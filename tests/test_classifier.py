@@ -209,7 +209,7 @@ def test_stages_end_to_end_and_classify(repo_copy):
     confusion = json.loads((plots / "sklearn/confusion_matrix.json").read_text())
     assert len(confusion) == 300 and {row["actual"] for row in confusion} == {"ham", "spam"}
     assert ours["step"] == 130  # DVCLive's step, beside our own keys
-    assert (root / "checkpoints/finetune_classifier/done.json").is_file()
+    assert (root / "progress/finetune_classifier/done.json").is_file()
     assert "up to date" in repo_copy.dvc("status", "finetune_classifier", "baseline_classifier").stdout
 
     texts = ["WINNER!! You have won a free prize, call now", "See you at lunch"]

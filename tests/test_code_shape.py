@@ -13,7 +13,6 @@ from conftest import REPO
 LONGER = {
     "gptcore/bench.py:_gptcore_task": "one benchmark row: model, inputs, warm-up, timed runs and memory, in order",
     "gptcore/cli.py:build_parser": "a declarative table of every verb's options",
-    "gptcore/bench.py:bench": "the table of tasks x systems, their rows and the JSON/summary output",
     "gptcore/serve/app.py:_openai_reply": "OpenAI's reply envelope for stream and non-stream, chat and completion",
 }
 

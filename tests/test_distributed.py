@@ -42,7 +42,7 @@ SCRIPT = textwrap.dedent(
     optimizer = make_optimizer(model.parameters(), lr=1e-2, weight_decay=0.1)
     cpu = torch.device("cpu")
     evaluate = loss_evaluator(train_loader, val_loader, lm_loss, cpu, "fp32", 3)
-    options = LoopOptions(epochs=3, eval_every=2, progress=False, grad_accum=grad_accum)
+    options = LoopOptions(epochs=3, eval_every=2, show_progress=False, grad_accum=grad_accum)
     result = train(model, optimizer, train_loader, lm_loss, evaluate, cpu, options)
     torch.save({"history": result.history, "main": is_main_process(), "state": model.state_dict()},
                f"{out}.{rank()}.pt")
@@ -90,7 +90,7 @@ MISMATCH_SCRIPT = textwrap.dedent(
     from gptcore.device import rank
     from gptcore.errors import WeightsError
     from gptcore.model import GPTModel
-    from gptcore.train import Checkpoint, LoopOptions, lm_loss, make_optimizer, train
+    from gptcore.train import LoopOptions, Progress, lm_loss, make_optimizer, train
 
     base, mode = sys.argv[1], sys.argv[2]
     torch.manual_seed(7)
@@ -103,7 +103,7 @@ MISMATCH_SCRIPT = textwrap.dedent(
         model = GPTModel(GPTConfig(vocab_size=100, context_length=12, emb_dim=16, n_heads=2, n_layers=2))
         optimizer = make_optimizer(model.parameters(), lr=1e-2, weight_decay=0.1)
         train(model, optimizer, loader, lm_loss, lambda m: {}, torch.device("cpu"),
-              LoopOptions(epochs=epochs, eval_every=100, progress=False), checkpoint=Checkpoint(f"{base}/{folder}", "same", 0.0))
+              LoopOptions(epochs=epochs, eval_every=100, show_progress=False), progress=Progress(f"{base}/{folder}", "same", 0.0))
 
     if mode == "prepare":  # one process: progress at step 2 in r0, at step 4 in r1
         run("r0", 1)
@@ -196,11 +196,11 @@ def test_pretrain_stage_runs_unchanged_under_torchrun(tmp_path, mirror_dir):
         cmd = [sys.executable, *launcher, str(REPO / "stages/pretrain.py"), "--params", str(tmp_path / f"{name}.yaml"),
                "--corpus", str(mirror_dir / "the-verdict.txt"), "--out", str(out / "model.safetensors"),
                "--metrics", str(out / "metrics.json"), "--plots", str(out / "plots"), "--sample", str(out / "sample.txt"),
-               "--checkpoint-dir", str(out / "checkpoints")]
+               "--progress-dir", str(out / "progress")]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert proc.stdout.count("pretrain: train loss") == 1  # one summary: only rank 0 writes
-        assert (out / "checkpoints" / "done.json").is_file() and not (out / "checkpoints" / "state.pt").exists()
+        assert (out / "progress" / "done.json").is_file() and not (out / "progress" / "state.pt").exists()
         metrics[name] = json.loads((out / "metrics.json").read_text())
     assert metrics["two"]["steps"] == metrics["one"]["steps"] > 10
     assert metrics["two"]["tokens_seen"] == metrics["one"]["tokens_seen"]
@@ -222,7 +222,7 @@ def test_finetune_stages_run_unchanged_under_torchrun(tmp_path, stage, stage_inp
     for name, launcher, grad_accum in (("one", [], 1), ("two", torchrun, 2)):
         (tmp_path / name).mkdir()
         run = make(tmp_path / name, stage_inputs, "lm-no-dropout.safetensors", epochs=1, grad_accum=grad_accum,
-                   checkpoint_minutes=10.0)
+                   progress_minutes=10.0)
         cmd = [run.cmd[0], *launcher, *run.cmd[1:]]
         proc = subprocess.run(cmd, cwd=run.workdir, capture_output=True, text=True, timeout=900, env=env)
         assert proc.returncode == 0, proc.stderr[-3000:]

@@ -259,7 +259,7 @@ def test_generation_resumes_where_it_was_interrupted(tmp_path, tiny_config, monk
     test_path.write_text(json.dumps(entries))
     params, run = GenerateParams(max_new_tokens=4, batch_size=3), RunConfig(device="cpu", precision="fp32")
 
-    whole = instruct.generate_responses(model_path, test_path, params, run, progress=False)
+    whole = instruct.generate_responses(model_path, test_path, params, run, show_progress=False)
     assert [r["model_response"] for r in whole.responses] and len(whole.responses) == 7
     assert [{k: r[k] for k in ("instruction", "input", "output")} for r in whole.responses] == entries
     assert whole.metrics["tokens_generated"] > 0 and whole.metrics["batch_size"] == 3
@@ -278,12 +278,12 @@ def test_generation_resumes_where_it_was_interrupted(tmp_path, tiny_config, monk
 
     monkeypatch.setattr(instruct, "generate_batch", interrupted)
     with pytest.raises(Killed):
-        instruct.generate_responses(model_path, test_path, params, run, log_path, progress=False)
+        instruct.generate_responses(model_path, test_path, params, run, log_path, show_progress=False)
     assert len(log_path.read_text().splitlines()) == 2  # the header and one finished batch
 
     calls.clear()
     kill_at.clear()
-    resumed = instruct.generate_responses(model_path, test_path, params, run, log_path, progress=False)
+    resumed = instruct.generate_responses(model_path, test_path, params, run, log_path, show_progress=False)
     assert calls == [3, 1]  # only the 4 entries that were missing
     assert resumed.responses == whole.responses
     assert resumed.metrics["tokens_generated"] == whole.metrics["tokens_generated"]
@@ -292,7 +292,7 @@ def test_generation_resumes_where_it_was_interrupted(tmp_path, tiny_config, monk
 
     # Other params: the old progress is not reused.
     calls.clear()
-    instruct.generate_responses(model_path, test_path, GenerateParams(max_new_tokens=3, batch_size=3), run, log_path, progress=False)
+    instruct.generate_responses(model_path, test_path, GenerateParams(max_new_tokens=3, batch_size=3), run, log_path, show_progress=False)
     assert calls == [3, 3, 1]
 
 
@@ -311,10 +311,10 @@ def test_finetune_resumes_exactly_with_options_on(tmp_path, tiny_config, monkeyp
     from gptcore.config import InstructionsParams
 
     foundation, train_path, val_path = tiny_finetune_inputs(tmp_path, tiny_config)
-    params = InstructionsParams(epochs=2, batch_size=4, lr=1e-3, eval_every=2, eval_batches=1, checkpoint_minutes=0,
+    params = InstructionsParams(epochs=2, batch_size=4, lr=1e-3, eval_every=2, eval_batches=1, progress_minutes=0,
                                 allowed_max_length=64, mask_prompt=True, bucket_by_length=True)
     run = RunConfig(seed=5, device="cpu", precision="fp32")
-    whole = instruct.finetune_instructions(foundation, train_path, val_path, params, run, progress=False)
+    whole = instruct.finetune_instructions(foundation, train_path, val_path, params, run, show_progress=False)
     assert whole.metrics["steps"] == 6 and whole.metrics["val_loss"] < whole.metrics["val_loss_before"]
     assert whole.history[0]["step"] == 0 and whole.history[-1]["step"] == 6
 
@@ -331,9 +331,9 @@ def test_finetune_resumes_exactly_with_options_on(tmp_path, tiny_config, monkeyp
 
     monkeypatch.setattr(instruct, "lm_loss", killing_loss)
     with pytest.raises(Killed):
-        instruct.finetune_instructions(foundation, train_path, val_path, params, run, tmp_path / "ck", progress=False)
+        instruct.finetune_instructions(foundation, train_path, val_path, params, run, tmp_path / "ck", show_progress=False)
     monkeypatch.setattr(instruct, "lm_loss", real_loss)
-    resumed = instruct.finetune_instructions(foundation, train_path, val_path, params, run, tmp_path / "ck", progress=False)
+    resumed = instruct.finetune_instructions(foundation, train_path, val_path, params, run, tmp_path / "ck", show_progress=False)
     assert resumed.result.resumed_at_step == 3
     assert resumed.history == whole.history and resumed.metrics["tokens_seen"] == whole.metrics["tokens_seen"]
     for name, tensor in whole.model.state_dict().items():
@@ -368,7 +368,7 @@ def test_pipeline_generate_responses_end_to_end(repo_copy):
     assert (repo_copy.root / "plots/instructions/images/loss.png").stat().st_size > 0
     steps = (repo_copy.root / "plots/instructions/metrics/val_loss.tsv").read_text().splitlines()
     assert steps[:2] == ["step\tval_loss", f"0\t{m['val_loss_before']}"]  # the foundation's loss, logged first
-    assert (repo_copy.root / "checkpoints/generate_responses/done.json").is_file()
-    assert (repo_copy.root / "checkpoints/finetune_instructions/done.json").is_file()
+    assert (repo_copy.root / "progress/generate_responses/done.json").is_file()
+    assert (repo_copy.root / "progress/finetune_instructions/done.json").is_file()
     status = repo_copy.dvc("status", "generate_responses").stdout
     assert "changed" not in status

@@ -145,7 +145,7 @@ def params(url: str, **overrides) -> JudgeParams:
 
 def run(responses_path, scores_path, judge_params, **kwargs):
     warnings: list[str] = []
-    outcome = judge_responses(responses_path, scores_path, judge_params, progress=False, warn=warnings.append,
+    outcome = judge_responses(responses_path, scores_path, judge_params, show_progress=False, warn=warnings.append,
                               count_tokens=lambda text: len(text.split()), **kwargs)
     return outcome, warnings
 

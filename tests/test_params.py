@@ -30,6 +30,8 @@ BAD = [
      "error: params.yaml: foundation: expected one of gpt2-small, gpt2-medium, gpt2-large, gpt2-xl, pretrained, scratch, got 'gpt3'"),
     ("the removed openai_models", {"openai_models": {"gpt2-large": "774M"}},
      "error: params.yaml: openai_models: no longer used: the foundation stage follows `foundation` alone; delete this key"),
+    ("renamed progress_minutes", {"pretrain": {"checkpoint_minutes": 5}},
+     "error: params.yaml: pretrain: checkpoint_minutes: renamed to progress_minutes"),
     ("renamed precision", {"precision": "bf16"},
      "error: params.yaml: precision: unknown value 'bf16' (renamed: use bf16-mixed or bf16-true); "
      "expected one of auto, fp32, bf16-mixed, bf16-true, fp16-mixed"),

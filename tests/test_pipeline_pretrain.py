@@ -35,8 +35,8 @@ def test_pretrain_stage_through_dvc(repo_copy):
     assert float(rows[-1].split("\t")[1]) < float(rows[1].split("\t")[1])
     assert (root / "plots/pretrain/images/loss.png").read_bytes()[:4] == b"\x89PNG"
     assert (root / "samples/pretrain.txt").read_text().startswith("Every effort moves you")
-    assert (root / "checkpoints/pretrain/done.json").is_file()
-    assert not (root / "checkpoints/pretrain/state.pt").exists()
+    assert (root / "progress/pretrain/done.json").is_file()
+    assert not (root / "progress/pretrain/state.pt").exists()
 
     again = repo_copy.dvc("repro", "pretrain")
     assert "up to date" in again.stdout or "didn't change" in again.stdout

@@ -17,7 +17,7 @@ from gptcore.errors import ConfigError, TrainingError
 from gptcore.model import GPTModel
 from gptcore.config import RunConfig
 from gptcore.precision import resolve_precision
-from gptcore.train import Checkpoint, LoopOptions, lm_loss, make_optimizer, train
+from gptcore.train import LoopOptions, Progress, lm_loss, make_optimizer, train
 
 CPU = torch.device("cpu")
 TINY = GPTConfig(vocab_size=64, context_length=16, emb_dim=32, n_heads=2, n_layers=2, drop_rate=0.1)
@@ -102,14 +102,14 @@ def _collate(batch):
     return torch.stack([r[0] for r in batch]), torch.stack([r[1] for r in batch])
 
 
-def _train(precision, checkpoint=None, epochs=3, loss_fn=lm_loss, lr=1e-2):
+def _train(precision, progress=None, epochs=3, loss_fn=lm_loss, lr=1e-2):
     torch.manual_seed(3)
     model = GPTModel(TINY).to(precision_module.weights_dtype(precision))
     optimizer = make_optimizer(model.parameters(), lr=lr, weight_decay=0.1)
     loader = make_loader(_rows(), 4, shuffle=True, drop_last=True, seed=5, collate_fn=_collate)
     evaluate = lambda m: {}  # noqa: E731
-    options = LoopOptions(epochs=epochs, eval_every=100, progress=False)
-    result = train(model, optimizer, loader, loss_fn, evaluate, CPU, options, precision, checkpoint)
+    options = LoopOptions(epochs=epochs, eval_every=100, show_progress=False)
+    result = train(model, optimizer, loader, loss_fn, evaluate, CPU, options, precision, progress)
     return model, result
 
 
@@ -122,10 +122,10 @@ def test_bf16_true_trains_in_bf16():
 def test_fp16_mixed_scales_the_loss_and_resumes_exactly(tmp_path):
     reference, _ = _train("fp16-mixed")
     # Stop after two epochs (progress saved at every step), then go on to three from the saved state.
-    _train("fp16-mixed", Checkpoint(tmp_path, "same", every_seconds=0.0), epochs=2)
+    _train("fp16-mixed", Progress(tmp_path, "same", every_seconds=0.0), epochs=2)
     saved = torch.load(tmp_path / "state.pt", weights_only=True)
     assert saved["step"] == 6 and saved["grad_scaler"]["scale"] > 0  # the scaler's state is kept
-    resumed, result = _train("fp16-mixed", Checkpoint(tmp_path, "same", every_seconds=0.0), epochs=3)
+    resumed, result = _train("fp16-mixed", Progress(tmp_path, "same", every_seconds=0.0), epochs=3)
     assert result.resumed_at_step == 6
     for (name, a), b in zip(reference.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
@@ -148,7 +148,7 @@ def test_a_non_finite_loss_stops_with_the_step_and_keeps_progress(tmp_path):
         return loss * float("nan") if len(calls) == 5 else loss
 
     with pytest.raises(TrainingError, match=r"step 5: the loss is nan"):
-        _train("fp32", Checkpoint(tmp_path, "same", every_seconds=0.0), loss_fn=loss_fn)
+        _train("fp32", Progress(tmp_path, "same", every_seconds=0.0), loss_fn=loss_fn)
     saved = torch.load(tmp_path / "state.pt", weights_only=True)
     assert saved["step"] == 4  # the last good step; the bad one never updated the weights
     assert all(torch.isfinite(v).all() for v in saved["model"].values())
@@ -165,7 +165,7 @@ def test_a_diverging_stage_prints_one_error_line(tmp_path, mirror_dir):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     cmd = [sys.executable, str(REPO / "stages/pretrain.py"), "--params", "params.yaml",
            "--corpus", str(mirror_dir / "the-verdict.txt"), "--out", "model.safetensors", "--metrics", "m.json",
-           "--plots", "plots", "--sample", "sample.txt", "--checkpoint-dir", "ck"]
+           "--plots", "plots", "--sample", "sample.txt", "--progress-dir", "ck"]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr
@@ -183,6 +183,6 @@ def test_fp16_mixed_on_cuda_trains():
     model = GPTModel(TINY).to(cuda)
     optimizer = make_optimizer(model.parameters(), lr=1e-3, weight_decay=0.1)
     loader = make_loader(_rows(), 4, shuffle=True, drop_last=True, seed=5, collate_fn=_collate)
-    options = LoopOptions(epochs=1, eval_every=100, progress=False)
+    options = LoopOptions(epochs=1, eval_every=100, show_progress=False)
     result = train(model, optimizer, loader, lm_loss, lambda m: {}, cuda, options, "fp16-mixed")
     assert result.steps == 3

@@ -258,7 +258,7 @@ def _train(ctx, tmp):
     """The shared loop, twice: a fresh run that saves progress, then one that resumes it (its RNG state)."""
     from gptcore.data.text import build_text_loaders
     from gptcore.tokenizer import get_tokenizer
-    from gptcore.train import Checkpoint, LoopOptions, lm_loss, loss_evaluator, make_optimizer, train
+    from gptcore.train import LoopOptions, Progress, lm_loss, loss_evaluator, make_optimizer, train
     from gptcore.weights import load_model
 
     text = ctx["corpus"].read_text()[:4000]
@@ -268,8 +268,8 @@ def _train(ctx, tmp):
     for epochs in (1, 2):
         model = load_model(ctx["lm"])
         optimizer = make_optimizer(model.parameters(), lr=1e-3, weight_decay=0.1, device=device)
-        options = LoopOptions(epochs=epochs, eval_every=100, seed=3, progress=False)
-        train(model, optimizer, loaders[0], lm_loss, evaluate, device, options, "fp32", Checkpoint(tmp / "ck", "id", 0.0))
+        options = LoopOptions(epochs=epochs, eval_every=100, seed=3, show_progress=False)
+        train(model, optimizer, loaders[0], lm_loss, evaluate, device, options, "fp32", Progress(tmp / "ck", "id", 0.0))
 
 
 def _pretrain(ctx, tmp):
@@ -277,8 +277,8 @@ def _pretrain(ctx, tmp):
     from gptcore.pretrain import pretrain
 
     params = PretrainParams(model=GPTConfig(**{**TINY, "context_length": 64}, drop_rate=0.1), epochs=1, batch_size=8,
-                            eval_every=100, eval_batches=1, sample_tokens=2, checkpoint_minutes=0)
-    pretrain(ctx["corpus"], params, RunConfig(seed=11, device="cpu", precision="fp32"), tmp / "ck", progress=False)
+                            eval_every=100, eval_batches=1, sample_tokens=2, progress_minutes=0)
+    pretrain(ctx["corpus"], params, RunConfig(seed=11, device="cpu", precision="fp32"), tmp / "ck", show_progress=False)
 
 
 def _finetune_classifier(ctx, tmp):
@@ -287,9 +287,9 @@ def _finetune_classifier(ctx, tmp):
 
     stage = ctx["stage"]
     splits = {name: stage / f"{name}.csv" for name in ("train", "validation", "test")}
-    params = ClassifierParams(epochs=1, batch_size=50, eval_every=100, eval_batches=1, checkpoint_minutes=0)
+    params = ClassifierParams(epochs=1, batch_size=50, eval_every=100, eval_batches=1, progress_minutes=0)
     finetune_classifier(ctx["lm"], splits, params, RunConfig(seed=2, device="cpu", precision="fp32"), tmp / "ck",
-                        progress=False)
+                        show_progress=False)
 
 
 def _instructions(ctx, tmp):
@@ -300,13 +300,13 @@ def _instructions(ctx, tmp):
     stage = ctx["stage"]
     run = RunConfig(seed=4, device="cpu", precision="fp32")
     params = InstructionsParams(epochs=1, batch_size=16, eval_every=100, eval_batches=1, allowed_max_length=32,
-                                checkpoint_minutes=0)
+                                progress_minutes=0)
     outcome = finetune_instructions(ctx["lm"], stage / "train.json", stage / "val.json", params, run, tmp / "ck",
-                                    progress=False)
+                                    show_progress=False)
     save_model(outcome.model, tmp / "instruct.safetensors")
     generate_responses(tmp / "instruct.safetensors", stage / "test.json",
                        GenerateParams(max_new_tokens=2, batch_size=8, temperature=1.0, seed=9), run,
-                       tmp / "log.jsonl", progress=False)
+                       tmp / "log.jsonl", show_progress=False)
 
 
 def _atomic(ctx, tmp):

@@ -34,7 +34,7 @@ PRETRAIN = {
         "eval_every": 3,
         "eval_batches": 2,
         "sample_tokens": 5,
-        "checkpoint_minutes": 0.0,
+        "progress_minutes": 0.0,
     },
 }
 
@@ -45,7 +45,7 @@ def _pretrain_cmd(workdir: Path, corpus: Path) -> list[str]:
         "--corpus", str(corpus), "--out", str(workdir / "model.safetensors"),
         "--metrics", str(workdir / "metrics.json"), "--plots", str(workdir / "plots"),
         "--sample", str(workdir / "sample.txt"),
-        "--checkpoint-dir", str(workdir / "ck"),
+        "--progress-dir", str(workdir / "ck"),
     ]
 
 
@@ -95,7 +95,7 @@ def _wait_for_progress(workdir: Path, proc: subprocess.Popen, polls: int, timeou
             if polls <= 0:
                 return
         time.sleep(0.2)
-    raise AssertionError("no checkpoint appeared")
+    raise AssertionError("no saved progress appeared")
 
 
 def _env(mirror_dir: Path) -> dict[str, str]:
@@ -138,7 +138,7 @@ def test_piped_ctrl_c_saves_progress(tmp_path, mirror_dir):
     once, so the stage's next write meets a closed pipe. Progress must still be saved (here only at the
     stop: no periodic saves), the exit must be the interrupt's, and a re-run must resume exactly."""
     env = _env(mirror_dir)
-    params = {**PRETRAIN, "pretrain": {**PRETRAIN["pretrain"], "eval_every": 1, "checkpoint_minutes": 60.0}}
+    params = {**PRETRAIN, "pretrain": {**PRETRAIN["pretrain"], "eval_every": 1, "progress_minutes": 60.0}}
     reference_dir, reference_cmd = _setup(tmp_path, "reference", mirror_dir)
     (reference_dir / "params.yaml").write_text(yaml.safe_dump(params))
     subprocess.run(reference_cmd, check=True, capture_output=True, env=env)
@@ -206,7 +206,7 @@ def _stage(name: str) -> list[str]:
     return [sys.executable, str(REPO / "stages" / f"{name}.py"), "--params", "params.yaml"]
 
 
-def _checkpoint_saved(workdir: Path) -> bool:
+def _progress_saved(workdir: Path) -> bool:
     return (workdir / "ck" / "state.pt").is_file()
 
 
@@ -219,27 +219,27 @@ def _lines_at_least(name: str, n: int) -> Callable[[Path], bool]:
 
 def _classifier_run(workdir: Path, inputs: Path, foundation: str = "lm.safetensors", **overrides) -> StageRun:
     params = {**RUN, "classifier": {"epochs": 3, "batch_size": 8, "lr": 1e-3, "eval_every": 5, "eval_batches": 2,
-                                    "trainable": "all", "checkpoint_minutes": 0.0, **overrides}}
+                                    "trainable": "all", "progress_minutes": 0.0, **overrides}}
     (workdir / "params.yaml").write_text(yaml.safe_dump(params))
     cmd = _stage("finetune_classifier") + [
         "--foundation", str(inputs / foundation), "--train", str(inputs / "train.csv"),
         "--validation", str(inputs / "validation.csv"), "--test", str(inputs / "test.csv"),
-        "--out", "model.safetensors", "--metrics", "metrics.json", "--plots", "plots", "--checkpoint-dir", "ck",
+        "--out", "model.safetensors", "--metrics", "metrics.json", "--plots", "plots", "--progress-dir", "ck",
     ]
-    return StageRun(workdir, cmd, _checkpoint_saved, ["model.safetensors", "metrics.json", "plots"],
+    return StageRun(workdir, cmd, _progress_saved, ["model.safetensors", "metrics.json", "plots"],
                     {"metrics.json": {"train_seconds"}}, live=("metrics.json", "plots"))
 
 
 def _instructions_run(workdir: Path, inputs: Path, foundation: str = "lm.safetensors", **overrides) -> StageRun:
     params = {**RUN, "instructions": {"epochs": 2, "batch_size": 4, "lr": 1e-3, "eval_every": 3, "eval_batches": 2,
-                                      "allowed_max_length": 96, "checkpoint_minutes": 0.0, **overrides}}
+                                      "allowed_max_length": 96, "progress_minutes": 0.0, **overrides}}
     (workdir / "params.yaml").write_text(yaml.safe_dump(params))
     cmd = _stage("finetune_instructions") + [
         "--model", str(inputs / foundation), "--train", str(inputs / "train.json"),
         "--val", str(inputs / "val.json"), "--out", "model.safetensors", "--metrics", "metrics.json",
-        "--plots", "plots", "--checkpoint-dir", "ck",
+        "--plots", "plots", "--progress-dir", "ck",
     ]
-    return StageRun(workdir, cmd, _checkpoint_saved, ["model.safetensors", "metrics.json", "plots"],
+    return StageRun(workdir, cmd, _progress_saved, ["model.safetensors", "metrics.json", "plots"],
                     {"metrics.json": {"train_seconds"}}, live=("metrics.json", "plots"))
 
 
@@ -248,7 +248,7 @@ def _generation_run(workdir: Path, inputs: Path) -> StageRun:
     (workdir / "params.yaml").write_text(yaml.safe_dump(params))
     cmd = _stage("generate_responses") + [
         "--model", str(inputs / "lm.safetensors"), "--test", str(inputs / "test.json"),
-        "--out", "responses.json", "--metrics", "metrics.json", "--checkpoint-dir", "ck",
+        "--out", "responses.json", "--metrics", "metrics.json", "--progress-dir", "ck",
     ]
     # The log's first line is its header; a second line is a finished batch.
     return StageRun(workdir, cmd, _lines_at_least("ck/partial.jsonl", 2), ["responses.json", "metrics.json"],

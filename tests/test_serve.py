@@ -530,7 +530,7 @@ def test_our_judge_against_our_server(url, server, tmp_path):
     responses = tmp_path / "test.json"
     responses.write_text(json.dumps(entries))
     params = JudgeParams(url=url, model="tiny", timeout=60, retries=1, backoff=0.0, structured=True)
-    outcome = judge_responses(responses, tmp_path / "scores.jsonl", params, progress=False, warn=lambda m: None)
+    outcome = judge_responses(responses, tmp_path / "scores.jsonl", params, show_progress=False, warn=lambda m: None)
     m = outcome.metrics
     assert m["n_entries"] == 2 and m["judge_version"] == __version__ and m["judge_digest"] == server.info.digest
     for record in outcome.records:

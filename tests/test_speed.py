@@ -128,7 +128,7 @@ def tiny_weights(tmp_path_factory):
 def test_bench_gptcore_only(tiny_weights):
     out = _bench("--model", str(tiny_weights), "--task", "train", "classify", "generate", "generate-batch",
                  "--no-hf", "--json", "--repeats", "2", "--warmup", "0", "--seq-len", "12", "--prompt-len", "6",
-                 "--new-tokens", "5", "--threads", "1", "--precision", "fp32")
+                 "--new-tokens", "5", "--threads", "1", "--precision", "fp32", "--no-llama-cpp", "--no-roof")
     rows = [json.loads(line) for line in out.stdout.splitlines()]
     assert [r["task"] for r in rows] == ["train", "classify", "generate", "generate-batch"]
     for row in rows:

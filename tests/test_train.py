@@ -9,7 +9,7 @@ from gptcore.data.text import TokenWindowDataset, build_text_loaders, split_text
 from gptcore.errors import DataError
 from gptcore.model import GPTModel
 from gptcore.schedule import lr_factor
-from gptcore.train import Checkpoint, LoopOptions, evaluate_loss, lm_loss, loss_evaluator, train
+from gptcore.train import LoopOptions, Progress, evaluate_loss, lm_loss, loss_evaluator, train
 
 
 def test_windows_and_shifted_targets():
@@ -52,7 +52,7 @@ def _setup(tokenizer, text, seed=123):
     return model, optimizer, train_loader, evaluate
 
 
-def _run(tokenizer, text, checkpoint=None, fail_at=None, lrs=None, **schedule):
+def _run(tokenizer, text, progress=None, fail_at=None, lrs=None, **schedule):
     model, optimizer, loader, evaluate = _setup(tokenizer, text)
     calls = {"n": 0}
 
@@ -64,8 +64,8 @@ def _run(tokenizer, text, checkpoint=None, fail_at=None, lrs=None, **schedule):
             raise KeyboardInterrupt
         return lm_loss(m, batch)
 
-    options = LoopOptions(epochs=3, eval_every=4, progress=False, **schedule)
-    result = train(model, optimizer, loader, loss_fn, evaluate, torch.device("cpu"), options, checkpoint=checkpoint)
+    options = LoopOptions(epochs=3, eval_every=4, show_progress=False, **schedule)
+    result = train(model, optimizer, loader, loss_fn, evaluate, torch.device("cpu"), options, progress=progress)
     return model, result
 
 
@@ -86,11 +86,11 @@ def test_training_lowers_the_loss_and_logs_rows(tokenizer, verdict):
 @pytest.mark.parametrize("schedule", [{}, {"lr_schedule": "cosine", "warmup": 0.2}], ids=["constant", "cosine"])
 def test_resume_after_interruption_is_bitwise_identical(tokenizer, verdict, tmp_path, schedule):
     reference, ref_result = _run(tokenizer, verdict, **schedule)
-    ckpt = Checkpoint(tmp_path / "ck", fingerprint="same", every_seconds=0.0)
+    saved = Progress(tmp_path / "ck", fingerprint="same", every_seconds=0.0)
     with pytest.raises(KeyboardInterrupt):
-        _run(tokenizer, verdict, checkpoint=ckpt, fail_at=ref_result.steps // 2 + 3, **schedule)
+        _run(tokenizer, verdict, progress=saved, fail_at=ref_result.steps // 2 + 3, **schedule)
     assert (tmp_path / "ck" / "state.pt").is_file()
-    resumed, result = _run(tokenizer, verdict, checkpoint=Checkpoint(tmp_path / "ck", "same", 0.0), **schedule)
+    resumed, result = _run(tokenizer, verdict, progress=Progress(tmp_path / "ck", "same", 0.0), **schedule)
     assert 0 < result.resumed_at_step < ref_result.steps
     for (name, a), (_, b) in zip(reference.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), name
@@ -123,10 +123,10 @@ def test_the_lr_of_every_step_follows_the_schedule(tokenizer, verdict):
 
 
 def test_stale_progress_is_not_mixed_in(tokenizer, verdict, tmp_path):
-    ckpt = Checkpoint(tmp_path / "ck", fingerprint="old", every_seconds=0.0)
+    saved = Progress(tmp_path / "ck", fingerprint="old", every_seconds=0.0)
     with pytest.raises(KeyboardInterrupt):
-        _run(tokenizer, verdict, checkpoint=ckpt, fail_at=5)
-    _, result = _run(tokenizer, verdict, checkpoint=Checkpoint(tmp_path / "ck", "new", 0.0))
+        _run(tokenizer, verdict, progress=saved, fail_at=5)
+    _, result = _run(tokenizer, verdict, progress=Progress(tmp_path / "ck", "new", 0.0))
     assert result.resumed_at_step == 0
 
 
@@ -141,9 +141,9 @@ def test_progress_of_other_code_is_not_resumed(tmp_path, monkeypatch):
     """The progress identity includes the library's code: an edit to gptcore starts training afresh."""
     import gptcore.train as train_module
     from gptcore.config import PretrainParams
-    from gptcore.train import open_checkpoint
+    from gptcore.train import open_progress
 
-    first = open_checkpoint(tmp_path, PretrainParams(), {"seed": 1}).fingerprint
-    assert open_checkpoint(tmp_path, PretrainParams(), {"seed": 1}).fingerprint == first
+    first = open_progress(tmp_path, PretrainParams(), {"seed": 1}).fingerprint
+    assert open_progress(tmp_path, PretrainParams(), {"seed": 1}).fingerprint == first
     monkeypatch.setattr(train_module, "code_digest", lambda: "edited")
-    assert open_checkpoint(tmp_path, PretrainParams(), {"seed": 1}).fingerprint != first
+    assert open_progress(tmp_path, PretrainParams(), {"seed": 1}).fingerprint != first

@@ -38,7 +38,7 @@ class Server:
 
     def __init__(self, model_path: str | os.PathLike, host: str = "127.0.0.1", port: int = 11434,
                  name: str | None = None, device: str = "auto", precision: str = "fp32",
-                 origins: list[str] | None = None, limits: Limits = Limits(), quiet: bool = False):
+                 origins: list[str] | None = None, limits: Limits = Limits(), quiet: bool = False, quantize: str = "none"):
         import uvicorn
 
         from gptcore import __version__
@@ -60,7 +60,7 @@ class Server:
             if model.config.num_classes is not None:
                 raise GptcoreError(f"{path}: is a classifier ({model.config.num_classes} classes); "
                                    "only language models can be served")
-            return cast_for_inference(model, resolved)
+            return cast_for_inference(model, resolved, quantize)
 
         self.engine = Engine(load, get_tokenizer(), max_batch=limits.max_batch,
                              compute=lambda: autocast(self.device, resolved))
@@ -70,8 +70,8 @@ class Server:
         env_origins = [o.strip() for o in os.environ.get(ORIGINS_ENV, "").split(",") if o.strip()]
         self.info = ServerInfo(
             name=canonical_name(name or default_name(path)), path=path, digest=sha256_of(path), version=__version__,
-            context_length=config.context_length, n_params=sum(t.numel() for t in model.parameters()),
-            dtype=str(model.tok_emb.weight.dtype).removeprefix("torch.").upper().replace("FLOAT", "F"),
+            context_length=config.context_length, n_params=_count_parameters(config),
+            dtype="INT8" if quantize == "int8" else str(model.tok_emb.weight.dtype).removeprefix("torch.").upper().replace("FLOAT", "F"),
             bound_host=host, max_body=limits.max_body, max_predict=limits.max_predict, origins=env_origins + list(origins or []),
         )
         self.info.model_info = {
@@ -123,12 +123,22 @@ class Server:
             self._thread.join(timeout=30)
 
 
+def _count_parameters(config) -> int:
+    """The model's parameters, as trained (decoding may untie the head or hold int8 buffers instead)."""
+    import torch
+
+    from gptcore.model import GPTModel
+
+    with torch.device("meta"):
+        return GPTModel(config).num_parameters()
+
+
 def serve(model_path: str | os.PathLike, host: str = "127.0.0.1", port: int = 11434, name: str | None = None,
           device: str = "auto", max_predict: int | None = None, precision: str = "fp32",
-          origins: list[str] | None = None) -> None:
+          origins: list[str] | None = None, quantize: str = "none") -> None:
     """Load the model and serve it until interrupted (Ctrl-C)."""
     server = Server(model_path, host, port, name=name, device=device, precision=precision, origins=origins,
-                    limits=Limits(max_predict=max_predict))
+                    limits=Limits(max_predict=max_predict), quantize=quantize)
     if host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: listening on {host}: the API has no authentication; anyone who can reach the port can use it",
               file=sys.stderr)

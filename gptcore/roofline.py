@@ -1,0 +1,145 @@
+"""The speed a task could reach on this machine: its matrix multiplications alone, and the memory it reads.
+
+`gptcore bench` measures these roofs in the same run as the task, so each row reports the fraction of
+its roof it reached (a figure from another day or another load says nothing about this run):
+
+- training (train, classify): the step's nn.Linear matrix multiplications (forward; backward: the
+  input gradient and the weight gradient), each timed alone at its own shape, dtype and weight layout,
+  into a preallocated output. Their sum is the step's time if nothing else cost anything; attention,
+  LayerNorm, GELU, the loss and the optimizer are what the fraction leaves out.
+- decoding (generate): the bytes of weights one step reads (every Linear weight once, in the dtype
+  decoding stores it), over the machine's memory read bandwidth; and the same step's matrix-vector
+  products alone at torch's kernels, which says how much of the gap is the kernels and how much is
+  everything around them (Python, small ops, the KV cache).
+
+The roofline model: S. Williams, A. Waterman, D. Patterson, "Roofline: an insightful visual
+performance model for multicore architectures", CACM 52(4), 2009.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+
+from gptcore.config import GPTConfig
+
+
+@dataclass(frozen=True)
+class Matmul:
+    """y[m, n] = x[m, k] @ w[k, n]; `weight_layout` is how the model stores the [n, k] weight
+    ("row": nn.Linear's own; "column": transposed in memory, as fp32 decoding stores it; "int8":
+    int8 with per-row scales, gptcore.quantize)."""
+
+    m: int
+    k: int
+    n: int
+    weight_layout: str = "row"
+
+    @property
+    def flops(self) -> int:
+        return 2 * self.m * self.k * self.n
+
+
+def linear_shapes(config: GPTConfig) -> list[tuple[int, int]]:
+    """(in_features, out_features) of every nn.Linear one forward pass runs, blocks then head."""
+    c = config.emb_dim
+    block = [(c, 3 * c), (c, c), (c, 4 * c), (4 * c, c)]  # qkv, attention out, fc1, fc2
+    head = (c, config.num_classes or config.vocab_size)
+    return block * config.n_layers + [head]
+
+
+def training_matmuls(config: GPTConfig, tokens: int, trained_blocks: int | None = None) -> Counter[Matmul]:
+    """The matmuls of one training step on `tokens` = batch x seq_len tokens, with their counts.
+
+    Every Linear runs forward; those that train (the last `trained_blocks` blocks and the head; all
+    when None) also run the input gradient dX = dY @ W and the weight gradient dW = dY^T @ X. (The
+    first trained layer's dX is not needed; counted anyway, an upper bound of less than 1%.)
+    """
+    shapes = linear_shapes(config)
+    first_trained = 0 if trained_blocks is None else 4 * (config.n_layers - trained_blocks)
+    work: Counter[Matmul] = Counter()
+    for i, (k, n) in enumerate(shapes):
+        work[Matmul(tokens, k, n)] += 1
+        if i >= first_trained:
+            work[Matmul(tokens, n, k)] += 1  # dX[tokens, k] = dY[tokens, n] @ W[n, k]
+            work[Matmul(n, tokens, k)] += 1  # dW[n, k] = dY^T[n, tokens] @ X[tokens, k]
+    return work
+
+
+def decoding_matmuls(config: GPTConfig, rows: int, weight_layout: str = "row") -> tuple[Counter[Matmul], Counter[Matmul]]:
+    """The matrix products of one decoding step of `rows` sequences (one new token each): the blocks'
+    and the head's (both with weights in `weight_layout`), apart, as they may differ in dtype."""
+    *blocks, (k, n) = linear_shapes(config)
+    return Counter(Matmul(rows, k_, n_, weight_layout) for k_, n_ in blocks), Counter([Matmul(rows, k, n, weight_layout)])
+
+
+def decoding_weight_bytes(config: GPTConfig, block_dtype: torch.dtype, head_dtype: torch.dtype) -> int:
+    """Bytes of Linear weights one decoding step reads: the blocks' in `block_dtype`, the head's in
+    `head_dtype` (cast_for_inference keeps the head fp32 when the blocks go bf16; int8 weights also
+    read one scale per output feature, in the activations' dtype, counted as 2 bytes)."""
+    *blocks, head = linear_shapes(config)
+
+    def nbytes(k: int, n: int, dtype: torch.dtype) -> int:
+        size = torch.empty((), dtype=dtype).element_size()
+        return k * n * size + (2 * n if dtype == torch.int8 else 0)
+
+    return sum(nbytes(k, n, block_dtype) for k, n in blocks) + nbytes(*head, head_dtype)
+
+
+def time_matmuls(work: Counter[Matmul], dtype: torch.dtype, device: torch.device, repeats: int = 3) -> float:
+    """Seconds the matmuls in `work` take at torch's kernels: each distinct shape timed alone (median
+    of `repeats` after one warm-up, into a preallocated output), times its count."""
+    total = 0.0
+    for mm, count in work.items():
+        total += count * _time_one(mm, dtype, device, repeats)
+    return total
+
+
+def _time_one(mm: Matmul, dtype: torch.dtype, device: torch.device, repeats: int) -> float:
+    x = torch.randn(mm.m, mm.k, dtype=dtype, device=device)
+    weight = torch.randn(mm.n, mm.k, dtype=dtype, device=device)  # [out, in], as nn.Linear
+    out = torch.empty(mm.m, mm.n, dtype=dtype, device=device)
+    if mm.weight_layout == "int8":  # the kernel allocates its output (a row per decoded sequence)
+        q, scales = weight.clamp(-1, 1).mul(127).to(torch.int8), torch.rand(mm.n, dtype=dtype, device=device)
+
+        def run():
+            torch.ops.aten._weight_int8pack_mm(x, q, scales)
+    else:
+        if mm.weight_layout == "column":
+            weight = weight.t().contiguous().t()
+
+        def run():
+            torch.mm(x, weight.t(), out=out)
+    times = []
+    for _ in range(repeats + 1):
+        _sync(device)
+        started = time.perf_counter()
+        run()
+        _sync(device)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times[1:])
+
+
+def memory_read_bandwidth(device: torch.device, nbytes: int = 1 << 30, repeats: int = 5) -> float:
+    """Bytes per second read by a sum over an fp32 tensor of `nbytes` (far beyond the caches); the best
+    of `repeats` after one warm-up, into a preallocated output."""
+    data = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    out = torch.empty((), dtype=torch.float32, device=device)
+    best = float("inf")
+    for i in range(repeats + 1):
+        _sync(device)
+        started = time.perf_counter()
+        torch.sum(data, dim=0, out=out)
+        _sync(device)
+        if i:
+            best = min(best, time.perf_counter() - started)
+    return nbytes / best
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
