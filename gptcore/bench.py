@@ -277,6 +277,8 @@ def _llama_cpp_task(spec: BenchSpec, folder: Path, gguf_dtype: str):
 
 def _roofs(spec: BenchSpec, device) -> dict[str, Any]:
     """The task's roofs on this machine in gptcore's precision (gptcore/roofline.py)."""
+    from collections import Counter
+
     import torch
 
     from gptcore import roofline
@@ -298,13 +300,16 @@ def _roofs(spec: BenchSpec, device) -> dict[str, Any]:
                 "tokens_per_s": tokens / seconds}
     # As cast_for_inference stores them: bf16-true blocks with an fp32 head; fp32 column-major on CPU;
     # the mixed precisions keep fp32 weights and compute in 16 bits.
-    # int8 (gptcore/quantize.py): every Linear, the head too, int8 with scales.
+    # int8 (gptcore/quantize.py): the blocks' Linears int8 with bf16 activations; the head as without.
     int8 = spec.quantize == "int8"
     block_dtype = torch.int8 if int8 else torch.bfloat16 if precision == "bf16-true" else torch.float32
-    layout = "int8" if int8 else "column" if precision == "fp32" and device.type == "cpu" else "row"
+    layout = "column" if precision == "fp32" and device.type == "cpu" else "row"
     blocks, head = roofline.decoding_matmuls(config, spec.batch, layout)
-    kernel_s = roofline.time_matmuls(blocks, compute, device) + roofline.time_matmuls(head, torch.float32, device)
-    weight_bytes = roofline.decoding_weight_bytes(config, block_dtype, torch.int8 if int8 else torch.float32)
+    if int8:
+        blocks = Counter({dataclasses.replace(mm, weight_layout="int8"): n for mm, n in blocks.items()})
+    kernel_s = (roofline.time_matmuls(blocks, torch.bfloat16 if int8 else compute, device)
+                + roofline.time_matmuls(head, torch.float32, device))
+    weight_bytes = roofline.decoding_weight_bytes(config, block_dtype, torch.float32)
     bandwidth = roofline.memory_read_bandwidth(device)
     return {**result, "read_gb_per_s": round(bandwidth / 1e9, 1), "weight_mb_per_step": round(weight_bytes / 1e6, 1),
             "tokens_per_s": spec.batch * bandwidth / weight_bytes, "kernel_tokens_per_s": spec.batch / kernel_s}

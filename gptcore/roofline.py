@@ -90,30 +90,42 @@ def decoding_weight_bytes(config: GPTConfig, block_dtype: torch.dtype, head_dtyp
     return sum(nbytes(k, n, block_dtype) for k, n in blocks) + nbytes(*head, head_dtype)
 
 
+# Matmuls whose weights would sit in the caches if one weight were timed again and again (a decoding
+# step's matrix-vector products read each weight once) get distinct weights, this many bytes of them.
+STREAM_BYTES = 256 << 20
+
+
 def time_matmuls(work: Counter[Matmul], dtype: torch.dtype, device: torch.device, repeats: int = 3) -> float:
     """Seconds the matmuls in `work` take at torch's kernels: each distinct shape timed alone (median
-    of `repeats` after one warm-up, into a preallocated output), times its count."""
+    of `repeats` after one warm-up, into a preallocated output), times its count. A shape with few
+    rows (m <= 16: decoding) cycles through up to `count` distinct weights, at most STREAM_BYTES of
+    them, so that its weights come from memory as in the model."""
     total = 0.0
     for mm, count in work.items():
-        total += count * _time_one(mm, dtype, device, repeats)
+        total += count * _time_one(mm, dtype, device, repeats, count if mm.m <= 16 else 1)
     return total
 
 
-def _time_one(mm: Matmul, dtype: torch.dtype, device: torch.device, repeats: int) -> float:
+def _time_one(mm: Matmul, dtype: torch.dtype, device: torch.device, repeats: int, count: int) -> float:
     x = torch.randn(mm.m, mm.k, dtype=dtype, device=device)
-    weight = torch.randn(mm.n, mm.k, dtype=dtype, device=device)  # [out, in], as nn.Linear
     out = torch.empty(mm.m, mm.n, dtype=dtype, device=device)
+    itemsize = 1 if mm.weight_layout == "int8" else torch.empty((), dtype=dtype).element_size()
+    copies = max(1, min(count, STREAM_BYTES // (mm.n * mm.k * itemsize)))
+    weights = [torch.randn(mm.n, mm.k, dtype=dtype, device=device) for _ in range(copies)]  # [out, in]
     if mm.weight_layout == "int8":  # the kernel allocates its output (a row per decoded sequence)
-        q, scales = weight.clamp(-1, 1).mul(127).to(torch.int8), torch.rand(mm.n, dtype=dtype, device=device)
+        weights = [w.clamp(-1, 1).mul(127).to(torch.int8) for w in weights]
+        scales = torch.rand(mm.n, dtype=dtype, device=device)
 
         def run():
-            torch.ops.aten._weight_int8pack_mm(x, q, scales)
+            for q in weights:
+                torch.ops.aten._weight_int8pack_mm(x, q, scales)
     else:
         if mm.weight_layout == "column":
-            weight = weight.t().contiguous().t()
+            weights = [w.t().contiguous().t() for w in weights]
 
         def run():
-            torch.mm(x, weight.t(), out=out)
+            for w in weights:
+                torch.mm(x, w.t(), out=out)
     times = []
     for _ in range(repeats + 1):
         _sync(device)
@@ -121,22 +133,28 @@ def _time_one(mm: Matmul, dtype: torch.dtype, device: torch.device, repeats: int
         run()
         _sync(device)
         times.append(time.perf_counter() - started)
-    return statistics.median(times[1:])
+    return statistics.median(times[1:]) / copies
 
 
 def memory_read_bandwidth(device: torch.device, nbytes: int = 1 << 30, repeats: int = 5) -> float:
-    """Bytes per second read by a sum over an fp32 tensor of `nbytes` (far beyond the caches); the best
-    of `repeats` after one warm-up, into a preallocated output."""
+    """Bytes per second read from `nbytes` of fp32 (far beyond the caches), the faster of two readers:
+    a sum, and a matrix-vector product over it as a [4096, n] column-major matrix (on the CPU of
+    2026-12-01 the product read 26 GB/s where the sum read 18-24). The best of `repeats` after one
+    warm-up, into preallocated outputs."""
     data = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
-    out = torch.empty((), dtype=torch.float32, device=device)
+    total = torch.empty((), dtype=torch.float32, device=device)
+    x = torch.ones(1, 4096, dtype=torch.float32, device=device)
+    matrix = data[: data.numel() // 4096 * 4096].view(4096, -1)  # x @ matrix reads it row by row
+    product = torch.empty(1, matrix.shape[1], dtype=torch.float32, device=device)
     best = float("inf")
-    for i in range(repeats + 1):
-        _sync(device)
-        started = time.perf_counter()
-        torch.sum(data, dim=0, out=out)
-        _sync(device)
-        if i:
-            best = min(best, time.perf_counter() - started)
+    for read in (lambda: torch.sum(data, dim=0, out=total), lambda: torch.mm(x, matrix, out=product)):
+        for i in range(repeats + 1):
+            _sync(device)
+            started = time.perf_counter()
+            read()
+            _sync(device)
+            if i:
+                best = min(best, time.perf_counter() - started)
     return nbytes / best
 
 
