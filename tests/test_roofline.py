@@ -100,7 +100,7 @@ def test_bench_reports_roofs_load_and_llama_cpp(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     generate, train = [json.loads(line) for line in proc.stdout.splitlines()]
     for row in (generate, train):
-        assert set(row["load"]) >= {"gptcore", "roof"} and isinstance(row["quiet"], bool)
+        assert set(row["load"]) >= {"before", "gptcore", "roof"} and isinstance(row["quiet"], bool)
         assert ("NOT QUIET" in row.get("notes", "")) == (not row["quiet"])
         assert row["roof_tokens_per_s"] > 0
         assert row["gptcore_fraction_of_roof"] == pytest.approx(row["gptcore_tokens_per_s"] / row["roof_tokens_per_s"], rel=2e-2)
@@ -110,5 +110,5 @@ def test_bench_reports_roofs_load_and_llama_cpp(tmp_path):
         assert generate["llama_cpp_f16_tokens_per_s"] > 0 and generate["llama_cpp_q8_0_tokens_per_s"] > 0
         assert generate["ratio_vs_llama_cpp_f16"] == pytest.approx(
             generate["gptcore_tokens_per_s"] / generate["llama_cpp_f16_tokens_per_s"], rel=2e-2)
-        assert set(generate["load"]) == {"gptcore", "llama.cpp-f16", "llama.cpp-q8_0", "roof"}
+        assert set(generate["load"]) == {"before", "gptcore", "llama.cpp-f16", "llama.cpp-q8_0", "roof"}
     assert "llama_cpp_f16_tokens_per_s" not in train
