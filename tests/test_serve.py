@@ -636,3 +636,18 @@ def test_a_client_that_hangs_up_on_a_non_streaming_request_cancels_it(tmp_path):
         assert long.engine.active == 0 and finished == []  # dropped, not run to its end
     finally:
         long.close()
+
+
+def test_a_client_connecting_before_serving_waits_instead_of_being_refused(model_path, mirror_dir, monkeypatch):
+    """`gptcore serve` prints its URL before uvicorn runs: the socket must already listen then."""
+    import socket
+
+    monkeypatch.setenv("GPTCORE_MIRROR", str(mirror_dir))
+    server = Server(model_path, "127.0.0.1", 0, device="cpu", quiet=True)
+    with socket.create_connection((server.host, server.port), timeout=10) as early:  # refused before the fix
+        server.start()
+        try:
+            early.sendall(b"GET /api/version HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+            assert early.recv(64).startswith(b"HTTP/1.1 200")
+        finally:
+            server.close()

@@ -85,6 +85,9 @@ class Server:
             self.socket = socket.socket(family, socket.SOCK_STREAM)
             self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             self.socket.bind((host, port))
+            # Listening from here on, before uvicorn runs: a client that connects as soon as the URL is
+            # printed waits in the kernel's queue instead of being refused (uvicorn's backlog, 2048).
+            self.socket.listen(2048)
         except OSError as err:
             raise GptcoreError(f"cannot listen on {host}:{port}: {err.strerror or err} "
                                "(is Ollama or another server using it? pick another --port)") from None
