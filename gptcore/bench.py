@@ -652,7 +652,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="gpt2-small", help="gpt2-small|gpt2-medium|gpt2-large|gpt2-xl or a weights file")
     parser.add_argument("--task", nargs="+", default=["train"], choices=TASKS, metavar="TASK",
                         help=f"one or more of {', '.join(TASKS)}")
-    from gptcore.config import PRECISIONS
+    from gptcore.config import PRECISIONS, QUANTIZE
 
     parser.add_argument("--precision", default="auto", choices=PRECISIONS, help="gptcore's (see gptcore/precision.py)")
     parser.add_argument("--device", type=device_name, default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
@@ -667,7 +667,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--activation-checkpointing", action="store_true", help="recompute block activations in backward (train)")
     parser.add_argument("--compile", action="store_true", help="torch.compile gptcore's blocks")
     parser.add_argument("--step-in-backward", action="store_true", help="update each weight inside backward (less memory)")
-    parser.add_argument("--quantize", default="none", choices=("none", "int8"),
+    parser.add_argument("--quantize", default="none", choices=QUANTIZE,
                         help="gptcore's decoding weights (generate): int8 = weight-only int8 (gptcore/quantize.py)")
     parser.add_argument("--no-hf", action="store_true", help="measure gptcore only")
     parser.add_argument("--hf", default="both", choices=("both", "fp32", "bf16"),

@@ -104,12 +104,13 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _add_decoding_precision(p: argparse.ArgumentParser) -> None:
+    from gptcore.config import QUANTIZE
     from gptcore.precision import PRECISIONS
 
     p.add_argument("--precision", default="fp32", choices=PRECISIONS,
                    help="fp32 (exact); bf16-true (bf16 weights, fp32 head: faster on CPUs/GPUs with native "
                         "bf16); bf16-mixed/fp16-mixed (autocast); auto (bf16-true where bf16 is native, else fp32)")
-    p.add_argument("--quantize", default="none", choices=("none", "int8"),
+    p.add_argument("--quantize", default="none", choices=QUANTIZE,
                    help="int8: weight-only int8 weights (CPU; faster decoding, some quality cost: docs/performance.md)")
 
 

@@ -22,10 +22,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from gptcore.config import QUANTIZE
 from gptcore.errors import ConfigError
 from gptcore.model import GPTModel
 
-QUANTIZE = ("none", "int8")
 
 
 class Int8Linear(nn.Module):

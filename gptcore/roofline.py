@@ -108,7 +108,6 @@ def time_matmuls(work: Counter[Matmul], dtype: torch.dtype, device: torch.device
 
 def _time_one(mm: Matmul, dtype: torch.dtype, device: torch.device, repeats: int, count: int) -> float:
     x = torch.randn(mm.m, mm.k, dtype=dtype, device=device)
-    out = torch.empty(mm.m, mm.n, dtype=dtype, device=device)
     itemsize = 1 if mm.weight_layout == "int8" else torch.empty((), dtype=dtype).element_size()
     copies = max(1, min(count, STREAM_BYTES // (mm.n * mm.k * itemsize)))
     weights = [torch.randn(mm.n, mm.k, dtype=dtype, device=device) for _ in range(copies)]  # [out, in]
@@ -122,6 +121,7 @@ def _time_one(mm: Matmul, dtype: torch.dtype, device: torch.device, repeats: int
     else:
         if mm.weight_layout == "column":
             weights = [w.t().contiguous().t() for w in weights]
+        out = torch.empty(mm.m, mm.n, dtype=dtype, device=device)
 
         def run():
             for w in weights:
