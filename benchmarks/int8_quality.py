@@ -1,4 +1,4 @@
-"""What weight-only int8 decoding (gptcore/quantize.py) costs in quality, beside the same precision without it.
+"""What int8 decoding (gptcore/quantize.py) costs in quality, beside the same precision without it.
 
 Two figures, on a model of your choosing (default: Stage 1's):
 - perplexity on Stage 1's validation text (the corpus's last 1 - train_ratio share, windows of the

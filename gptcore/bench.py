@@ -66,7 +66,7 @@ class BenchSpec:
     activation_checkpointing: bool = False
     compile: bool = False
     step_in_backward: bool = False
-    quantize: str = "none"  # gptcore's decoding weights: none, or int8 (weight-only; gptcore/quantize.py)
+    quantize: str = "none"  # gptcore's decoding weights: none, or int8 (gptcore/quantize.py)
     # Start gptcore's worker with glibc's allocator keeping freed memory (gptcore/memory.py); None: as
     # the entry points of the task's work start, with it for train/classify (dvc.yaml's fixed-shape
     # training stages), without for generation (serve, generate_responses).
@@ -282,6 +282,7 @@ def _roofs(spec: BenchSpec, device) -> dict[str, Any]:
     import torch
 
     from gptcore import roofline
+    from gptcore.decoding import decoding_weight_dtypes
     from gptcore.precision import resolve_precision
 
     decoding = spec.task.startswith("generate")
@@ -298,18 +299,19 @@ def _roofs(spec: BenchSpec, device) -> dict[str, Any]:
         flops = sum(mm.flops * count for mm, count in work.items())
         return {**result, "matmul_s_per_step": round(seconds, 4), "matmul_gflop_per_s": round(flops / seconds / 1e9, 1),
                 "tokens_per_s": tokens / seconds}
-    # As cast_for_inference stores them: bf16-true blocks with an fp32 head; fp32 column-major on CPU;
-    # the mixed precisions keep fp32 weights and compute in 16 bits.
-    # int8 (gptcore/quantize.py): the blocks' Linears int8 with bf16 activations; the head as without.
+    # As cast_for_inference stores them (decoding_weight_dtypes): bf16-true blocks with a bf16 head (fp32
+    # where the CPU lacks AVX512-BF16); fp32 column-major on CPU; the mixed precisions keep fp32 weights
+    # and compute in 16 bits; int8 (gptcore/quantize.py): every Linear int8, with bf16 activations.
     int8 = spec.quantize == "int8"
-    block_dtype = torch.int8 if int8 else torch.bfloat16 if precision == "bf16-true" else torch.float32
+    block_dtype, head_dtype = decoding_weight_dtypes(precision, spec.quantize, device)
     layout = "column" if precision == "fp32" and device.type == "cpu" else "row"
     blocks, head = roofline.decoding_matmuls(config, spec.batch, layout)
     if int8:
-        blocks = Counter({dataclasses.replace(mm, weight_layout="int8"): n for mm, n in blocks.items()})
+        blocks, head = (Counter({dataclasses.replace(mm, weight_layout="int8"): n for mm, n in work.items()})
+                        for work in (blocks, head))
     kernel_s = (roofline.time_matmuls(blocks, torch.bfloat16 if int8 else compute, device)
-                + roofline.time_matmuls(head, torch.float32, device))
-    weight_bytes = roofline.decoding_weight_bytes(config, block_dtype, torch.float32)
+                + roofline.time_matmuls(head, torch.float32 if head_dtype == torch.float32 else torch.bfloat16, device))
+    weight_bytes = roofline.decoding_weight_bytes(config, block_dtype, head_dtype)
     bandwidth = roofline.memory_read_bandwidth(device)
     return {**result, "read_gb_per_s": round(bandwidth / 1e9, 1), "weight_mb_per_step": round(weight_bytes / 1e6, 1),
             "tokens_per_s": spec.batch * bandwidth / weight_bytes, "kernel_tokens_per_s": spec.batch / kernel_s}
@@ -668,7 +670,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile gptcore's blocks")
     parser.add_argument("--step-in-backward", action="store_true", help="update each weight inside backward (less memory)")
     parser.add_argument("--quantize", default="none", choices=QUANTIZE,
-                        help="gptcore's decoding weights (generate): int8 = weight-only int8 (gptcore/quantize.py)")
+                        help="gptcore's decoding weights (generate): int8 as llama.cpp's q8_0 (gptcore/quantize.py)")
     parser.add_argument("--no-hf", action="store_true", help="measure gptcore only")
     parser.add_argument("--hf", default="both", choices=("both", "fp32", "bf16"),
                         help="which HF runs: fp32, under bf16 autocast, or both")

@@ -111,7 +111,7 @@ def _add_decoding_precision(p: argparse.ArgumentParser) -> None:
                    help="fp32 (exact); bf16-true (bf16 weights, fp32 head: faster on CPUs/GPUs with native "
                         "bf16); bf16-mixed/fp16-mixed (autocast); auto (bf16-true where bf16 is native, else fp32)")
     p.add_argument("--quantize", default="none", choices=QUANTIZE,
-                   help="int8: weight-only int8 weights (CPU; faster decoding, some quality cost: docs/performance.md)")
+                   help="int8: int8 weights, activations rounded per 32 as llama.cpp's q8_0 (CPU; faster decoding, some quality cost: docs/performance.md)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -397,7 +397,7 @@ class ClassifierParams(TrainConfig):
 Precision = Literal["auto", "fp32", "bf16-mixed", "bf16-true", "fp16-mixed"]
 PRECISIONS: tuple[str, ...] = typing.get_args(Precision)
 
-Quantize = Literal["none", "int8"]  # decoding weights: as they are, or weight-only int8 (gptcore/quantize.py)
+Quantize = Literal["none", "int8"]  # decoding weights: as they are, or int8 as llama.cpp's q8_0 (gptcore/quantize.py)
 QUANTIZE: tuple[str, ...] = typing.get_args(Quantize)
 # Values of earlier versions, whose meaning differed between training and generation.
 RENAMED_PRECISIONS = {"bf16": "bf16-mixed or bf16-true", "fp16": "fp16-mixed"}
@@ -467,7 +467,7 @@ class GenerateParams(Section):
     top_k: int | None = Field(None, ge=1, description="sample only among the k most likely tokens (temperature > 0)")
     seed: int = Field(123, description="batch n of the schedule samples with seed + n (unused when greedy)")
     batch_size: int = Field(8, ge=1, description="prompts generated together (left-padded); 1: one at a time")
-    quantize: Quantize = Field("none", description="int8: weight-only int8 weights (CPU; gptcore/quantize.py)")
+    quantize: Quantize = Field("none", description="int8: int8 weights, activations rounded per 32 as llama.cpp's q8_0 (CPU; gptcore/quantize.py)")
 
 
 Foundation = Literal["gpt2-small", "gpt2-medium", "gpt2-large", "gpt2-xl", "pretrained", "scratch"]

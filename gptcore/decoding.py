@@ -7,6 +7,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from gptcore.gemv import native_bf16, use_gemv
 from gptcore.model import GPTModel, KVCache
 from gptcore.precision import RESOLVED, weights_dtype
 from gptcore.quantize import check_quantize, quantize_int8
@@ -175,9 +176,9 @@ def _cache_dtype(model: GPTModel) -> torch.dtype:
 def next_token_logits(model: GPTModel, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
     """fp32 logits [B, vocab] for the position after the last of idx [B, T] (appended to cache if given).
 
-    The final LayerNorm and the head run on that one position only, outside any autocast and in the
-    head's own dtype (fp32 after cast_for_inference): the token choice is made on fp32 logits at
-    every precision.
+    The final LayerNorm and the head run on that one position only, outside any autocast; after
+    cast_for_inference the head's sums are fp32 (over fp32, bf16 or int8 weights): the token choice is
+    made on fp32 logits at every precision.
     """
     h = model.hidden_states(idx, cache)[:, -1]  # [B, C]
     with torch.autocast(h.device.type, enabled=False):
@@ -186,17 +187,20 @@ def next_token_logits(model: GPTModel, idx: torch.Tensor, cache: KVCache | None 
 
 def cast_for_inference(model: GPTModel, precision: str, quantize: str = "none") -> GPTModel:
     """Prepare the model (in place) for decoding at a resolved precision (gptcore.precision), then,
-    with quantize="int8", every Linear to weight-only int8 (gptcore.quantize; CPU only).
+    with quantize="int8", every Linear, the head's too, to int8 (gptcore.quantize; CPU only).
 
     bf16-true: the embeddings and blocks are cast to bf16 (decoding one token reads every weight
-    once, so it is bound by memory traffic, which bf16 halves); the final LayerNorm and the head stay
-    fp32 (a tied head gets its own fp32 copy), so logits are fp32. *-mixed: the weights stay fp32 and
-    the caller decodes under gptcore.precision.autocast. fp32 on CPU: the values stay, and each Linear
-    weight is stored transposed in memory (column-major, same shape): a matmul then reads it as
-    x @ W, the layout of GPT-2's Conv1D. Measured 2026-11-30 (torch 2.13, 2 threads, load 1.0-1.7):
-    a 124M decoding step of 8 rows took 55 ms instead of 84 ms, one row 30-34 ms either way;
-    `gptcore bench --task generate-batch --precision fp32` went from 91.6 to 134.9 tokens/s.
-    (In bf16 the same layout was 10-50% slower, so bf16 weights keep nn.Linear's own.)
+    once, so it is bound by memory traffic, which bf16 halves). On a CPU with AVX512-BF16 the blocks'
+    Linears decode through gptcore.gemv's kernel (about twice torch's speed at batch 1 there), and the
+    head too, over bf16 weights (a tied head shares the bf16 embedding, as llama.cpp's f16 files do)
+    with fp32 logits: the sums of its products are never rounded to bf16. Elsewhere the head keeps
+    fp32 weights (a tied head gets its own fp32 copy). The final LayerNorm stays fp32. *-mixed: the
+    weights stay fp32 and the caller decodes under gptcore.precision.autocast. fp32 on CPU: the values
+    stay, and each Linear weight is stored transposed in memory (column-major, same shape): a matmul
+    then reads it as x @ W, the layout of GPT-2's Conv1D. Measured 2026-11-30 (torch 2.13, 2 threads,
+    load 1.0-1.7): a 124M decoding step of 8 rows took 55 ms instead of 84 ms, one row 30-34 ms either
+    way; `gptcore bench --task generate-batch --precision fp32` went from 91.6 to 134.9 tokens/s. (In
+    bf16 the same layout was 10-50% slower, so bf16 weights keep nn.Linear's own.)
 
     Raises:
         ValueError: precision is not a resolved value (fp32, bf16-mixed, bf16-true, fp16-mixed), or
@@ -206,19 +210,32 @@ def cast_for_inference(model: GPTModel, precision: str, quantize: str = "none") 
     if precision not in RESOLVED:
         raise ValueError(f"precision: expected one of {', '.join(RESOLVED)}, got {precision!r}")
     check_quantize(quantize)
+    on_cpu = next(model.parameters()).device.type == "cpu"
     if precision == "bf16-true":
         head = model.out_head
-        if head.weight is model.tok_emb.weight:  # untie: the head keeps fp32, the embedding goes bf16
+        bf16_head = on_cpu and quantize == "none" and native_bf16()
+        if head.weight is model.tok_emb.weight and not bf16_head:  # untie: the head keeps fp32
             head.weight = torch.nn.Parameter(head.weight.detach().clone(), requires_grad=False)
         for module in (model.tok_emb, model.pos_emb, model.trf_blocks):
             module.to(weights_dtype(precision))
-    elif precision == "fp32" and next(model.parameters()).device.type == "cpu":
+        if bf16_head:  # a tied head shares the bf16 embedding
+            _, model.out_head = use_gemv(model.trf_blocks, head)
+    elif precision == "fp32" and on_cpu:
         for module in model.modules():
             if isinstance(module, torch.nn.Linear):  # same shape and values; column-major storage
                 module.weight.data = module.weight.data.t().contiguous().t()
     if quantize == "int8":
         quantize_int8(model)
     return model
+
+
+def decoding_weight_dtypes(precision: str, quantize: str, device: torch.device) -> tuple[torch.dtype, torch.dtype]:
+    """(the blocks' Linear weights, the head's weight): the dtypes cast_for_inference stores them in."""
+    if quantize == "int8":
+        return torch.int8, torch.int8
+    if precision == "bf16-true":
+        return torch.bfloat16, torch.bfloat16 if device.type == "cpu" and native_bf16() else torch.float32
+    return torch.float32, torch.float32
 
 
 def text_to_ids(text: str, tokenizer, device: torch.device | str = "cpu") -> torch.Tensor:

@@ -10,8 +10,9 @@
 
 "Native" bf16: a CUDA GPU that computes bf16 in hardware (`torch.cuda.is_bf16_supported(
 including_emulation=False)`: Ampere and later), or a CPU with AVX512-BF16 or AMX. Elsewhere bf16 is
-emulated and slower than fp32, so `auto` takes fp32. In inference the final LayerNorm and the output
-head always compute in fp32 (GPTModel.head), so greedy choices are never made on bf16 logits.
+emulated and slower than fp32, so `auto` takes fp32. In inference the final LayerNorm computes in fp32
+and the output head sums in fp32 (gptcore.decoding.cast_for_inference), so greedy choices are never
+made on bf16 logits.
 fp16's narrow exponent range makes small gradients underflow: `fp16-mixed` scales the loss
 (torch.amp.GradScaler) during training.
 """

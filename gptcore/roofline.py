@@ -9,8 +9,9 @@ its roof it reached (a figure from another day or another load says nothing abou
   LayerNorm, GELU, the loss and the optimizer are what the fraction leaves out.
 - decoding (generate): the bytes of weights one step reads (every Linear weight once, in the dtype
   decoding stores it), over the machine's memory read bandwidth; and the same step's matrix-vector
-  products alone at torch's kernels, which says how much of the gap is the kernels and how much is
-  everything around them (Python, small ops, the KV cache).
+  products alone at the kernels decoding uses (gptcore.gemv's where it takes them, else torch's),
+  which says how much of the gap is the kernels and how much is everything around them (Python,
+  small ops, the KV cache).
 
 The roofline model: S. Williams, A. Waterman, D. Patterson, "Roofline: an insightful visual
 performance model for multicore architectures", CACM 52(4), 2009.
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from gptcore import gemv
 from gptcore.config import GPTConfig
 
 
@@ -79,8 +81,8 @@ def decoding_matmuls(config: GPTConfig, rows: int, weight_layout: str = "row") -
 
 def decoding_weight_bytes(config: GPTConfig, block_dtype: torch.dtype, head_dtype: torch.dtype) -> int:
     """Bytes of Linear weights one decoding step reads: the blocks' in `block_dtype`, the head's in
-    `head_dtype` (cast_for_inference keeps the head fp32 when the blocks go bf16; int8 weights also
-    read one scale per output feature, in the activations' dtype, counted as 2 bytes)."""
+    `head_dtype` (gptcore.decoding.decoding_weight_dtypes; int8 weights also read one scale per output
+    feature, in bf16, counted as 2 bytes)."""
     *blocks, head = linear_shapes(config)
 
     def nbytes(k: int, n: int, dtype: torch.dtype) -> int:
@@ -96,10 +98,11 @@ STREAM_BYTES = 256 << 20
 
 
 def time_matmuls(work: Counter[Matmul], dtype: torch.dtype, device: torch.device, repeats: int = 3) -> float:
-    """Seconds the matmuls in `work` take at torch's kernels: each distinct shape timed alone (median
-    of `repeats` after one warm-up, into a preallocated output), times its count. A shape with few
-    rows (m <= 16: decoding) cycles through up to `count` distinct weights, at most STREAM_BYTES of
-    them, so that its weights come from memory as in the model."""
+    """Seconds the matmuls in `work` take at the kernels the model uses: each distinct shape timed alone
+    (median of `repeats` after one warm-up, into a preallocated output where the kernel takes one),
+    times its count. A shape with few rows (m <= 16: decoding) cycles through up to `count` distinct
+    weights, at most STREAM_BYTES of them, so that its weights come from memory as in the model, and
+    runs through gptcore.gemv's kernel where decoding does."""
     total = 0.0
     for mm, count in work.items():
         total += count * _time_one(mm, dtype, device, repeats, count if mm.m <= 16 else 1)
@@ -111,13 +114,22 @@ def _time_one(mm: Matmul, dtype: torch.dtype, device: torch.device, repeats: int
     itemsize = 1 if mm.weight_layout == "int8" else torch.empty((), dtype=dtype).element_size()
     copies = max(1, min(count, STREAM_BYTES // (mm.n * mm.k * itemsize)))
     weights = [torch.randn(mm.n, mm.k, dtype=dtype, device=device) for _ in range(copies)]  # [out, in]
-    if mm.weight_layout == "int8":  # the kernel allocates its output (a row per decoded sequence)
+    cpu = device.type == "cpu"
+    if mm.weight_layout == "int8":  # the kernels allocate their output (a row per decoded sequence)
         weights = [w.clamp(-1, 1).mul(127).to(torch.int8) for w in weights]
-        scales = torch.rand(mm.n, dtype=dtype, device=device)
-
+        scales = torch.rand(mm.n, dtype=torch.bfloat16, device=device)
+        if cpu and mm.m <= gemv.MAX_ROWS[torch.int8] and gemv.load_kernels() is not None:
+            def run():
+                for q in weights:
+                    gemv.gemv_int8(x, q, scales)
+        else:
+            def run():
+                for q in weights:
+                    torch.ops.aten._weight_int8pack_mm(x, q, scales)
+    elif cpu and dtype == torch.bfloat16 and mm.m <= gemv.MAX_ROWS[torch.bfloat16] and gemv.native_bf16():
         def run():
-            for q in weights:
-                torch.ops.aten._weight_int8pack_mm(x, q, scales)
+            for w in weights:
+                gemv.gemv_bf16(x, w)
     else:
         if mm.weight_layout == "column":
             weights = [w.t().contiguous().t() for w in weights]

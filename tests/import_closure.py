@@ -58,8 +58,13 @@ def _imported_names(path: Path) -> set[str]:
     return names
 
 
+# Source files a module compiles at run time (C next to the module of the same name: gptcore/gemv.c).
+COMPANION_SUFFIXES = (".c",)
+
+
 def import_closure(repo: Path, script: Path) -> set[str]:
-    """Repository-relative paths of every gptcore source file that running `script` may execute."""
+    """Repository-relative paths of every gptcore source file that running `script` may execute,
+    with the C sources its modules compile (COMPANION_SUFFIXES)."""
     seen: set[Path] = set()
     todo = [script]
     while todo:
@@ -71,7 +76,8 @@ def import_closure(repo: Path, script: Path) -> set[str]:
                 if found is not None and found not in seen:
                     seen.add(found)
                     todo.append(found)
-    return {p.relative_to(repo).as_posix() for p in seen}
+    companions = {p.with_suffix(s) for p in seen for s in COMPANION_SUFFIXES if p.with_suffix(s).is_file()}
+    return {p.relative_to(repo).as_posix() for p in seen | companions}
 
 
 def dvc_stages(repo: Path) -> dict[str, dict]:

@@ -10,9 +10,10 @@ import torch
 
 from gptcore import roofline
 from gptcore.config import GPTConfig
-from gptcore.decoding import cast_for_inference
+from gptcore.decoding import cast_for_inference, decoding_weight_dtypes
 from gptcore.machine_load import LoadWatch, busy_cpu_seconds
 from gptcore.model import GPTModel
+from gptcore.quantize import Int8Linear
 from gptcore.weights import save_model
 
 SMALL = GPTConfig.from_name("gpt2-small")
@@ -43,9 +44,13 @@ def test_training_matmuls_are_six_flops_per_weight_per_token():
 
 def test_decoding_bytes_are_what_cast_for_inference_stores():
     config = GPTConfig(vocab_size=300, context_length=32, emb_dim=32, n_heads=4, n_layers=2, tie_embeddings=True)
-    model = cast_for_inference(GPTModel(config), "bf16-true")
-    stored = sum(m.weight.numel() * m.weight.element_size() for m in model.modules() if isinstance(m, torch.nn.Linear))
-    assert roofline.decoding_weight_bytes(config, torch.bfloat16, torch.float32) == stored
+    for quantize in ("none", "int8"):
+        model = cast_for_inference(GPTModel(config), "bf16-true", quantize)
+        linears = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, Int8Linear))]
+        stored = sum(m.weight.numel() * m.weight.element_size() + (2 * m.scales.numel() if quantize == "int8" else 0)
+                     for m in linears)
+        dtypes = decoding_weight_dtypes("bf16-true", quantize, torch.device("cpu"))
+        assert roofline.decoding_weight_bytes(config, *dtypes) == stored
     blocks, head = roofline.decoding_matmuls(config, 3, "column")
     assert sum(blocks.values()) == 4 * config.n_layers and list(head) == [roofline.Matmul(3, 32, 300, "column")]
 
