@@ -2,7 +2,8 @@
 
 Two figures, on a model of your choosing (default: Stage 1's):
 - perplexity on Stage 1's validation text (the corpus's last 1 - train_ratio share, windows of the
-  model's context, as the pretrain stage evaluates), with and without int8;
+  model's context, as the pretrain stage evaluates), with and without int8 (every product through
+  the decoding kernel: activations rounded per 32 as in decoding);
 - greedy agreement on Stage 4's test instructions: the share of identical responses and of tokens
   before the first difference (benchmarks/greedy_agreement.py's measure).
 
@@ -15,8 +16,10 @@ from __future__ import annotations
 import json
 import math
 
+import torch
 from greedy_agreement import agreement
 
+from gptcore import gemv
 from gptcore.arguments import ArgumentParser, positive_int
 from gptcore.config import GenerateParams, RunConfig
 from gptcore.data.text import build_text_loaders
@@ -30,7 +33,18 @@ from gptcore.weights import load_model
 
 
 def validation_loss(model_path: str, corpus: str, precision: str, quantize: str, train_ratio: float) -> float:
-    """Mean next-token cross-entropy (nats) over every validation window of the corpus."""
+    """Mean next-token cross-entropy (nats) over every validation window of the corpus. Every int8
+    product goes through the decoding kernel (gemv.MAX_ROWS raised for the call), so the activations
+    are rounded per 32 as in decoding, not only the weights."""
+    rows = gemv.MAX_ROWS[torch.int8]
+    gemv.MAX_ROWS[torch.int8] = 1 << 30
+    try:
+        return _validation_loss(model_path, corpus, precision, quantize, train_ratio)
+    finally:
+        gemv.MAX_ROWS[torch.int8] = rows
+
+
+def _validation_loss(model_path: str, corpus: str, precision: str, quantize: str, train_ratio: float) -> float:
     device = resolve_device("cpu")
     model = cast_for_inference(load_model(model_path, device), precision, quantize)
     context = model.config.context_length

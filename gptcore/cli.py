@@ -108,7 +108,7 @@ def _add_decoding_precision(p: argparse.ArgumentParser) -> None:
     from gptcore.precision import PRECISIONS
 
     p.add_argument("--precision", default="fp32", choices=PRECISIONS,
-                   help="fp32 (exact); bf16-true (bf16 weights, fp32 head: faster on CPUs/GPUs with native "
+                   help="fp32 (exact); bf16-true (bf16 weights, fp32 logits: faster on CPUs/GPUs with native "
                         "bf16); bf16-mixed/fp16-mixed (autocast); auto (bf16-true where bf16 is native, else fp32)")
     p.add_argument("--quantize", default="none", choices=QUANTIZE,
                    help="int8: int8 weights, activations rounded per 32 as llama.cpp's q8_0 (CPU; faster decoding, some quality cost: docs/performance.md)")

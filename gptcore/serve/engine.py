@@ -314,7 +314,7 @@ class Engine:
         self._make_room()
         device = self.model.tok_emb.weight.device
         last = torch.tensor([[row.last] for row in self._rows], device=device)  # [B, 1]
-        logits = next_token_logits(self.model, last, self._cache)  # [B, V], fp32 head
+        logits = next_token_logits(self.model, last, self._cache)  # [B, V], fp32 logits
         keep = []
         now = time.perf_counter()
         for b, row in enumerate(self._rows):
