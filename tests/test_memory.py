@@ -68,9 +68,12 @@ def test_dvc_starts_exactly_the_fixed_shape_training_stages_with_the_setting():
 
 
 def test_no_library_code_changes_the_allocator():
+    """No mallopt, and no ctypes handle on the C library (gptcore/gemv.py loads only its own kernels)."""
     for path in sorted((REPO / "gptcore").rglob("*.py")) + sorted((REPO / "stages").glob("*.py")):
         text = path.read_text()
-        assert "import ctypes" not in text and ".mallopt(" not in text, path
+        assert ".mallopt(" not in text, path
+        for libc in ("CDLL(None", 'find_library("c")', "libc.so", "ctypes.util"):
+            assert libc not in text, (path, libc)
 
 
 def test_allocator_env_adds_or_removes_only_its_own_tunables():
