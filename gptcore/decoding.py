@@ -210,10 +210,11 @@ def cast_for_inference(model: GPTModel, precision: str, quantize: str = "none") 
     if precision not in RESOLVED:
         raise ValueError(f"precision: expected one of {', '.join(RESOLVED)}, got {precision!r}")
     check_quantize(quantize)
-    on_cpu = next(model.parameters()).device.type == "cpu"
+    device = next(model.parameters()).device
+    on_cpu = device.type == "cpu"
     if precision == "bf16-true":
         head = model.out_head
-        bf16_head = on_cpu and quantize == "none" and native_bf16()
+        bf16_head = decoding_weight_dtypes(precision, quantize, device)[1] == torch.bfloat16
         if head.weight is model.tok_emb.weight and not bf16_head:  # untie: the head keeps fp32
             head.weight = torch.nn.Parameter(head.weight.detach().clone(), requires_grad=False)
         for module in (model.tok_emb, model.pos_emb, model.trf_blocks):

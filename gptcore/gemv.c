@@ -47,6 +47,17 @@ static inline uint16_t float_to_bf16(float f) {
 
 int gptcore_gemv_native_bf16(void) { return NATIVE_BF16; }
 
+static inline float sum_lanes(const float *acc) {
+    float s = 0.0f;
+    for (int l = 0; l < LANES; l++) s += acc[l];
+    return s;
+}
+
+/* How many weight rows the group starting at row `first` holds (GROUP, fewer at the end). */
+static inline int group_rows(int64_t first, int64_t n_len) {
+    return (int)(n_len - first < GROUP ? n_len - first : GROUP);
+}
+
 /* sums[r] = sum_k x[k] w[r*k_len + k] for r < rows (rows <= GROUP), k_len = K. */
 static void dot_bf16(const uint16_t *x, const uint16_t *w, int64_t k_len, int rows, float *sums) {
 #if NATIVE_BF16
@@ -78,9 +89,7 @@ static void dot_bf16(const uint16_t *x, const uint16_t *w, int64_t k_len, int ro
         for (; k + LANES <= k_len; k += LANES)
             for (int j = 0; j < LANES; j++) acc[j] += bf16_to_float(x[k + j]) * bf16_to_float(row[k + j]);
         for (; k < k_len; k++) acc[k % LANES] += bf16_to_float(x[k]) * bf16_to_float(row[k]);
-        float s = 0.0f;
-        for (int j = 0; j < LANES; j++) s += acc[j];
-        sums[r] = s;
+        sums[r] = sum_lanes(acc);
     }
 }
 
@@ -97,7 +106,7 @@ void gptcore_gemv_bf16(const uint16_t *x, const uint16_t *w, const uint16_t *bia
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t g = 0; g < groups; g++) {
         int64_t first = g * GROUP;
-        int rows = (int)(n_len - first < GROUP ? n_len - first : GROUP);
+        int rows = group_rows(first, n_len);
         for (int64_t b = 0; b < batch; b++) {
             float sums[GROUP];
             dot_bf16(x + b * k_len, w + first * k_len, k_len, rows, sums);
@@ -197,9 +206,7 @@ static void dot_int8(const QuantizedRow *x, const int8_t *q, int64_t k_len, int6
                 }
                 acc[l] += (float)dot * x->lane_scale[c * LANES + l];
             }
-        float s = 0.0f;
-        for (int l = 0; l < LANES; l++) s += acc[l];
-        sums[r] = s;
+        sums[r] = sum_lanes(acc);
     }
 }
 
@@ -211,7 +218,7 @@ int gptcore_gemv_int8(const void *x, int x_fp32, const int8_t *q, const uint16_t
                       void *y, int64_t batch, int64_t n_len, int64_t k_len, int threads, int fp32_out) {
     int64_t chunks = (k_len + CHUNK - 1) / CHUNK;
     size_t per_row = (size_t)(chunks * CHUNK + chunks * LANES * (sizeof(float) + sizeof(int32_t)));
-    char *buffer = malloc((size_t)batch * per_row + 64);
+    char *buffer = malloc((size_t)(batch > 0 ? batch : 1) * per_row);
     if (!buffer) return -1;
     QuantizedRow rows_of_x[batch > 0 ? batch : 1];
     for (int64_t b = 0; b < batch; b++) {
@@ -226,7 +233,7 @@ int gptcore_gemv_int8(const void *x, int x_fp32, const int8_t *q, const uint16_t
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t g = 0; g < groups; g++) {
         int64_t first = g * GROUP;
-        int rows = (int)(n_len - first < GROUP ? n_len - first : GROUP);
+        int rows = group_rows(first, n_len);
         for (int64_t b = 0; b < batch; b++) {
             float sums[GROUP];
             dot_int8(&rows_of_x[b], q + first * k_len, k_len, chunks, rows, sums);
