@@ -65,7 +65,8 @@ class BenchSpec:
     grad_accum: int = 1
     activation_checkpointing: bool = False
     compile: bool = False
-    step_in_backward: bool = False
+    step_in_backward: bool | str = "auto"  # as the training stages: on where it applies (StepRunner)
+    recast_weights: bool | str = "auto"  # as the training stages: for 1 GiB+ of weight copies (StepRunner)
     quantize: str = "none"  # gptcore's decoding weights: none, or int8 (gptcore/quantize.py)
     # Start gptcore's worker with glibc's allocator keeping freed memory (gptcore/memory.py); None: as
     # the entry points of the task's work start, with it for train/classify (dvc.yaml's fixed-shape
@@ -130,7 +131,7 @@ def _gptcore_task(spec: BenchSpec, device, precision: str):
         inputs = torch.randint(0, config.vocab_size, (spec.batch, spec.seq_len), generator=generator)
         labels = torch.randint(0, 2, (spec.batch,), generator=generator)
         runner = StepRunner(model, optimizer, loss_fn, device, precision, spec.grad_accum, spec.step_in_backward,
-                            make_grad_scaler(device, precision))
+                            make_grad_scaler(device, precision), spec.recast_weights)
         model.train()
         return lambda: runner.step((inputs, labels))
 
@@ -147,7 +148,7 @@ def _gptcore_task(spec: BenchSpec, device, precision: str):
         optimizer = make_optimizer(model.parameters(), lr=5e-5, weight_decay=0.1)
         ids = torch.randint(0, config.vocab_size, (spec.batch, spec.seq_len + 1), generator=generator)
         runner = StepRunner(model, optimizer, lm_loss, device, precision, spec.grad_accum, spec.step_in_backward,
-                            make_grad_scaler(device, precision))
+                            make_grad_scaler(device, precision), spec.recast_weights)
         model.train()
         return lambda: runner.step((ids[:, :-1], ids[:, 1:]))
 
@@ -558,10 +559,11 @@ def _row(spec: BenchSpec, results: dict[str, dict[str, Any] | None]) -> dict[str
     for system, result in results.items():
         if result and "peak_gpu_mib" in result:
             row[f"{system.replace('-', '_')}_peak_gpu_mib"] = result["peak_gpu_mib"]
-    if spec.activation_checkpointing or spec.grad_accum > 1 or spec.compile or spec.step_in_backward:
+    if (spec.activation_checkpointing or spec.grad_accum > 1 or spec.compile or spec.step_in_backward != "auto"
+            or spec.recast_weights != "auto"):
         row.update(
             grad_accum=spec.grad_accum, activation_checkpointing=spec.activation_checkpointing,
-            compile=spec.compile, step_in_backward=spec.step_in_backward,
+            compile=spec.compile, step_in_backward=spec.step_in_backward, recast_weights=spec.recast_weights,
         )
     row["keeps_freed_memory"] = {
         system.replace(".", "_").replace("-", "_"): result["keeps_freed_memory"] for system, result in results.items()
@@ -668,7 +670,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per step (train)")
     parser.add_argument("--activation-checkpointing", action="store_true", help="recompute block activations in backward (train)")
     parser.add_argument("--compile", action="store_true", help="torch.compile gptcore's blocks")
-    parser.add_argument("--step-in-backward", action="store_true", help="update each weight inside backward (less memory)")
+    parser.add_argument("--step-in-backward", action=argparse.BooleanOptionalAction, default=None,
+                        help="update each weight inside backward (less memory, the same update); default: as the "
+                        "training stages, where it applies (1 process, no --grad-accum, no fp16-mixed)")
+    parser.add_argument("--recast-weights", action=argparse.BooleanOptionalAction, default=None,
+                        help="mixed precision: cast weights again in backward instead of keeping bf16 copies (less "
+                        "memory, the same gradients); default: as the training stages, for 1 GiB+ of copies")
     parser.add_argument("--quantize", default="none", choices=QUANTIZE,
                         help="gptcore's decoding weights (generate): int8 as llama.cpp's q8_0 (gptcore/quantize.py)")
     parser.add_argument("--no-hf", action="store_true", help="measure gptcore only")
@@ -707,7 +714,9 @@ def run_cli(args: argparse.Namespace) -> int:
             seq_len=args.seq_len, prompt_len=args.prompt_len, new_tokens=args.new_tokens, repeats=args.repeats,
             warmup=args.warmup, threads=args.threads, grad_accum=args.grad_accum,
             activation_checkpointing=args.activation_checkpointing, compile=args.compile,
-            step_in_backward=args.step_in_backward, keep_freed_memory=args.keep_freed_memory, quantize=args.quantize,
+            step_in_backward="auto" if args.step_in_backward is None else args.step_in_backward,
+            recast_weights="auto" if args.recast_weights is None else args.recast_weights,
+            keep_freed_memory=args.keep_freed_memory, quantize=args.quantize,
             hf_keep_freed_memory=args.hf_keep_freed_memory,
         )
         hf_precisions = ("fp32", "bf16") if args.hf == "both" else (args.hf,)

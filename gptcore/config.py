@@ -321,7 +321,12 @@ class TrainConfig(Section):
     grad_accum: int = Field(1, ge=1, description="micro-batches each process cuts its share of a batch into (less activation memory)")
     activation_checkpointing: bool = Field(False, description="recompute block activations in the backward pass (large models)")
     compile: bool = Field(False, description="torch.compile the transformer blocks (slow start; pays off on long GPU runs)")
-    step_in_backward: bool = Field(False, description="update each weight as soon as its gradient is ready (less memory; 1 process)")
+    step_in_backward: bool | Literal["auto"] = Field(
+        "auto", description="update each weight as soon as its gradient is ready (less memory, the same update); "
+        "auto: where it applies (1 process, grad_accum 1, no fp16-mixed)")
+    recast_weights: bool | Literal["auto"] = Field(
+        "auto", description="mixed precision: cast each weight again in backward instead of keeping its bf16/fp16 "
+        "copy (2 bytes/parameter less, the same gradients, one more cast per step); auto: when the copies take >= 1 GiB")
 
     @model_validator(mode="before")
     @classmethod
@@ -340,6 +345,7 @@ class TrainConfig(Section):
             "activation_checkpointing": self.activation_checkpointing,
             "compile": self.compile,
             "step_in_backward": self.step_in_backward,
+            "recast_weights": self.recast_weights,
         }
 
 

@@ -19,27 +19,27 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 from gptcore.atomic import atomic_path, write_json
+from gptcore.cross_entropy import IGNORE_INDEX, cross_entropy
 from gptcore.device import forked_rng, init_distributed, is_main_process, rank, world_size
 from gptcore.errors import TrainingError, WeightsError
+from gptcore.mixed_linear import recast_pays_off, recast_weights_in_backward
 from gptcore.model import set_activation_checkpointing
-from gptcore.precision import autocast, make_grad_scaler
+from gptcore.precision import COMPUTE_DTYPES, autocast, make_grad_scaler
 from gptcore.schedule import lr_factor
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 LossFn = Callable[[nn.Module, Batch], torch.Tensor]
-IGNORE_INDEX = -100
 
 
 def lm_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
     """Next-token cross-entropy over every position; targets of -100 are ignored (padding)."""
     inputs, targets = batch
     logits = model(inputs)  # [B, T, V]
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
+    return cross_entropy(logits.flatten(0, 1), targets.flatten(), IGNORE_INDEX)
 
 
 def perplexity(loss: float) -> float:
@@ -271,10 +271,17 @@ class StepRunner:
     the number of processes and micro-batches changes speed and memory, not the result.
 
     step_in_backward: update each parameter inside backward(), as soon as its gradient is complete, and
-    free that gradient, so that the gradients of the whole model never exist at once (4 bytes per
-    parameter less at the peak: 2.9 GiB for the 774M model). The same update, for optimizers that
-    update each parameter on its own (AdamW, SGD); one process and grad_accum 1 only, since there
-    gradients must be summed before any update. Call close() when done.
+    free that gradient, so that the gradients of the whole model never exist at once (up to 4 bytes
+    per parameter less at the peak). The same update bit for bit, for optimizers that update each
+    parameter on its own (AdamW, SGD); one process, grad_accum 1 and no fp16 loss scaling only, since
+    there gradients must be summed or unscaled before any update. "auto": wherever that holds.
+
+    recast_weights: under mixed precision, make the model's nn.Linear layers keep their fp32 weights
+    for the backward pass and cast them again there (gptcore.mixed_linear), instead of autograd keeping
+    autocast's low-precision copies: 2 bytes per parameter less at the peak, the same gradients, one more
+    cast per weight per step. "auto": where those copies would take 1 GiB or more (recast_pays_off) and
+    activation checkpointing is off (then no such copy outlives a block anyway).
+    Call close() when done: it undoes both.
     """
 
     def __init__(
@@ -285,17 +292,31 @@ class StepRunner:
         device: torch.device,
         precision: str = "fp32",
         grad_accum: int = 1,
-        step_in_backward: bool = False,
+        step_in_backward: bool | str = False,
         scaler: torch.amp.GradScaler | None = None,
+        recast_weights: bool | str = "auto",
     ):
         if grad_accum < 1:
             raise ValueError(f"grad_accum must be positive, got {grad_accum}")
-        if step_in_backward and scaler is not None:
+        if step_in_backward not in (True, False, "auto"):
+            raise ValueError(f"step_in_backward: expected true, false or auto, got {step_in_backward!r}")
+        if step_in_backward is True and scaler is not None:
             raise ValueError("step_in_backward cannot unscale gradients: use it without fp16-mixed")
         self.scaler = scaler
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
         self.device, self.precision, self.grad_accum = device, precision, grad_accum
         self.world = world_size() if init_distributed(device) else 1
+        if step_in_backward == "auto":
+            step_in_backward = grad_accum == 1 and self.world == 1 and scaler is None
+        self.step_in_backward = step_in_backward
+        if recast_weights not in (True, False, "auto"):
+            raise ValueError(f"recast_weights: expected true, false or auto, got {recast_weights!r}")
+        mixed = precision.endswith("-mixed")
+        if recast_weights == "auto":
+            recast_weights = (mixed and not getattr(model, "activation_checkpointing", False)
+                              and recast_pays_off(model, COMPUTE_DTYPES[precision]))
+        self.recast_weights = bool(recast_weights and mixed)
+        self._undo_recast = recast_weights_in_backward(model) if self.recast_weights else None
         self._hooks = []
         self._own: dict[torch.Tensor, torch.optim.Optimizer] = {}  # step_in_backward: one optimizer per parameter
         self._lr_of: dict[torch.Tensor, dict] = {}
@@ -323,10 +344,14 @@ class StepRunner:
         self._own[param].zero_grad(set_to_none=True)
 
     def close(self) -> None:
-        """Detach the step-in-backward hooks (a later backward() updates nothing by itself)."""
+        """Detach the step-in-backward hooks (a later backward() updates nothing by itself) and give the
+        Linear layers back their own forward."""
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
+        if self._undo_recast is not None:
+            self._undo_recast()
+            self._undo_recast = None
 
     def pieces(self, batch: Batch) -> list[tuple[Batch, float | None]]:
         """This process's micro-batches of a global batch, each with its loss weight (None: as is)."""
@@ -454,7 +479,8 @@ class LoopOptions:
     grad_accum cuts each process's share of a batch into micro-batches; activation_checkpointing
     recomputes each block's activations in the backward pass (less memory); compile runs the blocks
     through torch.compile; step_in_backward updates each parameter as soon as its gradient is complete
-    (less memory; see StepRunner). None of them changes the result beyond float rounding.
+    and recast_weights keeps no low-precision weight copies for backward (less memory; see StepRunner).
+    None of them changes the result beyond float rounding.
     lr_schedule and warmup scale each param group's lr per step (gptcore.schedule, through
     torch.optim.lr_scheduler.LambdaLR): the optimizer's lr is the peak. seed: under torchrun, each
     process reseeds with seed + rank once the weights are in place.
@@ -467,7 +493,8 @@ class LoopOptions:
     grad_accum: int = 1
     activation_checkpointing: bool = False
     compile: bool = False
-    step_in_backward: bool = False
+    step_in_backward: bool | str = "auto"
+    recast_weights: bool | str = "auto"
     seed: int | None = None
     show_progress: bool = True
     desc: str = "train"
@@ -549,7 +576,7 @@ class _TrainingRun:
             compile_blocks(self.model)
         scaler = make_grad_scaler(self.device, self.precision, saved.get("grad_scaler") if saved else None)
         self.runner = StepRunner(self.model, self.optimizer, self.loss_fn, self.device, self.precision,
-                                 opts.grad_accum, opts.step_in_backward, scaler)
+                                 opts.grad_accum, opts.step_in_backward, scaler, opts.recast_weights)
         if self.runner.world > 1:
             _check_same_start(self.result.steps, self.progress)
         if saved is not None:

@@ -168,8 +168,8 @@ def test_grad_accum_must_be_positive():
     with pytest.raises(ValueError, match="grad_accum"):
         TrainConfig(grad_accum=0)
     assert TrainConfig(grad_accum=4, activation_checkpointing=True).loop_options() == {
-        "grad_accum": 4, "activation_checkpointing": True, "compile": False, "step_in_backward": False,
-        "lr_schedule": "constant", "warmup": 0.0,
+        "grad_accum": 4, "activation_checkpointing": True, "compile": False, "step_in_backward": "auto",
+        "recast_weights": "auto", "lr_schedule": "constant", "warmup": 0.0,
     }
 
 

@@ -16,7 +16,7 @@ from gptcore.data.loader import ResumableBatchSampler
 from gptcore.errors import DataError
 from gptcore.prompt import RESPONSE_MARKER, format_example, format_input
 from gptcore.tokenizer import EOT_ID, encode_text
-from gptcore.train import IGNORE_INDEX
+from gptcore.cross_entropy import IGNORE_INDEX
 
 FIELDS = ("instruction", "input", "output")
 
