@@ -129,10 +129,18 @@ def gemv_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
     if kernels is None:
         raise RuntimeError("gemv: the kernels are not available")
     flat = _check(x, weight, torch.bfloat16, bias).to(torch.bfloat16)
-    out = _output(flat.shape[0], weight.shape[0], out_dtype)
-    kernels.gptcore_gemv_bf16(flat.data_ptr(), weight.data_ptr(), _pointer(bias), out.data_ptr(), flat.shape[0],
-                              weight.shape[0], weight.shape[1], torch.get_num_threads(), out_dtype == torch.float32)
-    return out.view(*x.shape[:-1], weight.shape[0])
+    _output(0, 0, out_dtype)  # checks out_dtype
+    return _product_bf16(kernels, flat, weight, bias, out_dtype).view(*x.shape[:-1], weight.shape[0])
+
+
+def _product_bf16(kernels: ctypes.CDLL, flat: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                  out_dtype: torch.dtype) -> torch.Tensor:
+    """gemv_bf16 on a contiguous bf16 [rows, in] x whose weight and bias the caller checked: [rows, out]."""
+    out = torch.empty(flat.shape[0], weight.shape[0], dtype=out_dtype)
+    kernels.gptcore_gemv_bf16(flat.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(),
+                              out.data_ptr(), flat.shape[0], weight.shape[0], weight.shape[1], torch.get_num_threads(),
+                              out_dtype == torch.float32)
+    return out
 
 
 def gemv_int8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None,
@@ -154,12 +162,46 @@ def gemv_int8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias
     flat = _check(x, qweight, torch.int8, scales, bias)
     if flat.dtype not in (torch.float32, torch.bfloat16):
         flat = flat.float()
-    out = _output(flat.shape[0], qweight.shape[0], out_dtype)
-    if kernels.gptcore_gemv_int8(flat.data_ptr(), flat.dtype == torch.float32, qweight.data_ptr(), scales.data_ptr(), _pointer(bias), out.data_ptr(),
-                                 flat.shape[0], qweight.shape[0], qweight.shape[1], torch.get_num_threads(),
-                                 out_dtype == torch.float32):
+    _output(0, 0, out_dtype)  # checks out_dtype
+    return _product_int8(kernels, flat, qweight, scales, bias, out_dtype).view(*x.shape[:-1], qweight.shape[0])
+
+
+def _product_int8(kernels: ctypes.CDLL, flat: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                  bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """gemv_int8 on a contiguous fp32 or bf16 [rows, in] x whose other tensors the caller checked: [rows, out]."""
+    out = torch.empty(flat.shape[0], qweight.shape[0], dtype=out_dtype)
+    if kernels.gptcore_gemv_int8(flat.data_ptr(), flat.dtype == torch.float32, qweight.data_ptr(), scales.data_ptr(),
+                                 None if bias is None else bias.data_ptr(), out.data_ptr(), flat.shape[0],
+                                 qweight.shape[0], qweight.shape[1], torch.get_num_threads(), out_dtype == torch.float32):
         raise MemoryError("gemv: out of memory for the quantized activations")
-    return out.view(*x.shape[:-1], qweight.shape[0])
+    return out
+
+
+def layer_product(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """x [..., in] through a decoding layer's kernel (a GemvLinear's or an Int8Linear's, with its own
+    out_dtype) when it takes x: up to MAX_ROWS rows of a contiguous CPU x (bf16 for bf16 weights, bf16 or
+    fp32 for int8), autograd off, the layer's tensors still as checked when it was made (CPU, dtypes);
+    else None, and the caller computes the product its other way. The per-token path: no other checks.
+    """
+    weight, bias = layer.weight, layer.bias
+    n = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if (n == 0 or n > MAX_ROWS.get(weight.dtype, 0) or torch.is_grad_enabled() or not x.is_cpu or not weight.is_cpu
+            or not x.is_contiguous() or (bias is not None and bias.dtype != torch.bfloat16)):
+        return None
+    kernels = load_kernels()
+    if kernels is None:
+        return None
+    flat = x.view(n, x.shape[-1])
+    fp32_out = layer.out_dtype == torch.float32
+    if weight.dtype == torch.int8:
+        if x.dtype not in (torch.bfloat16, torch.float32) or layer.scales.dtype != torch.bfloat16:
+            return None
+        out = _product_int8(kernels, flat, weight, layer.scales, bias, torch.float32 if fp32_out else torch.bfloat16)
+    else:
+        if x.dtype != torch.bfloat16:
+            return None
+        out = _product_bf16(kernels, flat, weight, bias, torch.float32 if fp32_out else torch.bfloat16)
+    return out.view(*x.shape[:-1], weight.shape[0])
 
 
 def rows(x: torch.Tensor) -> int:
@@ -187,8 +229,11 @@ class GemvLinear(nn.Linear):
         return gemv
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if 0 < rows(x) <= MAX_ROWS[torch.bfloat16] and not torch.is_grad_enabled():
-            return gemv_bf16(x, self.weight, self.bias, self.out_dtype)
+        y = layer_product(self, x)
+        if y is not None:
+            return y
+        if 0 < rows(x) <= MAX_ROWS[torch.bfloat16] and not torch.is_grad_enabled() and self.weight.is_cpu:
+            return gemv_bf16(x, self.weight, self.bias, self.out_dtype)  # an fp32 x (the head's) or a strided one
         if self.out_dtype == torch.float32:
             return F.linear(x.float(), self.weight.float(), None if self.bias is None else self.bias.float())
         return F.linear(x, self.weight, self.bias)

@@ -50,9 +50,11 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out_dtype = self.out_dtype or x.dtype
-        if 0 < gemv.rows(x) <= gemv.MAX_ROWS[torch.int8] and gemv.load_kernels() is not None:  # decoding, prompts
+        y = gemv.layer_product(self, x)  # decoding, prompts
+        if y is None and 0 < gemv.rows(x) <= gemv.MAX_ROWS[torch.int8] and gemv.load_kernels() is not None:
             kernel_dtype = torch.float32 if out_dtype == torch.float32 else torch.bfloat16
-            y = gemv.gemv_int8(x, self.weight, self.scales, self.bias, kernel_dtype)
+            y = gemv.gemv_int8(x, self.weight, self.scales, self.bias, kernel_dtype)  # a non-contiguous x
+        if y is not None:
             return y if y.dtype == out_dtype else y.to(out_dtype)
         if self.out_dtype == torch.float32:  # logits of many rows: the int8 weights times their scales, in fp32
             weight = self.weight.float() * self.scales.float()[:, None]

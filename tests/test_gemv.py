@@ -6,6 +6,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from gptcore import gemv
 from gptcore.config import GPTConfig
@@ -170,8 +171,8 @@ def test_bf16_decoding_runs_through_the_kernel_and_agrees_with_torch(monkeypatch
     assert model.out_head.weight.dtype == torch.bfloat16 and model.out_head.out_dtype == torch.float32
     tokens = torch.randint(0, config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(5))
     calls = []
-    kernel = gemv.gemv_bf16
-    monkeypatch.setattr(gemv, "gemv_bf16", lambda *a: calls.append(1) or kernel(*a))
+    kernel = gemv._product_bf16  # what both gemv_bf16 and the layers' per-token path call
+    monkeypatch.setattr(gemv, "_product_bf16", lambda *a: calls.append(1) or kernel(*a))
     cache = KVCache(config, 1, 16, dtype=torch.bfloat16)
     with torch.no_grad():
         model(tokens[:, :9], cache)  # the prompt: torch's kernels
@@ -181,3 +182,27 @@ def test_bf16_decoding_runs_through_the_kernel_and_agrees_with_torch(monkeypatch
         monkeypatch.setitem(gemv.MAX_ROWS, torch.bfloat16, 0)  # everything through torch's kernels
         reference = model(tokens)[:, 9:]
     assert (steps - reference).abs().max().item() < 0.05 * reference.abs().max().item()
+
+
+def test_layer_product_takes_only_what_was_checked():
+    """The per-token path skips the public checks, so it must decline whatever they would refuse."""
+    if gemv.load_kernels() is None:
+        pytest.skip("no C compiler")
+    from gptcore.quantize import Int8Linear
+
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 24).to(torch.bfloat16)
+    layer = gemv.GemvLinear.from_linear(linear)
+    x = torch.randn(1, 1, 64, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert gemv.layer_product(layer, x) is not None
+        assert gemv.layer_product(layer, x.float()) is None  # another dtype than the weight's
+        assert gemv.layer_product(layer, torch.randn(1, 64, 2, dtype=torch.bfloat16)[..., 0]) is None  # strided
+        assert gemv.layer_product(layer, torch.randn(65, 64, dtype=torch.bfloat16)) is None  # a long prompt
+    assert gemv.layer_product(layer, x) is None  # autograd on
+    int8 = Int8Linear(nn.Linear(64, 24))
+    with torch.no_grad():
+        expected = int8(x)
+        int8.to(torch.float32)  # floating buffers (scales, bias) become fp32; the kernel reads bf16
+        assert gemv.layer_product(int8, x) is None
+        torch.testing.assert_close(int8(x), expected, rtol=0.02, atol=0.02)  # torch's path instead
