@@ -91,10 +91,6 @@ def native_bf16() -> bool:
     return kernels is not None and bool(kernels.gptcore_gemv_native_bf16())
 
 
-def _pointer(t: torch.Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
-
-
 def _check(x: torch.Tensor, weight: torch.Tensor, weight_dtype: torch.dtype, *vectors: torch.Tensor | None) -> torch.Tensor:
     """x as a contiguous [rows, in_features] matrix, after checking what the kernels assume: CPU
     tensors, a contiguous [out, in] weight of weight_dtype, bf16 vectors [out] (None allowed)."""
@@ -109,10 +105,9 @@ def _check(x: torch.Tensor, weight: torch.Tensor, weight_dtype: torch.dtype, *ve
     return x.reshape(-1, x.shape[-1]).contiguous()
 
 
-def _output(rows: int, n: int, dtype: torch.dtype) -> torch.Tensor:
+def _check_out_dtype(dtype: torch.dtype) -> None:
     if dtype not in (torch.bfloat16, torch.float32):
         raise ValueError(f"gemv: the output is bf16 or fp32, not {dtype}")
-    return torch.empty(rows, n, dtype=dtype)
 
 
 def gemv_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -129,7 +124,7 @@ def gemv_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
     if kernels is None:
         raise RuntimeError("gemv: the kernels are not available")
     flat = _check(x, weight, torch.bfloat16, bias).to(torch.bfloat16)
-    _output(0, 0, out_dtype)  # checks out_dtype
+    _check_out_dtype(out_dtype)
     return _product_bf16(kernels, flat, weight, bias, out_dtype).view(*x.shape[:-1], weight.shape[0])
 
 
@@ -162,7 +157,7 @@ def gemv_int8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias
     flat = _check(x, qweight, torch.int8, scales, bias)
     if flat.dtype not in (torch.float32, torch.bfloat16):
         flat = flat.float()
-    _output(0, 0, out_dtype)  # checks out_dtype
+    _check_out_dtype(out_dtype)
     return _product_int8(kernels, flat, qweight, scales, bias, out_dtype).view(*x.shape[:-1], qweight.shape[0])
 
 
@@ -192,15 +187,15 @@ def layer_product(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     if kernels is None:
         return None
     flat = x.view(n, x.shape[-1])
-    fp32_out = layer.out_dtype == torch.float32
+    out_dtype = torch.float32 if layer.out_dtype == torch.float32 else torch.bfloat16
     if weight.dtype == torch.int8:
         if x.dtype not in (torch.bfloat16, torch.float32) or layer.scales.dtype != torch.bfloat16:
             return None
-        out = _product_int8(kernels, flat, weight, layer.scales, bias, torch.float32 if fp32_out else torch.bfloat16)
+        out = _product_int8(kernels, flat, weight, layer.scales, bias, out_dtype)
     else:
         if x.dtype != torch.bfloat16:
             return None
-        out = _product_bf16(kernels, flat, weight, bias, torch.float32 if fp32_out else torch.bfloat16)
+        out = _product_bf16(kernels, flat, weight, bias, out_dtype)
     return out.view(*x.shape[:-1], weight.shape[0])
 
 
