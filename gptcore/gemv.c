@@ -11,6 +11,7 @@
    outputs are fp32 (logits) or rounded to bf16, to nearest even, as torch rounds. */
 
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -93,17 +94,28 @@ static void dot_bf16(const uint16_t *x, const uint16_t *w, int64_t k_len, int ro
     }
 }
 
-static inline void store(void *y, int64_t i, float s, int fp32_out) {
+/* GPT-2's GELU, tanh approximation (Hendrycks & Gimpel 2016, arXiv:1606.08415), in fp32 as torch's. */
+static inline float gelu_tanh(float v) {
+    const float beta = 0.7978845608028654f, kappa = 0.044715f;  /* sqrt(2 / pi) */
+    return 0.5f * v * (1.0f + tanhf(beta * (v + kappa * v * v * v)));
+}
+
+/* Output i: the fp32 sum, or rounded to bf16; with gelu, the bf16 value through GELU and rounded again
+   (as a bf16 Linear followed by a bf16 GELU module computes it). */
+static inline void store(void *y, int64_t i, float s, int fp32_out, int gelu) {
     if (fp32_out) ((float *)y)[i] = s;
+    else if (gelu) ((uint16_t *)y)[i] = float_to_bf16(gelu_tanh(bf16_to_float(float_to_bf16(s))));
     else ((uint16_t *)y)[i] = float_to_bf16(s);
 }
 
 /* y[b, n] = sum_k x[b, k] w[n, k] + bias[n]: x bf16 [batch, k_len], w bf16 [n_len, k_len], bias bf16
-   [n_len] or NULL, y [batch, n_len] fp32 if fp32_out else bf16; all contiguous. */
-void gptcore_gemv_bf16(const uint16_t *x, const uint16_t *w, const uint16_t *bias, void *y,
-                       int64_t batch, int64_t n_len, int64_t k_len, int threads, int fp32_out) {
+   [n_len] or NULL, y [batch, n_len] fp32 if fp32_out else bf16; all contiguous. A worksharing loop:
+   inside a parallel region the weight rows are split over its threads (static: the same split for
+   the same thread count), outside one thread does all. */
+static void product_bf16(const uint16_t *x, const uint16_t *w, const uint16_t *bias, void *y, int64_t batch,
+                         int64_t n_len, int64_t k_len, int fp32_out, int gelu) {
     int64_t groups = (n_len + GROUP - 1) / GROUP;
-#pragma omp parallel for schedule(static) num_threads(threads)
+#pragma omp for schedule(static)
     for (int64_t g = 0; g < groups; g++) {
         int64_t first = g * GROUP;
         int rows = group_rows(first, n_len);
@@ -112,10 +124,16 @@ void gptcore_gemv_bf16(const uint16_t *x, const uint16_t *w, const uint16_t *bia
             dot_bf16(x + b * k_len, w + first * k_len, k_len, rows, sums);
             for (int r = 0; r < rows; r++) {
                 float s = sums[r] + (bias ? bf16_to_float(bias[first + r]) : 0.0f);
-                store(y, b * n_len + first + r, s, fp32_out);
+                store(y, b * n_len + first + r, s, fp32_out, gelu);
             }
         }
     }
+}
+
+void gptcore_gemv_bf16(const uint16_t *x, const uint16_t *w, const uint16_t *bias, void *y,
+                       int64_t batch, int64_t n_len, int64_t k_len, int threads, int fp32_out) {
+#pragma omp parallel num_threads(threads)
+    product_bf16(x, w, bias, y, batch, n_len, k_len, fp32_out, 0);
 }
 
 /* int8: weights q [n_len, k_len] int8 with one scale per row; x quantized to int8 in blocks of 32 on
@@ -210,39 +228,208 @@ static void dot_int8(const QuantizedRow *x, const int8_t *q, int64_t k_len, int6
     }
 }
 
+/* The bytes quantized activations of `batch` rows of k_len need, and their layout in such a buffer. */
+static size_t quantized_bytes(int64_t k_len) {
+    int64_t chunks = (k_len + CHUNK - 1) / CHUNK;
+    return (size_t)(chunks * CHUNK + chunks * LANES * (sizeof(float) + sizeof(int32_t)));
+}
+
+static QuantizedRow quantized_row_at(char *buffer, int64_t k_len, int64_t b) {
+    int64_t chunks = (k_len + CHUNK - 1) / CHUNK;
+    char *base = buffer + (size_t)b * quantized_bytes(k_len);
+    QuantizedRow row = {(int8_t *)(base + chunks * LANES * (sizeof(float) + sizeof(int32_t))), (float *)base,
+                        (int32_t *)(base + chunks * LANES * sizeof(float))};
+    return row;
+}
+
+/* Quantize rows 0..batch-1 of x (fp32 if x_fp32 else bf16) into buffer (quantized_bytes(k_len) each). */
+static void quantize_rows(const void *x, int x_fp32, int64_t batch, int64_t k_len, char *buffer) {
+    int64_t chunks = (k_len + CHUNK - 1) / CHUNK;
+    for (int64_t b = 0; b < batch; b++) {
+        QuantizedRow row = quantized_row_at(buffer, k_len, b);
+        quantize_row((const char *)x + b * k_len * (x_fp32 ? sizeof(float) : sizeof(uint16_t)), x_fp32, k_len, chunks, &row);
+    }
+}
+
+/* y[b, n] = scale[n] sum_k xq[b, k] q[n, k] + bias[n] for rows quantized by quantize_rows into buffer;
+   a worksharing loop as product_bf16's. */
+static void product_int8(char *buffer, const int8_t *q, const uint16_t *scale, const uint16_t *bias, void *y,
+                         int64_t batch, int64_t n_len, int64_t k_len, int fp32_out, int gelu) {
+    int64_t chunks = (k_len + CHUNK - 1) / CHUNK;
+    int64_t groups = (n_len + GROUP - 1) / GROUP;
+#pragma omp for schedule(static)
+    for (int64_t g = 0; g < groups; g++) {
+        int64_t first = g * GROUP;
+        int rows = group_rows(first, n_len);
+        for (int64_t b = 0; b < batch; b++) {
+            QuantizedRow row = quantized_row_at(buffer, k_len, b);
+            float sums[GROUP];
+            dot_int8(&row, q + first * k_len, k_len, chunks, rows, sums);
+            for (int r = 0; r < rows; r++) {
+                float s = sums[r] * bf16_to_float(scale[first + r]) + (bias ? bf16_to_float(bias[first + r]) : 0.0f);
+                store(y, b * n_len + first + r, s, fp32_out, gelu);
+            }
+        }
+    }
+}
+
 /* y[b, n] = scale[n] sum_k x[b, k] q[n, k] + bias[n], x int8-quantized per block of 32 as above:
    x [batch, k_len] fp32 if x_fp32 else bf16, q int8 [n_len, k_len], scale and bias bf16 [n_len] (bias
    may be NULL), y [batch, n_len] fp32 if fp32_out else bf16; all contiguous. Returns 0, or -1 when out
    of memory. */
 int gptcore_gemv_int8(const void *x, int x_fp32, const int8_t *q, const uint16_t *scale, const uint16_t *bias,
                       void *y, int64_t batch, int64_t n_len, int64_t k_len, int threads, int fp32_out) {
-    int64_t chunks = (k_len + CHUNK - 1) / CHUNK;
-    size_t per_row = (size_t)(chunks * CHUNK + chunks * LANES * (sizeof(float) + sizeof(int32_t)));
-    char *buffer = malloc((size_t)(batch > 0 ? batch : 1) * per_row);
+    char *buffer = malloc((size_t)(batch > 0 ? batch : 1) * quantized_bytes(k_len));
     if (!buffer) return -1;
-    QuantizedRow rows_of_x[batch > 0 ? batch : 1];
-    for (int64_t b = 0; b < batch; b++) {
-        char *base = buffer + b * per_row;
-        rows_of_x[b].lane_scale = (float *)base;
-        rows_of_x[b].lane_start = (int32_t *)(base + chunks * LANES * sizeof(float));
-        rows_of_x[b].xq = (int8_t *)(base + chunks * LANES * (sizeof(float) + sizeof(int32_t)));
-        const char *row = (const char *)x + b * k_len * (x_fp32 ? sizeof(float) : sizeof(uint16_t));
-        quantize_row(row, x_fp32, k_len, chunks, &rows_of_x[b]);
-    }
-    int64_t groups = (n_len + GROUP - 1) / GROUP;
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t g = 0; g < groups; g++) {
-        int64_t first = g * GROUP;
-        int rows = group_rows(first, n_len);
-        for (int64_t b = 0; b < batch; b++) {
-            float sums[GROUP];
-            dot_int8(&rows_of_x[b], q + first * k_len, k_len, chunks, rows, sums);
-            for (int r = 0; r < rows; r++) {
-                float s = sums[r] * bf16_to_float(scale[first + r]) + (bias ? bf16_to_float(bias[first + r]) : 0.0f);
-                store(y, b * n_len + first + r, s, fp32_out);
-            }
+    quantize_rows(x, x_fp32, batch, k_len, buffer);
+#pragma omp parallel num_threads(threads)
+    product_int8(buffer, q, scale, bias, y, batch, n_len, k_len, fp32_out, 0);
+    free(buffer);
+    return 0;
+}
+
+/* ---- One transformer block's decoding step in one call (gptcore/decode_block.py) ----
+
+   GPT-2's pre-LayerNorm block for `batch` rows of one new position each, all bf16 as a bf16-true
+   model's modules compute it (LayerNorm, the four Linears, attention, GELU and the two residual adds,
+   each rounded to bf16 where the module path rounds): x -> x + proj(attention(ln1(x))) -> the same +
+   mlp(ln2(.)). The keys and values of the new position are written into the KV cache. One OpenMP
+   region runs the whole step: the Linears split their weight rows over the threads, attention splits
+   its heads; the small serial parts (LayerNorms, residual adds, int8 activations) run on one thread.
+   Every output is computed by one thread in a fixed order: the same bytes whatever the thread count. */
+
+/* The parameters, in this order (Linear weights bf16, or int8 with bf16 scales; biases may be NULL). */
+enum { NORM1_W, NORM1_B, QKV_W, QKV_S, QKV_B, OUT_W, OUT_S, OUT_B, NORM2_W, NORM2_B, FC_W, FC_S, FC_B,
+       PROJ_W, PROJ_S, PROJ_B, BLOCK_PARAMS };
+
+/* y = (x - mean) / sqrt(var + eps) * weight + bias over one row of n, rounded to bf16 (Ba et al. 2016,
+   arXiv:1607.06450; the biased variance, as torch.nn.LayerNorm). */
+static void layer_norm_row(const uint16_t *x, const uint16_t *weight, const uint16_t *bias, int64_t n, float eps,
+                           uint16_t *y) {
+    float lanes[LANES] = {0};
+    int64_t k = 0;
+    for (; k + LANES <= n; k += LANES)
+        for (int l = 0; l < LANES; l++) lanes[l] += bf16_to_float(x[k + l]);
+    for (; k < n; k++) lanes[k % LANES] += bf16_to_float(x[k]);
+    float mean = sum_lanes(lanes) / (float)n;
+    memset(lanes, 0, sizeof lanes);
+    for (k = 0; k + LANES <= n; k += LANES)
+        for (int l = 0; l < LANES; l++) {
+            float d = bf16_to_float(x[k + l]) - mean;
+            lanes[l] += d * d;
         }
+    for (; k < n; k++) {
+        float d = bf16_to_float(x[k]) - mean;
+        lanes[k % LANES] += d * d;
     }
+    float rstd = 1.0f / sqrtf(sum_lanes(lanes) / (float)n + eps);
+    for (k = 0; k < n; k++)
+        y[k] = float_to_bf16((bf16_to_float(x[k]) - mean) * rstd * bf16_to_float(weight[k]) + bf16_to_float(bias[k]));
+}
+
+/* One head's attention for one query: softmax(q k_j / sqrt(hd)) over keys j < length, times the
+   values, in fp32, rounded to bf16. q [hd]; keys, values [length, hd] rows of the cache; scores
+   [length] scratch; out [hd]. (Vaswani et al. 2017, arXiv:1706.03762, eq. 1.) */
+static void attend(const uint16_t *q, const uint16_t *keys, const uint16_t *values, int64_t length, int64_t hd,
+                   float *scores, uint16_t *out) {
+    float query[hd], acc[hd];
+    float scale = 1.0f / sqrtf((float)hd), top = -INFINITY;
+    for (int64_t d = 0; d < hd; d++) query[d] = bf16_to_float(q[d]) * scale;
+    for (int64_t j = 0; j < length; j++) {
+        const uint16_t *key = keys + j * hd;
+        float lanes[LANES] = {0};
+        int64_t d = 0;
+        for (; d + LANES <= hd; d += LANES)
+            for (int l = 0; l < LANES; l++) lanes[l] += query[d + l] * bf16_to_float(key[d + l]);
+        for (; d < hd; d++) lanes[d % LANES] += query[d] * bf16_to_float(key[d]);
+        scores[j] = sum_lanes(lanes);
+        top = scores[j] > top ? scores[j] : top;
+    }
+    float total = 0.0f;
+    for (int64_t j = 0; j < length; j++) {
+        scores[j] = expf(scores[j] - top);
+        total += scores[j];
+    }
+    for (int64_t d = 0; d < hd; d++) acc[d] = 0.0f;
+    for (int64_t j = 0; j < length; j++) {
+        const uint16_t *value = values + j * hd;
+        float p = scores[j];
+        for (int64_t d = 0; d < hd; d++) acc[d] += p * bf16_to_float(value[d]);
+    }
+    for (int64_t d = 0; d < hd; d++) out[d] = float_to_bf16(acc[d] / total);
+}
+
+static size_t aligned(size_t bytes) { return (bytes + 63) & ~(size_t)63; }
+
+/* y = bf16(a + b) elementwise over n. */
+static void add_rows(const uint16_t *a, const uint16_t *b, uint16_t *y, int64_t n) {
+    for (int64_t i = 0; i < n; i++) y[i] = float_to_bf16(bf16_to_float(a[i]) + bf16_to_float(b[i]));
+}
+
+/* The product of one of the block's Linears, bf16 or int8; x_q: the int8 activations of x (int8 only). */
+static void block_product(const void *const *p, int which, int int8, const uint16_t *x, char *x_q, void *y,
+                          int64_t batch, int64_t n_len, int64_t k_len, int gelu) {
+    const uint16_t *bias = (const uint16_t *)p[which + 2];
+    if (int8) product_int8(x_q, (const int8_t *)p[which], (const uint16_t *)p[which + 1], bias, y, batch, n_len, k_len, 0, gelu);
+    else product_bf16(x, (const uint16_t *)p[which], bias, y, batch, n_len, k_len, 0, gelu);
+}
+
+/* out [batch, emb] = the block applied to x [batch, emb] (both bf16) at position `position` of every
+   row; keys and values: this layer's cache, bf16 [batch, heads, max_len, emb / heads], whose position
+   `position` is written. params: BLOCK_PARAMS pointers as the enum above; int8: the Linears are int8
+   (activations quantized per 32 as gptcore_gemv_int8's). Returns 0, or -1 when out of memory. */
+int gptcore_block_decode(const void *const *params, int int8, const uint16_t *x, uint16_t *out, uint16_t *keys,
+                         uint16_t *values, int64_t batch, int64_t emb, int64_t heads, int64_t max_len,
+                         int64_t position, float eps, int threads) {
+    const void *const *p = params;
+    int64_t hd = emb / heads, length = position + 1, hidden = 4 * emb;
+    size_t row_bytes = aligned((size_t)batch * (size_t)emb * sizeof(uint16_t));
+    size_t quantized = int8 ? (size_t)batch * quantized_bytes(hidden) : 0;
+    size_t score_bytes = (size_t)(threads > 0 ? threads : 1) * (size_t)length * sizeof(float);
+    /* normed, attended, residual, scratch: [batch, emb]; qkv [batch, 3 emb]; fc [batch, 4 emb]; each
+       start 64-byte aligned. */
+    char *buffer = malloc(11 * row_bytes + aligned(quantized) + score_bytes);
+    if (!buffer) return -1;
+    uint16_t *normed = (uint16_t *)buffer, *attended = (uint16_t *)(buffer + row_bytes);
+    uint16_t *residual = (uint16_t *)(buffer + 2 * row_bytes), *scratch = (uint16_t *)(buffer + 3 * row_bytes);
+    uint16_t *qkv = (uint16_t *)(buffer + 4 * row_bytes), *fc = (uint16_t *)(buffer + 7 * row_bytes);
+    char *x_q = buffer + 11 * row_bytes;
+    float *scores = (float *)(x_q + aligned(quantized));
+#pragma omp parallel num_threads(threads)
+    {
+        float *my_scores = scores + (size_t)omp_get_thread_num() * (size_t)length;
+#pragma omp single
+        {
+            for (int64_t b = 0; b < batch; b++)
+                layer_norm_row(x + b * emb, p[NORM1_W], p[NORM1_B], emb, eps, normed + b * emb);
+            if (int8) quantize_rows(normed, 0, batch, emb, x_q);
+        }
+        block_product(p, QKV_W, int8, normed, x_q, qkv, batch, 3 * emb, emb, 0);
+#pragma omp for schedule(static)
+        for (int64_t unit = 0; unit < batch * heads; unit++) {
+            int64_t b = unit / heads, h = unit % heads;
+            const uint16_t *row = qkv + b * 3 * emb;
+            uint16_t *k_cache = keys + unit * max_len * hd, *v_cache = values + unit * max_len * hd;
+            memcpy(k_cache + position * hd, row + emb + h * hd, (size_t)hd * sizeof(uint16_t));
+            memcpy(v_cache + position * hd, row + 2 * emb + h * hd, (size_t)hd * sizeof(uint16_t));
+            attend(row + h * hd, k_cache, v_cache, length, hd, my_scores, attended + b * emb + h * hd);
+        }
+#pragma omp single
+        if (int8) quantize_rows(attended, 0, batch, emb, x_q);
+        block_product(p, OUT_W, int8, attended, x_q, scratch, batch, emb, emb, 0);
+#pragma omp single
+        {
+            add_rows(x, scratch, residual, batch * emb);
+            for (int64_t b = 0; b < batch; b++)
+                layer_norm_row(residual + b * emb, p[NORM2_W], p[NORM2_B], emb, eps, normed + b * emb);
+            if (int8) quantize_rows(normed, 0, batch, emb, x_q);
+        }
+        block_product(p, FC_W, int8, normed, x_q, fc, batch, hidden, emb, 1);
+#pragma omp single
+        if (int8) quantize_rows(fc, 0, batch, hidden, x_q);
+        block_product(p, PROJ_W, int8, fc, x_q, scratch, batch, emb, hidden, 0);
+    }
+    add_rows(residual, scratch, out, batch * emb);
     free(buffer);
     return 0;
 }

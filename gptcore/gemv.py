@@ -7,7 +7,8 @@ F.linear and 20-25 GB/s through this module's kernel, where a plain C read of th
 The kernel is C (gptcore/gemv.c), compiled on first use for the machine it runs on (`cc -O3
 -march=native -fopenmp`, about a second) into the user's cache directory, keyed by the source, the
 compiler and the CPU, and loaded with ctypes; it shares torch's OpenMP runtime and thread count.
-Without a C compiler decoding keeps torch's kernels, with one warning.
+Without a C compiler decoding keeps torch's kernels, with one warning. The same library holds a whole
+block's decoding step (gptcore/decode_block.py), which calls these products inside one OpenMP region.
 
 Same inputs give the same bytes whatever the thread count (each output is one sum in a fixed order).
 The sums are fp32 like torch's, in another order, so outputs may differ from F.linear's in the last
@@ -81,6 +82,8 @@ def load_kernels() -> ctypes.CDLL | None:
     kernels.gptcore_gemv_bf16.argtypes = [pointer] * 4 + [size] * 3 + [ctypes.c_int] * 2
     kernels.gptcore_gemv_int8.argtypes = [pointer, ctypes.c_int] + [pointer] * 4 + [size] * 3 + [ctypes.c_int] * 2
     kernels.gptcore_gemv_bf16.restype = None
+    kernels.gptcore_block_decode.argtypes = [pointer, ctypes.c_int] + [pointer] * 4 + [size] * 5 + [ctypes.c_float, ctypes.c_int]
+    kernels.gptcore_block_decode.restype = ctypes.c_int
     kernels.gptcore_gemv_int8.restype = ctypes.c_int
     return kernels
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gptcore import gemv
+from gptcore import decode_block, gemv
 from gptcore.config import GPTConfig
 from gptcore.decoding import cast_for_inference, generate
 from gptcore.model import KVCache, random_model
@@ -173,6 +173,9 @@ def test_bf16_decoding_runs_through_the_kernel_and_agrees_with_torch(monkeypatch
     calls = []
     kernel = gemv._product_bf16  # what both gemv_bf16 and the layers' per-token path call
     monkeypatch.setattr(gemv, "_product_bf16", lambda *a: calls.append(1) or kernel(*a))
+    # Each Linear's own per-token path (which padded batches take); the one-call block step is
+    # tests/test_decode_block.py's.
+    monkeypatch.setattr(decode_block, "decode_step", lambda *a: None)
     cache = KVCache(config, 1, 16, dtype=torch.bfloat16)
     with torch.no_grad():
         model(tokens[:, :9], cache)  # the prompt: torch's kernels

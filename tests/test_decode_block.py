@@ -1,0 +1,107 @@
+"""A block's decoding step in one kernel call (gptcore/decode_block.py): it agrees with the modules, writes
+the same cache, gives the same bytes whatever the thread count, and steps aside where it does not apply."""
+
+import pytest
+import torch
+
+from gptcore import decode_block, gemv
+from gptcore.config import GPTConfig
+from gptcore.decode_block import DecodeBlock, decode_step
+from gptcore.decoding import cast_for_inference, generate_batch
+from gptcore.model import KVCache, TransformerBlock, random_model
+
+pytestmark = pytest.mark.skipif(gemv.load_kernels() is None, reason="no C compiler")
+# Head sizes 16 and 24 (not multiples of the kernel's 16 lanes: 24), with and without qkv bias.
+CONFIGS = [GPTConfig(vocab_size=50257, context_length=64, emb_dim=64, n_heads=4, n_layers=2, qkv_bias=True),
+           GPTConfig(vocab_size=50257, context_length=64, emb_dim=72, n_heads=3, n_layers=3, qkv_bias=False)]
+
+
+def _model(config: GPTConfig, quantize: str):
+    if quantize == "none" and not gemv.native_bf16():
+        pytest.skip("the CPU has no AVX512-BF16: bf16 blocks keep torch's kernels")
+    return cast_for_inference(random_model(config, seed=7).eval(), "bf16-true", quantize)
+
+
+def _decode(model, tokens: torch.Tensor, prompt: int) -> tuple[torch.Tensor, KVCache]:
+    """Logits [B, steps, vocab] of one token at a time after a prompt of `prompt` tokens, and the cache."""
+    cache = KVCache(model.config, tokens.shape[0], tokens.shape[1], dtype=torch.bfloat16)
+    with torch.no_grad():
+        model(tokens[:, :prompt], cache)
+        steps = [model(tokens[:, i : i + 1], cache) for i in range(prompt, tokens.shape[1])]
+    return torch.cat(steps, 1), cache
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=["hd16", "hd24-nobias"])
+@pytest.mark.parametrize("quantize", ["none", "int8"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_the_fused_step_agrees_with_the_modules(config, quantize, batch, monkeypatch):
+    model = _model(config, quantize)
+    assert all(type(b) is DecodeBlock for b in model.trf_blocks)
+    tokens = torch.randint(0, config.vocab_size, (batch, 20), generator=torch.Generator().manual_seed(batch))
+    calls = []
+    monkeypatch.setattr(decode_block, "decode_step", lambda *a: calls.append(decode_step(*a)) or calls[-1])
+    fused, fused_cache = _decode(model, tokens, 9)
+    assert sum(c is not None for c in calls) == config.n_layers * 11  # every block of every step, not the prompt
+    monkeypatch.setattr(decode_block, "decode_step", lambda *a: None)  # the modules only
+    reference, cache = _decode(model, tokens, 9)
+    scale = reference.abs().max().item()
+    assert fused.dtype == torch.float32 and (fused - reference).abs().max().item() < 0.05 * scale
+    for ours, theirs in zip(fused_cache.keys + fused_cache.values, cache.keys + cache.values):
+        assert torch.equal(ours[:, :, :9], theirs[:, :, :9])  # the prompt's: the same path
+        torch.testing.assert_close(ours.float(), theirs.float(), rtol=0.02, atol=0.02)  # the decoded positions
+
+
+@pytest.mark.parametrize("quantize", ["none", "int8"])
+def test_same_bytes_whatever_the_thread_count(quantize):
+    model = _model(CONFIGS[1], quantize)
+    tokens = torch.randint(0, 50257, (2, 16), generator=torch.Generator().manual_seed(3))
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append(_decode(model, tokens, 5))
+    finally:
+        torch.set_num_threads(threads)
+    for logits, cache in results[1:]:
+        assert torch.equal(logits, results[0][0])
+        assert all(torch.equal(a, b) for a, b in zip(cache.keys + cache.values, results[0][1].keys + results[0][1].values))
+
+
+def test_where_it_does_not_apply_the_modules_run():
+    model = _model(CONFIGS[0], "int8")
+    block = model.trf_blocks[0]
+    x = torch.randn(1, 1, 64).to(torch.bfloat16)
+    cache = KVCache(model.config, 1, 8, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert decode_step(block, x, cache) is not None
+        assert decode_step(block, x.float(), cache) is None  # not bf16
+        assert decode_step(block, torch.randn(1, 2, 64).to(torch.bfloat16), cache) is None  # two positions
+        padded = KVCache(model.config, 1, 8, dtype=torch.bfloat16, pad_lengths=torch.tensor([1]))
+        assert decode_step(block, x, padded) is None  # left padding: the modules mask it
+        assert decode_step(block, x, KVCache(model.config, 1, 8, dtype=torch.float32)) is None
+        cache.length = 8
+        assert decode_step(block, x, cache) is None  # full: the module path raises the error
+        with pytest.raises(ValueError, match="KV cache holds 8 positions"):
+            block(x, cache)
+    assert decode_step(block, x, KVCache(model.config, 1, 8, dtype=torch.bfloat16)) is None  # autograd on
+
+
+def test_padded_batches_decode_as_before(monkeypatch):
+    """generate_batch with prompts of unequal length runs its steps through the modules (the cache masks
+    the padding): the same tokens as with fusion switched off."""
+    model = _model(CONFIGS[0], "int8")
+    prompts = [[5, 6, 7, 8], [9, 10], [11, 12, 13]]
+    fused = generate_batch(model, prompts, 8)
+    monkeypatch.setattr(decode_block, "decode_step", lambda *a: None)
+    assert generate_batch(model, prompts, 8) == fused
+
+
+def test_fusion_keeps_the_parameters_and_state_dict():
+    plain = random_model(CONFIGS[0], seed=7).eval()
+    block = plain.trf_blocks[1]
+    fused = DecodeBlock.from_block(block)
+    assert isinstance(fused, TransformerBlock) and fused.att.layer_idx == 1 and not fused.training
+    assert {k: v.data_ptr() for k, v in fused.state_dict().items()} == {k: v.data_ptr() for k, v in block.state_dict().items()}
+    fp32 = cast_for_inference(random_model(CONFIGS[0], seed=7).eval(), "fp32")
+    assert all(type(b) is TransformerBlock for b in fp32.trf_blocks)  # fp32 keeps its modules
