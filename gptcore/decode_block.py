@@ -12,8 +12,9 @@ the last bf16 bit; the tests bound the difference.
 
 The step is taken where it applies, else the block's own forward runs: eval mode, autograd off, one
 new position per row (x [B, 1, C] bf16, contiguous, on the CPU) for up to gemv.MAX_ROWS rows, a bf16
-KV cache without left padding, and Linears that are gemv's GemvLinear (bf16) or quantize's Int8Linear
-(weights int8, activations quantized per 32 as llama.cpp's q8_0), a tanh GELU and LayerNorms with bias.
+KV cache (its left padding masked as KVCache.attention_mask masks it), and Linears that are gemv's
+GemvLinear (bf16) or quantize's Int8Linear (weights int8, activations quantized per 32 as llama.cpp's
+q8_0), a tanh GELU and LayerNorms with bias.
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ class DecodeBlock(TransformerBlock):
         return fused
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, mask: torch.Tensor | None = None):
-        if cache is not None and mask is None and not self.training:
+        # With left padding the model passes the cache's mask, which the kernel applies from pad_lengths.
+        if cache is not None and (mask is None or cache.pad_lengths is not None) and not self.training:
             out = decode_step(self, x, cache)
             if out is not None:
                 return out
@@ -91,7 +93,10 @@ def decode_step(block: TransformerBlock, x: torch.Tensor, cache: KVCache) -> tor
         return None
     keys, values = cache.keys[att.layer_idx], cache.values[att.layer_idx]
     shape = (batch, att.n_heads, cache.max_len, att.head_dim)
-    if (cache.pad_lengths is not None or cache.length >= cache.max_len or keys.dtype != torch.bfloat16
+    pad = cache.pad_lengths
+    if pad is not None and (pad.dtype != torch.long or pad.shape != (batch,) or not pad.is_cpu or not pad.is_contiguous()):
+        return None
+    if (cache.length >= cache.max_len or keys.dtype != torch.bfloat16
             or keys.shape != shape or values.shape != shape or values.dtype != torch.bfloat16
             or not keys.is_contiguous() or not values.is_contiguous() or not keys.is_cpu or not values.is_cpu):
         return None
@@ -111,7 +116,7 @@ def decode_step(block: TransformerBlock, x: torch.Tensor, cache: KVCache) -> tor
     status = kernels.gptcore_block_decode(
         (ctypes.c_void_p * len(params))(*params), weight_dtype == torch.int8, x.data_ptr(), out.data_ptr(),
         keys.data_ptr(), values.data_ptr(), batch, emb, att.n_heads, cache.max_len, cache.length,
-        block.norm1.eps, torch.get_num_threads())
+        None if pad is None else pad.data_ptr(), block.norm1.eps, torch.get_num_threads())
     if status:
         raise MemoryError("decode_block: out of memory for the block's activations")
     return out

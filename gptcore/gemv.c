@@ -376,11 +376,12 @@ static void block_product(const void *const *p, int which, int int8, const uint1
 
 /* out [batch, emb] = the block applied to x [batch, emb] (both bf16) at position `position` of every
    row; keys and values: this layer's cache, bf16 [batch, heads, max_len, emb / heads], whose position
-   `position` is written. params: BLOCK_PARAMS pointers as the enum above; int8: the Linears are int8
+   `position` is written; pad: NULL, or [batch] left-padding lengths (those positions are masked out as
+   keys, as KVCache.attention_mask does). params: BLOCK_PARAMS pointers as the enum above; int8: the Linears are int8
    (activations quantized per 32 as gptcore_gemv_int8's). Returns 0, or -1 when out of memory. */
 int gptcore_block_decode(const void *const *params, int int8, const uint16_t *x, uint16_t *out, uint16_t *keys,
                          uint16_t *values, int64_t batch, int64_t emb, int64_t heads, int64_t max_len,
-                         int64_t position, float eps, int threads) {
+                         int64_t position, const int64_t *pad, float eps, int threads) {
     const void *const *p = params;
     int64_t hd = emb / heads, length = position + 1, hidden = 4 * emb;
     size_t row_bytes = aligned((size_t)batch * (size_t)emb * sizeof(uint16_t));
@@ -412,7 +413,10 @@ int gptcore_block_decode(const void *const *params, int int8, const uint16_t *x,
             uint16_t *k_cache = keys + unit * max_len * hd, *v_cache = values + unit * max_len * hd;
             memcpy(k_cache + position * hd, row + emb + h * hd, (size_t)hd * sizeof(uint16_t));
             memcpy(v_cache + position * hd, row + 2 * emb + h * hd, (size_t)hd * sizeof(uint16_t));
-            attend(row + h * hd, k_cache, v_cache, length, hd, my_scores, attended + b * emb + h * hd);
+            /* Left padding: the row's first pad[b] positions are no keys (the query itself always is). */
+            int64_t first = pad && pad[b] < position ? pad[b] : (pad ? position : 0);
+            attend(row + h * hd, k_cache + first * hd, v_cache + first * hd, length - first, hd, my_scores,
+                   attended + b * emb + h * hd);
         }
 #pragma omp single
         if (int8) quantize_rows(attended, 0, batch, emb, x_q);

@@ -22,9 +22,11 @@ def _model(config: GPTConfig, quantize: str):
     return cast_for_inference(random_model(config, seed=7).eval(), "bf16-true", quantize)
 
 
-def _decode(model, tokens: torch.Tensor, prompt: int) -> tuple[torch.Tensor, KVCache]:
-    """Logits [B, steps, vocab] of one token at a time after a prompt of `prompt` tokens, and the cache."""
-    cache = KVCache(model.config, tokens.shape[0], tokens.shape[1], dtype=torch.bfloat16)
+def _decode(model, tokens: torch.Tensor, prompt: int, pads: list[int] | None = None) -> tuple[torch.Tensor, KVCache]:
+    """Logits [B, steps, vocab] of one token at a time after a prompt of `prompt` tokens (row b's first
+    pads[b] of them padding), and the cache."""
+    pad_lengths = None if pads is None else torch.tensor(pads)
+    cache = KVCache(model.config, tokens.shape[0], tokens.shape[1], dtype=torch.bfloat16, pad_lengths=pad_lengths)
     with torch.no_grad():
         model(tokens[:, :prompt], cache)
         steps = [model(tokens[:, i : i + 1], cache) for i in range(prompt, tokens.shape[1])]
@@ -33,17 +35,17 @@ def _decode(model, tokens: torch.Tensor, prompt: int) -> tuple[torch.Tensor, KVC
 
 @pytest.mark.parametrize("config", CONFIGS, ids=["hd16", "hd24-nobias"])
 @pytest.mark.parametrize("quantize", ["none", "int8"])
-@pytest.mark.parametrize("batch", [1, 3])
-def test_the_fused_step_agrees_with_the_modules(config, quantize, batch, monkeypatch):
+@pytest.mark.parametrize("batch,pads", [(1, None), (3, None), (3, [0, 4, 8])], ids=["one", "three", "left-padded"])
+def test_the_fused_step_agrees_with_the_modules(config, quantize, batch, pads, monkeypatch):
     model = _model(config, quantize)
     assert all(type(b) is DecodeBlock for b in model.trf_blocks)
     tokens = torch.randint(0, config.vocab_size, (batch, 20), generator=torch.Generator().manual_seed(batch))
     calls = []
     monkeypatch.setattr(decode_block, "decode_step", lambda *a: calls.append(decode_step(*a)) or calls[-1])
-    fused, fused_cache = _decode(model, tokens, 9)
+    fused, fused_cache = _decode(model, tokens, 9, pads)
     assert sum(c is not None for c in calls) == config.n_layers * 11  # every block of every step, not the prompt
     monkeypatch.setattr(decode_block, "decode_step", lambda *a: None)  # the modules only
-    reference, cache = _decode(model, tokens, 9)
+    reference, cache = _decode(model, tokens, 9, pads)
     scale = reference.abs().max().item()
     assert fused.dtype == torch.float32 and (fused - reference).abs().max().item() < 0.05 * scale
     for ours, theirs in zip(fused_cache.keys + fused_cache.values, cache.keys + cache.values):
@@ -77,8 +79,8 @@ def test_where_it_does_not_apply_the_modules_run():
         assert decode_step(block, x, cache) is not None
         assert decode_step(block, x.float(), cache) is None  # not bf16
         assert decode_step(block, torch.randn(1, 2, 64).to(torch.bfloat16), cache) is None  # two positions
-        padded = KVCache(model.config, 1, 8, dtype=torch.bfloat16, pad_lengths=torch.tensor([1]))
-        assert decode_step(block, x, padded) is None  # left padding: the modules mask it
+        padded = KVCache(model.config, 1, 8, dtype=torch.bfloat16, pad_lengths=torch.tensor([1, 2]))
+        assert decode_step(block, x, padded) is None  # padding lengths for another batch
         assert decode_step(block, x, KVCache(model.config, 1, 8, dtype=torch.float32)) is None
         cache.length = 8
         assert decode_step(block, x, cache) is None  # full: the module path raises the error
@@ -87,14 +89,13 @@ def test_where_it_does_not_apply_the_modules_run():
     assert decode_step(block, x, KVCache(model.config, 1, 8, dtype=torch.bfloat16)) is None  # autograd on
 
 
-def test_padded_batches_decode_as_before(monkeypatch):
-    """generate_batch with prompts of unequal length runs its steps through the modules (the cache masks
-    the padding): the same tokens as with fusion switched off."""
+def test_a_padded_batch_decodes_each_prompt_as_alone():
+    """generate_batch left-pads prompts of unequal length; with the padding masked in the kernel, each
+    row gets the tokens that prompt gets alone (int8: the same arithmetic whatever the batch)."""
     model = _model(CONFIGS[0], "int8")
-    prompts = [[5, 6, 7, 8], [9, 10], [11, 12, 13]]
-    fused = generate_batch(model, prompts, 8)
-    monkeypatch.setattr(decode_block, "decode_step", lambda *a: None)
-    assert generate_batch(model, prompts, 8) == fused
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16]]
+    together = generate_batch(model, prompts, 12)
+    assert together == [generate_batch(model, [p], 12)[0] for p in prompts]
 
 
 def test_fusion_keeps_the_parameters_and_state_dict():
