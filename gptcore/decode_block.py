@@ -55,14 +55,19 @@ class DecodeBlock(TransformerBlock):
         return super().forward(x, cache, mask)
 
 
-def _linear_params(layer: nn.Module, weight_dtype: torch.dtype) -> list[int] | None:
-    """[weight, scales or 0, bias or 0] data pointers of one of the block's Linears if the kernel reads
-    it as it is (weight_dtype weights, bf16 scales and bias, bf16 outputs); else None."""
+def _plain(t: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype) -> bool:
+    """t is what the kernel reads through a bare pointer: a contiguous CPU tensor of this shape and dtype."""
+    return t is not None and t.dtype == dtype and t.shape == shape and t.is_contiguous() and t.is_cpu
+
+
+def _linear_params(layer: nn.Module, weight_dtype: torch.dtype, out: int, inp: int) -> list[int] | None:
+    """[weight, scales or 0, bias or 0] data pointers of one of the block's Linears (weight [out, inp])
+    if the kernel reads it as it is (weight_dtype weights, bf16 scales and bias, bf16 outputs); else None."""
     weight, bias = layer.weight, layer.bias
-    if weight.dtype != weight_dtype or not weight.is_contiguous() or (bias is not None and bias.dtype != torch.bfloat16):
+    if not _plain(weight, (out, inp), weight_dtype) or (bias is not None and not _plain(bias, (out,), torch.bfloat16)):
         return None
     if weight_dtype == torch.int8:
-        if not isinstance(layer, Int8Linear) or layer.out_dtype is not None or layer.scales.dtype != torch.bfloat16:
+        if not isinstance(layer, Int8Linear) or layer.out_dtype is not None or not _plain(layer.scales, (out,), torch.bfloat16):
             return None
         scales = layer.scales.data_ptr()
     elif isinstance(layer, gemv.GemvLinear) and layer.out_dtype == torch.bfloat16:
@@ -72,10 +77,10 @@ def _linear_params(layer: nn.Module, weight_dtype: torch.dtype) -> list[int] | N
     return [weight.data_ptr(), scales, 0 if bias is None else bias.data_ptr()]
 
 
-def _norm_params(norm: nn.Module) -> list[int] | None:
-    if not isinstance(norm, nn.LayerNorm) or norm.weight is None or norm.bias is None:
+def _norm_params(norm: nn.Module, emb: int) -> list[int] | None:
+    if not isinstance(norm, nn.LayerNorm) or norm.normalized_shape != (emb,):
         return None
-    if norm.weight.dtype != torch.bfloat16 or norm.bias.dtype != torch.bfloat16:
+    if not _plain(norm.weight, (emb,), torch.bfloat16) or not _plain(norm.bias, (emb,), torch.bfloat16):
         return None
     return [norm.weight.data_ptr(), norm.bias.data_ptr()]
 
@@ -89,23 +94,22 @@ def decode_step(block: TransformerBlock, x: torch.Tensor, cache: KVCache) -> tor
     att, ff = block.att, block.ff
     weight_dtype = att.qkv.weight.dtype
     batch, _, emb = x.shape
-    if not 0 < batch <= gemv.MAX_ROWS.get(weight_dtype, 0) or not x.is_contiguous():
+    if (not 0 < batch <= gemv.MAX_ROWS.get(weight_dtype, 0) or not x.is_contiguous() or att.n_heads * att.head_dim != emb
+            or att.training or ff.training):
         return None
     keys, values = cache.keys[att.layer_idx], cache.values[att.layer_idx]
     shape = (batch, att.n_heads, cache.max_len, att.head_dim)
     pad = cache.pad_lengths
-    if pad is not None and (pad.dtype != torch.long or pad.shape != (batch,) or not pad.is_cpu or not pad.is_contiguous()):
-        return None
-    if (cache.length >= cache.max_len or keys.dtype != torch.bfloat16
-            or keys.shape != shape or values.shape != shape or values.dtype != torch.bfloat16
-            or not keys.is_contiguous() or not values.is_contiguous() or not keys.is_cpu or not values.is_cpu):
+    if (cache.length >= cache.max_len or (pad is not None and not _plain(pad, (batch,), torch.long))
+            or not _plain(keys, shape, torch.bfloat16) or not _plain(values, shape, torch.bfloat16)
+            or (keys.is_inference() and not torch.is_inference_mode_enabled())):  # the modules raise there
         return None
     if not (isinstance(ff.act, nn.GELU) and ff.act.approximate == "tanh") or block.norm1.eps != block.norm2.eps:
         return None
     params: list[int] = []
-    for part in (_norm_params(block.norm1), _linear_params(att.qkv, weight_dtype),
-                 _linear_params(att.out_proj, weight_dtype), _norm_params(block.norm2),
-                 _linear_params(ff.fc, weight_dtype), _linear_params(ff.proj, weight_dtype)):
+    for part in (_norm_params(block.norm1, emb), _linear_params(att.qkv, weight_dtype, 3 * emb, emb),
+                 _linear_params(att.out_proj, weight_dtype, emb, emb), _norm_params(block.norm2, emb),
+                 _linear_params(ff.fc, weight_dtype, 4 * emb, emb), _linear_params(ff.proj, weight_dtype, emb, 4 * emb)):
         if part is None:
             return None
         params += part

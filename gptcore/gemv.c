@@ -414,7 +414,7 @@ int gptcore_block_decode(const void *const *params, int int8, const uint16_t *x,
             memcpy(k_cache + position * hd, row + emb + h * hd, (size_t)hd * sizeof(uint16_t));
             memcpy(v_cache + position * hd, row + 2 * emb + h * hd, (size_t)hd * sizeof(uint16_t));
             /* Left padding: the row's first pad[b] positions are no keys (the query itself always is). */
-            int64_t first = pad && pad[b] < position ? pad[b] : (pad ? position : 0);
+            int64_t first = pad ? (pad[b] < 0 ? 0 : pad[b] > position ? position : pad[b]) : 0;
             attend(row + h * hd, k_cache + first * hd, v_cache + first * hd, length - first, hd, my_scores,
                    attended + b * emb + h * hd);
         }

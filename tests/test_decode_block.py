@@ -106,3 +106,22 @@ def test_fusion_keeps_the_parameters_and_state_dict():
     assert {k: v.data_ptr() for k, v in fused.state_dict().items()} == {k: v.data_ptr() for k, v in block.state_dict().items()}
     fp32 = cast_for_inference(random_model(CONFIGS[0], seed=7).eval(), "fp32")
     assert all(type(b) is TransformerBlock for b in fp32.trf_blocks)  # fp32 keeps its modules
+
+
+def test_what_the_kernel_cannot_read_as_it_is_goes_to_the_modules():
+    """The kernel reads bare pointers: an input of another width, a strided parameter or a negative
+    padding length must not reach it (found by review: they crashed or gave wrong keys)."""
+    model = _model(CONFIGS[0], "int8")
+    block = model.trf_blocks[0]
+    cache = KVCache(model.config, 1, 8, dtype=torch.bfloat16)
+    with torch.no_grad():
+        for width in (48, 128):
+            assert decode_step(block, torch.randn(1, 1, width).to(torch.bfloat16), cache) is None
+        x = torch.randn(1, 1, 64).to(torch.bfloat16)
+        weight = block.norm1.weight
+        block.norm1.weight = torch.nn.Parameter(torch.ones(128, dtype=torch.bfloat16)[::2], requires_grad=False)
+        assert decode_step(block, x, cache) is None
+        block.norm1.weight = weight
+        negative = KVCache(model.config, 1, 8, dtype=torch.bfloat16, pad_lengths=torch.tensor([-3]))
+        reference = KVCache(model.config, 1, 8, dtype=torch.bfloat16)
+        assert torch.equal(decode_step(block, x, negative), decode_step(block, x, reference))  # no padding
