@@ -418,8 +418,10 @@ int gptcore_block_decode(const void *const *params, int int8, const uint16_t *x,
             attend(row + h * hd, k_cache + first * hd, v_cache + first * hd, length - first, hd, my_scores,
                    attended + b * emb + h * hd);
         }
+        if (int8) {  /* every thread takes the same branch; bf16 skips the barrier */
 #pragma omp single
-        if (int8) quantize_rows(attended, 0, batch, emb, x_q);
+            quantize_rows(attended, 0, batch, emb, x_q);
+        }
         block_product(p, OUT_W, int8, attended, x_q, scratch, batch, emb, emb, 0);
 #pragma omp single
         {
@@ -429,8 +431,10 @@ int gptcore_block_decode(const void *const *params, int int8, const uint16_t *x,
             if (int8) quantize_rows(normed, 0, batch, emb, x_q);
         }
         block_product(p, FC_W, int8, normed, x_q, fc, batch, hidden, emb, 1);
+        if (int8) {
 #pragma omp single
-        if (int8) quantize_rows(fc, 0, batch, hidden, x_q);
+            quantize_rows(fc, 0, batch, hidden, x_q);
+        }
         block_product(p, PROJ_W, int8, fc, x_q, scratch, batch, emb, hidden, 0);
     }
     add_rows(residual, scratch, out, batch * emb);
