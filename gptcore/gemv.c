@@ -228,14 +228,18 @@ static void dot_int8(const QuantizedRow *x, const int8_t *q, int64_t k_len, int6
     }
 }
 
-/* The bytes quantized activations of `batch` rows of k_len need, and their layout in such a buffer. */
+/* Chunks of CHUNK weights in a row of k_len. */
+static inline int64_t chunk_count(int64_t k_len) { return (k_len + CHUNK - 1) / CHUNK; }
+
+/* The bytes one row of k_len quantized activations takes in a buffer of rows (quantized_row_at: its
+   layout there). */
 static size_t quantized_bytes(int64_t k_len) {
-    int64_t chunks = (k_len + CHUNK - 1) / CHUNK;
+    int64_t chunks = chunk_count(k_len);
     return (size_t)(chunks * CHUNK + chunks * LANES * (sizeof(float) + sizeof(int32_t)));
 }
 
 static QuantizedRow quantized_row_at(char *buffer, int64_t k_len, int64_t b) {
-    int64_t chunks = (k_len + CHUNK - 1) / CHUNK;
+    int64_t chunks = chunk_count(k_len);
     char *base = buffer + (size_t)b * quantized_bytes(k_len);
     QuantizedRow row = {(int8_t *)(base + chunks * LANES * (sizeof(float) + sizeof(int32_t))), (float *)base,
                         (int32_t *)(base + chunks * LANES * sizeof(float))};
@@ -244,7 +248,7 @@ static QuantizedRow quantized_row_at(char *buffer, int64_t k_len, int64_t b) {
 
 /* Quantize rows 0..batch-1 of x (fp32 if x_fp32 else bf16) into buffer (quantized_bytes(k_len) each). */
 static void quantize_rows(const void *x, int x_fp32, int64_t batch, int64_t k_len, char *buffer) {
-    int64_t chunks = (k_len + CHUNK - 1) / CHUNK;
+    int64_t chunks = chunk_count(k_len);
     for (int64_t b = 0; b < batch; b++) {
         QuantizedRow row = quantized_row_at(buffer, k_len, b);
         quantize_row((const char *)x + b * k_len * (x_fp32 ? sizeof(float) : sizeof(uint16_t)), x_fp32, k_len, chunks, &row);
@@ -255,7 +259,7 @@ static void quantize_rows(const void *x, int x_fp32, int64_t batch, int64_t k_le
    a worksharing loop as product_bf16's. */
 static void product_int8(char *buffer, const int8_t *q, const uint16_t *scale, const uint16_t *bias, void *y,
                          int64_t batch, int64_t n_len, int64_t k_len, int fp32_out, int gelu) {
-    int64_t chunks = (k_len + CHUNK - 1) / CHUNK;
+    int64_t chunks = chunk_count(k_len);
     int64_t groups = (n_len + GROUP - 1) / GROUP;
 #pragma omp for schedule(static)
     for (int64_t g = 0; g < groups; g++) {

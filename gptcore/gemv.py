@@ -82,9 +82,10 @@ def load_kernels() -> ctypes.CDLL | None:
     kernels.gptcore_gemv_bf16.argtypes = [pointer] * 4 + [size] * 3 + [ctypes.c_int] * 2
     kernels.gptcore_gemv_int8.argtypes = [pointer, ctypes.c_int] + [pointer] * 4 + [size] * 3 + [ctypes.c_int] * 2
     kernels.gptcore_gemv_bf16.restype = None
-    kernels.gptcore_block_decode.argtypes = [pointer, ctypes.c_int] + [pointer] * 4 + [size] * 5 + [pointer, ctypes.c_float, ctypes.c_int]
-    kernels.gptcore_block_decode.restype = ctypes.c_int
     kernels.gptcore_gemv_int8.restype = ctypes.c_int
+    kernels.gptcore_block_decode.argtypes = ([pointer, ctypes.c_int] + [pointer] * 4 + [size] * 5
+                                             + [pointer, ctypes.c_float, ctypes.c_int])
+    kernels.gptcore_block_decode.restype = ctypes.c_int
     return kernels
 
 
