@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 
 from gptcore.arguments import ArgumentParser, non_negative_int, positive_int
-from gptcore.config import GenerateParams, InstructionsParams, RunConfig
 from gptcore.device import resolve_device
-from gptcore.instruct import finetune_instructions, generate_responses
+from gptcore.params.schema import GenerateParams, InstructionsParams, RunConfig
 from gptcore.precision import resolve_precision
+from gptcore.recipes.instruct import finetune_instructions, generate_responses
 from gptcore.weights import save_model
 
 
@@ -46,18 +46,24 @@ def main() -> None:
             subset = Path(tmp) / "train.json"
             subset.write_text(json.dumps(entries))
             params = InstructionsParams(epochs=1, batch_size=8, eval_every=args.steps, eval_batches=1)
-            outcome = finetune_instructions(model_path, subset, args.val, params, RunConfig(device="cpu", precision="fp32"))
+            outcome = finetune_instructions(
+                model_path, subset, args.val, params, RunConfig(device="cpu", precision="fp32")
+            )
             model_path = Path(tmp) / "model.safetensors"
             save_model(outcome.model, model_path)
-            print(f"finetuned {outcome.result.steps} steps: val loss {outcome.metrics['val_loss_before']:.3f} -> "
-                  f"{outcome.metrics['val_loss']:.3f}")
+            print(
+                f"finetuned {outcome.result.steps} steps: val loss {outcome.metrics['val_loss_before']:.3f} -> "
+                f"{outcome.metrics['val_loss']:.3f}"
+            )
         gen = GenerateParams(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
         runs = {}
         for precision in ("fp32", other):
             torch.manual_seed(0)
             result = generate_responses(model_path, args.test, gen, RunConfig(device="cpu", precision=precision))
             runs[precision] = result
-            print(f"{precision}: {result.metrics['tokens_generated']} tokens, {result.metrics['tokens_per_second']} tokens/s")
+            print(
+                f"{precision}: {result.metrics['tokens_generated']} tokens, {result.metrics['tokens_per_second']} tokens/s"
+            )
     from gptcore.tokenizer import get_tokenizer
 
     a, b = ([r["model_response"] for r in runs[p].responses] for p in ("fp32", other))
@@ -73,9 +79,15 @@ def agreement(a: list[str], b: list[str], tokenizer) -> dict:
         prefix = next((i for i, (p, q) in enumerate(zip(ids_x, ids_y)) if p != q), min(len(ids_x), len(ids_y)))
         matched += prefix
         total += max(len(ids_x), len(ids_y))
-    return {"responses": len(a), "identical_responses": same, "identical_share": round(same / len(a), 4),
-            "tokens_before_first_difference": matched, "tokens": total,
-            "identical_token_share": round(matched / total, 4) if total else None}
+    return {
+        "responses": len(a),
+        "identical_responses": same,
+        "identical_share": round(same / len(a), 4),
+        "tokens_before_first_difference": matched,
+        "tokens": total,
+        "identical_token_share": round(matched / total, 4) if total else None,
+    }
+
 
 if __name__ == "__main__":
     main()

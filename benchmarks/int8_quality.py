@@ -1,4 +1,4 @@
-"""What int8 decoding (gptcore/quantize.py) costs in quality, beside the same precision without it.
+"""What int8 decoding (gptcore/inference/quantize.py) costs in quality, beside the same precision without it.
 
 Two figures, on a model of your choosing (default: Stage 1's):
 - perplexity on Stage 1's validation text (the corpus's last 1 - train_ratio share, windows of the
@@ -19,16 +19,16 @@ import math
 import torch
 from greedy_agreement import agreement
 
-from gptcore import gemv
 from gptcore.arguments import ArgumentParser, positive_int
-from gptcore.config import GenerateParams, RunConfig
 from gptcore.data.text import build_text_loaders
-from gptcore.decoding import cast_for_inference
 from gptcore.device import resolve_device
-from gptcore.instruct import generate_responses
-from gptcore.pretrain import read_corpus
+from gptcore.inference import gemv
+from gptcore.inference.decoding import cast_for_inference
+from gptcore.params.schema import GenerateParams, RunConfig
+from gptcore.recipes.instruct import generate_responses
+from gptcore.recipes.pretrain import read_corpus
 from gptcore.tokenizer import get_tokenizer
-from gptcore.train import evaluate_loss, lm_loss
+from gptcore.training.evaluation import evaluate_loss, lm_loss
 from gptcore.weights import load_model
 
 
@@ -48,15 +48,27 @@ def _validation_loss(model_path: str, corpus: str, precision: str, quantize: str
     device = resolve_device("cpu")
     model = cast_for_inference(load_model(model_path, device), precision, quantize)
     context = model.config.context_length
-    _, val_loader = build_text_loaders(read_corpus(corpus), get_tokenizer(), max_length=context, stride=context,
-                                       batch_size=2, train_ratio=train_ratio, seed=123, source=corpus)
+    _, val_loader = build_text_loaders(
+        read_corpus(corpus),
+        get_tokenizer(),
+        max_length=context,
+        stride=context,
+        batch_size=2,
+        train_ratio=train_ratio,
+        seed=123,
+        source=corpus,
+    )
     return evaluate_loss(model, val_loader, lm_loss, device, precision)
 
 
 def main() -> None:
     parser = ArgumentParser(description=__doc__)
-    parser.add_argument("--model", default="models/pretrained/model.safetensors", help="a language model's weights file")
-    parser.add_argument("--corpus", default="data/raw/the-verdict.txt", help="Stage 1's text (its validation share is scored)")
+    parser.add_argument(
+        "--model", default="models/pretrained/model.safetensors", help="a language model's weights file"
+    )
+    parser.add_argument(
+        "--corpus", default="data/raw/the-verdict.txt", help="Stage 1's text (its validation share is scored)"
+    )
     parser.add_argument("--train-ratio", type=float, default=0.9, help="as params.yaml pretrain.train_ratio")
     parser.add_argument("--test", default="data/prepared/instructions/test.json", help="Stage 4's test split (JSON)")
     parser.add_argument("--precision", default="bf16-true", choices=("fp32", "bf16-true"), help="with and without int8")
@@ -70,8 +82,9 @@ def main() -> None:
         loss = validation_loss(args.model, args.corpus, args.precision, quantize, args.train_ratio)
         row[f"val_perplexity_{quantize}"] = round(math.exp(loss), 4)
         gen = GenerateParams(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, quantize=quantize)
-        result = generate_responses(args.model, args.test, gen, RunConfig(device="cpu", precision=args.precision),
-                                    show_progress=False)
+        result = generate_responses(
+            args.model, args.test, gen, RunConfig(device="cpu", precision=args.precision), show_progress=False
+        )
         responses[quantize] = [r["model_response"] for r in result.responses]
     row["val_perplexity_change"] = round(row["val_perplexity_int8"] / row["val_perplexity_none"] - 1, 5)
     row.update(agreement(responses["none"], responses["int8"], get_tokenizer()))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import math
-from typing import Callable
+from collections.abc import Callable
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -77,7 +77,7 @@ def device_name(text: str) -> str:
     Raises:
         argparse.ArgumentTypeError: any other name.
     """
-    from gptcore.config import is_device_name  # the rule params.yaml's `device` follows
+    from gptcore.params.choices import is_device_name  # the rule params.yaml's `device` follows
 
     if is_device_name(text):
         return text

@@ -12,8 +12,9 @@ import json
 import os
 import secrets
 import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 
 def _create_beside(path: Path, create: Callable[[Path], None]) -> Path:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-from typing import Sequence
+from collections.abc import Sequence
 
 from gptcore.arguments import (
     ArgumentParser,
@@ -19,13 +19,13 @@ from gptcore.errors import GptcoreError
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from gptcore.hf import convert_hf_folder, is_hf_folder
+    from gptcore.convert.hf import convert_hf_folder, is_hf_folder
 
     if is_hf_folder(args.checkpoint):  # transformers save_pretrained: config.json + weights
         result = convert_hf_folder(args.checkpoint, args.out)
     else:
+        from gptcore.convert.openai import TENSORFLOW_ENV, convert_checkpoint
         from gptcore.entry import set_environ_defaults
-        from gptcore.openai import TENSORFLOW_ENV, convert_checkpoint
 
         set_environ_defaults(TENSORFLOW_ENV)  # before TensorFlow is imported
         result = convert_checkpoint(args.checkpoint, args.out, show_progress=True)
@@ -56,8 +56,8 @@ def _export(args: argparse.Namespace) -> int:
 
 def _generate(args: argparse.Namespace) -> int:
     from gptcore.device import resolve_device
+    from gptcore.inference.decoding import cast_for_inference, generate, ids_to_text, make_generator, text_to_ids
     from gptcore.precision import autocast, resolve_precision
-    from gptcore.decoding import cast_for_inference, generate, ids_to_text, make_generator, text_to_ids
     from gptcore.tokenizer import EOT_ID, get_tokenizer
     from gptcore.weights import load_model
 
@@ -71,16 +71,21 @@ def _generate(args: argparse.Namespace) -> int:
     idx = text_to_ids(args.prompt, tokenizer, device)
     with autocast(device, precision):
         out = generate(
-            model, idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-            eos_id=EOT_ID, generator=make_generator(args.seed, device),
+            model,
+            idx,
+            args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            eos_id=EOT_ID,
+            generator=make_generator(args.seed, device),
         )
     print(ids_to_text(out, tokenizer))
     return 0
 
 
 def _classify(args: argparse.Namespace) -> int:
-    from gptcore.classify import classify_texts, load_classifier
     from gptcore.device import resolve_device
+    from gptcore.recipes.classifier import classify_texts, load_classifier
     from gptcore.tokenizer import get_tokenizer
 
     model, info = load_classifier(args.model, device=resolve_device(args.device))
@@ -92,96 +97,197 @@ def _classify(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from gptcore.serve import serve
 
-    serve(args.model, host=args.host, port=args.port, name=args.name, device=args.device, max_predict=args.max_predict,
-          precision=args.precision, quantize=args.quantize, origins=[o for o in (args.origins or "").split(",") if o.strip()])
+    serve(
+        args.model,
+        host=args.host,
+        port=args.port,
+        name=args.name,
+        device=args.device,
+        max_predict=args.max_predict,
+        precision=args.precision,
+        quantize=args.quantize,
+        origins=[o for o in (args.origins or "").split(",") if o.strip()],
+    )
     return 0
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from gptcore.bench import run_cli
+    from gptcore.bench.cli import run_tasks
 
-    return run_cli(args)
+    for text in run_tasks(args):
+        print(text, flush=True)
+    return 0
 
 
 def _add_decoding_precision(p: argparse.ArgumentParser) -> None:
-    from gptcore.config import QUANTIZE
+    from gptcore.params.choices import QUANTIZE
     from gptcore.precision import PRECISIONS
 
-    p.add_argument("--precision", default="fp32", choices=PRECISIONS,
-                   help="fp32 (exact); bf16-true (bf16 weights, fp32 logits: faster on CPUs/GPUs with native "
-                        "bf16); bf16-mixed/fp16-mixed (autocast); auto (bf16-true where bf16 is native, else fp32)")
-    p.add_argument("--quantize", default="none", choices=QUANTIZE,
-                   help="int8: int8 weights, activations rounded per 32 as llama.cpp's q8_0 (CPU; faster decoding, some quality cost: docs/performance.md)")
+    p.add_argument(
+        "--precision",
+        default="fp32",
+        choices=PRECISIONS,
+        help="fp32 (exact); bf16-true (bf16 weights, fp32 logits: faster on CPUs/GPUs with native "
+        "bf16); bf16-mixed/fp16-mixed (autocast); auto (bf16-true where bf16 is native, else fp32)",
+    )
+    p.add_argument(
+        "--quantize",
+        default="none",
+        choices=QUANTIZE,
+        help="int8: int8 weights, activations rounded per 32 as llama.cpp's q8_0 (CPU; faster decoding, some quality cost: docs/performance.md)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="gptcore", description=__doc__)  # help shows defaults, in every verb too
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors (and debug log lines)")
+    loudness = parser.add_mutually_exclusive_group()
+    loudness.add_argument(
+        "-q",
+        "--quiet",
+        dest="verbosity",
+        action="store_const",
+        const=-1,
+        default=0,
+        help="print only warnings and errors on stderr",
+    )
+    loudness.add_argument(
+        "-v", "--verbose", dest="verbosity", action="store_const", const=1, help="print debug lines too"
+    )
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
-    p = verbs.add_parser("convert", help="convert an OpenAI GPT-2 TensorFlow checkpoint folder, or a Hugging Face "
-                                         "GPT-2 folder, into a weights file")
-    p.add_argument("checkpoint", metavar="CKPT_DIR", help="folder with hparams.json and model.ckpt.* (OpenAI), or "
-                                                          "config.json and model.safetensors / pytorch_model.bin (HF)")
+    _add_convert(verbs)
+    _add_export(verbs)
+    _add_generate(verbs)
+    _add_classify(verbs)
+    _add_serve(verbs)
+    _add_bench(verbs)
+    return parser
+
+
+def _add_convert(verbs) -> None:
+    """`gptcore convert`: an OpenAI TensorFlow checkpoint or a Hugging Face folder -> a weights file."""
+    p = verbs.add_parser(
+        "convert",
+        help="convert an OpenAI GPT-2 TensorFlow checkpoint folder, or a Hugging Face "
+        "GPT-2 folder, into a weights file",
+    )
+    p.add_argument(
+        "checkpoint",
+        metavar="CKPT_DIR",
+        help="folder with hparams.json and model.ckpt.* (OpenAI), or "
+        "config.json and model.safetensors / pytorch_model.bin (HF)",
+    )
     p.add_argument("out", metavar="OUT", help="weights file to write (.safetensors)")
     p.set_defaults(func=_convert)
 
+
+def _add_export(verbs) -> None:
+    """`gptcore export`: a weights file -> GGUF (+ Modelfile) or a Hugging Face folder."""
     p = verbs.add_parser("export", help="write a weights file as GGUF (+ Ollama Modelfile) or a Hugging Face folder")
     p.add_argument("--format", required=True, choices=("gguf", "hf"), help="gguf: llama.cpp / Ollama; hf: transformers")
     p.add_argument("model", metavar="MODEL", help="gptcore weights file (.safetensors)")
     p.add_argument("out", metavar="OUT", help="the .gguf file, or the folder for --format hf")
     p.add_argument("--dtype", default="f32", help="GGUF weights: f32 (default, exact), f16, q8_0")
-    p.add_argument("--modelfile", action=argparse.BooleanOptionalAction, default=True,
-                   help="write an Ollama Modelfile with the Alpaca chat template beside the GGUF (default: on; "
-                        "--no-modelfile for a base model)")
-    p.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=True,
-                   help="store the Alpaca chat template in the GGUF (tokenizer.chat_template) or the HF tokenizer "
-                        "config (default: on; --no-chat-template for a base model)")
+    p.add_argument(
+        "--modelfile",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="write an Ollama Modelfile with the Alpaca chat template beside the GGUF (default: on; "
+        "--no-modelfile for a base model)",
+    )
+    p.add_argument(
+        "--chat-template",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="store the Alpaca chat template in the GGUF (tokenizer.chat_template) or the HF tokenizer "
+        "config (default: on; --no-chat-template for a base model)",
+    )
     p.set_defaults(func=_export)
 
+
+def _add_generate(verbs) -> None:
+    """`gptcore generate`: continue a prompt."""
     p = verbs.add_parser("generate", help="continue a prompt with a gptcore weights file")
     p.add_argument("--model", required=True, help="weights file (.safetensors)")
     p.add_argument("--prompt", required=True, help="the text to continue")
-    p.add_argument("--max-new-tokens", type=non_negative_int, default=50,
-                   help="tokens to generate at most (fewer if the model emits end-of-text)")
-    p.add_argument("--temperature", type=non_negative_number, default=0.0,
-                   help="sampling temperature, a finite number >= 0; 0 is greedy (argmax)")
-    p.add_argument("--top-k", type=positive_int, default=None,
-                   help="sample only among the k most likely tokens (with --temperature > 0); unset: all")
-    p.add_argument("--seed", type=seed_number, default=None,
-                   help="seed of the sampling generator, for repeatable samples; unset: a fresh draw each run")
-    p.add_argument("--device", type=device_name, default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
+    p.add_argument(
+        "--max-new-tokens",
+        type=non_negative_int,
+        default=50,
+        help="tokens to generate at most (fewer if the model emits end-of-text)",
+    )
+    p.add_argument(
+        "--temperature",
+        type=non_negative_number,
+        default=0.0,
+        help="sampling temperature, a finite number >= 0; 0 is greedy (argmax)",
+    )
+    p.add_argument(
+        "--top-k",
+        type=positive_int,
+        default=None,
+        help="sample only among the k most likely tokens (with --temperature > 0); unset: all",
+    )
+    p.add_argument(
+        "--seed",
+        type=seed_number,
+        default=None,
+        help="seed of the sampling generator, for repeatable samples; unset: a fresh draw each run",
+    )
+    p.add_argument(
+        "--device", type=device_name, default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps"
+    )
     _add_decoding_precision(p)
     p.set_defaults(func=_generate)
 
+
+def _add_classify(verbs) -> None:
+    """`gptcore classify`: label texts spam or ham."""
     p = verbs.add_parser("classify", help="label texts spam or ham with a classifier weights file")
     p.add_argument("--model", required=True, help="classifier weights file (models/classifier/model.safetensors)")
-    p.add_argument("--device", type=device_name, default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
+    p.add_argument(
+        "--device", type=device_name, default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps"
+    )
     p.add_argument("texts", nargs="+", metavar="TEXT", help="one line of output per text: label and its probability")
     p.set_defaults(func=_classify)
 
+
+def _add_serve(verbs) -> None:
+    """`gptcore serve`: the Ollama/OpenAI-compatible server."""
     p = verbs.add_parser("serve", help="serve a weights file over Ollama's and OpenAI's REST APIs (docs/serving.md)")
     p.add_argument("--model", required=True, help="weights file (.safetensors)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=integer(0, 65535), default=11434, help="Ollama's port by default; 0 picks a free one")
     p.add_argument("--name", default=None, help="model name clients use (default: the weights file's folder)")
-    p.add_argument("--device", type=device_name, default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps")
-    p.add_argument("--max-predict", type=integer(1), default=None,
-                   help="most new tokens per request (default: as many as the context holds)")
-    p.add_argument("--origins", default=None,
-                   help="more web origins allowed to call the API, comma-separated, * as wildcard "
-                        "(added to localhost's and to OLLAMA_ORIGINS)")
+    p.add_argument(
+        "--device", type=device_name, default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps"
+    )
+    p.add_argument(
+        "--max-predict",
+        type=integer(1),
+        default=None,
+        help="most new tokens per request (default: as many as the context holds)",
+    )
+    p.add_argument(
+        "--origins",
+        default=None,
+        help="more web origins allowed to call the API, comma-separated, * as wildcard "
+        "(added to localhost's and to OLLAMA_ORIGINS)",
+    )
     _add_decoding_precision(p)
     p.set_defaults(func=_serve)
 
+
+def _add_bench(verbs) -> None:
+    """`gptcore bench`: speed and memory beside the peers."""
     p = verbs.add_parser("bench", help="tokens/s and peak memory of gptcore beside Hugging Face transformers")
-    from gptcore.bench import add_arguments
+    from gptcore.bench.cli import add_arguments
 
     add_arguments(p)
     p.set_defaults(func=_bench)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return run_entry(lambda: args.func(args), debug=args.debug)
+    return run_entry(lambda: args.func(args), debug=args.debug, verbosity=args.verbosity)

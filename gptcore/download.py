@@ -75,7 +75,13 @@ def fetch(
             _verify_digest(tmp, sha256, str(source), mirrored=True)
         return dest
     download(
-        url, dest, sha256=sha256, retries=retries, backoff=backoff, timeout=timeout, show_progress=show_progress,
+        url,
+        dest,
+        sha256=sha256,
+        retries=retries,
+        backoff=backoff,
+        timeout=timeout,
+        show_progress=show_progress,
         partial_dir=partial_dir,
     )
     return dest

@@ -2,7 +2,7 @@
 
 Settings that belong to the whole process (environment variables other libraries read, leaving the
 torchrun process group) are made here, by entry points, never by library calls. The allocator setting
-of the fixed-shape training stages is made before Python starts, in dvc.yaml (gptcore/memory.py).
+of the fixed-shape training stages is made before Python starts, in dvc.yaml (gptcore/training/allocator.py).
 
 Kept apart from `gptcore.cli` (which knows every verb) so that a stage script's import closure, and
 with it its DVC dependencies, is only what the stage uses.
@@ -13,8 +13,9 @@ from __future__ import annotations
 import os
 import sys
 import traceback
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
+from gptcore.console import configure_logging
 from gptcore.errors import GptcoreError
 
 DEBUG_ENV = "GPTCORE_DEBUG"
@@ -39,8 +40,11 @@ def set_environ_defaults(defaults: Mapping[str, str]) -> None:
         os.environ.setdefault(name, value)
 
 
-def run_entry(fn: Callable[[], int | None], debug: bool = False) -> int:
+def run_entry(fn: Callable[[], int | None], debug: bool = False, verbosity: int = 0) -> int:
     """Run an entry point; user-facing errors become one line on stderr and a non-zero exit.
+
+    The library's log records print on stderr as plain lines around progress bars (gptcore.console):
+    verbosity -1 shows only warnings, 0 adds information lines (the default), 1 adds debug lines.
 
     Relative folder variables (GPTCORE_MIRROR, GPTCORE_CACHE) are made absolute first. A traceback
     is shown only with --debug or GPTCORE_DEBUG=1. When the reader of our output has gone (a closed
@@ -52,6 +56,7 @@ def run_entry(fn: Callable[[], int | None], debug: bool = False) -> int:
         as a shell reports it) when stdout or stderr was closed by its reader.
     """
     debug = debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    configure_logging(1 if debug else verbosity)
     absolute_path_env()
     try:
         code = fn() or 0

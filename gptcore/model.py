@@ -288,7 +288,7 @@ class GPTModel(nn.Module):
     def head(self, x: torch.Tensor) -> torch.Tensor:
         """Final LayerNorm and output head: hidden states [..., C] -> logits [..., vocab or num_classes].
 
-        The LayerNorm computes in its weights' dtype; after gptcore.decoding.cast_for_inference the head
+        The LayerNorm computes in its weights' dtype; after gptcore.inference.decoding.cast_for_inference the head
         returns fp32 logits whatever the blocks' dtype, so logits are not rounded to bf16.
         """
         return self.out_head(self.final_norm(x.to(self.final_norm.weight.dtype)))

@@ -11,7 +11,7 @@
 "Native" bf16: a CUDA GPU that computes bf16 in hardware (`torch.cuda.is_bf16_supported(
 including_emulation=False)`: Ampere and later), or a CPU with AVX512-BF16 or AMX. Elsewhere bf16 is
 emulated and slower than fp32, so `auto` takes fp32. In inference the final LayerNorm computes in fp32
-and the output head sums in fp32 (gptcore.decoding.cast_for_inference), so greedy choices are never
+and the output head sums in fp32 (gptcore.inference.decoding.cast_for_inference), so greedy choices are never
 made on bf16 logits.
 fp16's narrow exponent range makes small gradients underflow: `fp16-mixed` scales the loss
 (torch.amp.GradScaler) during training.
@@ -25,15 +25,19 @@ import typing
 
 import torch
 
-from gptcore.config import PRECISIONS, RENAMED_PRECISIONS
 from gptcore.errors import ConfigError
+from gptcore.params.choices import PRECISIONS, RENAMED_PRECISIONS
 
 RESOLVED = PRECISIONS[1:]  # what `auto` becomes
 Purpose = typing.Literal["train", "inference"]
 
 # The dtype the matmuls compute in, for each resolved value.
-COMPUTE_DTYPES = {"fp32": torch.float32, "bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16,
-                  "fp16-mixed": torch.float16}
+COMPUTE_DTYPES = {
+    "fp32": torch.float32,
+    "bf16-mixed": torch.bfloat16,
+    "bf16-true": torch.bfloat16,
+    "fp16-mixed": torch.float16,
+}
 
 
 def check_precision(value: str) -> str:
@@ -75,7 +79,9 @@ def resolve_precision(value: str, device: torch.device, purpose: Purpose = "trai
             return "fp32"
         return "bf16-mixed" if purpose == "train" else "bf16-true"
     if value == "fp16-mixed" and purpose == "train" and device.type not in ("cuda", "cpu"):
-        raise ConfigError(f"precision: fp16-mixed training needs loss scaling, which {device.type} lacks; use bf16-mixed or fp32")
+        raise ConfigError(
+            f"precision: fp16-mixed training needs loss scaling, which {device.type} lacks; use bf16-mixed or fp32"
+        )
     return value
 
 

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-PREAMBLE = (
-    "Below is an instruction that describes a task. "
-    "Write a response that appropriately completes the request."
-)
+PREAMBLE = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
 RESPONSE_MARKER = "\n\n### Response:\n"
 
 

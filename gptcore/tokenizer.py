@@ -55,8 +55,14 @@ def _fill_cache(target: Path) -> None:
         # A private partial folder: processes that start together (torchrun ranks) never share a .part file.
         with tempfile.TemporaryDirectory(prefix=".fetch.", dir=target) as partial:
             for name, digest in FILES.items():
-                fetch(f"{BASE_URL}/{name}", target / name, mirror_name=f"gpt2/{name}", sha256=digest,
-                      retries=FETCH_RETRIES, partial_dir=partial)
+                fetch(
+                    f"{BASE_URL}/{name}",
+                    target / name,
+                    mirror_name=f"gpt2/{name}",
+                    sha256=digest,
+                    retries=FETCH_RETRIES,
+                    partial_dir=partial,
+                )
     except DownloadError as err:
         raise DownloadError(
             f"GPT-2's tokenizer files are not in the cache {target} and could not be fetched ({err}); "
@@ -81,7 +87,10 @@ def _build(folder: str) -> tiktoken.Encoding:
         vocab_bpe_file=str(paths["vocab.bpe"]), encoder_json_file=str(paths["encoder.json"])
     )
     return tiktoken.Encoding(
-        name="gpt2", explicit_n_vocab=50257, pat_str=PATTERN, mergeable_ranks=ranks,
+        name="gpt2",
+        explicit_n_vocab=50257,
+        pat_str=PATTERN,
+        mergeable_ranks=ranks,
         special_tokens={ENDOFTEXT: EOT_ID},
     )
 

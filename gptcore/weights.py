@@ -6,8 +6,8 @@ import json
 import math
 import os
 import struct
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Callable, Mapping
 
 import numpy as np
 import torch
@@ -82,7 +82,9 @@ def _read_metadata(path: Path) -> tuple[GPTConfig, dict[str, str]]:
     return config, metadata
 
 
-def load_state(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[GPTConfig, dict[str, torch.Tensor]]:
+def load_state(
+    path: str | os.PathLike, device: str | torch.device = "cpu"
+) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
     """Config and tensors of a weights file; never unpickles anything."""
     path = Path(path)
     config, _ = _read_metadata(path)

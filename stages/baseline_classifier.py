@@ -4,12 +4,12 @@ The reference row the GPT classifier is compared with; writes metrics with the s
 finetune_classifier's (accuracies on the full splits; test loss is the log loss).
 """
 
-from gptcore.atomic import write_json
-from gptcore.baseline import fit_baseline
 from gptcore.arguments import ArgumentParser
-from gptcore.entry import run_entry
-from gptcore.params import load_params
+from gptcore.atomic import write_json
 from gptcore.data.sms import SPLITS, read_split
+from gptcore.entry import run_entry
+from gptcore.params.load import load_params
+from gptcore.recipes.baseline import fit_baseline
 
 
 def main() -> None:
@@ -22,8 +22,10 @@ def main() -> None:
     load_params(args.params)  # not read here, but a bad value anywhere stops every stage
     metrics, _ = fit_baseline({name: read_split(getattr(args, name)) for name in SPLITS})
     write_json(args.metrics, metrics)
-    print(f"baseline_classifier: TF-IDF + logistic regression, test accuracy {metrics['test_accuracy']:.2%}, "
-          f"F1 {metrics['test_f1']:.3f} -> {args.metrics}")
+    print(
+        f"baseline_classifier: TF-IDF + logistic regression, test accuracy {metrics['test_accuracy']:.2%}, "
+        f"F1 {metrics['test_f1']:.3f} -> {args.metrics}"
+    )
 
 
 if __name__ == "__main__":

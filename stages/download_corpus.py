@@ -4,9 +4,9 @@ Honours GPTCORE_MIRROR (the file is served from the mirror by its name).
 """
 
 from gptcore.arguments import ArgumentParser
-from gptcore.entry import run_entry
 from gptcore.download import fetch
-from gptcore.params import load_params
+from gptcore.entry import run_entry
+from gptcore.params.load import load_params
 
 
 def main() -> None:

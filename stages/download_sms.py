@@ -6,9 +6,9 @@ UTF-8 `ham|spam<TAB>text` lines, `expected_rows` of them, before it is written.
 """
 
 from gptcore.arguments import ArgumentParser
-from gptcore.entry import run_entry
 from gptcore.data.sms import fetch_collection
-from gptcore.params import load_params
+from gptcore.entry import run_entry
+from gptcore.params.load import load_params
 
 
 def main() -> None:
@@ -18,7 +18,9 @@ def main() -> None:
     args = parser.parse_args()
     params = load_params(args.params).download_sms
     counts = fetch_collection(params.url, args.out, backup_url=params.backup_url, expected_rows=params.expected_rows)
-    print(f"download_sms: {sum(counts.values()):,} messages ({counts['ham']:,} ham, {counts['spam']:,} spam) -> {args.out}")
+    print(
+        f"download_sms: {sum(counts.values()):,} messages ({counts['ham']:,} ham, {counts['spam']:,} spam) -> {args.out}"
+    )
 
 
 if __name__ == "__main__":

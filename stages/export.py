@@ -10,7 +10,7 @@ from gptcore.atomic import atomic_dir
 from gptcore.entry import run_entry
 from gptcore.export.gguf import export_gguf, write_modelfile
 from gptcore.export.hf import export_hf
-from gptcore.params import load_params
+from gptcore.params.load import load_params
 
 
 def main() -> None:

@@ -8,9 +8,9 @@ Honours GPTCORE_MIRROR (OpenAI's files served from gpt2/models/<size>/<file>).
 """
 
 from gptcore.arguments import ArgumentParser
+from gptcore.convert.openai import TENSORFLOW_ENV, prepare_foundation
 from gptcore.entry import run_entry, set_environ_defaults
-from gptcore.openai import TENSORFLOW_ENV, prepare_foundation
-from gptcore.params import load_params
+from gptcore.params.load import load_params
 
 
 def main() -> None:
@@ -25,8 +25,14 @@ def main() -> None:
     params = load_params(args.params)
     set_environ_defaults(TENSORFLOW_ENV)  # before TensorFlow is imported (an OpenAI foundation converts)
     source = prepare_foundation(
-        params.foundation, args.out, pretrained=args.pretrained, scratch=args.scratch, openai_dir=args.openai_dir,
-        partial_dir=args.partial_dir, base_url=params.download_gpt2.base_url)
+        params.foundation,
+        args.out,
+        pretrained=args.pretrained,
+        scratch=args.scratch,
+        openai_dir=args.openai_dir,
+        partial_dir=args.partial_dir,
+        base_url=params.download_gpt2.base_url,
+    )
     print(f"foundation: {params.foundation} ({source}) -> {args.out}")
 
 

@@ -8,11 +8,11 @@ run continues with the remaining entries.
 
 from pathlib import Path
 
-from gptcore.atomic import write_json
 from gptcore.arguments import ArgumentParser
+from gptcore.atomic import write_json
 from gptcore.entry import run_entry
-from gptcore.instruct import generate_responses
-from gptcore.params import load_params
+from gptcore.params.load import load_params
+from gptcore.recipes.instruct import generate_responses
 
 
 def main() -> None:
@@ -27,15 +27,20 @@ def main() -> None:
 
     params = load_params(args.params)
     outcome = generate_responses(
-        args.model, args.test, params.generate, params.run,
+        args.model,
+        args.test,
+        params.generate,
+        params.run,
         Path(args.progress_dir) / "partial.jsonl",
     )
     write_json(args.out, outcome.responses)
     write_json(args.metrics, outcome.metrics)
     outcome.log.finish(outcome.metrics)
     m = outcome.metrics
-    print(f"generate_responses: {m['entries']} responses, {m['tokens_generated']:,} tokens at "
-          f"{m['tokens_per_second']:.1f} tokens/s (batch {m['batch_size']}) -> {args.out}")
+    print(
+        f"generate_responses: {m['entries']} responses, {m['tokens_generated']:,} tokens at "
+        f"{m['tokens_per_second']:.1f} tokens/s (batch {m['batch_size']}) -> {args.out}"
+    )
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ weights file to --out."""
 from gptcore.arguments import ArgumentParser
 from gptcore.entry import run_entry
 from gptcore.model import random_model
-from gptcore.params import load_params
+from gptcore.params.load import load_params
 from gptcore.weights import save_model
 
 

@@ -8,12 +8,12 @@ Needs a running Ollama server with the judge model: `ollama serve`, `ollama pull
 See docs/judge.md.
 """
 
-from gptcore.atomic import write_json
 from gptcore.arguments import ArgumentParser
+from gptcore.atomic import write_json
 from gptcore.entry import run_entry
-from gptcore.judge import judge_responses
-from gptcore.params import load_params
-from gptcore.plots import bar_figure, save_png, write_table
+from gptcore.params.load import load_params
+from gptcore.recipes.judge.absolute import judge_responses
+from gptcore.training.plots import bar_figure, save_png, write_table
 
 
 def main() -> None:
@@ -32,15 +32,24 @@ def main() -> None:
     write_json(args.metrics, outcome.metrics)
     write_table(args.scores_table, outcome.table, columns=["entry", "instruction", "score", "form"])
     write_table(args.histogram_table, outcome.histogram, columns=["bin", "low", "count"])
-    histogram = bar_figure([row["bin"] for row in outcome.histogram], [row["count"] for row in outcome.histogram],
-                           title=f"Judge scores by {params.model}", xlabel="score (points out of 100, bins of ten)",
-                           ylabel="entries (count)")
+    histogram = bar_figure(
+        [row["bin"] for row in outcome.histogram],
+        [row["count"] for row in outcome.histogram],
+        title=f"Judge scores by {params.model}",
+        xlabel="score (points out of 100, bins of ten)",
+        ylabel="entries (count)",
+    )
     save_png(histogram, args.histogram_png)
     m = outcome.metrics
-    average = "n/a" if m["average_score"] is None else (
-        f"{m['average_score']:.2f} (95% CI {m['average_score_ci95_low']:.2f}-{m['average_score_ci95_high']:.2f})")
-    print(f"judge: average score {average} over {m['n_scored']} entries, {m['n_failed']} failed, "
-          f"{m['n_truncated']} possibly truncated ({m['judge_model']}, Ollama {m['judge_version']}) -> {args.metrics}")
+    average = (
+        "n/a"
+        if m["average_score"] is None
+        else (f"{m['average_score']:.2f} (95% CI {m['average_score_ci95_low']:.2f}-{m['average_score_ci95_high']:.2f})")
+    )
+    print(
+        f"judge: average score {average} over {m['n_scored']} entries, {m['n_failed']} failed, "
+        f"{m['n_truncated']} possibly truncated ({m['judge_model']}, Ollama {m['judge_version']}) -> {args.metrics}"
+    )
 
 
 if __name__ == "__main__":

@@ -6,11 +6,11 @@ Writes --out-dir/{train,validation,test}.json, the entries unchanged; nothing wh
 
 import json
 
-from gptcore.atomic import atomic_dir
 from gptcore.arguments import ArgumentParser
-from gptcore.entry import run_entry
+from gptcore.atomic import atomic_dir
 from gptcore.data.instructions import read_instructions, split_instructions
-from gptcore.params import load_params
+from gptcore.entry import run_entry
+from gptcore.params.load import load_params
 
 
 def main() -> None:

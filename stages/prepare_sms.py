@@ -4,11 +4,11 @@ Reads SMSSpamCollection with quoting disabled; writes the train, validation and 
 to_csv(index=False); columns Label: 0 ham / 1 spam, and Text).
 """
 
-from gptcore.atomic import write_text
 from gptcore.arguments import ArgumentParser
-from gptcore.entry import run_entry
+from gptcore.atomic import write_text
 from gptcore.data.sms import SPLITS, read_collection, split_collection, to_csv_text
-from gptcore.params import load_params
+from gptcore.entry import run_entry
+from gptcore.params.load import load_params
 
 
 def main() -> None:

@@ -44,7 +44,9 @@ def _offline_mirror(monkeypatch, mirror_dir, tmp_path_factory):
 @pytest.fixture
 def tiny_config() -> GPTConfig:
     torch.manual_seed(123)
-    return GPTConfig(vocab_size=50257, context_length=32, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.0, qkv_bias=True)
+    return GPTConfig(
+        vocab_size=50257, context_length=32, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.0, qkv_bias=True
+    )
 
 
 @pytest.fixture(scope="session")
@@ -57,8 +59,15 @@ def tokenizer(mirror_dir):
 
 # A language model small enough for a stage to run in seconds, with the real vocabulary and a context
 # that holds an SMS message (the longest is 120 tokens) and a short instruction prompt.
-TINY_LM = {"vocab_size": 50257, "context_length": 128, "emb_dim": 32, "n_heads": 2, "n_layers": 2,
-           "drop_rate": 0.1, "qkv_bias": False}
+TINY_LM = {
+    "vocab_size": 50257,
+    "context_length": 128,
+    "emb_dim": 32,
+    "n_heads": 2,
+    "n_layers": 2,
+    "drop_rate": 0.1,
+    "qkv_bias": False,
+}
 
 
 @pytest.fixture(scope="session")
@@ -106,7 +115,9 @@ class RepoCopy:
         env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
         proc = subprocess.run(args, cwd=self.root, env=env, capture_output=True, text=True, timeout=timeout)
         if check and proc.returncode != 0:
-            raise AssertionError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+            raise AssertionError(
+                f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+            )
         return proc
 
     def dvc(self, *args: str, **kwargs) -> subprocess.CompletedProcess:

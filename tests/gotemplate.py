@@ -70,7 +70,7 @@ def _parse(items: list[tuple[str, str]], i: int = 0, stop: tuple[str, ...] = ())
                 if ender == "end":
                     break
                 if ender.startswith("else if "):
-                    cond = ender[len("else if "):]
+                    cond = ender[len("else if ") :]
                 elif ender == "else":
                     inner, i, ender = _parse(items, i, ("end",))
                     branches.append((None, inner))
@@ -158,7 +158,7 @@ def _run(nodes: list[Node], dot: Any, scopes: list[dict], out: list[str]) -> Non
                     _run(body, dot, [*scopes, {}], out)
                     break
         elif node.kind == "range":
-            (pipeline, body), = node.branches
+            ((pipeline, body),) = node.branches
             for element in _eval(pipeline, dot, scopes) or []:
                 _run(body, element, [*scopes, {}], out)
 

@@ -58,7 +58,7 @@ def _imported_names(path: Path) -> set[str]:
     return names
 
 
-# Source files a module compiles at run time (C next to the module of the same name: gptcore/gemv.c).
+# Source files a module compiles at run time (C next to the module of the same name: gptcore/inference/gemv.c).
 COMPANION_SUFFIXES = (".c",)
 
 
@@ -133,5 +133,7 @@ def sync_dvc_yaml(repo: Path) -> list[str]:
 
 
 if __name__ == "__main__":
-    for line in sync_dvc_yaml(Path(__file__).resolve().parents[1]) or ["dvc.yaml: every stage's gptcore deps already match"]:
+    for line in sync_dvc_yaml(Path(__file__).resolve().parents[1]) or [
+        "dvc.yaml: every stage's gptcore deps already match"
+    ]:
         print(line)

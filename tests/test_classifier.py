@@ -10,11 +10,14 @@ import sys
 import pytest
 import torch
 
-from gptcore.classify import (
+from gptcore.config import GPTConfig
+from gptcore.data.sms import SmsDataset, encode_texts
+from gptcore.errors import WeightsError
+from gptcore.model import GPTModel
+from gptcore.recipes.classifier import (
     ClassifierInfo,
     build_classifier,
     class_logits,
-    classification_loss,
     classify_texts,
     frozen_linears_cast,
     frozen_prefix,
@@ -23,14 +26,19 @@ from gptcore.classify import (
     set_trainable,
     token_index,
 )
-from gptcore.config import GPTConfig
-from gptcore.data.sms import SmsDataset, encode_texts
-from gptcore.errors import WeightsError
-from gptcore.metrics import binary_scores, confusion_rows
-from gptcore.model import GPTModel
+from gptcore.recipes.classify import classification_loss
+from gptcore.recipes.metrics import binary_scores, confusion_rows
 from gptcore.weights import load_model, save_model
 
-METRIC_KEYS = {"train_accuracy", "val_accuracy", "test_accuracy", "test_loss", "test_precision", "test_recall", "test_f1"}
+METRIC_KEYS = {
+    "train_accuracy",
+    "val_accuracy",
+    "test_accuracy",
+    "test_loss",
+    "test_precision",
+    "test_recall",
+    "test_f1",
+}
 
 
 @pytest.fixture
@@ -60,8 +68,11 @@ def test_head_is_replaced_and_the_body_copied(foundation, classifier):
 
 
 def _trainable_names(model: GPTModel) -> set[str]:
-    return {name.split(".")[0] + ("." + name.split(".")[1] if name.startswith("trf_blocks") else "")
-            for name, p in model.named_parameters() if p.requires_grad}
+    return {
+        name.split(".")[0] + ("." + name.split(".")[1] if name.startswith("trf_blocks") else "")
+        for name, p in model.named_parameters()
+        if p.requires_grad
+    }
 
 
 @pytest.mark.parametrize(
@@ -178,19 +189,28 @@ def test_binary_scores_by_hand():
     assert scores == pytest.approx({"accuracy": 0.6, "precision": 2 / 3, "recall": 2 / 3, "f1": 2 / 3})
     assert binary_scores([0, 0], [0, 0])["f1"] == 0.0
     assert confusion_rows([1, 0], [0, 0], ("ham", "spam")) == [
-        {"actual": "spam", "predicted": "ham"}, {"actual": "ham", "predicted": "ham"}]
+        {"actual": "spam", "predicted": "ham"},
+        {"actual": "ham", "predicted": "ham"},
+    ]
 
 
 @pytest.mark.slow
 def test_stages_end_to_end_and_classify(repo_copy):
-    repo_copy.set_params({
-        "foundation": "scratch",
-        "pretrain": {"model": {"n_layers": 2, "emb_dim": 64, "n_heads": 4, "context_length": 128, "drop_rate": 0.0}},
-        "classifier": {"epochs": 1, "eval_every": 50, "eval_batches": 2},
-    })
+    repo_copy.set_params(
+        {
+            "foundation": "scratch",
+            "pretrain": {
+                "model": {"n_layers": 2, "emb_dim": 64, "n_heads": 4, "context_length": 128, "drop_rate": 0.0}
+            },
+            "classifier": {"epochs": 1, "eval_every": 50, "eval_batches": 2},
+        }
+    )
     repo_copy.dvc("repro", "finetune_classifier", "baseline_classifier")
     root = repo_copy.root
-    ours, baseline = repo_copy.read_json("metrics/classifier.json"), repo_copy.read_json("metrics/classifier_baseline.json")
+    ours, baseline = (
+        repo_copy.read_json("metrics/classifier.json"),
+        repo_copy.read_json("metrics/classifier_baseline.json"),
+    )
     assert METRIC_KEYS <= set(ours) and METRIC_KEYS <= set(baseline)
     assert all(0.0 <= ours[k] <= 1.0 for k in METRIC_KEYS - {"test_loss"})
     assert ours["steps"] == 130 and ours["max_length"] == 120
@@ -213,32 +233,41 @@ def test_stages_end_to_end_and_classify(repo_copy):
     assert "up to date" in repo_copy.dvc("status", "finetune_classifier", "baseline_classifier").stdout
 
     texts = ["WINNER!! You have won a free prize, call now", "See you at lunch"]
-    proc = repo_copy.run(sys.executable, "-m", "gptcore", "classify", "--model", "models/classifier/model.safetensors", *texts)
+    proc = repo_copy.run(
+        sys.executable, "-m", "gptcore", "classify", "--model", "models/classifier/model.safetensors", *texts
+    )
     lines = proc.stdout.splitlines()
     assert len(lines) == 2 and all(re.fullmatch(r"(spam|ham) (0\.(5\d\d|[6-9]\d\d)|1\.000)", line) for line in lines)
-    bad = repo_copy.run(sys.executable, "-m", "gptcore", "classify", "--model", "models/scratch/model.safetensors", "hi",
-                        check=False)
+    bad = repo_copy.run(
+        sys.executable, "-m", "gptcore", "classify", "--model", "models/scratch/model.safetensors", "hi", check=False
+    )
     assert bad.returncode == 1 and bad.stderr.startswith("error: ") and "language model" in bad.stderr
 
 
 @pytest.mark.slow
 def test_stage_runs_from_the_pretrained_foundation(repo_copy):
-    repo_copy.set_params({
-        "foundation": "pretrained",
-        "pretrain": {"model": {"n_layers": 2, "emb_dim": 64, "n_heads": 4, "context_length": 128}, "epochs": 1},
-        "classifier": {"epochs": 1, "eval_every": 50, "eval_batches": 2},  # default trainable: last_block
-    })
+    repo_copy.set_params(
+        {
+            "foundation": "pretrained",
+            "pretrain": {"model": {"n_layers": 2, "emb_dim": 64, "n_heads": 4, "context_length": 128}, "epochs": 1},
+            "classifier": {"epochs": 1, "eval_every": 50, "eval_batches": 2},  # default trainable: last_block
+        }
+    )
     repo_copy.dvc("repro", "finetune_classifier")
     root = repo_copy.root
     assert not (root / "models/openai").exists()  # no OpenAI checkpoint is fetched for a Stage 1 foundation
     ours = repo_copy.read_json("metrics/classifier.json")
     assert METRIC_KEYS <= set(ours) and ours["steps"] == 130
     assert ours["trainable_parameters"] == 2 * 64 + 64 * 2 + 2 + sum(  # final LayerNorm, head, last block
-        p.numel() for p in GPTModel(GPTConfig(n_layers=1, emb_dim=64, n_heads=4, context_length=128, qkv_bias=False)).trf_blocks[0].parameters()
+        p.numel()
+        for p in GPTModel(GPTConfig(n_layers=1, emb_dim=64, n_heads=4, context_length=128, qkv_bias=False))
+        .trf_blocks[0]
+        .parameters()
     )
-    foundation, classifier = (load_model(root / f"models/{name}/model.safetensors") for name in ("pretrained", "classifier"))
+    foundation, classifier = (
+        load_model(root / f"models/{name}/model.safetensors") for name in ("pretrained", "classifier")
+    )
     frozen, trained = classifier.trf_blocks[0].ff.fc.weight, classifier.trf_blocks[1].ff.fc.weight
     assert torch.equal(frozen, foundation.trf_blocks[0].ff.fc.weight)  # the body is the Stage 1 model's
     assert torch.equal(classifier.tok_emb.weight, foundation.tok_emb.weight)
     assert not torch.equal(trained, foundation.trf_blocks[1].ff.fc.weight)  # the last block trained
-

@@ -20,21 +20,28 @@ GENERATE = ["generate", "--model", "missing.safetensors", "--prompt", "Hi"]
 
 def _gptcore(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-m", "gptcore", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "gptcore", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+    )
 
 
-@pytest.mark.parametrize("args, error", [
-    ([*GENERATE, "--max-new-tokens", "-5"], "argument --max-new-tokens: must be >= 0, got -5"),
-    ([*GENERATE, "--max-new-tokens", "ten"], "argument --max-new-tokens: expected an integer, got 'ten'"),
-    ([*GENERATE, "--top-k", "0"], "argument --top-k: must be >= 1, got 0"),
-    ([*GENERATE, "--temperature", "-0.5"], "argument --temperature: must be >= 0, got -0.5"),
-    ([*GENERATE, "--temperature", "nan"], "argument --temperature: expected a finite number, got 'nan'"),
-    ([*GENERATE, "--temperature", "inf"], "argument --temperature: expected a finite number, got 'inf'"),
-    ([*GENERATE, "--seed", "1.5"], "argument --seed: expected an integer, got '1.5'"),
-    ([*GENERATE, "--device", "gpu"], "argument --device: expected auto, cpu, cuda, cuda:N or mps, got 'gpu'"),
-    (["classify", "--model", "m.safetensors", "--device", "cuda:x", "hello"],
-     "argument --device: expected auto, cpu, cuda, cuda:N or mps, got 'cuda:x'"),
-])
+@pytest.mark.parametrize(
+    "args, error",
+    [
+        ([*GENERATE, "--max-new-tokens", "-5"], "argument --max-new-tokens: must be >= 0, got -5"),
+        ([*GENERATE, "--max-new-tokens", "ten"], "argument --max-new-tokens: expected an integer, got 'ten'"),
+        ([*GENERATE, "--top-k", "0"], "argument --top-k: must be >= 1, got 0"),
+        ([*GENERATE, "--temperature", "-0.5"], "argument --temperature: must be >= 0, got -0.5"),
+        ([*GENERATE, "--temperature", "nan"], "argument --temperature: expected a finite number, got 'nan'"),
+        ([*GENERATE, "--temperature", "inf"], "argument --temperature: expected a finite number, got 'inf'"),
+        ([*GENERATE, "--seed", "1.5"], "argument --seed: expected an integer, got '1.5'"),
+        ([*GENERATE, "--device", "gpu"], "argument --device: expected auto, cpu, cuda, cuda:N or mps, got 'gpu'"),
+        (
+            ["classify", "--model", "m.safetensors", "--device", "cuda:x", "hello"],
+            "argument --device: expected auto, cpu, cuda, cuda:N or mps, got 'cuda:x'",
+        ),
+    ],
+)
 def test_bad_numbers_are_argparse_errors(args, error):
     proc = _gptcore(*args)
     lines = proc.stderr.strip().splitlines()
@@ -80,6 +87,7 @@ class _Parsed(Exception):
 @pytest.mark.parametrize("stage", STAGES)
 def test_every_stage_option_has_help_and_shows_defaults(stage, monkeypatch):
     """Run the stage's main() up to its parse_args, and look at the parser it built."""
+
     def capture(self, *args, **kwargs):
         raise _Parsed(self)
 
@@ -92,7 +100,9 @@ def test_every_stage_option_has_help_and_shows_defaults(stage, monkeypatch):
     assert "(default: params.yaml)" in " ".join(parser.format_help().split())
 
 
-@pytest.mark.parametrize("script", ["benchmarks/greedy_agreement.py", "benchmarks/allocators.py", "gptcore/serve/bench.py"])
+@pytest.mark.parametrize(
+    "script", ["benchmarks/greedy_agreement.py", "benchmarks/allocators.py", "gptcore/bench/serving.py"]
+)
 def test_every_benchmark_option_has_help_and_shows_defaults(script, monkeypatch):
     def capture(self, *args, **kwargs):
         raise _Parsed(self)
@@ -105,8 +115,10 @@ def test_every_benchmark_option_has_help_and_shows_defaults(script, monkeypatch)
 
 def test_port_and_positive_bounds():
     assert [port_number("0"), port_number("65535"), positive_int("1")] == [0, 65535, 1]
-    for parse, text, message in [(port_number, "65536", "must be in 0..65535, got 65536"),
-                                 (port_number, "-1", "must be in 0..65535, got -1"),
-                                 (positive_int, "0", "must be >= 1, got 0")]:
+    for parse, text, message in [
+        (port_number, "65536", "must be in 0..65535, got 65536"),
+        (port_number, "-1", "must be in 0..65535, got -1"),
+        (positive_int, "0", "must be >= 1, got 0"),
+    ]:
         with pytest.raises(argparse.ArgumentTypeError, match=message):
             parse(text)

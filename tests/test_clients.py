@@ -53,7 +53,9 @@ def test_python_client(client, url):
     if result.returncode == SKIPPED:
         pytest.skip(f"{result.stdout.strip()} under {CLIENTS_PYTHON} (set GPTCORE_CLIENTS_PYTHON; docs/serving.md)")
     lines = result.stdout.splitlines()
-    assert result.returncode == 0, "\n".join(line for line in lines if not line.startswith("ok ")) + result.stderr[-2000:]
+    assert result.returncode == 0, (
+        "\n".join(line for line in lines if not line.startswith("ok ")) + result.stderr[-2000:]
+    )
     assert sum(line.startswith(f"ok {client} ") for line in lines) >= 10, result.stdout
 
 

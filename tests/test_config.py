@@ -2,9 +2,10 @@
 
 import pytest
 
-from gptcore.config import GPTConfig, Params, RunConfig
+from gptcore.config import GPTConfig
 from gptcore.errors import ConfigError
-from gptcore.params import load_params
+from gptcore.params.load import load_params
+from gptcore.params.schema import Params, RunConfig
 
 
 def test_presets():
@@ -73,7 +74,9 @@ def test_bad_params_are_one_line_errors(tmp_path, text, message):
 def test_precision_is_checked(tmp_path):
     path = tmp_path / "params.yaml"
     path.write_text("precision: fp8\n")
-    with pytest.raises(ConfigError, match="precision: expected one of auto, fp32, bf16-mixed, bf16-true, fp16-mixed, got 'fp8'"):
+    with pytest.raises(
+        ConfigError, match="precision: expected one of auto, fp32, bf16-mixed, bf16-true, fp16-mixed, got 'fp8'"
+    ):
         load_params(path)
 
 

@@ -4,12 +4,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gptcore.cross_entropy import CHUNK_ROWS, IGNORE_INDEX, cross_entropy
+from gptcore.training.cross_entropy import CHUNK_ROWS, IGNORE_INDEX, cross_entropy
 
 
 def _both(logits, targets, weight=1.0):
     out = []
-    for fn in (lambda x: F.cross_entropy(x.float(), targets, ignore_index=IGNORE_INDEX), lambda x: cross_entropy(x, targets)):
+    for fn in (
+        lambda x: F.cross_entropy(x.float(), targets, ignore_index=IGNORE_INDEX),
+        lambda x: cross_entropy(x, targets),
+    ):
         x = logits.detach().clone().requires_grad_()
         loss = fn(x) * weight
         loss.backward()

@@ -1,19 +1,21 @@
-"""A block's decoding step in one kernel call (gptcore/decode_block.py): it agrees with the modules, writes
+"""A block's decoding step in one kernel call (gptcore/inference/decode_block.py): it agrees with the modules, writes
 the same cache, gives the same bytes whatever the thread count, and steps aside where it does not apply."""
 
 import pytest
 import torch
 
-from gptcore import decode_block, gemv
 from gptcore.config import GPTConfig
-from gptcore.decode_block import DecodeBlock, decode_step
-from gptcore.decoding import cast_for_inference, generate_batch
+from gptcore.inference import decode_block, gemv
+from gptcore.inference.decode_block import DecodeBlock, decode_step
+from gptcore.inference.decoding import cast_for_inference, generate_batch
 from gptcore.model import KVCache, TransformerBlock, random_model
 
 pytestmark = pytest.mark.skipif(gemv.load_kernels() is None, reason="no C compiler")
 # Head sizes 16 and 24 (not multiples of the kernel's 16 lanes: 24), with and without qkv bias.
-CONFIGS = [GPTConfig(vocab_size=50257, context_length=64, emb_dim=64, n_heads=4, n_layers=2, qkv_bias=True),
-           GPTConfig(vocab_size=50257, context_length=64, emb_dim=72, n_heads=3, n_layers=3, qkv_bias=False)]
+CONFIGS = [
+    GPTConfig(vocab_size=50257, context_length=64, emb_dim=64, n_heads=4, n_layers=2, qkv_bias=True),
+    GPTConfig(vocab_size=50257, context_length=64, emb_dim=72, n_heads=3, n_layers=3, qkv_bias=False),
+]
 
 
 def _model(config: GPTConfig, quantize: str):
@@ -67,7 +69,9 @@ def test_same_bytes_whatever_the_thread_count(quantize):
         torch.set_num_threads(threads)
     for logits, cache in results[1:]:
         assert torch.equal(logits, results[0][0])
-        assert all(torch.equal(a, b) for a, b in zip(cache.keys + cache.values, results[0][1].keys + results[0][1].values))
+        assert all(
+            torch.equal(a, b) for a, b in zip(cache.keys + cache.values, results[0][1].keys + results[0][1].values)
+        )
 
 
 def test_where_it_does_not_apply_the_modules_run():
@@ -103,7 +107,9 @@ def test_fusion_keeps_the_parameters_and_state_dict():
     block = plain.trf_blocks[1]
     fused = DecodeBlock.from_block(block)
     assert isinstance(fused, TransformerBlock) and fused.att.layer_idx == 1 and not fused.training
-    assert {k: v.data_ptr() for k, v in fused.state_dict().items()} == {k: v.data_ptr() for k, v in block.state_dict().items()}
+    assert {k: v.data_ptr() for k, v in fused.state_dict().items()} == {
+        k: v.data_ptr() for k, v in block.state_dict().items()
+    }
     fp32 = cast_for_inference(random_model(CONFIGS[0], seed=7).eval(), "fp32")
     assert all(type(b) is TransformerBlock for b in fp32.trf_blocks)  # fp32 keeps its modules
 

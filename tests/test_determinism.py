@@ -9,8 +9,14 @@ SMALL_SCRATCH = {
     "foundation": "scratch",
     "prepare_instructions": {"train_ratio": 0.1, "test_ratio": 0.1},  # 110 train, 110 test entries
     "pretrain": {"model": {"context_length": 96, "emb_dim": 32, "n_heads": 2, "n_layers": 2, "drop_rate": 0.1}},
-    "instructions": {"epochs": 1, "batch_size": 8, "eval_every": 40, "eval_batches": 1, "allowed_max_length": 96,
-                     "lr": 0.001},
+    "instructions": {
+        "epochs": 1,
+        "batch_size": 8,
+        "eval_every": 40,
+        "eval_batches": 1,
+        "allowed_max_length": 96,
+        "lr": 0.001,
+    },
     "generate": {"max_new_tokens": 6, "batch_size": 8},
 }
 OUTPUTS = ["models/scratch/model.safetensors", "models/instruct/model.safetensors", "data/responses/test.json"]

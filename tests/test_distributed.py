@@ -9,8 +9,9 @@ import textwrap
 import pytest
 import torch
 
-from gptcore.config import TrainConfig
-from gptcore.train import IGNORE_INDEX, StepRunner
+from gptcore.params.schema import TrainConfig
+from gptcore.training.cross_entropy import IGNORE_INDEX
+from gptcore.training.step import StepRunner
 
 # A tiny finetune on padded sequences (targets -100 after each row's end, as instruction data), with a
 # last batch of one row so that one process of two gets none. Run as a script by one process or by
@@ -23,7 +24,10 @@ SCRIPT = textwrap.dedent(
     from gptcore.data.loader import make_loader
     from gptcore.device import is_main_process, rank
     from gptcore.model import GPTModel
-    from gptcore.train import IGNORE_INDEX, LoopOptions, lm_loss, loss_evaluator, make_optimizer, train
+    from gptcore.training.evaluation import lm_loss, loss_evaluator
+    from gptcore.training.cross_entropy import IGNORE_INDEX
+    from gptcore.training.loop import LoopOptions, train
+    from gptcore.training.step import make_optimizer
 
     out, grad_accum = sys.argv[1], int(sys.argv[2])
     torch.manual_seed(7)
@@ -90,7 +94,10 @@ MISMATCH_SCRIPT = textwrap.dedent(
     from gptcore.device import rank
     from gptcore.errors import WeightsError
     from gptcore.model import GPTModel
-    from gptcore.train import LoopOptions, Progress, lm_loss, make_optimizer, train
+    from gptcore.training.evaluation import lm_loss
+    from gptcore.training.loop import LoopOptions, train
+    from gptcore.training.progress import Progress
+    from gptcore.training.step import make_optimizer
 
     base, mode = sys.argv[1], sys.argv[2]
     torch.manual_seed(7)
@@ -122,10 +129,18 @@ def test_processes_that_find_different_progress_stop_with_one_line(tmp_path):
     script = tmp_path / "mismatch.py"
     script.write_text(MISMATCH_SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for launcher, mode in (([], "prepare"), (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"], "run")):
+    for launcher, mode in (
+        ([], "prepare"),
+        (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"], "run"),
+    ):
         # Without the check the two processes' collectives pair up wrongly and hang: the timeout fails it.
-        proc = subprocess.run([sys.executable, *launcher, str(script), str(tmp_path), mode],
-                              capture_output=True, text=True, timeout=120, env=env)
+        proc = subprocess.run(
+            [sys.executable, *launcher, str(script), str(tmp_path), mode],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=env,
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
     for r in (0, 1):
         message = (tmp_path / f"error{r}.txt").read_text()
@@ -168,8 +183,13 @@ def test_grad_accum_must_be_positive():
     with pytest.raises(ValueError, match="grad_accum"):
         TrainConfig(grad_accum=0)
     assert TrainConfig(grad_accum=4, activation_checkpointing=True).loop_options() == {
-        "grad_accum": 4, "activation_checkpointing": True, "compile": False, "step_in_backward": "auto",
-        "recast_weights": "auto", "lr_schedule": "constant", "warmup": 0.0,
+        "grad_accum": 4,
+        "activation_checkpointing": True,
+        "compile": False,
+        "step_in_backward": "auto",
+        "recast_weights": "auto",
+        "lr_schedule": "constant",
+        "warmup": 0.0,
     }
 
 
@@ -180,23 +200,52 @@ def test_pretrain_stage_runs_unchanged_under_torchrun(tmp_path, mirror_dir):
     from conftest import REPO, _merge
 
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    _merge(params, {"precision": "fp32", "device": "cpu", "pretrain": {
-        "model": {"context_length": 32, "emb_dim": 32, "n_heads": 2, "n_layers": 2, "drop_rate": 0.0},
-        "epochs": 1, "batch_size": 4, "eval_every": 10, "eval_batches": 2, "sample_tokens": 4,
-    }})
+    _merge(
+        params,
+        {
+            "precision": "fp32",
+            "device": "cpu",
+            "pretrain": {
+                "model": {"context_length": 32, "emb_dim": 32, "n_heads": 2, "n_layers": 2, "drop_rate": 0.0},
+                "epochs": 1,
+                "batch_size": 4,
+                "eval_every": 10,
+                "eval_batches": 2,
+                "sample_tokens": 4,
+            },
+        },
+    )
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     metrics = {}
-    for name, launcher, accum in (("one", [], 1), ("two", ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"], 2)):
+    for name, launcher, accum in (
+        ("one", [], 1),
+        ("two", ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"], 2),
+    ):
         out = tmp_path / name
         with open(tmp_path / "params.yaml") as f:
             p = yaml.safe_load(f)
         p["pretrain"]["grad_accum"] = accum
         (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(p))
-        cmd = [sys.executable, *launcher, str(REPO / "stages/pretrain.py"), "--params", str(tmp_path / f"{name}.yaml"),
-               "--corpus", str(mirror_dir / "the-verdict.txt"), "--out", str(out / "model.safetensors"),
-               "--metrics", str(out / "metrics.json"), "--plots", str(out / "plots"), "--sample", str(out / "sample.txt"),
-               "--progress-dir", str(out / "progress")]
+        cmd = [
+            sys.executable,
+            *launcher,
+            str(REPO / "stages/pretrain.py"),
+            "--params",
+            str(tmp_path / f"{name}.yaml"),
+            "--corpus",
+            str(mirror_dir / "the-verdict.txt"),
+            "--out",
+            str(out / "model.safetensors"),
+            "--metrics",
+            str(out / "metrics.json"),
+            "--plots",
+            str(out / "plots"),
+            "--sample",
+            str(out / "sample.txt"),
+            "--progress-dir",
+            str(out / "progress"),
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert proc.stdout.count("pretrain: train loss") == 1  # one summary: only rank 0 writes
@@ -221,8 +270,14 @@ def test_finetune_stages_run_unchanged_under_torchrun(tmp_path, stage, stage_inp
     # Two processes share each batch, and each cuts its half into two micro-batches.
     for name, launcher, grad_accum in (("one", [], 1), ("two", torchrun, 2)):
         (tmp_path / name).mkdir()
-        run = make(tmp_path / name, stage_inputs, "lm-no-dropout.safetensors", epochs=1, grad_accum=grad_accum,
-                   progress_minutes=10.0)
+        run = make(
+            tmp_path / name,
+            stage_inputs,
+            "lm-no-dropout.safetensors",
+            epochs=1,
+            grad_accum=grad_accum,
+            progress_minutes=10.0,
+        )
         cmd = [run.cmd[0], *launcher, *run.cmd[1:]]
         proc = subprocess.run(cmd, cwd=run.workdir, capture_output=True, text=True, timeout=900, env=env)
         assert proc.returncode == 0, proc.stderr[-3000:]

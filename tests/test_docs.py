@@ -10,8 +10,12 @@ import pytest
 from conftest import REPO
 
 MAX_README_LINES = 250
-STAGE_PAGES = ["docs/stage1-pretrain.md", "docs/stage2-convert.md", "docs/stage3-classifier.md",
-               "docs/stage4-instructions.md"]
+STAGE_PAGES = [
+    "docs/stage1-pretrain.md",
+    "docs/stage2-convert.md",
+    "docs/stage3-classifier.md",
+    "docs/stage4-instructions.md",
+]
 # Pages that other branches are writing at the same time; a link to one is tolerated only while the
 # page is missing, so that this branch passes before they are merged and every link is checked after.
 PENDING = {"docs/serving.md", "docs/export.md"}
@@ -71,7 +75,7 @@ def test_relative_links_resolve(path):
 def test_the_link_reader_sees_what_it_should(tmp_path):
     page = tmp_path / "page.md"
     page.write_text(
-        "[a](docs/x.md#part) [b](https://example.com) [c](#here) ![d](img.png \"title\")\n"
+        '[a](docs/x.md#part) [b](https://example.com) [c](#here) ![d](img.png "title")\n'
         "`[e](in-code.md)`\n```\n[f](in-fence.md)\n```\n",
         encoding="utf-8",
     )

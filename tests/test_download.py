@@ -11,9 +11,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from gptcore.convert.openai import CHECKPOINT_FILES, download_checkpoint
 from gptcore.download import download, fetch
 from gptcore.errors import ConfigError, DownloadError
-from gptcore.openai import CHECKPOINT_FILES, download_checkpoint
 
 BODY = bytes(range(251)) * 12000  # 3 MB (reads go by 1 MB chunks), offsets distinguishable
 
@@ -181,7 +181,9 @@ def test_wrong_digest_in_the_mirror_keeps_the_mirror_file(tmp_path, monkeypatch)
     (tmp_path / "mirror").mkdir()
     (tmp_path / "mirror" / "f.bin").write_bytes(BODY)
     monkeypatch.setenv("GPTCORE_MIRROR", str(tmp_path / "mirror"))
-    with pytest.raises(DownloadError, match="mirror/f.bin: SHA-256 .*; the mirror's file is left as it is, nothing was copied"):
+    with pytest.raises(
+        DownloadError, match="mirror/f.bin: SHA-256 .*; the mirror's file is left as it is, nothing was copied"
+    ):
         fetch("https://example.invalid/f.bin", tmp_path / "f.bin", sha256="0" * 64)
     assert (tmp_path / "mirror" / "f.bin").read_bytes() == BODY and not (tmp_path / "f.bin").exists()
 
@@ -276,8 +278,13 @@ def test_download_checkpoint_over_http(server, network, tmp_path, monkeypatch):
     for name, body in openai_files("124M").items():
         server.files[f"/gpt-2/models/124M/{name}"] = body
     server.faults = ["drop", 503]
-    out = download_checkpoint(f"{server.url}/gpt-2/models", "124M", tmp_path / "openai" / "124M",
-                              partial_dir=tmp_path / "partial", show_progress=False)
+    out = download_checkpoint(
+        f"{server.url}/gpt-2/models",
+        "124M",
+        tmp_path / "openai" / "124M",
+        partial_dir=tmp_path / "partial",
+        show_progress=False,
+    )
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != ".source"} == openai_files("124M")
     assert (out / ".source").read_text().startswith(f"{server.url}/gpt-2/models/124M")
     assert [p.name for p in (tmp_path / "partial").iterdir()] == []
@@ -295,13 +302,18 @@ def test_download_checkpoint_resumes_an_interrupted_run(server, network, tmp_pat
     server.files["/m/355M/model.ckpt.meta"] = openai_files("355M")["model.ckpt.meta"]
     server.requests = []
     download_checkpoint(*args, partial_dir=tmp_path / "partial", show_progress=False)
-    assert [path for path, _ in server.requests] == ["/m/355M/model.ckpt.meta", "/m/355M/model.ckpt.data-00000-of-00001"]
+    assert [path for path, _ in server.requests] == [
+        "/m/355M/model.ckpt.meta",
+        "/m/355M/model.ckpt.data-00000-of-00001",
+    ]
     # Another address: nothing fetched from the first one is reused.
     server.files.update({f"/n/355M/{k}": v for k, v in openai_files("355M").items()})
     server.files["/n/355M/model.ckpt.meta"] = b"new"
     (tmp_path / "partial" / ".source").write_text(f"{server.url}/m/355M mirror=None")
     (tmp_path / "partial" / "model.ckpt.meta").write_bytes(b"stale")
-    download_checkpoint(f"{server.url}/n", "355M", tmp_path / "out", partial_dir=tmp_path / "partial", show_progress=False)
+    download_checkpoint(
+        f"{server.url}/n", "355M", tmp_path / "out", partial_dir=tmp_path / "partial", show_progress=False
+    )
     assert (tmp_path / "out" / "model.ckpt.meta").read_bytes() == b"new"
 
 

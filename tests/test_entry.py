@@ -13,8 +13,11 @@ def test_relative_folders_become_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     env = {"GPTCORE_MIRROR": "../shared/mirror", "GPTCORE_CACHE": "/abs/cache", "OTHER": "rel"}
     absolute_path_env(env)
-    assert env == {"GPTCORE_MIRROR": str(tmp_path.parent / "shared" / "mirror"), "GPTCORE_CACHE": "/abs/cache",
-                   "OTHER": "rel"}
+    assert env == {
+        "GPTCORE_MIRROR": str(tmp_path.parent / "shared" / "mirror"),
+        "GPTCORE_CACHE": "/abs/cache",
+        "OTHER": "rel",
+    }
 
 
 def test_a_child_started_elsewhere_reads_the_same_mirror(tmp_path, mirror_dir):
@@ -23,9 +26,11 @@ def test_a_child_started_elsewhere_reads_the_same_mirror(tmp_path, mirror_dir):
     here = tmp_path / "repo"
     (here / "elsewhere").mkdir(parents=True)
     os.symlink(mirror_dir, tmp_path / "mirror")
-    child = ("import os, subprocess, sys; from gptcore.entry import run_entry; "
-             "run_entry(lambda: subprocess.run([sys.executable, '-c', "
-             "'import os; from gptcore.download import mirror_root; print(mirror_root())'], cwd='elsewhere', check=True))")
+    child = (
+        "import os, subprocess, sys; from gptcore.entry import run_entry; "
+        "run_entry(lambda: subprocess.run([sys.executable, '-c', "
+        "'import os; from gptcore.download import mirror_root; print(mirror_root())'], cwd='elsewhere', check=True))"
+    )
     env = {**os.environ, "GPTCORE_MIRROR": "../mirror"}
     proc = subprocess.run([sys.executable, "-c", child], cwd=here, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr

@@ -15,30 +15,39 @@ import gguf
 import numpy as np
 import pytest
 import torch
-
 from gotemplate import render
+from test_tokenizer import TEXTS
+
 from gptcore.cli import main
 from gptcore.config import GPTConfig
 from gptcore.export.gguf import export_gguf, modelfile_text, name_table, tensor_type
 from gptcore.export.templates import modelfile_template
-from gptcore.decoding import generate
+from gptcore.inference.decoding import generate
 from gptcore.model import random_model
 from gptcore.prompt import PREAMBLE, RESPONSE_MARKER, format_input
 from gptcore.serve.chat import render_chat
 from gptcore.tokenizer import EOT_ID, encode
 from gptcore.weights import load_model, load_state, save_model
-from test_tokenizer import TEXTS
 
 PROMPTS = ["Every effort moves you", "I had always thought Jack", "The quick brown fox jumps"]
 
 # name -> (config, trained?): GPT-2's layout (q/k/v bias, tied head); Stage 1's (neither); an odd head
 # count with a short context, where the prompt plus the new tokens fill the whole context.
 MODELS = {
-    "gpt2_random": (GPTConfig(context_length=32, emb_dim=64, n_heads=4, n_layers=2, qkv_bias=True, tie_embeddings=True), False),
-    "stage1_trained": (GPTConfig(context_length=32, emb_dim=64, n_heads=4, n_layers=2, qkv_bias=False,
-                                 tie_embeddings=False, drop_rate=0.1), True),
-    "odd_heads_short_ctx_trained": (GPTConfig(context_length=12, emb_dim=48, n_heads=3, n_layers=2, qkv_bias=True,
-                                              tie_embeddings=False), True),
+    "gpt2_random": (
+        GPTConfig(context_length=32, emb_dim=64, n_heads=4, n_layers=2, qkv_bias=True, tie_embeddings=True),
+        False,
+    ),
+    "stage1_trained": (
+        GPTConfig(
+            context_length=32, emb_dim=64, n_heads=4, n_layers=2, qkv_bias=False, tie_embeddings=False, drop_rate=0.1
+        ),
+        True,
+    ),
+    "odd_heads_short_ctx_trained": (
+        GPTConfig(context_length=12, emb_dim=48, n_heads=3, n_layers=2, qkv_bias=True, tie_embeddings=False),
+        True,
+    ),
 }
 
 
@@ -76,7 +85,7 @@ def models(tmp_path_factory, mirror_dir, tokenizer):
             _train(model, ids)
         else:
             with torch.no_grad():  # GPT-2's init leaves biases 0 and gains 1: draw them, so a dropped one shows
-                for pname, param in model.named_parameters():
+                for param in model.parameters():
                     if param.ndim == 1:
                         param.add_(torch.randn_like(param) * 0.1)
         save_model(model, root / f"{name}.safetensors")
@@ -152,8 +161,7 @@ def llama_cpp():
 
 
 def _llama(llama_cpp, path, n_ctx: int, **kwargs):
-    return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=2, n_threads_batch=2, verbose=False,
-                           **kwargs)
+    return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=2, n_threads_batch=2, verbose=False, **kwargs)
 
 
 def _llama_logits(llm, ids: list[int]) -> np.ndarray:
@@ -191,7 +199,7 @@ def test_llama_cpp_greedy_tokens_equal_gptcore_generate(name, models, ggufs, tok
     for prompt in PROMPTS:
         ids = encode(tokenizer, prompt)
         new = min(ctx - len(ids), 16)  # the short-context model fills its context (llama.cpp slides no window)
-        mine = generate(ours, torch.tensor([ids]), new, eos_id=EOT_ID)[0, len(ids):].tolist()
+        mine = generate(ours, torch.tensor([ids]), new, eos_id=EOT_ID)[0, len(ids) :].tolist()
         theirs = []
         for token in llm.generate(ids, top_k=1, temp=0.0, repeat_penalty=1.0):
             if token == EOT_ID or len(theirs) == new:
@@ -258,8 +266,10 @@ def test_modelfile_renders_the_training_prompt(entry):
     rendered = render(template, ollama_values([{"role": "user", "content": _user_message(entry)}]))
     assert rendered == format_input(entry) + RESPONSE_MARKER  # the exact prompt the instruction stage trains on
     system = "You answer in one word."
-    with_system = render(template, ollama_values([{"role": "system", "content": system},
-                                                  {"role": "user", "content": _user_message(entry)}]))
+    with_system = render(
+        template,
+        ollama_values([{"role": "system", "content": system}, {"role": "user", "content": _user_message(entry)}]),
+    )
     assert with_system == system + (format_input(entry) + RESPONSE_MARKER).removeprefix(PREAMBLE)
     # Runtimes that fill only .System / .Prompt see the same prompt.
     assert render(template, {"System": "", "Prompt": _user_message(entry), "Response": ""}) == rendered
@@ -288,7 +298,10 @@ def test_modelfile_text(tmp_path, models, capsys):
     assert 'PARAMETER stop "<|endoftext|>"' in lines and 'PARAMETER stop "### Instruction:"' in lines
     assert "PARAMETER num_ctx 32" in lines
     assert "ollama create" in capsys.readouterr().out
-    assert main(["export", "--format", "gguf", "--no-modelfile", str(models["gpt2_random"]), str(tmp_path / "b.gguf")]) == 0
+    assert (
+        main(["export", "--format", "gguf", "--no-modelfile", str(models["gpt2_random"]), str(tmp_path / "b.gguf")])
+        == 0
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b.gguf", "deploy"]
 
 
@@ -322,14 +335,20 @@ def _classifier_file(path):
     save_model(random_model(config), path)
 
 
-@pytest.mark.parametrize("case, pattern", [
-    ("classifier", "is a classifier"),
-    ("missing", "not found"),
-    ("dtype", "unknown --dtype 'q4'"),
-])
+@pytest.mark.parametrize(
+    "case, pattern",
+    [
+        ("classifier", "is a classifier"),
+        ("missing", "not found"),
+        ("dtype", "unknown --dtype 'q4'"),
+    ],
+)
 def test_bad_input_is_one_line_and_writes_nothing(case, pattern, tmp_path, models, capsys):
-    model = {"classifier": tmp_path / "in" / "c.safetensors", "missing": tmp_path / "in" / "nope.safetensors",
-             "dtype": models["gpt2_random"]}[case]
+    model = {
+        "classifier": tmp_path / "in" / "c.safetensors",
+        "missing": tmp_path / "in" / "nope.safetensors",
+        "dtype": models["gpt2_random"],
+    }[case]
     (tmp_path / "in").mkdir()
     if case == "classifier":
         _classifier_file(model)

@@ -12,34 +12,40 @@ import json
 import pytest
 import torch
 from safetensors.torch import save_file
-
-from gptcore.cli import main
-from gptcore.config import GPTConfig
-from gptcore.errors import WeightsError
-from gptcore.export.hf import export_hf
-from gptcore.decoding import generate
-from gptcore.hf import convert_hf_folder
-from gptcore.model import random_model
-from gptcore.tokenizer import EOT_ID, encode
-from gptcore.weights import load_model, load_state, save_model
-from gptcore.serve.chat import render_chat
 from test_tokenizer import TEXTS
 from tf_checkpoints import hf_model
 
+from gptcore.cli import main
+from gptcore.config import GPTConfig
+from gptcore.convert.hf import convert_hf_folder
+from gptcore.errors import WeightsError
+from gptcore.export.hf import export_hf
+from gptcore.inference.decoding import generate
+from gptcore.model import random_model
+from gptcore.serve.chat import render_chat
+from gptcore.tokenizer import EOT_ID, encode
+from gptcore.weights import load_model, load_state, save_model
+
 CHATS = [
     [{"role": "user", "content": "Name three primary colours."}],
-    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"},
-     {"role": "user", "content": "Q2"}],
+    [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Q"},
+        {"role": "assistant", "content": "A"},
+        {"role": "user", "content": "Q2"},
+    ],
 ]
 
 transformers = pytest.importorskip("transformers")
 
 # Stage 1's shape (no q/k/v bias, untied head, dropout) and GPT-2's (biases, tied) with an odd head count.
 CONFIGS = {
-    "stage1": GPTConfig(context_length=24, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.1, qkv_bias=False,
-                        tie_embeddings=False),
-    "gpt2_odd_heads": GPTConfig(context_length=16, emb_dim=48, n_heads=3, n_layers=2, qkv_bias=True,
-                                tie_embeddings=True),
+    "stage1": GPTConfig(
+        context_length=24, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.1, qkv_bias=False, tie_embeddings=False
+    ),
+    "gpt2_odd_heads": GPTConfig(
+        context_length=16, emb_dim=48, n_heads=3, n_layers=2, qkv_bias=True, tie_embeddings=True
+    ),
 }
 
 
@@ -59,7 +65,12 @@ def test_transformers_loads_the_export_and_agrees(name, tmp_path, tokenizer):
     ours = _random_file(tmp_path / "m.safetensors", CONFIGS[name])
     assert main(["export", "--format", "hf", str(tmp_path / "m.safetensors"), str(tmp_path / "hf")]) == 0
     assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == [
-        "config.json", "generation_config.json", "merges.txt", "model.safetensors", "tokenizer_config.json", "vocab.json"
+        "config.json",
+        "generation_config.json",
+        "merges.txt",
+        "model.safetensors",
+        "tokenizer_config.json",
+        "vocab.json",
     ]
     hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf", local_files_only=True).eval()
     assert hf.config.tie_word_embeddings == CONFIGS[name].tie_embeddings
@@ -129,13 +140,16 @@ def test_import_of_a_pytorch_model_bin_without_prefix(tmp_path):
     _hf_logits_equal_ours(reference, tmp_path / "m.safetensors", 50257, 10)
 
 
-@pytest.mark.parametrize("change, pattern", [
-    (lambda c, s: c.update(model_type="llama"), "model_type"),
-    (lambda c, s: c.update(activation_function="relu"), "activation_function"),
-    (lambda c, s: s.pop("transformer.h.0.mlp.c_fc.bias"), "h.0.mlp.c_fc.bias missing"),
-    (lambda c, s: s.update({"transformer.extra.weight": torch.zeros(2)}), "unexpected tensor extra.weight"),
-    (lambda c, s: s.update({"transformer.wpe.weight": torch.zeros(11, 16)}), r"wpe.weight has shape \[11, 16\]"),
-])
+@pytest.mark.parametrize(
+    "change, pattern",
+    [
+        (lambda c, s: c.update(model_type="llama"), "model_type"),
+        (lambda c, s: c.update(activation_function="relu"), "activation_function"),
+        (lambda c, s: s.pop("transformer.h.0.mlp.c_fc.bias"), "h.0.mlp.c_fc.bias missing"),
+        (lambda c, s: s.update({"transformer.extra.weight": torch.zeros(2)}), "unexpected tensor extra.weight"),
+        (lambda c, s: s.update({"transformer.wpe.weight": torch.zeros(11, 16)}), r"wpe.weight has shape \[11, 16\]"),
+    ],
+)
 def test_import_refuses_what_it_cannot_run(tmp_path, change, pattern):
     reference = hf_model(dict(n_vocab=50257, n_ctx=10, n_embd=16, n_head=2, n_layer=1), seed=5)
     config = reference.config.to_dict()
@@ -158,7 +172,7 @@ def test_import_refuses_a_foreign_vocabulary(tmp_path, tokenizer):
 
 
 def _classifier(tmp_path, token_position: str):
-    from gptcore.classify import ClassifierInfo, build_classifier, save_classifier
+    from gptcore.recipes.classifier import ClassifierInfo, build_classifier, save_classifier
 
     config = CONFIGS["gpt2_odd_heads"]
     torch.manual_seed(6)
@@ -171,8 +185,8 @@ def _classifier(tmp_path, token_position: str):
 
 
 def test_classifier_exports_as_sequence_classification(tmp_path, tokenizer):
-    from gptcore.classify import class_logits
     from gptcore.data.sms import encode_texts, pad_ids
+    from gptcore.recipes.classifier import class_logits
 
     model = _classifier(tmp_path, "last_non_pad")
     result = export_hf(tmp_path / "c.safetensors", tmp_path / "hf")

@@ -31,7 +31,7 @@ def test_dvc_repro_export(repo_copy):
     repo_copy.set_params({"export": {"formats": ["hf"]}})
     repo_copy.dvc("repro", "--single-item", "export")
     assert sorted(p.name for p in out.iterdir()) == ["hf"]
-    from gptcore.hf import convert_hf_folder
+    from gptcore.convert.hf import convert_hf_folder
 
     convert_hf_folder(out / "hf", repo_copy.root / "back.safetensors")
     back, ours = load_model(repo_copy.root / "back.safetensors"), load_model(model_path)
@@ -39,14 +39,16 @@ def test_dvc_repro_export(repo_copy):
         assert torch.equal(a, b), name
 
 
-
-@pytest.mark.parametrize("section, pattern", [
-    ({"formats": ["gguf", "onnx"]}, "formats"),
-    ({"formats": []}, "formats"),
-    ({"formats": ["gguf", "gguf"]}, "at most once"),
-    ({"dtype": "q4_0"}, "dtype"),
-    ({"name": "x"}, "name"),
-])
+@pytest.mark.parametrize(
+    "section, pattern",
+    [
+        ({"formats": ["gguf", "onnx"]}, "formats"),
+        ({"formats": []}, "formats"),
+        ({"formats": ["gguf", "gguf"]}, "at most once"),
+        ({"dtype": "q4_0"}, "dtype"),
+        ({"name": "x"}, "name"),
+    ],
+)
 def test_params_section_is_checked(section, pattern):
     with pytest.raises(ConfigError, match=pattern):
         ExportParams.from_dict(section, where="params.yaml export")

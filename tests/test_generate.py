@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from gptcore.config import GPTConfig
-from gptcore.decoding import generate, make_generator, sample_next
+from gptcore.inference.decoding import generate, make_generator, sample_next
 from gptcore.model import GPTModel
 
 
@@ -95,5 +95,7 @@ def test_tiny_temperature_samples_the_argmax_without_nan():
     assert draws == {1}
     negative = torch.tensor([[-5.0, -1.0, -3.0]])
     assert int(sample_next(negative, temperature=1e-40, generator=torch.Generator().manual_seed(0))) == 1
-    huge = sample_next(torch.tensor([[1.0, 2.0, 3.0]]), temperature=1e308, top_k=2, generator=torch.Generator().manual_seed(0))
+    huge = sample_next(
+        torch.tensor([[1.0, 2.0, 3.0]]), temperature=1e308, top_k=2, generator=torch.Generator().manual_seed(0)
+    )
     assert int(huge) in (1, 2)  # uniform over the top 2, no NaN from -inf / inf

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gptcore.config import GPTConfig
-from gptcore.decoding import generate, generate_batch
+from gptcore.inference.decoding import generate, generate_batch
 from gptcore.model import GPTModel
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gptcore.config import GenerateParams, GPTConfig, RunConfig
+from gptcore.config import GPTConfig
 from gptcore.data.instructions import (
     InstructionDataset,
     LengthBucketBatchSampler,
@@ -21,6 +21,7 @@ from gptcore.data.instructions import (
 )
 from gptcore.errors import DataError, WeightsError
 from gptcore.model import GPTModel
+from gptcore.params.schema import GenerateParams, RunConfig
 from gptcore.prompt import RESPONSE_MARKER, format_example, format_input
 from gptcore.weights import save_model
 
@@ -33,6 +34,7 @@ def entry(i: int, text_input: str = "") -> dict:
 
 
 # --- collate -------------------------------------------------------------------------------------
+
 
 def book_collate(batch, pad_token_id=EOT, ignore_index=-100, allowed_max_length=None):
     """The book's custom_collate_fn (ch. 7), as the reference the collate must match."""
@@ -102,10 +104,16 @@ def test_collate_rejects_empty_sequences():
 
 MALFORMED = {
     "missing key": (json.dumps([entry(0), {"instruction": "a", "input": ""}]), "entry 1: missing key 'output'"),
-    "non-string value": (json.dumps([entry(0), entry(1), {**entry(2), "input": 3}]), "entry 2: 'input' must be a string, got a number"),
+    "non-string value": (
+        json.dumps([entry(0), entry(1), {**entry(2), "input": 3}]),
+        "entry 2: 'input' must be a string, got a number",
+    ),
     "null value": (json.dumps([{**entry(0), "output": None}]), "entry 0: 'output' must be a string, got null"),
     "entry not an object": (json.dumps([entry(0), ["a", "b", "c"]]), "entry 1: expected an object, got a list"),
-    "not a list": (json.dumps({"instruction": "a", "input": "", "output": "b"}), "expected a JSON list of entries, got an object"),
+    "not a list": (
+        json.dumps({"instruction": "a", "input": "", "output": "b"}),
+        "expected a JSON list of entries, got an object",
+    ),
     "invalid JSON": ('[{"instruction": "a", "input": ""', "invalid JSON at line 1"),
     "empty list": ("[]", "the list holds no entries"),
     "empty file": ("  \n", "the file is empty"),
@@ -149,7 +157,9 @@ def test_prepare_stage_fails_in_one_line_and_writes_nothing(tmp_path, capsys, ca
     data.write_text(text)
     (tmp_path / "params.yaml").write_text("prepare_instructions: {}\n")
     code, _, err = run_stage(
-        "prepare_instructions.py", ["--params", str(tmp_path / "params.yaml"), "--data", str(data), "--out-dir", str(out)], capsys
+        "prepare_instructions.py",
+        ["--params", str(tmp_path / "params.yaml"), "--data", str(data), "--out-dir", str(out)],
+        capsys,
     )
     assert code == 1
     assert err.startswith("error: ") and err.count("\n") == 1 and expected in err
@@ -161,7 +171,9 @@ def test_prepare_stage_splits_the_real_data_in_file_order(tmp_path, capsys, mirr
     (tmp_path / "params.yaml").write_text("prepare_instructions: {}\n")
     data = mirror_dir / "instruction-data.json"
     code, stdout, _ = run_stage(
-        "prepare_instructions.py", ["--params", str(tmp_path / "params.yaml"), "--data", str(data), "--out-dir", str(out)], capsys
+        "prepare_instructions.py",
+        ["--params", str(tmp_path / "params.yaml"), "--data", str(data), "--out-dir", str(out)],
+        capsys,
     )
     assert code == 0 and "935 train, 55 validation, 110 test" in stdout
     entries = json.loads(data.read_text())
@@ -179,12 +191,15 @@ def test_split_shuffle_seed_is_optional_and_deterministic():
     shuffled = split_instructions(entries, shuffle_seed=7)
     assert shuffled == split_instructions(entries, shuffle_seed=7)
     assert shuffled["train"] != plain["train"]
-    assert sorted(e["instruction"] for part in shuffled.values() for e in part) == sorted(e["instruction"] for e in entries)
+    assert sorted(e["instruction"] for part in shuffled.values() for e in part) == sorted(
+        e["instruction"] for e in entries
+    )
     with pytest.raises(DataError, match="empty"):
         split_instructions(entries[:5])
 
 
 # --- dataset, buckets, loaders -------------------------------------------------------------------
+
 
 def test_dataset_tokenizes_the_alpaca_prompt(tokenizer):
     entries = [entry(1), entry(2, "with an input")]
@@ -234,24 +249,31 @@ def test_instruction_loaders(tokenizer):
     assert len(batches) == 2 and all(x.shape[0] == 8 and x.shape[1] <= 16 for x, _ in batches)
     assert [x.shape[0] for x, _ in val] == [5]
     with pytest.raises(DataError, match="fewer than one batch"):
-        build_instruction_loaders(train_entries[:3], val_entries, tokenizer, batch_size=8, seed=1, allowed_max_length=16)
+        build_instruction_loaders(
+            train_entries[:3], val_entries, tokenizer, batch_size=8, seed=1, allowed_max_length=16
+        )
     with pytest.raises(DataError, match="training entry 0: its prompt of 35 tokens leaves no response token"):
-        build_instruction_loaders(train_entries, val_entries, tokenizer, batch_size=8, seed=1, allowed_max_length=16, mask_prompt=True)
+        build_instruction_loaders(
+            train_entries, val_entries, tokenizer, batch_size=8, seed=1, allowed_max_length=16, mask_prompt=True
+        )
 
 
 # --- the Stage 4 recipes --------------------------------------------------------------------------
 
+
 def test_classifier_is_rejected_as_foundation(tmp_path):
-    from gptcore.instruct import load_language_model
+    from gptcore.recipes.instruct import load_language_model
 
     path = tmp_path / "clf.safetensors"
-    save_model(GPTModel(GPTConfig(vocab_size=100, context_length=8, emb_dim=8, n_heads=2, n_layers=1, num_classes=2)), path)
+    save_model(
+        GPTModel(GPTConfig(vocab_size=100, context_length=8, emb_dim=8, n_heads=2, n_layers=1, num_classes=2)), path
+    )
     with pytest.raises(WeightsError, match="is a classifier"):
         load_language_model(path)
 
 
 def test_generation_resumes_where_it_was_interrupted(tmp_path, tiny_config, monkeypatch):
-    import gptcore.instruct as instruct
+    import gptcore.recipes.instruct as instruct
 
     model_path, test_path = tmp_path / "model.safetensors", tmp_path / "test.json"
     save_model(GPTModel(tiny_config), model_path)
@@ -292,7 +314,9 @@ def test_generation_resumes_where_it_was_interrupted(tmp_path, tiny_config, monk
 
     # Other params: the old progress is not reused.
     calls.clear()
-    instruct.generate_responses(model_path, test_path, GenerateParams(max_new_tokens=3, batch_size=3), run, log_path, show_progress=False)
+    instruct.generate_responses(
+        model_path, test_path, GenerateParams(max_new_tokens=3, batch_size=3), run, log_path, show_progress=False
+    )
     assert calls == [3, 3, 1]
 
 
@@ -307,12 +331,21 @@ def tiny_finetune_inputs(tmp_path, tiny_config):
 
 
 def test_finetune_resumes_exactly_with_options_on(tmp_path, tiny_config, monkeypatch):
-    import gptcore.instruct as instruct
-    from gptcore.config import InstructionsParams
+    import gptcore.recipes.instruct as instruct
+    from gptcore.params.schema import InstructionsParams
 
     foundation, train_path, val_path = tiny_finetune_inputs(tmp_path, tiny_config)
-    params = InstructionsParams(epochs=2, batch_size=4, lr=1e-3, eval_every=2, eval_batches=1, progress_minutes=0,
-                                allowed_max_length=64, mask_prompt=True, bucket_by_length=True)
+    params = InstructionsParams(
+        epochs=2,
+        batch_size=4,
+        lr=1e-3,
+        eval_every=2,
+        eval_batches=1,
+        progress_minutes=0,
+        allowed_max_length=64,
+        mask_prompt=True,
+        bucket_by_length=True,
+    )
     run = RunConfig(seed=5, device="cpu", precision="fp32")
     whole = instruct.finetune_instructions(foundation, train_path, val_path, params, run, show_progress=False)
     assert whole.metrics["steps"] == 6 and whole.metrics["val_loss"] < whole.metrics["val_loss_before"]
@@ -331,9 +364,13 @@ def test_finetune_resumes_exactly_with_options_on(tmp_path, tiny_config, monkeyp
 
     monkeypatch.setattr(instruct, "lm_loss", killing_loss)
     with pytest.raises(Killed):
-        instruct.finetune_instructions(foundation, train_path, val_path, params, run, tmp_path / "ck", show_progress=False)
+        instruct.finetune_instructions(
+            foundation, train_path, val_path, params, run, tmp_path / "ck", show_progress=False
+        )
     monkeypatch.setattr(instruct, "lm_loss", real_loss)
-    resumed = instruct.finetune_instructions(foundation, train_path, val_path, params, run, tmp_path / "ck", show_progress=False)
+    resumed = instruct.finetune_instructions(
+        foundation, train_path, val_path, params, run, tmp_path / "ck", show_progress=False
+    )
     assert resumed.result.resumed_at_step == 3
     assert resumed.history == whole.history and resumed.metrics["tokens_seen"] == whole.metrics["tokens_seen"]
     for name, tensor in whole.model.state_dict().items():
@@ -342,14 +379,18 @@ def test_finetune_resumes_exactly_with_options_on(tmp_path, tiny_config, monkeyp
 
 @pytest.mark.slow
 def test_pipeline_generate_responses_end_to_end(repo_copy):
-    repo_copy.set_params({
-        "foundation": "scratch",
-        "device": "cpu",
-        "precision": "fp32",
-        "pretrain": {"model": {"context_length": 256, "emb_dim": 64, "n_heads": 4, "n_layers": 2, "drop_rate": 0.0}},
-        "instructions": {"epochs": 1, "lr": 0.001, "allowed_max_length": 40, "eval_every": 40, "eval_batches": 2},
-        "generate": {"max_new_tokens": 6, "batch_size": 16},
-    })
+    repo_copy.set_params(
+        {
+            "foundation": "scratch",
+            "device": "cpu",
+            "precision": "fp32",
+            "pretrain": {
+                "model": {"context_length": 256, "emb_dim": 64, "n_heads": 4, "n_layers": 2, "drop_rate": 0.0}
+            },
+            "instructions": {"epochs": 1, "lr": 0.001, "allowed_max_length": 40, "eval_every": 40, "eval_batches": 2},
+            "generate": {"max_new_tokens": 6, "batch_size": 16},
+        }
+    )
     repo_copy.dvc("repro", "generate_responses")
     responses = repo_copy.read_json("data/responses/test.json")
     test = repo_copy.read_json("data/prepared/instructions/test.json")

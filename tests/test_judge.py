@@ -13,22 +13,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 import pytest
 
-from gptcore.config import JudgeParams
 from gptcore.errors import DataError, GptcoreError
-from gptcore.judge import (
-    REMINDER,
-    SCORE_SCHEMA,
-    ScoreCache,
-    histogram_rows,
-    judge_prompt,
-    ParsedScore,
-    bootstrap_interval,
-    judge_responses,
-    load_responses,
-    parse_score,
-    score_rows,
-)
+from gptcore.params.schema import JudgeParams
 from gptcore.prompt import format_input
+from gptcore.recipes.judge.absolute import REMINDER, SCORE_SCHEMA, judge_prompt, judge_responses, load_responses
+from gptcore.recipes.judge.cache import ScoreCache
+from gptcore.recipes.judge.scores import ParsedScore, parse_score
+from gptcore.recipes.judge.statistics import bootstrap_interval, histogram_rows, score_rows
 
 MODEL = "llama3.1:8b"
 DIGEST = "46e0c10c039e019119339687c3c1757cc81b9da49709a3b3924863ba87ca666e"
@@ -64,8 +55,14 @@ class FakeOllama:
                 if self.path == "/api/version":
                     self._send(200, {"version": "0.12.6"})
                 elif self.path == "/api/tags":
-                    self._send(200, {"models": [{"name": m, "model": m, "digest": DIGEST, "size": 4920753328}
-                                                for m in fake.models]})
+                    self._send(
+                        200,
+                        {
+                            "models": [
+                                {"name": m, "model": m, "digest": DIGEST, "size": 4920753328} for m in fake.models
+                            ]
+                        },
+                    )
                 else:
                     self._send(404, {"error": "404 page not found"})
 
@@ -73,10 +70,14 @@ class FakeOllama:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 fake.requests.append(("POST", self.path, body))
                 if self.path == "/api/show":
-                    self._send(200, {"details": {"family": "llama"},
-                                     "model_info": {"llama.context_length": fake.context_length}})
+                    self._send(
+                        200,
+                        {"details": {"family": "llama"}, "model_info": {"llama.context_length": fake.context_length}},
+                    )
                     return
-                response = re.search(r"score the model response `(.*)` on a scale", body["messages"][0]["content"], re.S)
+                response = re.search(
+                    r"score the model response `(.*)` on a scale", body["messages"][0]["content"], re.S
+                )
                 key = response.group(1) if response else ""
                 with fake.lock:
                     turn = fake.turns.get(key, 0)
@@ -96,9 +97,18 @@ class FakeOllama:
                     return
                 if isinstance(action, tuple) and action[0] == "count":
                     _, count, action = action
-                self._send(200, {"model": body["model"], "created_at": "2025-01-01T00:00:00Z",
-                                 "message": {"role": "assistant", "content": action}, "done": True,
-                                 "done_reason": "stop", "prompt_eval_count": count, "eval_count": 2})
+                self._send(
+                    200,
+                    {
+                        "model": body["model"],
+                        "created_at": "2025-01-01T00:00:00Z",
+                        "message": {"role": "assistant", "content": action},
+                        "done": True,
+                        "done_reason": "stop",
+                        "prompt_eval_count": count,
+                        "eval_count": 2,
+                    },
+                )
 
             def _send(self, status, obj, retry_after=None):
                 data = json.dumps(obj).encode()
@@ -145,54 +155,99 @@ def params(url: str, **overrides) -> JudgeParams:
 
 def run(responses_path, scores_path, judge_params, **kwargs):
     warnings: list[str] = []
-    outcome = judge_responses(responses_path, scores_path, judge_params, show_progress=False, warn=warnings.append,
-                              count_tokens=lambda text: len(text.split()), **kwargs)
+    outcome = judge_responses(
+        responses_path,
+        scores_path,
+        judge_params,
+        show_progress=False,
+        warn=warnings.append,
+        count_tokens=lambda text: len(text.split()),
+        **kwargs,
+    )
     return outcome, warnings
 
 
-@pytest.mark.parametrize("reply, score, form", [
-    ("85", 85, "bare"), (" 85\n", 85, "bare"), ("85.", 85, "bare"), ("**92**", 92, "bare"), ("100", 100, "bare"),
-    ("0", 0, "bare"), ("85.0", 85, "bare"),
-    ("Score: 70. A fair answer.", 70, "labelled"), ("score = 64", 64, "labelled"), ("Rating: 3", 3, "labelled"),
-    ("**Score:** 88\n\nThe response names the capital correctly.", 88, "labelled"),
-    ("The answer misses one of 3 facts. Score: 60", 60, "labelled"),  # the stated score, not the explanation's
-    ("Score: 85/100", 85, "labelled"), ("Score: 75\nFinal score: 75", 75, "labelled"),
-    ("I would rate it 85/100.", 85, "fraction"), ("85 / 100", 85, "fraction"),
-    ("85 out of 100", 85, "out_of"), ("It deserves 40 out of 100, as it misses 2 points.", 40, "out_of"),
-    ('{"score": 90}', 90, "json"), ('{"score": "7"}', 7, "json"), ('{"score": 55, "why": "terse"}', 55, "json"),
-    ('```json\n{"score": 42}\n```', 42, "json"), ('Here is my verdict:\n```json\n{"score": 81}\n```', 81, "json"),
-    ('```\n{"score": 12}\n```', 12, "json"), ('Verdict: {"score": 33}', 33, "labelled"),
-    ("```\n85\n```", 85, "bare"), ('```json\n{"score": 70}\n```\nScore: 70', 70, "json"),
-])
+@pytest.mark.parametrize(
+    "reply, score, form",
+    [
+        ("85", 85, "bare"),
+        (" 85\n", 85, "bare"),
+        ("85.", 85, "bare"),
+        ("**92**", 92, "bare"),
+        ("100", 100, "bare"),
+        ("0", 0, "bare"),
+        ("85.0", 85, "bare"),
+        ("Score: 70. A fair answer.", 70, "labelled"),
+        ("score = 64", 64, "labelled"),
+        ("Rating: 3", 3, "labelled"),
+        ("**Score:** 88\n\nThe response names the capital correctly.", 88, "labelled"),
+        ("The answer misses one of 3 facts. Score: 60", 60, "labelled"),  # the stated score, not the explanation's
+        ("Score: 85/100", 85, "labelled"),
+        ("Score: 75\nFinal score: 75", 75, "labelled"),
+        ("I would rate it 85/100.", 85, "fraction"),
+        ("85 / 100", 85, "fraction"),
+        ("85 out of 100", 85, "out_of"),
+        ("It deserves 40 out of 100, as it misses 2 points.", 40, "out_of"),
+        ('{"score": 90}', 90, "json"),
+        ('{"score": "7"}', 7, "json"),
+        ('{"score": 55, "why": "terse"}', 55, "json"),
+        ('```json\n{"score": 42}\n```', 42, "json"),
+        ('Here is my verdict:\n```json\n{"score": 81}\n```', 81, "json"),
+        ('```\n{"score": 12}\n```', 12, "json"),
+        ('Verdict: {"score": 33}', 33, "labelled"),
+        ("```\n85\n```", 85, "bare"),
+        ('```json\n{"score": 70}\n```\nScore: 70', 70, "json"),
+    ],
+)
 def test_parse_score_accepts_the_forms_that_state_a_score(reply, score, form):
     assert parse_score(reply) == ParsedScore(score, form)
 
 
-@pytest.mark.parametrize("reply, reason", [
-    # Refusals and explanations that hold one number in 0-100 state no score.
-    ("The correct answer is 8.", "no score stated"),
-    ("I cannot score this response; it has 3 errors.", "no score stated"),
-    ("85\n\nThe response is correct and well phrased.", "no score stated"),
-    ("I'd give it a 90", "no score stated"), ("On a scale from 0 to 100: 40", "no score stated"),
-    ("Score: 8/10", "no score stated"), ("Rating: 4 out of 5", "no score stated"), ("Score: N/A", "no score stated"),
-    ("excellent", "no score stated"), ("", "no score stated"), ('{"grade": 5}', "no score stated"),
-    # Outside 0-100, or not an integer.
-    ("150", "out of range"), ("-5", "out of range"), ("Score: 101", "out of range"), ("120/100", "out of range"),
-    ('{"score": 101}', "out of range"), ('```json\n{"score": -1}\n```', "out of range"),
-    ("85.5", "not an integer"), ("Score: 72.5", "not an integer"), ('{"score": true}', "not a number"),
-    # Two different scores: ambiguous, never guessed.
-    ("Score: 70\nScore: 80", "several scores stated \\(70, 80\\)"), ("70/100 or maybe 80/100", "several scores"),
-    ('Score: 60\n```json\n{"score": 65}\n```', "several scores"), ('```json\n{"score": 70}\n```\n80', "several scores"),
-    ("between 70 and 80", "no score stated"),
-])
+@pytest.mark.parametrize(
+    "reply, reason",
+    [
+        # Refusals and explanations that hold one number in 0-100 state no score.
+        ("The correct answer is 8.", "no score stated"),
+        ("I cannot score this response; it has 3 errors.", "no score stated"),
+        ("85\n\nThe response is correct and well phrased.", "no score stated"),
+        ("I'd give it a 90", "no score stated"),
+        ("On a scale from 0 to 100: 40", "no score stated"),
+        ("Score: 8/10", "no score stated"),
+        ("Rating: 4 out of 5", "no score stated"),
+        ("Score: N/A", "no score stated"),
+        ("excellent", "no score stated"),
+        ("", "no score stated"),
+        ('{"grade": 5}', "no score stated"),
+        # Outside 0-100, or not an integer.
+        ("150", "out of range"),
+        ("-5", "out of range"),
+        ("Score: 101", "out of range"),
+        ("120/100", "out of range"),
+        ('{"score": 101}', "out of range"),
+        ('```json\n{"score": -1}\n```', "out of range"),
+        ("85.5", "not an integer"),
+        ("Score: 72.5", "not an integer"),
+        ('{"score": true}', "not a number"),
+        # Two different scores: ambiguous, never guessed.
+        ("Score: 70\nScore: 80", "several scores stated \\(70, 80\\)"),
+        ("70/100 or maybe 80/100", "several scores"),
+        ('Score: 60\n```json\n{"score": 65}\n```', "several scores"),
+        ('```json\n{"score": 70}\n```\n80', "several scores"),
+        ("between 70 and 80", "no score stated"),
+    ],
+)
 def test_parse_score_rejects_what_states_no_score(reply, reason):
     with pytest.raises(ValueError, match=reason):
         parse_score(reply)
 
 
 def test_prompt_is_the_reference_prompt():
-    e = {"instruction": "Rewrite the sentence.", "input": "The cat sat.", "output": "Sat, the cat did.",
-         "model_response": "The cat was sitting."}
+    e = {
+        "instruction": "Rewrite the sentence.",
+        "input": "The cat sat.",
+        "output": "Sat, the cat did.",
+        "model_response": "The cat was sitting.",
+    }
     assert judge_prompt(e) == (
         f"Given the input `{format_input(e)}` and correct output `Sat, the cat did.`, score the model response "
         "`The cat was sitting.` on a scale from 0 to 100, where 100 is the best score. "
@@ -281,8 +336,9 @@ def test_server_error_then_success_is_retried_with_backoff(tmp_path):
     responses = write_responses(tmp_path / "test.json", ["a"])
     sleeps: list[float] = []
     with FakeOllama({"a": [("status", 500), ("status", 503), "77"]}) as fake:
-        outcome, _ = run(responses, tmp_path / "scores.jsonl", params(fake.url, retries=3, backoff=0.5),
-                         sleep=sleeps.append)
+        outcome, _ = run(
+            responses, tmp_path / "scores.jsonl", params(fake.url, retries=3, backoff=0.5), sleep=sleeps.append
+        )
         assert len(fake.chats()) == 3
     assert outcome.scores == [77]
     assert sleeps == [0.5, 1.0]  # exponential backoff
@@ -293,8 +349,9 @@ def test_busy_and_rate_limited_replies_wait_as_retry_after_asks(tmp_path):
     sleeps: list[float] = []
     # Ollama answers 503 when its queue is full; a proxy in front of it may answer 429.
     with FakeOllama({"a": [("status", 503, "7"), ("status", 429, "0"), ("status", 429), "55"]}) as fake:
-        outcome, _ = run(responses, tmp_path / "scores.jsonl", params(fake.url, retries=3, backoff=0.5),
-                         sleep=sleeps.append)
+        outcome, _ = run(
+            responses, tmp_path / "scores.jsonl", params(fake.url, retries=3, backoff=0.5), sleep=sleeps.append
+        )
         assert len(fake.chats()) == 4
     assert outcome.scores == [55]
     assert sleeps == [7.0, 1.0, 2.0]  # the asked-for wait where longer than the backoff, else the backoff
@@ -378,6 +435,23 @@ def test_corrupt_trailing_line_is_ignored_with_a_note(tmp_path):
     assert [json.loads(line)["score"] for line in scores.read_text().splitlines()] == [10, 20]
 
 
+def test_warnings_go_to_logging_by_default(tmp_path, caplog):
+    responses = write_responses(tmp_path / "test.json", [""])  # an empty response: the judge is not asked
+    scores = tmp_path / "scores.jsonl"
+    scores.write_text("not a record\n")
+    with caplog.at_level("WARNING", logger="gptcore.recipes.judge"):
+        outcome = judge_responses(
+            responses,
+            scores,
+            params("http://127.0.0.1:9"),
+            show_progress=False,
+            count_tokens=lambda text: len(text.split()),
+        )
+    assert outcome.scores == [0]
+    assert [(r.name, r.levelname) for r in caplog.records] == [("gptcore.recipes.judge.absolute", "WARNING")]
+    assert caplog.records[0].getMessage().startswith(f"{scores}: ignored 1 unreadable line(s) (1)")
+
+
 def test_cache_rewrites_a_file_without_trailing_newline_before_appending(tmp_path):
     scores = tmp_path / "scores.jsonl"
     scores.write_text(json.dumps({"key": "k", "status": "scored", "score": 5}))
@@ -386,13 +460,19 @@ def test_cache_rewrites_a_file_without_trailing_newline_before_appending(tmp_pat
     assert [json.loads(line)["key"] for line in scores.read_text().splitlines()] == ["k", "k2"]
 
 
-@pytest.mark.parametrize("content, message", [
-    ("{}", "expected a JSON list"),
-    ("[1]", "entry 0: expected an object"),
-    ('[{"instruction": "a", "input": "", "output": "b"}]', "entry 0: missing 'model_response'"),
-    ('[{"instruction": "a", "input": null, "output": "b", "model_response": "c"}]', "entry 0: 'input' must be a string"),
-    ("[{", "not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("{}", "expected a JSON list"),
+        ("[1]", "entry 0: expected an object"),
+        ('[{"instruction": "a", "input": "", "output": "b"}]', "entry 0: missing 'model_response'"),
+        (
+            '[{"instruction": "a", "input": null, "output": "b", "model_response": "c"}]',
+            "entry 0: 'input' must be a string",
+        ),
+        ("[{", "not valid JSON"),
+    ],
+)
 def test_bad_responses_file_is_one_clear_error(tmp_path, content, message):
     path = tmp_path / "test.json"
     path.write_text(content)
@@ -422,8 +502,12 @@ def test_a_reply_that_states_no_score_is_asked_again_then_recorded_failed(tmp_pa
     m = outcome.metrics
     assert (m["n_scored"], m["n_failed"], m["average_score"]) == (2, 2, 69.5)  # failures never count as 0
     assert sum("no score" in w for w in warnings) == 2
-    assert [r["form"] for r in score_rows([entry(r) for r in script], outcome.records)] == \
-        ["failed", "bare", "json", "failed"]
+    assert [r["form"] for r in score_rows([entry(r) for r in script], outcome.records)] == [
+        "failed",
+        "bare",
+        "json",
+        "failed",
+    ]
 
 
 def test_scores_cached_by_the_lax_parser_are_read_again(tmp_path):
@@ -470,10 +554,12 @@ def test_bootstrap_matches_a_hand_computation():
     rng = np.random.default_rng(7)
     draws = rng.integers(0, len(values), size=(10_000, len(values)))
     means = sorted(sum(values[i] for i in row) / len(values) for row in draws.tolist())
+
     def percentile(q):
         position = q / 100 * (len(means) - 1)
         below = int(position)
         return means[below] + (means[below + 1] - means[below]) * (position - below)
+
     low, high = bootstrap_interval(values, seed=7)
     assert (low, high) == pytest.approx((percentile(2.5), percentile(97.5)), abs=1e-9)
 
@@ -508,8 +594,12 @@ def test_judge_stage_end_to_end(repo_copy):
         histogram = (repo_copy.root / "plots/judge/histogram.csv").read_text().splitlines()
         assert histogram[0] == "bin,low,count" and histogram[1] == "0-9,0,1" and histogram[-2] == "80-89,80,1"
         table = (repo_copy.root / "plots/judge/scores.csv").read_text().splitlines()
-        assert table == ["entry,instruction,score,form", "0,Name the capital of France.,80,bare",
-                         "1,Name the capital of France.,NaN,failed", "2,Name the capital of France.,0,empty"]
+        assert table == [
+            "entry,instruction,score,form",
+            "0,Name the capital of France.,80,bare",
+            "1,Name the capital of France.,NaN,failed",
+            "2,Name the capital of France.,0,empty",
+        ]
         shown = json.loads(repo_copy.dvc("plots", "show", "--json", "judge_scores").stdout)["data"]["judge_scores"]
         spec = shown[0]["content"]  # DVC reads the per-entry table as dvc.yaml declares it
         assert spec["title"]["text"] == "Judge score per test entry (failed entries have none)"

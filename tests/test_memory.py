@@ -1,4 +1,4 @@
-"""The allocator setting (gptcore/memory.py): glibc's tunables keep freed memory for reuse; it is given
+"""The allocator setting (gptcore/training/allocator.py): glibc's tunables keep freed memory for reuse; it is given
 by the launcher of the fixed-shape training stages (dvc.yaml) and by `gptcore bench`, never by the library."""
 
 import json
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gptcore.memory import COMMAND_PREFIX, ENV, TUNABLES, allocator_env, keeps_freed_memory
+from gptcore.training.allocator import COMMAND_PREFIX, ENV, TUNABLES, allocator_env, keeps_freed_memory
 
 REPO = Path(__file__).resolve().parents[1]
 # The training stages whose every step has the same shapes; not instruction finetuning (batches as long
@@ -21,9 +21,10 @@ FIXED_SHAPE_STAGES = {"pretrain", "finetune_classifier"}
 STEPS = r"""
 import json, resource, torch
 from gptcore.config import GPTConfig
-from gptcore.memory import keeps_freed_memory
+from gptcore.training.allocator import keeps_freed_memory
 from gptcore.model import GPTModel
-from gptcore.train import StepRunner, lm_loss, make_optimizer
+from gptcore.training.evaluation import lm_loss
+from gptcore.training.step import StepRunner, make_optimizer
 torch.manual_seed(0)
 model = GPTModel(GPTConfig(vocab_size=50257, context_length=64, emb_dim=32, n_heads=2, n_layers=1))
 runner = StepRunner(model, make_optimizer(model.parameters(), lr=1e-3, weight_decay=0.1), lm_loss, torch.device("cpu"))
@@ -38,8 +39,9 @@ print(json.dumps({"keeps": keeps_freed_memory(), "faults": faults}))
 
 
 def _steps(keep_freed: bool) -> dict:
-    out = subprocess.run([sys.executable, "-c", STEPS], env=allocator_env(keep_freed), capture_output=True, text=True,
-                         check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", STEPS], env=allocator_env(keep_freed), capture_output=True, text=True, check=True
+    )
     return json.loads(out.stdout)
 
 
@@ -68,7 +70,7 @@ def test_dvc_starts_exactly_the_fixed_shape_training_stages_with_the_setting():
 
 
 def test_no_library_code_changes_the_allocator():
-    """No mallopt, and no ctypes handle on the C library (gptcore/gemv.py loads only its own kernels)."""
+    """No mallopt, and no ctypes handle on the C library (gptcore/inference/gemv.py loads only its own kernels)."""
     for path in sorted((REPO / "gptcore").rglob("*.py")) + sorted((REPO / "stages").glob("*.py")):
         text = path.read_text()
         assert ".mallopt(" not in text, path

@@ -4,13 +4,15 @@ import pytest
 import torch
 from torch import nn
 
-from gptcore.config import GPTConfig
-from gptcore.config import PRESETS
-from gptcore.mixed_linear import recast_pays_off, recast_weights_in_backward
+from gptcore.config import PRESETS, GPTConfig
 from gptcore.model import GPTModel
-from gptcore.train import StepRunner, lm_loss, make_optimizer
+from gptcore.training.evaluation import lm_loss
+from gptcore.training.mixed_linear import recast_pays_off, recast_weights_in_backward
+from gptcore.training.step import StepRunner, make_optimizer
 
-CONFIG = GPTConfig(vocab_size=97, context_length=16, emb_dim=32, n_heads=2, n_layers=2, drop_rate=0.0, tie_embeddings=True)
+CONFIG = GPTConfig(
+    vocab_size=97, context_length=16, emb_dim=32, n_heads=2, n_layers=2, drop_rate=0.0, tie_embeddings=True
+)
 
 
 def _linear_run(linear, x, dtype):
@@ -49,7 +51,9 @@ def test_keeps_no_low_precision_weight_copy():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             lm_loss(model, (ids[:, :-1], ids[:, 1:]))
     shapes = {tuple(p.shape) for p in model.parameters() if p.dim() == 2}
-    copies = [t for t in saved if t.dtype == torch.bfloat16 and tuple(t.shape) in shapes and t.data_ptr() not in weights]
+    copies = [
+        t for t in saved if t.dtype == torch.bfloat16 and tuple(t.shape) in shapes and t.data_ptr() not in weights
+    ]
     assert copies == []
     assert any(t.data_ptr() in weights for t in saved)  # the fp32 weights are what backward keeps
 
@@ -75,8 +79,15 @@ def test_step_runner_training_unchanged_bitwise(step_in_backward):
         optimizer = make_optimizer(model.parameters(), lr=1e-2, weight_decay=0.1)
         data = torch.Generator().manual_seed(1)
         if ours:
-            runner = StepRunner(model, optimizer, lm_loss, torch.device("cpu"), "bf16-mixed",
-                                step_in_backward=step_in_backward, recast_weights=True)
+            runner = StepRunner(
+                model,
+                optimizer,
+                lm_loss,
+                torch.device("cpu"),
+                "bf16-mixed",
+                step_in_backward=step_in_backward,
+                recast_weights=True,
+            )
             assert runner.recast_weights and all("forward" in vars(m) for m in model.modules() if type(m) is nn.Linear)
         for _ in range(3):
             ids = torch.randint(0, CONFIG.vocab_size, (4, 13), generator=data)
@@ -85,7 +96,9 @@ def test_step_runner_training_unchanged_bitwise(step_in_backward):
             else:
                 optimizer.zero_grad(set_to_none=True)
                 with torch.autocast("cpu", dtype=torch.bfloat16):
-                    loss = torch.nn.functional.cross_entropy(model(ids[:, :-1]).flatten(0, 1).float(), ids[:, 1:].flatten())
+                    loss = torch.nn.functional.cross_entropy(
+                        model(ids[:, :-1]).flatten(0, 1).float(), ids[:, 1:].flatten()
+                    )
                 loss.backward()
                 optimizer.step()
         if ours:
@@ -107,9 +120,12 @@ def test_recast_by_default_from_1_gib_of_copies():
     assert not recast_pays_off(large, torch.bfloat16)
     model = GPTModel(CONFIG)
     for precision in ("fp32", "bf16-mixed"):
-        runner = StepRunner(model, make_optimizer(model.parameters(), 1e-3, 0.0), lm_loss, torch.device("cpu"), precision)
+        runner = StepRunner(
+            model, make_optimizer(model.parameters(), 1e-3, 0.0), lm_loss, torch.device("cpu"), precision
+        )
         assert not runner.recast_weights  # the tiny model keeps autocast's copies
         runner.close()
-    runner = StepRunner(model, make_optimizer(model.parameters(), 1e-3, 0.0), lm_loss, torch.device("cpu"), "fp32",
-                        recast_weights=True)
+    runner = StepRunner(
+        model, make_optimizer(model.parameters(), 1e-3, 0.0), lm_loss, torch.device("cpu"), "fp32", recast_weights=True
+    )
     assert not runner.recast_weights  # nothing to recast without autocast

@@ -11,19 +11,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 from safetensors import safe_open
-
-from gptcore import openai
-from gptcore.cli import main as cli_main
-from gptcore.config import Params
-from gptcore.errors import ConfigError, WeightsError
-from gptcore.decoding import generate
-from gptcore.model import set_fused_attention
-from gptcore.openai import Rule, convert_checkpoint, read_hparams
-from gptcore.model import GPTModel
-from gptcore.weights import load_model, load_state, save_model, save_streaming
 from tf_checkpoints import hf_model, openai_arrays, openai_shapes, write_checkpoint
+
+from gptcore.cli import main as cli_main
+from gptcore.convert import openai
+from gptcore.convert.openai import Rule, convert_checkpoint, read_hparams
+from gptcore.errors import WeightsError
+from gptcore.inference.decoding import generate
+from gptcore.model import GPTModel, set_fused_attention
+from gptcore.weights import load_model, load_state, save_model, save_streaming
 
 SHAPES = {  # name -> hparams: an odd head count, a short context, the real vocabulary (for generation)
     "odd_heads": dict(n_vocab=97, n_ctx=16, n_embd=24, n_head=3, n_layer=2),
@@ -39,7 +36,9 @@ def checkpoints(tmp_path_factory, mirror_dir):
     made = {}
     for seed, (name, hparams) in enumerate(SHAPES.items()):
         reference = hf_model(hparams, seed=seed)
-        folder = write_checkpoint(root / name, hparams, openai_arrays(reference, hparams["n_layer"]), mirror_dir / "gpt2")
+        folder = write_checkpoint(
+            root / name, hparams, openai_arrays(reference, hparams["n_layer"]), mirror_dir / "gpt2"
+        )
         out = root / f"{name}.safetensors"
         convert_checkpoint(folder, out)
         made[name] = (folder, reference, out)
@@ -67,9 +66,15 @@ def test_logits_equal_hugging_face(checkpoints, name, fused):
     ours = load_model(out)
     set_fused_attention(ours, fused)
     assert ours.config.to_dict() == dict(
-        vocab_size=SHAPES[name]["n_vocab"], context_length=SHAPES[name]["n_ctx"], emb_dim=SHAPES[name]["n_embd"],
-        n_heads=SHAPES[name]["n_head"], n_layers=SHAPES[name]["n_layer"], drop_rate=0.0, qkv_bias=True,
-        tie_embeddings=True, num_classes=None,
+        vocab_size=SHAPES[name]["n_vocab"],
+        context_length=SHAPES[name]["n_ctx"],
+        emb_dim=SHAPES[name]["n_embd"],
+        n_heads=SHAPES[name]["n_head"],
+        n_layers=SHAPES[name]["n_layer"],
+        drop_rate=0.0,
+        qkv_bias=True,
+        tie_embeddings=True,
+        num_classes=None,
     )
     with torch.no_grad():
         assert reference(torch.zeros(1, 2, dtype=torch.long)).logits.abs().max() > 0.5  # not a trivial model
@@ -113,7 +118,7 @@ def test_greedy_generation_equals_hugging_face(checkpoints, tokenizer, hf_contin
     idx = torch.tensor([tokenizer.encode(PROMPT)])
     got = generate(ours, idx, 20, temperature=0.0, use_cache=use_cache)
     assert got.tolist() == hf_continuation.tolist()
-    assert len(set(hf_continuation[0, idx.shape[1]:].tolist())) > 3  # a non-degenerate continuation
+    assert len(set(hf_continuation[0, idx.shape[1] :].tolist())) > 3  # a non-degenerate continuation
 
 
 def test_cli_convert_then_generate(checkpoints, tokenizer, hf_continuation, tmp_path, capsys):
@@ -121,7 +126,10 @@ def test_cli_convert_then_generate(checkpoints, tokenizer, hf_continuation, tmp_
     out = tmp_path / "model.safetensors"
     assert cli_main(["convert", str(folder), str(out)]) == 0
     assert "converted" in capsys.readouterr().out
-    assert cli_main(["generate", "--model", str(out), "--prompt", PROMPT, "--max-new-tokens", "20", "--device", "cpu"]) == 0
+    assert (
+        cli_main(["generate", "--model", str(out), "--prompt", PROMPT, "--max-new-tokens", "20", "--device", "cpu"])
+        == 0
+    )
     assert capsys.readouterr().out.rstrip("\n") == tokenizer.decode(hf_continuation[0].tolist())
 
 
@@ -155,8 +163,11 @@ def test_parity_check_catches_a_wrong_mapping(checkpoints, tmp_path, monkeypatch
     monkeypatch.setitem(openai.RULES, "zeros", Rule(np.zeros_like, lambda shape: shape))
     monkeypatch.setitem(openai.RULES, "ones", Rule(np.ones_like, lambda shape: shape))
     if mismap == "ln_f_ignored":
-        monkeypatch.setattr(openai, "FINAL_NAMES", (("model/ln_f/g", "final_norm.weight", "ones"),
-                                                   ("model/ln_f/b", "final_norm.bias", "zeros")))
+        monkeypatch.setattr(
+            openai,
+            "FINAL_NAMES",
+            (("model/ln_f/g", "final_norm.weight", "ones"), ("model/ln_f/b", "final_norm.bias", "zeros")),
+        )
     else:
         monkeypatch.setattr(openai, "BLOCK_NAMES", MISMAPS[mismap]())
     out = tmp_path / "wrong.safetensors"
@@ -174,9 +185,19 @@ def test_save_streaming_writes_what_save_model_writes(tiny_config, tmp_path):
     (config_a, a), (config_b, b) = load_state(tmp_path / "a.safetensors"), load_state(tmp_path / "b.safetensors")
     assert config_a == config_b and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(WeightsError, match=r"c\.safetensors: tensor layout does not match .*pos_emb\.weight"):
-        save_streaming(tmp_path / "c.safetensors", tiny_config, {k: v for k, v in shapes.items() if k != "pos_emb.weight"}, state.__getitem__)
+        save_streaming(
+            tmp_path / "c.safetensors",
+            tiny_config,
+            {k: v for k, v in shapes.items() if k != "pos_emb.weight"},
+            state.__getitem__,
+        )
     with pytest.raises(WeightsError, match=r"tensor pos_emb\.weight has shape \(3,\)"):
-        save_streaming(tmp_path / "c.safetensors", tiny_config, shapes, lambda k: np.zeros(3) if k == "pos_emb.weight" else state[k])
+        save_streaming(
+            tmp_path / "c.safetensors",
+            tiny_config,
+            shapes,
+            lambda k: np.zeros(3) if k == "pos_emb.weight" else state[k],
+        )
     assert not (tmp_path / "c.safetensors").exists() and len(list(tmp_path.iterdir())) == 2
 
 
@@ -229,7 +250,9 @@ def test_truncated_data_file(tmp_path, mirror_dir):
     size = data.stat().st_size
     with open(data, "r+b") as f:
         f.truncate(size - 100)
-    expect_error(folder, tmp_path, rf"data-00000-of-00001: {size - 100:,} bytes, but the index needs {size:,} \(truncated")
+    expect_error(
+        folder, tmp_path, rf"data-00000-of-00001: {size - 100:,} bytes, but the index needs {size:,} \(truncated"
+    )
 
 
 def test_corrupt_data_file(tmp_path, mirror_dir):
@@ -317,7 +340,8 @@ def test_one_switch_fetches_converts_and_finetunes(repo_copy, tmp_path, mirror_d
     ran = re.findall(r"Running stage '([^']+)'", switched.stdout)
     assert ran == ["foundation", "finetune_classifier"], switched.stdout
     assert sorted(p.name for p in (repo_copy.root / "models/openai/124M").iterdir()) == sorted(
-        [*openai.CHECKPOINT_FILES, ".source"])
+        [*openai.CHECKPOINT_FILES, ".source"]
+    )
     assert_parity(load_model(repo_copy.root / "models/foundation/model.safetensors"), reference, hparams)
     assert load_model(repo_copy.root / "models/classifier/model.safetensors").config.emb_dim == 8
     assert repo_copy.read_json("metrics/classifier.json") != scratch_metrics

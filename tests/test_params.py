@@ -10,31 +10,56 @@ import sys
 
 import pytest
 import yaml
+from import_closure import dvc_stages
 
 from conftest import REPO, _merge
-from gptcore.config import FOUNDATIONS, OPENAI_SIZES, PRECISIONS, ClassifierParams, Params
+from gptcore.config import OPENAI_SIZES
 from gptcore.errors import ConfigError
-from import_closure import dvc_stages
+from gptcore.params.choices import PRECISIONS
+from gptcore.params.schema import FOUNDATIONS, ClassifierParams, Params
 
 DEFAULTS = yaml.safe_load((REPO / "params.yaml").read_text())
 
 # (what is wrong, the edit to params.yaml, the one line every stage prints)
 BAD = [
     ("top-level typo", {"precison": "fp32"}, "error: params.yaml: precison: unknown key; did you mean precision?"),
-    ("section typo", {"classifer": {"lr": 0.001}}, "error: params.yaml: classifer: unknown section; did you mean classifier?"),
-    ("key typo", {"generate": {"max_new_token": 5}}, "error: params.yaml: generate.max_new_token: unknown key; did you mean max_new_tokens?"),
+    (
+        "section typo",
+        {"classifer": {"lr": 0.001}},
+        "error: params.yaml: classifer: unknown section; did you mean classifier?",
+    ),
+    (
+        "key typo",
+        {"generate": {"max_new_token": 5}},
+        "error: params.yaml: generate.max_new_token: unknown key; did you mean max_new_tokens?",
+    ),
     ("wrong type", {"classifier": {"lr": "fast"}}, "error: params.yaml: classifier.lr: expected a number, got 'fast'"),
-    ("bad choice", {"classifier": {"trainable": "everything"}},
-     "error: params.yaml: classifier.trainable: expected one of last_block, last_two_blocks, all, head, got 'everything'"),
-    ("unknown foundation", {"foundation": "gpt3"},
-     "error: params.yaml: foundation: expected one of gpt2-small, gpt2-medium, gpt2-large, gpt2-xl, pretrained, scratch, got 'gpt3'"),
-    ("the removed openai_models", {"openai_models": {"gpt2-large": "774M"}},
-     "error: params.yaml: openai_models: no longer used: the foundation stage follows `foundation` alone; delete this key"),
-    ("renamed progress_minutes", {"pretrain": {"checkpoint_minutes": 5}},
-     "error: params.yaml: pretrain: checkpoint_minutes: renamed to progress_minutes"),
-    ("renamed precision", {"precision": "bf16"},
-     "error: params.yaml: precision: unknown value 'bf16' (renamed: use bf16-mixed or bf16-true); "
-     "expected one of auto, fp32, bf16-mixed, bf16-true, fp16-mixed"),
+    (
+        "bad choice",
+        {"classifier": {"trainable": "everything"}},
+        "error: params.yaml: classifier.trainable: expected one of last_block, last_two_blocks, all, head, got 'everything'",
+    ),
+    (
+        "unknown foundation",
+        {"foundation": "gpt3"},
+        "error: params.yaml: foundation: expected one of gpt2-small, gpt2-medium, gpt2-large, gpt2-xl, pretrained, scratch, got 'gpt3'",
+    ),
+    (
+        "the removed openai_models",
+        {"openai_models": {"gpt2-large": "774M"}},
+        "error: params.yaml: openai_models: no longer used: the foundation stage follows `foundation` alone; delete this key",
+    ),
+    (
+        "renamed progress_minutes",
+        {"pretrain": {"checkpoint_minutes": 5}},
+        "error: params.yaml: pretrain: checkpoint_minutes: renamed to progress_minutes",
+    ),
+    (
+        "renamed precision",
+        {"precision": "bf16"},
+        "error: params.yaml: precision: unknown value 'bf16' (renamed: use bf16-mixed or bf16-true); "
+        "expected one of auto, fp32, bf16-mixed, bf16-true, fp16-mixed",
+    ),
 ]
 
 
@@ -68,13 +93,16 @@ def test_choices_are_declared_once():
     assert FOUNDATIONS[:4] == tuple(OPENAI_SIZES)
 
 
-@pytest.mark.parametrize("value, message", [
-    ("5e-5", "expected a number, got '5e-5' (YAML reads 5e-5 as text: write 5.0e-5)"),
-    (True, "expected a number, got True"),
-    (".nan", "expected a number, got '.nan'"),
-    (float("inf"), "expected a finite number, got inf"),
-    (0, "must be > 0, got 0"),
-])
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ("5e-5", "expected a number, got '5e-5' (YAML reads 5e-5 as text: write 5.0e-5)"),
+        (True, "expected a number, got True"),
+        (".nan", "expected a number, got '.nan'"),
+        (float("inf"), "expected a finite number, got inf"),
+        (0, "must be > 0, got 0"),
+    ],
+)
 def test_number_strictness(value, message):
     with pytest.raises(ConfigError) as info:
         ClassifierParams.from_dict({"lr": value}, where="params.yaml classifier")
@@ -83,8 +111,11 @@ def test_number_strictness(value, message):
 
 def test_every_section_of_params_yaml_is_a_field_and_documented():
     assert set(DEFAULTS) == set(Params.model_fields)
-    undocumented = [name for name, field in Params.model_fields.items()
-                    if not field.description and not (isinstance(field.annotation, type) and field.annotation.__doc__)]
+    undocumented = [
+        name
+        for name, field in Params.model_fields.items()
+        if not field.description and not (isinstance(field.annotation, type) and field.annotation.__doc__)
+    ]
     assert undocumented == []
 
 
@@ -107,10 +138,18 @@ STAGES = dvc_stages(REPO)
 def test_every_stage_validates_the_whole_file_first(name, tmp_path):
     """A typo in a section the stage never reads still stops it, before it reads an input or writes."""
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(_params({"classifer": {"lr": 0.001}}), sort_keys=False))
-    proc = subprocess.run(_stage_argv(STAGES[name]), cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "GPTCORE_DEBUG": ""})
+    proc = subprocess.run(
+        _stage_argv(STAGES[name]),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "GPTCORE_DEBUG": ""},
+    )
     assert proc.returncode == 1, proc.stderr
-    assert proc.stderr.strip().splitlines() == ["error: params.yaml: classifer: unknown section; did you mean classifier?"]
+    assert proc.stderr.strip().splitlines() == [
+        "error: params.yaml: classifer: unknown section; did you mean classifier?"
+    ]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]  # nothing written, no folder made
 
 
@@ -118,15 +157,25 @@ def test_every_stage_validates_the_whole_file_first(name, tmp_path):
 def test_a_stage_prints_the_line(updates, line, tmp_path):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(_params(updates), sort_keys=False))
     argv = _stage_argv(STAGES["download_corpus"])
-    proc = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=300, env={**os.environ, "GPTCORE_DEBUG": ""})
+    proc = subprocess.run(
+        argv, cwd=tmp_path, capture_output=True, text=True, timeout=300, env={**os.environ, "GPTCORE_DEBUG": ""}
+    )
     assert (proc.returncode, proc.stderr.strip().splitlines()) == (1, [line])
     assert "Traceback" not in proc.stderr and sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
 
 
 DOC_CASES = [  # the inputs of docs/params.md's example lines, in their order
-    {"precison": "fp32"}, {"classifer": {"lr": 0.001}}, {"classifier": {"lrr": 1.0}}, {"classifier": {"lr": "fast"}},
-    {"classifier": {"lr": "5e-5"}}, {"classifier": {"trainable": "everything"}}, {"foundation": "gpt3"},
-    {"openai_models": {"gpt2-large": "774M"}}, {"precision": "bf16"}, {"pretrain": {"model": {"n_heads": 5}}}, {"pretrain": {"warmup": 1.5}},
+    {"precison": "fp32"},
+    {"classifer": {"lr": 0.001}},
+    {"classifier": {"lrr": 1.0}},
+    {"classifier": {"lr": "fast"}},
+    {"classifier": {"lr": "5e-5"}},
+    {"classifier": {"trainable": "everything"}},
+    {"foundation": "gpt3"},
+    {"openai_models": {"gpt2-large": "774M"}},
+    {"precision": "bf16"},
+    {"pretrain": {"model": {"n_heads": 5}}},
+    {"pretrain": {"warmup": 1.5}},
 ]
 
 

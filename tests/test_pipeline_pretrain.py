@@ -82,11 +82,42 @@ def test_cli_generate_and_errors(tmp_path, tiny_config):
 
     path = tmp_path / "m.safetensors"
     save_model(GPTModel(tiny_config), path)
-    run = lambda *a: subprocess.run([sys.executable, "-m", "gptcore", *a], capture_output=True, text=True)
-    out = run("generate", "--model", str(path), "--prompt", "Hello there", "--max-new-tokens", "5", "--temperature", "1", "--top-k", "4", "--seed", "3")
+
+    def run(*a):
+        return subprocess.run([sys.executable, "-m", "gptcore", *a], capture_output=True, text=True)
+
+    out = run(
+        "generate",
+        "--model",
+        str(path),
+        "--prompt",
+        "Hello there",
+        "--max-new-tokens",
+        "5",
+        "--temperature",
+        "1",
+        "--top-k",
+        "4",
+        "--seed",
+        "3",
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("Hello there")
-    again = run("generate", "--model", str(path), "--prompt", "Hello there", "--max-new-tokens", "5", "--temperature", "1", "--top-k", "4", "--seed", "3")
+    again = run(
+        "generate",
+        "--model",
+        str(path),
+        "--prompt",
+        "Hello there",
+        "--max-new-tokens",
+        "5",
+        "--temperature",
+        "1",
+        "--top-k",
+        "4",
+        "--seed",
+        "3",
+    )
     assert again.stdout == out.stdout
     bad = run("generate", "--model", str(tmp_path / "missing.safetensors"), "--prompt", "x")
     assert bad.returncode == 1

@@ -16,15 +16,23 @@ import pytest
 import yaml
 
 from conftest import REPO
-from gptcore.live import TrainingLog
+from gptcore.training.live import TrainingLog
 
 DVC_YAML = yaml.safe_load((REPO / "dvc.yaml").read_text())
 COLUMNS = ["epoch", "tokens_seen", "train_loss", "val_loss"]
 
 
 def _history(n: int) -> list[dict]:
-    return [{"step": 1 + 5 * i, "epoch": 1 + i // 3, "tokens_seen": 512 * (1 + 5 * i),
-             "train_loss": 10.0 / (i + 1) + 1e-9 * i, "val_loss": 11.0 / (i + 1)} for i in range(n)]
+    return [
+        {
+            "step": 1 + 5 * i,
+            "epoch": 1 + i // 3,
+            "tokens_seen": 512 * (1 + 5 * i),
+            "train_loss": 10.0 / (i + 1) + 1e-9 * i,
+            "val_loss": 11.0 / (i + 1),
+        }
+        for i in range(n)
+    ]
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -32,10 +40,16 @@ def _files(root: Path) -> dict[str, bytes]:
 
 
 def _figure():
-    from gptcore.plots import line_figure
+    from gptcore.training.plots import line_figure
 
-    return line_figure(_history(5), "tokens_seen", ["train_loss", "val_loss"], title="loss", xlabel="tokens seen",
-                       ylabel="loss (nats per token)")
+    return line_figure(
+        _history(5),
+        "tokens_seen",
+        ["train_loss", "val_loss"],
+        title="loss",
+        xlabel="tokens seen",
+        ylabel="loss (nats per token)",
+    )
 
 
 def _run(folder: Path, restored: int, total: int, killed_at: int | None = None) -> None:
@@ -46,7 +60,9 @@ def _run(folder: Path, restored: int, total: int, killed_at: int | None = None) 
         for n in range(restored + 1, (killed_at or total) + 1):
             log.update(history[:n])
         if killed_at is None:
-            log.finish({"train_loss": history[-1]["train_loss"], "steps": history[-1]["step"]}, images={"loss.png": _figure()})
+            log.finish(
+                {"train_loss": history[-1]["train_loss"], "steps": history[-1]["step"]}, images={"loss.png": _figure()}
+            )
 
 
 def test_a_resumed_log_writes_what_an_uninterrupted_one_writes(tmp_path):
@@ -60,7 +76,8 @@ def test_a_resumed_log_writes_what_an_uninterrupted_one_writes(tmp_path):
 
     whole = tmp_path / "whole"
     assert (whole / "plots/metrics/val_loss.tsv").read_text().splitlines() == (
-        ["step\tval_loss"] + [f"{row['step']}\t{row['val_loss']}" for row in _history(6)])
+        ["step\tval_loss"] + [f"{row['step']}\t{row['val_loss']}" for row in _history(6)]
+    )
     summary = json.loads((whole / "metrics.json").read_text())
     assert summary["step"] == summary["steps"] == 26 and summary["epoch"] == 2
     assert (whole / "plots/images/loss.png").read_bytes()[:4] == b"\x89PNG"
@@ -103,7 +120,7 @@ def test_only_the_main_process_writes(tmp_path, monkeypatch):
 
 
 def test_figures_are_titled_and_leave_pyplot_alone(tmp_path):
-    from gptcore.plots import bar_figure
+    from gptcore.training.plots import bar_figure
 
     with pytest.raises(ValueError, match="title"):
         bar_figure(["a"], [1], title="", xlabel="x", ylabel="y")
@@ -112,7 +129,7 @@ import sys
 sys.path.insert(0, {str(REPO)!r})
 sys.path.insert(0, {str(REPO / "tests")!r})
 from test_plots import _run
-from gptcore.plots import bar_figure, save_png
+from gptcore.training.plots import bar_figure, save_png
 from pathlib import Path
 _run(Path({str(tmp_path)!r}), restored=0, total=3)
 save_png(bar_figure(["0-9", "10-19"], [3, 1], title="t", xlabel="score", ylabel="entries"), {str(tmp_path / "bars.png")!r})

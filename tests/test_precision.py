@@ -12,21 +12,29 @@ import torch
 import gptcore.precision as precision_module
 from gptcore.config import GPTConfig
 from gptcore.data.loader import make_loader
-from gptcore.decoding import cast_for_inference, decoding_weight_dtypes, generate, next_token_logits
 from gptcore.errors import ConfigError, TrainingError
+from gptcore.inference.decoding import cast_for_inference, decoding_weight_dtypes, generate, next_token_logits
 from gptcore.model import GPTModel
-from gptcore.config import RunConfig
+from gptcore.params.schema import RunConfig
 from gptcore.precision import resolve_precision
-from gptcore.train import LoopOptions, Progress, lm_loss, make_optimizer, train
+from gptcore.training.evaluation import lm_loss
+from gptcore.training.loop import LoopOptions, train
+from gptcore.training.progress import Progress
+from gptcore.training.step import make_optimizer
 
 CPU = torch.device("cpu")
 TINY = GPTConfig(vocab_size=64, context_length=16, emb_dim=32, n_heads=2, n_layers=2, drop_rate=0.1)
 
 
-@pytest.mark.parametrize("native, purpose, expected", [
-    (True, "train", "bf16-mixed"), (True, "inference", "bf16-true"),
-    (False, "train", "fp32"), (False, "inference", "fp32"),
-])
+@pytest.mark.parametrize(
+    "native, purpose, expected",
+    [
+        (True, "train", "bf16-mixed"),
+        (True, "inference", "bf16-true"),
+        (False, "train", "fp32"),
+        (False, "inference", "fp32"),
+    ],
+)
 def test_auto_on_cpu(monkeypatch, native, purpose, expected):
     monkeypatch.setattr(precision_module, "cpu_has_native_bf16", lambda: native)
     assert resolve_precision("auto", CPU, purpose) == expected
@@ -38,6 +46,7 @@ def test_auto_on_cuda_counts_only_native_bf16(monkeypatch):
     def is_bf16_supported(including_emulation=True):
         seen["including_emulation"] = including_emulation
         return including_emulation  # a V100/T4: bf16 only by emulation
+
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
     assert resolve_precision("auto", torch.device("cuda"), "train") == "fp32"
     assert seen == {"including_emulation": False}
@@ -163,13 +172,39 @@ def test_a_diverging_stage_prints_one_error_line(tmp_path, mirror_dir):
 
     from conftest import REPO
 
-    params = {"seed": 1, "device": "cpu", "precision": "fp32", "pretrain": {
-        "model": {"context_length": 32, "emb_dim": 32, "n_heads": 2, "n_layers": 2, "drop_rate": 0.0},
-        "epochs": 1, "batch_size": 4, "lr": 1e38, "eval_every": 100, "eval_batches": 1, "sample_tokens": 2}}
+    params = {
+        "seed": 1,
+        "device": "cpu",
+        "precision": "fp32",
+        "pretrain": {
+            "model": {"context_length": 32, "emb_dim": 32, "n_heads": 2, "n_layers": 2, "drop_rate": 0.0},
+            "epochs": 1,
+            "batch_size": 4,
+            "lr": 1e38,
+            "eval_every": 100,
+            "eval_batches": 1,
+            "sample_tokens": 2,
+        },
+    }
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    cmd = [sys.executable, str(REPO / "stages/pretrain.py"), "--params", "params.yaml",
-           "--corpus", str(mirror_dir / "the-verdict.txt"), "--out", "model.safetensors", "--metrics", "m.json",
-           "--plots", "plots", "--sample", "sample.txt", "--progress-dir", "ck"]
+    cmd = [
+        sys.executable,
+        str(REPO / "stages/pretrain.py"),
+        "--params",
+        "params.yaml",
+        "--corpus",
+        str(mirror_dir / "the-verdict.txt"),
+        "--out",
+        "model.safetensors",
+        "--metrics",
+        "m.json",
+        "--plots",
+        "plots",
+        "--sample",
+        "sample.txt",
+        "--progress-dir",
+        "ck",
+    ]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr

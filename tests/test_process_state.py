@@ -18,7 +18,6 @@ import ctypes
 import faulthandler
 import gc
 import hashlib
-import json
 import logging
 import os
 import platform
@@ -55,8 +54,21 @@ def _umask() -> int:
 
 
 class _MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in (
-        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
 
 
 def _large_blocks_get_own_mapping() -> bool | None:
@@ -104,16 +116,32 @@ def snapshot() -> dict:
         "logging": (root.level, list(root.handlers), logging.root.manager.disable),
         "matplotlib_backend": matplotlib.get_backend(),
         "torch_threads": (torch.get_num_threads(), torch.get_num_interop_threads()),
-        "torch_defaults": (torch.get_default_dtype(), torch.get_default_device(), torch.is_grad_enabled(),
-                           torch.is_inference_mode_enabled(), torch.are_deterministic_algorithms_enabled(),
-                           torch.get_float32_matmul_precision(), torch.is_autocast_enabled("cpu")),
-        "torch_backends": (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
-                           torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32,
-                           torch.backends.mkldnn.enabled),
+        "torch_defaults": (
+            torch.get_default_dtype(),
+            torch.get_default_device(),
+            torch.is_grad_enabled(),
+            torch.is_inference_mode_enabled(),
+            torch.are_deterministic_algorithms_enabled(),
+            torch.get_float32_matmul_precision(),
+            torch.is_autocast_enabled("cpu"),
+        ),
+        "torch_backends": (
+            torch.backends.cudnn.benchmark,
+            torch.backends.cudnn.deterministic,
+            torch.backends.cudnn.allow_tf32,
+            torch.backends.cuda.matmul.allow_tf32,
+            torch.backends.mkldnn.enabled,
+        ),
         "allocator_maps_large_blocks": _large_blocks_get_own_mapping(),
         "cwd": os.getcwd(),
-        "sys": (sys.getrecursionlimit(), sys.getswitchinterval(), sys.excepthook, sys.stdout, sys.stderr,
-                list(sys.path)),
+        "sys": (
+            sys.getrecursionlimit(),
+            sys.getswitchinterval(),
+            sys.excepthook,
+            sys.stdout,
+            sys.stderr,
+            list(sys.path),
+        ),
         "gc": (gc.isenabled(), gc.get_threshold()),
         "faulthandler": faulthandler.is_enabled(),
         "socket_timeout": socket.getdefaulttimeout(),
@@ -191,8 +219,8 @@ TINY = dict(vocab_size=50257, context_length=32, emb_dim=16, n_heads=2, n_layers
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory, mirror_dir, stage_inputs):
     """Weights files (LM with dropout, classifier), the corpus; built before any snapshot."""
-    from gptcore.classify import ClassifierInfo, build_classifier, save_classifier
     from gptcore.model import GPTModel
+    from gptcore.recipes.classifier import ClassifierInfo, build_classifier, save_classifier
     from gptcore.weights import save_model
 
     root = tmp_path_factory.mktemp("process-state")
@@ -208,8 +236,13 @@ def inputs(tmp_path_factory, mirror_dir, stage_inputs):
     classifier = build_classifier(lm.config, lm.state_dict(), 2, seed=1)
     save_classifier(classifier, ClassifierInfo(max_length=24), root / "classifier.safetensors")
     torch.random.set_rng_state(generator_state)
-    return {"root": root, "lm": root / "lm.safetensors", "classifier": root / "classifier.safetensors",
-            "corpus": mirror_dir / "the-verdict.txt", "stage": stage_inputs}
+    return {
+        "root": root,
+        "lm": root / "lm.safetensors",
+        "classifier": root / "classifier.safetensors",
+        "corpus": mirror_dir / "the-verdict.txt",
+        "stage": stage_inputs,
+    }
 
 
 def _tokenizer(ctx, tmp):
@@ -234,7 +267,7 @@ def _weights(ctx, tmp):
 
 
 def _generate(ctx, tmp):
-    from gptcore.decoding import generate, generate_batch, make_generator
+    from gptcore.inference.decoding import generate, generate_batch, make_generator
     from gptcore.weights import load_model
 
     model = load_model(ctx["lm"])
@@ -245,7 +278,7 @@ def _generate(ctx, tmp):
 
 
 def _build_classifier(ctx, tmp):
-    from gptcore.classify import build_classifier, classify_texts, load_classifier, load_foundation
+    from gptcore.recipes.classifier import build_classifier, classify_texts, load_classifier, load_foundation
     from gptcore.tokenizer import get_tokenizer
 
     load_foundation(ctx["lm"], 2, seed=123)
@@ -258,7 +291,10 @@ def _train(ctx, tmp):
     """The shared loop, twice: a fresh run that saves progress, then one that resumes it (its RNG state)."""
     from gptcore.data.text import build_text_loaders
     from gptcore.tokenizer import get_tokenizer
-    from gptcore.train import LoopOptions, Progress, lm_loss, loss_evaluator, make_optimizer, train
+    from gptcore.training.evaluation import lm_loss, loss_evaluator
+    from gptcore.training.loop import LoopOptions, train
+    from gptcore.training.progress import Progress
+    from gptcore.training.step import make_optimizer
     from gptcore.weights import load_model
 
     text = ctx["corpus"].read_text()[:4000]
@@ -273,40 +309,55 @@ def _train(ctx, tmp):
 
 
 def _pretrain(ctx, tmp):
-    from gptcore.config import PretrainParams, RunConfig
-    from gptcore.pretrain import pretrain
+    from gptcore.params.schema import PretrainParams, RunConfig
+    from gptcore.recipes.pretrain import pretrain
 
-    params = PretrainParams(model=GPTConfig(**{**TINY, "context_length": 64}, drop_rate=0.1), epochs=1, batch_size=8,
-                            eval_every=100, eval_batches=1, sample_tokens=2, progress_minutes=0)
+    params = PretrainParams(
+        model=GPTConfig(**{**TINY, "context_length": 64}, drop_rate=0.1),
+        epochs=1,
+        batch_size=8,
+        eval_every=100,
+        eval_batches=1,
+        sample_tokens=2,
+        progress_minutes=0,
+    )
     pretrain(ctx["corpus"], params, RunConfig(seed=11, device="cpu", precision="fp32"), tmp / "ck", show_progress=False)
 
 
 def _finetune_classifier(ctx, tmp):
-    from gptcore.classify import finetune_classifier
-    from gptcore.config import ClassifierParams, RunConfig
+    from gptcore.params.schema import ClassifierParams, RunConfig
+    from gptcore.recipes.classify import finetune_classifier
 
     stage = ctx["stage"]
     splits = {name: stage / f"{name}.csv" for name in ("train", "validation", "test")}
     params = ClassifierParams(epochs=1, batch_size=50, eval_every=100, eval_batches=1, progress_minutes=0)
-    finetune_classifier(ctx["lm"], splits, params, RunConfig(seed=2, device="cpu", precision="fp32"), tmp / "ck",
-                        show_progress=False)
+    finetune_classifier(
+        ctx["lm"], splits, params, RunConfig(seed=2, device="cpu", precision="fp32"), tmp / "ck", show_progress=False
+    )
 
 
 def _instructions(ctx, tmp):
-    from gptcore.config import GenerateParams, InstructionsParams, RunConfig
-    from gptcore.instruct import finetune_instructions, generate_responses
+    from gptcore.params.schema import GenerateParams, InstructionsParams, RunConfig
+    from gptcore.recipes.instruct import finetune_instructions, generate_responses
     from gptcore.weights import save_model
 
     stage = ctx["stage"]
     run = RunConfig(seed=4, device="cpu", precision="fp32")
-    params = InstructionsParams(epochs=1, batch_size=16, eval_every=100, eval_batches=1, allowed_max_length=32,
-                                progress_minutes=0)
-    outcome = finetune_instructions(ctx["lm"], stage / "train.json", stage / "val.json", params, run, tmp / "ck",
-                                    show_progress=False)
+    params = InstructionsParams(
+        epochs=1, batch_size=16, eval_every=100, eval_batches=1, allowed_max_length=32, progress_minutes=0
+    )
+    outcome = finetune_instructions(
+        ctx["lm"], stage / "train.json", stage / "val.json", params, run, tmp / "ck", show_progress=False
+    )
     save_model(outcome.model, tmp / "instruct.safetensors")
-    generate_responses(tmp / "instruct.safetensors", stage / "test.json",
-                       GenerateParams(max_new_tokens=2, batch_size=8, temperature=1.0, seed=9), run,
-                       tmp / "log.jsonl", show_progress=False)
+    generate_responses(
+        tmp / "instruct.safetensors",
+        stage / "test.json",
+        GenerateParams(max_new_tokens=2, batch_size=8, temperature=1.0, seed=9),
+        run,
+        tmp / "log.jsonl",
+        show_progress=False,
+    )
 
 
 def _atomic(ctx, tmp):
@@ -319,7 +370,9 @@ def _atomic(ctx, tmp):
 
 
 def _judge(ctx, tmp):
-    from gptcore.judge import bootstrap_interval, histogram_rows, judge_prompt, parse_score
+    from gptcore.recipes.judge.absolute import judge_prompt
+    from gptcore.recipes.judge.scores import parse_score
+    from gptcore.recipes.judge.statistics import bootstrap_interval, histogram_rows
 
     assert parse_score("Score: 87").value == 87
     parse_score('{"score": 40}')
@@ -331,9 +384,9 @@ def _judge(ctx, tmp):
 
 
 def _export(ctx, tmp):
+    from gptcore.convert.hf import convert_hf_folder
     from gptcore.export.gguf import export_gguf, write_modelfile
     from gptcore.export.hf import export_hf
-    from gptcore.hf import convert_hf_folder
 
     result = export_gguf(ctx["lm"], tmp / "lm.gguf")
     write_modelfile(tmp / "lm.gguf", result.config.context_length)
@@ -346,17 +399,47 @@ def _cli(ctx, tmp):
     change the allocator (nor anything else) of the process they run in."""
     from gptcore.cli import main
 
-    assert main(["generate", "--model", str(ctx["lm"]), "--prompt", "Hello", "--max-new-tokens", "2",
-                 "--temperature", "1", "--seed", "3"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(ctx["lm"]),
+                "--prompt",
+                "Hello",
+                "--max-new-tokens",
+                "2",
+                "--temperature",
+                "1",
+                "--seed",
+                "3",
+            ]
+        )
+        == 0
+    )
     assert main(["classify", "--model", str(ctx["classifier"]), "free prize", "lunch?"]) == 0
 
 
 def _bench_measure(ctx, tmp):
-    from gptcore.bench import BenchSpec, measure
+    from gptcore.bench.spec import BenchSpec
+    from gptcore.bench.tasks import measure
 
     for task in ("train", "generate"):
-        measure(BenchSpec(task=task, model=str(ctx["lm"]), device="cpu", precision="fp32", batch=2, seq_len=8,
-                          prompt_len=4, new_tokens=2, repeats=1, warmup=0, threads=1))
+        measure(
+            BenchSpec(
+                task=task,
+                model=str(ctx["lm"]),
+                device="cpu",
+                precision="fp32",
+                batch=2,
+                seq_len=8,
+                prompt_len=4,
+                new_tokens=2,
+                repeats=1,
+                warmup=0,
+                threads=1,
+            )
+        )
 
 
 CASES = {
@@ -393,7 +476,7 @@ def test_openai_conversion_leaves_the_environment_alone(tmp_path, mirror_dir, mo
     pytest.importorskip("tensorflow")
     from tf_checkpoints import openai_shapes, write_checkpoint
 
-    from gptcore.openai import convert_checkpoint
+    from gptcore.convert.openai import convert_checkpoint
 
     hparams = dict(n_vocab=11, n_ctx=4, n_embd=8, n_head=2, n_layer=1)
     folder = write_checkpoint(tmp_path / "ckpt", hparams, openai_shapes(hparams), mirror_dir / "gpt2")
@@ -406,15 +489,21 @@ def test_openai_conversion_leaves_the_environment_alone(tmp_path, mirror_dir, mo
 
 def test_plot_calls_keep_the_callers_matplotlib_backend(tmp_path, foreign_backend, calls):
     """Figures are drawn through matplotlib's Figure API and the Agg canvas: no matplotlib.use, no pyplot."""
-    from gptcore.judge import histogram_rows
-    from gptcore.plots import bar_figure, line_figure, save_png
+    from gptcore.recipes.judge.statistics import histogram_rows
+    from gptcore.training.plots import bar_figure, line_figure, save_png
 
     before = snapshot()
     rows = [{"step": 1, "train_loss": 2.0, "val_loss": 2.5}, {"step": 2, "train_loss": 1.5, "val_loss": 2.2}]
-    save_png(line_figure(rows, "step", ["train_loss", "val_loss"], title="t", xlabel="x", ylabel="y"), tmp_path / "loss.png")
+    save_png(
+        line_figure(rows, "step", ["train_loss", "val_loss"], title="t", xlabel="x", ylabel="y"), tmp_path / "loss.png"
+    )
     histogram = histogram_rows([10, 50, 90])
-    save_png(bar_figure([str(r["bin"]) for r in histogram], [r["count"] for r in histogram], title="t", xlabel="x",
-                        ylabel="y"), tmp_path / "scores.png")
+    save_png(
+        bar_figure(
+            [str(r["bin"]) for r in histogram], [r["count"] for r in histogram], title="t", xlabel="x", ylabel="y"
+        ),
+        tmp_path / "scores.png",
+    )
     assert changes(before, snapshot()) | _calls(calls) == {}
     assert (tmp_path / "loss.png").stat().st_size > 0 and (tmp_path / "scores.png").stat().st_size > 0
 

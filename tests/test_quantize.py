@@ -1,4 +1,4 @@
-"""Weight-only int8 decoding (gptcore/quantize.py): the arithmetic, the model path, the CLI and the server."""
+"""Weight-only int8 decoding (gptcore/inference/quantize.py): the arithmetic, the model path, the CLI and the server."""
 
 import subprocess
 import sys
@@ -6,16 +6,18 @@ import sys
 import pytest
 import torch
 
-from gptcore import gemv
-from gptcore.config import GPTConfig, Params
-from gptcore.decoding import cast_for_inference, generate
+from gptcore.config import GPTConfig
 from gptcore.errors import ConfigError
+from gptcore.inference import gemv
+from gptcore.inference.decoding import cast_for_inference, generate
+from gptcore.inference.quantize import Int8Linear, quantize_int8
 from gptcore.model import random_model
-from gptcore.quantize import Int8Linear, quantize_int8
+from gptcore.params.schema import Params
 from gptcore.weights import save_model
 
-CONFIG = GPTConfig(vocab_size=50257, context_length=64, emb_dim=64, n_heads=4, n_layers=2, qkv_bias=True,
-                   tie_embeddings=True)
+CONFIG = GPTConfig(
+    vocab_size=50257, context_length=64, emb_dim=64, n_heads=4, n_layers=2, qkv_bias=True, tie_embeddings=True
+)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -32,7 +34,7 @@ def test_int8_linear_is_the_rounded_weight_times_its_scale(dtype, monkeypatch):
     x = torch.randn(3, 5, 96, dtype=dtype)
     expected = x.float() @ (layer.weight.float() * layer.scales.float()[:, None]).t() + linear.bias.float()
     magnitude = (x.float().abs() @ (layer.weight.float().abs() * layer.scales.float()[:, None]).t()).max().item()
-    out = layer(x)  # 15 rows: gptcore.gemv's kernel, activations rounded to int8 per block of 32
+    out = layer(x)  # 15 rows: gptcore.inference.gemv's kernel, activations rounded to int8 per block of 32
     assert out.shape == (3, 5, 40) and out.dtype == dtype
     assert (out.float() - expected).abs().max().item() <= 1e-2 * magnitude
     monkeypatch.setitem(gemv.MAX_ROWS, torch.int8, 0)  # torch's weight-only kernel, bf16 activations
@@ -108,9 +110,30 @@ def test_cli_generate_with_int8(weights, mirror_dir):
     import os
 
     env = {**os.environ, "GPTCORE_MIRROR": str(mirror_dir)}
-    runs = [subprocess.run([sys.executable, "-m", "gptcore", "generate", "--model", str(weights), "--prompt", "Every effort",
-                            "--max-new-tokens", "6", "--precision", "bf16-true", *extra], capture_output=True, text=True,
-                           env=env, timeout=300) for extra in ([], ["--quantize", "int8"])]
+    runs = [
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "gptcore",
+                "generate",
+                "--model",
+                str(weights),
+                "--prompt",
+                "Every effort",
+                "--max-new-tokens",
+                "6",
+                "--precision",
+                "bf16-true",
+                *extra,
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+        )
+        for extra in ([], ["--quantize", "int8"])
+    ]
     for proc in runs:
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert proc.stdout.startswith("Every effort") and len(proc.stdout) > len("Every effort")
@@ -124,8 +147,11 @@ def test_server_serves_int8(weights, mirror_dir, monkeypatch):
     monkeypatch.setenv("GPTCORE_MIRROR", str(mirror_dir))
     server = Server(weights, "127.0.0.1", 0, name="tiny", device="cpu", quiet=True, quantize="int8").start()
     try:
-        reply = httpx.post(server.url + "/api/generate", json={"model": "tiny", "prompt": "Hello", "stream": False,
-                                                               "options": {"temperature": 0, "num_predict": 5}}, timeout=60)
+        reply = httpx.post(
+            server.url + "/api/generate",
+            json={"model": "tiny", "prompt": "Hello", "stream": False, "options": {"temperature": 0, "num_predict": 5}},
+            timeout=60,
+        )
         assert reply.status_code == 200 and reply.json()["eval_count"] == 5
         show = httpx.post(server.url + "/api/show", json={"model": "tiny"}, timeout=60).json()
         assert show["details"]["quantization_level"] == "INT8"

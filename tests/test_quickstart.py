@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from conftest import REPO
-from gptcore.config import Params
+from gptcore.params.schema import Params
 
 DOC = REPO / "docs" / "quickstart.md"
 
@@ -58,8 +58,9 @@ def test_quickstart_runs_as_documented(repo_copy, mirror_dir):
     (run_block,) = _sh_blocks("Run it")[:1]
     env = {**os.environ, "GPTCORE_MIRROR": str(mirror_dir), "PYTHONPATH": str(repo_copy.root), "PYTHONUNBUFFERED": "1"}
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env["PATH"]  # dvc, and python for the stages
-    proc = subprocess.run(["bash", "-e", "-c", run_block], cwd=repo_copy.root, env=env, capture_output=True,
-                          text=True, timeout=1200)
+    proc = subprocess.run(
+        ["bash", "-e", "-c", run_block], cwd=repo_copy.root, env=env, capture_output=True, text=True, timeout=1200
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     responses = json.loads((repo_copy.root / "data" / "responses" / "test.json").read_text())

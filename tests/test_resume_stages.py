@@ -41,11 +41,22 @@ PRETRAIN = {
 
 def _pretrain_cmd(workdir: Path, corpus: Path) -> list[str]:
     return [
-        sys.executable, str(REPO / "stages/pretrain.py"), "--params", str(workdir / "params.yaml"),
-        "--corpus", str(corpus), "--out", str(workdir / "model.safetensors"),
-        "--metrics", str(workdir / "metrics.json"), "--plots", str(workdir / "plots"),
-        "--sample", str(workdir / "sample.txt"),
-        "--progress-dir", str(workdir / "ck"),
+        sys.executable,
+        str(REPO / "stages/pretrain.py"),
+        "--params",
+        str(workdir / "params.yaml"),
+        "--corpus",
+        str(corpus),
+        "--out",
+        str(workdir / "model.safetensors"),
+        "--metrics",
+        str(workdir / "metrics.json"),
+        "--plots",
+        str(workdir / "plots"),
+        "--sample",
+        str(workdir / "sample.txt"),
+        "--progress-dir",
+        str(workdir / "ck"),
     ]
 
 
@@ -82,8 +93,9 @@ def _live_outputs_are_whole(metrics: Path, plots: Path) -> None:
         assert rows[0] == f"step\t{table.stem}" and all(len(row.split("\t")) == 2 for row in rows), table
 
 
-def _wait_for_progress(workdir: Path, proc: subprocess.Popen, polls: int, timeout: float = 300,
-                       progress: str = "ck/state.pt") -> None:
+def _wait_for_progress(
+    workdir: Path, proc: subprocess.Popen, polls: int, timeout: float = 300, progress: str = "ck/state.pt"
+) -> None:
     """Wait until progress has been saved, then `polls` more 0.2 s ticks: a random moment mid-training."""
     state = workdir / progress
     deadline = time.monotonic() + timeout
@@ -148,11 +160,15 @@ def test_piped_ctrl_c_saves_progress(tmp_path, mirror_dir):
     log = run_dir / "log.txt"
     stage = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, process_group=0)
     with log.open("wb") as sink:  # `tee`: copies its input until the Ctrl-C ends it
-        reader = subprocess.Popen([sys.executable, "-c", "import shutil, sys; shutil.copyfileobj(sys.stdin.buffer, "
-                                   "sys.stdout.buffer, 16)"], stdin=stage.stdout, stdout=sink, process_group=stage.pid)
+        reader = subprocess.Popen(
+            [sys.executable, "-c", "import shutil, sys; shutil.copyfileobj(sys.stdin.buffer, sys.stdout.buffer, 16)"],
+            stdin=stage.stdout,
+            stdout=sink,
+            process_group=stage.pid,
+        )
     stage.stdout.close()  # the reader holds the pipe's only read end
     deadline = time.monotonic() + 300
-    while b"train:" not in log.read_bytes() or not b"loss" in log.read_bytes():  # training has started
+    while b"train:" not in log.read_bytes() or b"loss" not in log.read_bytes():  # training has started
         assert stage.poll() is None and time.monotonic() < deadline, "stage ended before it was interrupted"
         time.sleep(0.05)
     time.sleep(random.uniform(0.0, 0.5))
@@ -195,8 +211,9 @@ class StageRun:
             elif name in self.volatile:
                 seen[name] = {k: v for k, v in json.loads(path.read_text()).items() if k not in self.volatile[name]}
             elif name.endswith(".jsonl"):  # judge records carry the time they were made
-                seen[name] = [{k: v for k, v in json.loads(line).items() if k != "time"}
-                              for line in path.read_text().splitlines()]
+                seen[name] = [
+                    {k: v for k, v in json.loads(line).items() if k != "time"} for line in path.read_text().splitlines()
+                ]
             else:
                 seen[name] = path.read_bytes()
         return seen
@@ -214,56 +231,141 @@ def _lines_at_least(name: str, n: int) -> Callable[[Path], bool]:
     def started(workdir: Path) -> bool:
         path = workdir / name
         return path.is_file() and len(path.read_text().splitlines()) >= n
+
     return started
 
 
 def _classifier_run(workdir: Path, inputs: Path, foundation: str = "lm.safetensors", **overrides) -> StageRun:
-    params = {**RUN, "classifier": {"epochs": 3, "batch_size": 8, "lr": 1e-3, "eval_every": 5, "eval_batches": 2,
-                                    "trainable": "all", "progress_minutes": 0.0, **overrides}}
+    params = {
+        **RUN,
+        "classifier": {
+            "epochs": 3,
+            "batch_size": 8,
+            "lr": 1e-3,
+            "eval_every": 5,
+            "eval_batches": 2,
+            "trainable": "all",
+            "progress_minutes": 0.0,
+            **overrides,
+        },
+    }
     (workdir / "params.yaml").write_text(yaml.safe_dump(params))
     cmd = _stage("finetune_classifier") + [
-        "--foundation", str(inputs / foundation), "--train", str(inputs / "train.csv"),
-        "--validation", str(inputs / "validation.csv"), "--test", str(inputs / "test.csv"),
-        "--out", "model.safetensors", "--metrics", "metrics.json", "--plots", "plots", "--progress-dir", "ck",
+        "--foundation",
+        str(inputs / foundation),
+        "--train",
+        str(inputs / "train.csv"),
+        "--validation",
+        str(inputs / "validation.csv"),
+        "--test",
+        str(inputs / "test.csv"),
+        "--out",
+        "model.safetensors",
+        "--metrics",
+        "metrics.json",
+        "--plots",
+        "plots",
+        "--progress-dir",
+        "ck",
     ]
-    return StageRun(workdir, cmd, _progress_saved, ["model.safetensors", "metrics.json", "plots"],
-                    {"metrics.json": {"train_seconds"}}, live=("metrics.json", "plots"))
+    return StageRun(
+        workdir,
+        cmd,
+        _progress_saved,
+        ["model.safetensors", "metrics.json", "plots"],
+        {"metrics.json": {"train_seconds"}},
+        live=("metrics.json", "plots"),
+    )
 
 
 def _instructions_run(workdir: Path, inputs: Path, foundation: str = "lm.safetensors", **overrides) -> StageRun:
-    params = {**RUN, "instructions": {"epochs": 2, "batch_size": 4, "lr": 1e-3, "eval_every": 3, "eval_batches": 2,
-                                      "allowed_max_length": 96, "progress_minutes": 0.0, **overrides}}
+    params = {
+        **RUN,
+        "instructions": {
+            "epochs": 2,
+            "batch_size": 4,
+            "lr": 1e-3,
+            "eval_every": 3,
+            "eval_batches": 2,
+            "allowed_max_length": 96,
+            "progress_minutes": 0.0,
+            **overrides,
+        },
+    }
     (workdir / "params.yaml").write_text(yaml.safe_dump(params))
     cmd = _stage("finetune_instructions") + [
-        "--model", str(inputs / foundation), "--train", str(inputs / "train.json"),
-        "--val", str(inputs / "val.json"), "--out", "model.safetensors", "--metrics", "metrics.json",
-        "--plots", "plots", "--progress-dir", "ck",
+        "--model",
+        str(inputs / foundation),
+        "--train",
+        str(inputs / "train.json"),
+        "--val",
+        str(inputs / "val.json"),
+        "--out",
+        "model.safetensors",
+        "--metrics",
+        "metrics.json",
+        "--plots",
+        "plots",
+        "--progress-dir",
+        "ck",
     ]
-    return StageRun(workdir, cmd, _progress_saved, ["model.safetensors", "metrics.json", "plots"],
-                    {"metrics.json": {"train_seconds"}}, live=("metrics.json", "plots"))
+    return StageRun(
+        workdir,
+        cmd,
+        _progress_saved,
+        ["model.safetensors", "metrics.json", "plots"],
+        {"metrics.json": {"train_seconds"}},
+        live=("metrics.json", "plots"),
+    )
 
 
 def _generation_run(workdir: Path, inputs: Path) -> StageRun:
     params = {**RUN, "generate": {"max_new_tokens": 24, "temperature": 1.0, "top_k": 20, "seed": 7, "batch_size": 2}}
     (workdir / "params.yaml").write_text(yaml.safe_dump(params))
     cmd = _stage("generate_responses") + [
-        "--model", str(inputs / "lm.safetensors"), "--test", str(inputs / "test.json"),
-        "--out", "responses.json", "--metrics", "metrics.json", "--progress-dir", "ck",
+        "--model",
+        str(inputs / "lm.safetensors"),
+        "--test",
+        str(inputs / "test.json"),
+        "--out",
+        "responses.json",
+        "--metrics",
+        "metrics.json",
+        "--progress-dir",
+        "ck",
     ]
     # The log's first line is its header; a second line is a finished batch.
-    return StageRun(workdir, cmd, _lines_at_least("ck/partial.jsonl", 2), ["responses.json", "metrics.json"],
-                    {"metrics.json": {"generation_seconds", "tokens_per_second"}})
+    return StageRun(
+        workdir,
+        cmd,
+        _lines_at_least("ck/partial.jsonl", 2),
+        ["responses.json", "metrics.json"],
+        {"metrics.json": {"generation_seconds", "tokens_per_second"}},
+    )
 
 
 def _judge_run(workdir: Path, inputs: Path, url: str) -> StageRun:
-    responses = [{**entry, "model_response": f"answer {i}"} for i, entry in
-                 enumerate(json.loads((inputs / "test.json").read_text()))]
+    responses = [
+        {**entry, "model_response": f"answer {i}"}
+        for i, entry in enumerate(json.loads((inputs / "test.json").read_text()))
+    ]
     (workdir / "responses.json").write_text(json.dumps(responses))
     params = {"judge": {"url": url, "retries": 1, "backoff": 0.0, "timeout": 10.0}}
     (workdir / "params.yaml").write_text(yaml.safe_dump(params))
-    cmd = _stage("judge") + ["--responses", "responses.json", "--scores", "scores.jsonl", "--metrics", "metrics.json",
-                             "--scores-table", "scores.csv", "--histogram-table", "histogram.csv",
-                             "--histogram-png", "histogram.png"]
+    cmd = _stage("judge") + [
+        "--responses",
+        "responses.json",
+        "--scores",
+        "scores.jsonl",
+        "--metrics",
+        "metrics.json",
+        "--scores-table",
+        "scores.csv",
+        "--histogram-table",
+        "histogram.csv",
+        "--histogram-png",
+        "histogram.png",
+    ]
     return StageRun(workdir, cmd, _lines_at_least("scores.jsonl", 1), ["scores.jsonl", "metrics.json", "scores.csv"])
 
 
@@ -288,13 +390,15 @@ def _kill_tree(pid: int) -> None:
             pass
 
 
-def _kill_and_resume(make: Callable[[Path], StageRun], tmp_path: Path, env: dict[str, str],
-                     launcher: Sequence[str] = ()) -> str:
+def _kill_and_resume(
+    make: Callable[[Path], StageRun], tmp_path: Path, env: dict[str, str], launcher: Sequence[str] = ()
+) -> str:
     """Run uninterrupted; run again, SIGKILL it at a random moment after it saved progress, re-run; compare.
 
     launcher: arguments between the interpreter and the stage script (torchrun's); the kill takes the
     launcher and all its workers at once.
     """
+
     def command(run: StageRun) -> list[str]:
         return [run.cmd[0], *launcher, *run.cmd[1:]]
 
@@ -305,8 +409,9 @@ def _kill_and_resume(make: Callable[[Path], StageRun], tmp_path: Path, env: dict
 
     (tmp_path / "interrupted").mkdir()
     stage = make(tmp_path / "interrupted")
-    proc = subprocess.Popen(command(stage), cwd=stage.workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env)
+    proc = subprocess.Popen(
+        command(stage), cwd=stage.workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
     deadline = time.monotonic() + 300
     while not stage.started(stage.workdir):
         if proc.poll() is not None:
@@ -317,8 +422,11 @@ def _kill_and_resume(make: Callable[[Path], StageRun], tmp_path: Path, env: dict
     assert proc.poll() is None, "stage finished before it could be interrupted; give it more work"
     _kill_tree(proc.pid)
     proc.wait(timeout=60)
-    assert not any((stage.workdir / name).exists() for name in stage.outputs
-                   if not name.endswith(".jsonl") and name not in stage.live), "a half-run left an output behind"
+    assert not any(
+        (stage.workdir / name).exists()
+        for name in stage.outputs
+        if not name.endswith(".jsonl") and name not in stage.live
+    ), "a half-run left an output behind"
     if stage.live:
         _live_outputs_are_whole(*(stage.workdir / name for name in stage.live))
 
@@ -329,11 +437,15 @@ def _kill_and_resume(make: Callable[[Path], StageRun], tmp_path: Path, env: dict
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("make, says", [
-    (_classifier_run, "resuming from"),
-    (_instructions_run, "resuming from"),
-    (_generation_run, "responses already generated"),
-], ids=["finetune_classifier", "finetune_instructions", "generate_responses"])
+@pytest.mark.parametrize(
+    "make, says",
+    [
+        (_classifier_run, "resuming from"),
+        (_instructions_run, "resuming from"),
+        (_generation_run, "responses already generated"),
+    ],
+    ids=["finetune_classifier", "finetune_instructions", "generate_responses"],
+)
 def test_stage_resumes_exactly(tmp_path, mirror_dir, stage_inputs, make, says):
     log = _kill_and_resume(lambda d: make(d, stage_inputs), tmp_path, _env(mirror_dir))
     assert says in log

@@ -1,4 +1,4 @@
-"""The roofs `gptcore bench` reports (gptcore/roofline.py) and its quietness check (gptcore/machine_load.py)."""
+"""The roofs `gptcore bench` reports (gptcore/bench/roofline.py) and its quietness check (gptcore/bench/machine_load.py)."""
 
 import json
 import subprocess
@@ -8,12 +8,12 @@ import time
 import pytest
 import torch
 
-from gptcore import roofline
+from gptcore.bench import roofline
+from gptcore.bench.machine_load import LoadWatch, busy_cpu_seconds
 from gptcore.config import GPTConfig
-from gptcore.decoding import cast_for_inference, decoding_weight_dtypes
-from gptcore.machine_load import LoadWatch, busy_cpu_seconds
+from gptcore.inference.decoding import cast_for_inference, decoding_weight_dtypes
+from gptcore.inference.quantize import Int8Linear
 from gptcore.model import GPTModel
-from gptcore.quantize import Int8Linear
 from gptcore.weights import save_model
 
 SMALL = GPTConfig.from_name("gpt2-small")
@@ -47,8 +47,10 @@ def test_decoding_bytes_are_what_cast_for_inference_stores():
     for quantize in ("none", "int8"):
         model = cast_for_inference(GPTModel(config), "bf16-true", quantize)
         linears = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, Int8Linear))]
-        stored = sum(m.weight.numel() * m.weight.element_size() + (2 * m.scales.numel() if quantize == "int8" else 0)
-                     for m in linears)
+        stored = sum(
+            m.weight.numel() * m.weight.element_size() + (2 * m.scales.numel() if quantize == "int8" else 0)
+            for m in linears
+        )
         dtypes = decoding_weight_dtypes("bf16-true", quantize, torch.device("cpu"))
         assert roofline.decoding_weight_bytes(config, *dtypes) == stored
     blocks, head = roofline.decoding_matmuls(config, 3, "column")
@@ -98,9 +100,35 @@ def test_bench_reports_roofs_load_and_llama_cpp(tmp_path):
         model = GPTModel(GPTConfig(context_length=64, emb_dim=32, n_heads=4, n_layers=2, tie_embeddings=True))
     save_model(model, tmp_path / "tiny.safetensors")
     has_llama_cpp = __import__("importlib").util.find_spec("llama_cpp") is not None
-    cmd = [sys.executable, "-m", "gptcore", "bench", "--model", str(tmp_path / "tiny.safetensors"), "--task",
-           "generate", "train", "--no-hf", "--json", "--repeats", "1", "--warmup", "0", "--prompt-len", "6",
-           "--new-tokens", "4", "--seq-len", "8", "--batch", "1", "--threads", "1", "--precision", "fp32"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "gptcore",
+        "bench",
+        "--model",
+        str(tmp_path / "tiny.safetensors"),
+        "--task",
+        "generate",
+        "train",
+        "--no-hf",
+        "--json",
+        "--repeats",
+        "1",
+        "--warmup",
+        "0",
+        "--prompt-len",
+        "6",
+        "--new-tokens",
+        "4",
+        "--seq-len",
+        "8",
+        "--batch",
+        "1",
+        "--threads",
+        "1",
+        "--precision",
+        "fp32",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     generate, train = [json.loads(line) for line in proc.stdout.splitlines()]
@@ -108,12 +136,15 @@ def test_bench_reports_roofs_load_and_llama_cpp(tmp_path):
         assert set(row["load"]) >= {"before", "gptcore", "roof"} and isinstance(row["quiet"], bool)
         assert ("NOT QUIET" in row.get("notes", "")) == (not row["quiet"])
         assert row["roof_tokens_per_s"] > 0
-        assert row["gptcore_fraction_of_roof"] == pytest.approx(row["gptcore_tokens_per_s"] / row["roof_tokens_per_s"], rel=2e-2)
+        assert row["gptcore_fraction_of_roof"] == pytest.approx(
+            row["gptcore_tokens_per_s"] / row["roof_tokens_per_s"], rel=2e-2
+        )
     assert generate["roof_read_gb_per_s"] > 0 and generate["roof_kernel_tokens_per_s"] > 0
     assert train["roof_matmul_gflop_per_s"] > 0
     if has_llama_cpp:
         assert generate["llama_cpp_f16_tokens_per_s"] > 0 and generate["llama_cpp_q8_0_tokens_per_s"] > 0
         assert generate["ratio_vs_llama_cpp_f16"] == pytest.approx(
-            generate["gptcore_tokens_per_s"] / generate["llama_cpp_f16_tokens_per_s"], rel=2e-2)
+            generate["gptcore_tokens_per_s"] / generate["llama_cpp_f16_tokens_per_s"], rel=2e-2
+        )
         assert set(generate["load"]) == {"before", "gptcore", "llama.cpp-f16", "llama.cpp-q8_0", "roof"}
     assert "llama_cpp_f16_tokens_per_s" not in train

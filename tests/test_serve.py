@@ -20,15 +20,17 @@ import torch
 
 from gptcore import __version__
 from gptcore.cli import main as cli_main
-from gptcore.config import GPTConfig, JudgeParams
+from gptcore.config import GPTConfig
 from gptcore.download import sha256_of
 from gptcore.errors import GptcoreError
-from gptcore.judge import judge_responses
 from gptcore.model import GPTModel
+from gptcore.params.schema import JudgeParams
 from gptcore.prompt import RESPONSE_MARKER, format_input
+from gptcore.recipes.judge.absolute import judge_responses
 from gptcore.serve import Limits, Server
 from gptcore.serve.chat import Detokenizer, render_chat, render_generate
-from gptcore.serve.engine import Done, Engine, Job, Piece, Sampling, budget
+from gptcore.serve.engine import Engine
+from gptcore.serve.jobs import Done, Job, Sampling, budget
 from gptcore.weights import save_model
 
 PROMPT = "Every effort moves you"
@@ -50,7 +52,9 @@ def server(model_path, mirror_dir):
     import os
 
     os.environ.setdefault("GPTCORE_MIRROR", str(mirror_dir))
-    s = Server(model_path, "127.0.0.1", 0, name="tiny", device="cpu", quiet=True, origins=["https://example.org"]).start()
+    s = Server(
+        model_path, "127.0.0.1", 0, name="tiny", device="cpu", quiet=True, origins=["https://example.org"]
+    ).start()
     yield s
     s.close()
 
@@ -111,13 +115,16 @@ def test_greedy_generate_equals_gptcore_generate(client, capsys, model_path):
     first = client.generate(model="tiny", prompt=PROMPT, options={"temperature": 0, "num_predict": 3})
     then = client.generate(model="tiny", prompt="", context=first.context, options={"temperature": 0, "num_predict": 3})
     assert then.done_reason == "load"  # an empty prompt loads, as Ollama does, even with context
-    more = client.generate(model="tiny", prompt=" and", context=first.context, options={"temperature": 0, "num_predict": 3})
+    more = client.generate(
+        model="tiny", prompt=" and", context=first.context, options={"temperature": 0, "num_predict": 3}
+    )
     assert more.prompt_eval_count == len(first.context) + 1
 
 
 def test_seeded_sampling_equals_gptcore_generate(client, capsys, model_path):
-    expected = cli_generate(capsys, model_path, PROMPT, "--max-new-tokens", "12", "--temperature", "1.0",
-                            "--top-k", "40", "--seed", "7")
+    expected = cli_generate(
+        capsys, model_path, PROMPT, "--max-new-tokens", "12", "--temperature", "1.0", "--top-k", "40", "--seed", "7"
+    )
     options = {"temperature": 1.0, "top_k": 40.0, "seed": 7, "num_predict": 12.0}  # integers as floats
     reply = client.generate(model="tiny", prompt=PROMPT, options=options)
     assert PROMPT + reply.response + "\n" == expected
@@ -134,21 +141,34 @@ def test_chat_template_system_and_tool_messages(client):
     assert "".join(c.message.content for c in streamed) == reply.message.content and streamed[-1].done
     # /api/generate with `system` goes through the same template; `template` substitutes the fields
     by_system = client.generate(model="tiny", prompt="Name a color.", system="Be brief.", options=GREEDY)
-    by_chat = client.chat(model="tiny", options=GREEDY, messages=[{"role": "system", "content": "Be brief."}, *messages])
+    by_chat = client.chat(
+        model="tiny", options=GREEDY, messages=[{"role": "system", "content": "Be brief."}, *messages]
+    )
     assert by_system.response == by_chat.message.content
     templated = client.generate(model="tiny", prompt="color", template="Q: {{ .Prompt }}\nA:", options=GREEDY)
     assert templated.response == client.generate(model="tiny", prompt="Q: color\nA:", options=GREEDY).response
-    history = messages + [{"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "f", "arguments": {}}}]},
-                          {"role": "tool", "content": "blue"}]
+    history = messages + [
+        {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "f", "arguments": {}}}]},
+        {"role": "tool", "content": "blue"},
+    ]
     assert client.chat(model="tiny", messages=history, options=GREEDY).done
 
 
 def test_render_rules():
-    assert render_chat([{"role": "user", "content": "Hi"}]) == format_input({"instruction": "Hi", "input": ""}) + RESPONSE_MARKER
-    conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "A"},
-                    {"role": "assistant", "content": "B"}, {"role": "user", "content": "C"}, {"role": "tool", "content": "D"}]
+    assert (
+        render_chat([{"role": "user", "content": "Hi"}])
+        == format_input({"instruction": "Hi", "input": ""}) + RESPONSE_MARKER
+    )
+    conversation = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "A"},
+        {"role": "assistant", "content": "B"},
+        {"role": "user", "content": "C"},
+        {"role": "tool", "content": "D"},
+    ]
     assert render_chat(conversation) == (
-        "Be brief.\n\n### Instruction:\nA\n\n### Response:\nB\n\n### Instruction:\nC\n\n### Input:\nD\n\n### Response:\n")
+        "Be brief.\n\n### Instruction:\nA\n\n### Response:\nB\n\n### Instruction:\nC\n\n### Input:\nD\n\n### Response:\n"
+    )
     assert render_chat(conversation[:3]).endswith("### Response:\nB")  # continue the assistant's reply
     assert render_generate("x", system="s", raw=True) == "x"
     with pytest.raises(ValueError, match="renders only"):
@@ -210,22 +230,33 @@ def test_user_text_never_spells_a_control_token(client):
 
 
 def test_structured_output_parses(client, oai):
-    schema = {"type": "object", "properties": {"score": {"type": "integer", "minimum": 0, "maximum": 100}},
-              "required": ["score"]}
+    schema = {
+        "type": "object",
+        "properties": {"score": {"type": "integer", "minimum": 0, "maximum": 100}},
+        "required": ["score"],
+    }
     for fmt in ("json", schema):
         for seed in (1, 2):
-            reply = client.generate(model="tiny", prompt=PROMPT, format=fmt,
-                                    options={"seed": seed, "temperature": 1.0, "num_predict": 12})
+            reply = client.generate(
+                model="tiny", prompt=PROMPT, format=fmt, options={"seed": seed, "temperature": 1.0, "num_predict": 12}
+            )
             value = json.loads(reply.response)
             assert isinstance(value, dict)
             if fmt is schema:
                 assert isinstance(value["score"], int) and 0 <= value["score"] <= 100
-    chat = client.chat(model="tiny", messages=[{"role": "user", "content": "Score it."}], format=schema,
-                       options={"temperature": 0, "num_predict": 8})
+    chat = client.chat(
+        model="tiny",
+        messages=[{"role": "user", "content": "Score it."}],
+        format=schema,
+        options={"temperature": 0, "num_predict": 8},
+    )
     assert set(json.loads(chat.message.content)) == {"score"}
     completion = oai.chat.completions.create(
-        model="tiny", messages=[{"role": "user", "content": "Score it."}], max_tokens=10,
-        response_format={"type": "json_schema", "json_schema": {"name": "s", "schema": schema}})
+        model="tiny",
+        messages=[{"role": "user", "content": "Score it."}],
+        max_tokens=10,
+        response_format={"type": "json_schema", "json_schema": {"name": "s", "schema": schema}},
+    )
     assert isinstance(json.loads(completion.choices[0].message.content)["score"], int)
     with pytest.raises(ollama.ResponseError) as err:
         client.generate(model="tiny", prompt="x", format={"type": "no-such-type"})
@@ -247,7 +278,9 @@ def test_embeddings(client, oai):
         client.embed(model="tiny", input=long, truncate=False)
     assert err.value.status_code == 400 and "context length" in err.value.error
     vectors = oai.embeddings.create(model="tiny", input=["first text", "x"])
-    assert vectors.data[0].embedding == pytest.approx(result.embeddings[0], abs=1e-5) and vectors.usage.prompt_tokens == 3
+    assert (
+        vectors.data[0].embedding == pytest.approx(result.embeddings[0], abs=1e-5) and vectors.usage.prompt_tokens == 3
+    )
 
 
 def test_embedding_dimensions(client, oai):
@@ -256,8 +289,12 @@ def test_embedding_dimensions(client, oai):
     full = client.embed(model="tiny", input="first text").embeddings[0]
     cut = [x / sum(y * y for y in full[:8]) ** 0.5 for x in full[:8]]
     assert client.embed(model="tiny", input="first text", dimensions=8).embeddings[0] == pytest.approx(cut, abs=1e-5)
-    assert oai.embeddings.create(model="tiny", input="first text", dimensions=8).data[0].embedding == pytest.approx(cut, abs=1e-5)
-    assert client.embed(model="tiny", input="first text", dimensions=1000).embeddings[0] == pytest.approx(full, abs=1e-6)
+    assert oai.embeddings.create(model="tiny", input="first text", dimensions=8).data[0].embedding == pytest.approx(
+        cut, abs=1e-5
+    )
+    assert client.embed(model="tiny", input="first text", dimensions=1000).embeddings[0] == pytest.approx(
+        full, abs=1e-6
+    )
     assert client.embed(model="tiny", input="first text", dimensions=0).embeddings[0] == pytest.approx(full, abs=1e-6)
     with pytest.raises(ollama.ResponseError) as err:
         client.embed(model="tiny", input="first text", dimensions=-1)
@@ -271,17 +308,28 @@ def test_openai_chat_completions_and_models(oai, client):
     assert [m.id for m in oai.models.list().data] == ["tiny:latest"]
     assert oai.models.retrieve("tiny").id == "tiny:latest"
     messages = [{"role": "user", "content": "Name a color."}]
-    reply = oai.chat.completions.create(model="tiny", messages=messages, max_tokens=20, temperature=0, seed=1, top_p=0.9)
+    reply = oai.chat.completions.create(
+        model="tiny", messages=messages, max_tokens=20, temperature=0, seed=1, top_p=0.9
+    )
     expected = client.chat(model="tiny", messages=messages, options=GREEDY).message.content
     assert reply.choices[0].message.content == expected and reply.choices[0].message.role == "assistant"
     assert reply.choices[0].finish_reason in ("stop", "length") and reply.usage.completion_tokens <= 20
-    stream = oai.chat.completions.create(model="tiny", messages=messages, max_tokens=20, temperature=0, stream=True,
-                                         stream_options={"include_usage": True})
+    stream = oai.chat.completions.create(
+        model="tiny",
+        messages=messages,
+        max_tokens=20,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     chunks = list(stream)
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
     assert chunks[-1].usage.completion_tokens == reply.usage.completion_tokens
     text = oai.completions.create(model="tiny", prompt=PROMPT, max_tokens=20, temperature=0, stop=["\n\n\n"])
-    assert text.choices[0].text == client.generate(model="tiny", prompt=PROMPT, options={**GREEDY, "stop": ["\n\n\n"]}).response
+    assert (
+        text.choices[0].text
+        == client.generate(model="tiny", prompt=PROMPT, options={**GREEDY, "stop": ["\n\n\n"]}).response
+    )
     with pytest.raises(openai.NotFoundError):
         oai.chat.completions.create(model="gpt-4o", messages=messages)
     with pytest.raises(openai.BadRequestError) as err:
@@ -296,42 +344,61 @@ def test_logprobs_are_the_models_own(client, oai, url, model_path):
     from gptcore.weights import load_model
 
     model = load_model(model_path, device="cpu")
-    reply = client.generate(model="tiny", prompt=PROMPT, logprobs=True, top_logprobs=3,
-                            options={"temperature": 0.7, "seed": 3, "num_predict": 8})
+    reply = client.generate(
+        model="tiny",
+        prompt=PROMPT,
+        logprobs=True,
+        top_logprobs=3,
+        options={"temperature": 0.7, "seed": 3, "num_predict": 8},
+    )
     with torch.no_grad():
         want = torch.log_softmax(model(torch.tensor([reply.context]))[0].float(), dim=-1)  # [T, V]
-    new = reply.context[reply.prompt_eval_count:]
+    new = reply.context[reply.prompt_eval_count :]
     assert len(reply.logprobs) == len(new) == reply.eval_count
     for i, (token, entry) in enumerate(zip(new, reply.logprobs)):
         row = want[reply.prompt_eval_count - 1 + i]
         assert entry.logprob == pytest.approx(float(row[token]), abs=1e-4)
         assert [t.logprob for t in entry.top_logprobs] == pytest.approx(row.topk(3).values.tolist(), abs=1e-4)
-    raw = httpx.post(url + "/api/generate", json={"model": "tiny", "prompt": PROMPT, "stream": False, "logprobs": True,
-                                                  "options": GREEDY}).json()
+    raw = httpx.post(
+        url + "/api/generate",
+        json={"model": "tiny", "prompt": PROMPT, "stream": False, "logprobs": True, "options": GREEDY},
+    ).json()
     assert b"".join(bytes(t["bytes"]) for t in raw["logprobs"]) == raw["response"].encode()
     assert "top_logprobs" not in raw["logprobs"][0]  # none asked for, none sent (as Ollama)
     assert client.generate(model="tiny", prompt=PROMPT, options=GREEDY).logprobs is None
     stop = raw["response"][6:9]
     cut = client.generate(model="tiny", prompt=PROMPT, logprobs=True, options={**GREEDY, "stop": [stop]})
     assert "".join(t.token for t in cut.logprobs).startswith(cut.response) and len(cut.logprobs) < len(raw["logprobs"])
-    chunks = list(client.chat(model="tiny", messages=[{"role": "user", "content": "Hi"}], logprobs=True, stream=True,
-                              options=GREEDY))
+    chunks = list(
+        client.chat(
+            model="tiny", messages=[{"role": "user", "content": "Hi"}], logprobs=True, stream=True, options=GREEDY
+        )
+    )
     streamed = [t for c in chunks for t in (c.logprobs or [])]
-    assert [t.token for t in streamed] == [t.token for t in client.chat(
-        model="tiny", messages=[{"role": "user", "content": "Hi"}], logprobs=True, options=GREEDY).logprobs]
+    assert [t.token for t in streamed] == [
+        t.token
+        for t in client.chat(
+            model="tiny", messages=[{"role": "user", "content": "Hi"}], logprobs=True, options=GREEDY
+        ).logprobs
+    ]
     with pytest.raises(ollama.ResponseError) as err:
         client.generate(model="tiny", prompt=PROMPT, logprobs=True, top_logprobs=21)
     assert err.value.status_code == 400 and "top_logprobs" in err.value.error
 
     messages = [{"role": "user", "content": "Name a color."}]
-    chat = oai.chat.completions.create(model="tiny", messages=messages, max_tokens=6, temperature=0,
-                                       logprobs=True, top_logprobs=2).choices[0]
+    chat = oai.chat.completions.create(
+        model="tiny", messages=messages, max_tokens=6, temperature=0, logprobs=True, top_logprobs=2
+    ).choices[0]
     assert "".join(t.token for t in chat.logprobs.content) == chat.message.content
     assert all(t.top_logprobs[0].token == t.token and len(t.top_logprobs) == 2 for t in chat.logprobs.content)  # greedy
-    chunks = list(oai.chat.completions.create(model="tiny", messages=messages, max_tokens=6, temperature=0,
-                                              logprobs=True, stream=True))
-    assert [t.token for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content] == \
-        [t.token for t in chat.logprobs.content]
+    chunks = list(
+        oai.chat.completions.create(
+            model="tiny", messages=messages, max_tokens=6, temperature=0, logprobs=True, stream=True
+        )
+    )
+    assert [t.token for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content] == [
+        t.token for t in chat.logprobs.content
+    ]
     text = oai.completions.create(model="tiny", prompt=PROMPT, max_tokens=6, temperature=0, logprobs=2).choices[0]
     assert "".join(text.logprobs.tokens) == text.text and len(text.logprobs.top_logprobs[0]) == 2
     first = want[reply.prompt_eval_count - 1]  # the same prompt: the same distribution; greedy takes its best
@@ -373,15 +440,26 @@ def test_head_then_get_and_delete_then_list_on_one_connection(url, client):
 
 
 def test_cors_and_host_checks(url):
-    preflight = requests.options(url + "/api/chat", headers={
-        "Origin": "http://localhost:3000", "Access-Control-Request-Method": "POST",
-        "Access-Control-Request-Headers": "content-type"})
+    preflight = requests.options(
+        url + "/api/chat",
+        headers={
+            "Origin": "http://localhost:3000",
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "content-type",
+        },
+    )
     assert preflight.status_code == 204
     assert preflight.headers["access-control-allow-origin"] == "http://localhost:3000"
-    assert requests.get(url + "/api/tags", headers={"Origin": "http://127.0.0.1:8080"}).headers[
-        "access-control-allow-origin"] == "http://127.0.0.1:8080"
+    assert (
+        requests.get(url + "/api/tags", headers={"Origin": "http://127.0.0.1:8080"}).headers[
+            "access-control-allow-origin"
+        ]
+        == "http://127.0.0.1:8080"
+    )
     assert requests.get(url + "/api/tags", headers={"Origin": "https://example.org"}).status_code == 200  # --origins
-    evil = requests.post(url + "/api/generate", json={"model": "tiny", "prompt": "x"}, headers={"Origin": "https://evil.example"})
+    evil = requests.post(
+        url + "/api/generate", json={"model": "tiny", "prompt": "x"}, headers={"Origin": "https://evil.example"}
+    )
     assert evil.status_code == 403 and "origin" in evil.json()["error"]
     rebound = requests.get(url + "/api/tags", headers={"Host": "attacker.example"})
     assert rebound.status_code == 403 and "host" in rebound.json()["error"]
@@ -393,7 +471,11 @@ BAD_BODIES = [
     (b"[1, 2]", 400, "JSON object"),
     (json.dumps({"model": "tiny", "prompt": 5}).encode(), 400, "invalid prompt"),
     (json.dumps({"model": "tiny", "prompt": "x", "stream": "yes"}).encode(), 400, "invalid stream"),
-    (json.dumps({"model": "tiny", "prompt": "x", "options": {"temperature": "hot"}}).encode(), 400, "invalid options.temperature"),
+    (
+        json.dumps({"model": "tiny", "prompt": "x", "options": {"temperature": "hot"}}).encode(),
+        400,
+        "invalid options.temperature",
+    ),
     (json.dumps({"model": "tiny", "prompt": "x", "options": {"temperature": -1}}).encode(), 400, "temperature"),
     (json.dumps({"model": "tiny", "prompt": "x", "options": {"top_k": True}}).encode(), 400, "invalid options.top_k"),
     (json.dumps({"model": "tiny", "prompt": "x", "options": {"top_k": 4.5}}).encode(), 400, "invalid options.top_k"),
@@ -414,8 +496,13 @@ def test_bad_requests_get_ollama_errors(url, body, status, message):
 
 def test_accepted_like_ollama(url):
     """Unknown fields and options Ollama knows are ignored; a tiny temperature samples without NaN."""
-    body = {"model": "tiny", "prompt": PROMPT, "stream": False, "unknown": 1,
-            "options": {"num_ctx": 4096, "top_p": 0.9, "mirostat": 2, "temperature": 1e-30, "num_predict": 5}}
+    body = {
+        "model": "tiny",
+        "prompt": PROMPT,
+        "stream": False,
+        "unknown": 1,
+        "options": {"num_ctx": 4096, "top_p": 0.9, "mirostat": 2, "temperature": 1e-30, "num_predict": 5},
+    }
     reply = requests.post(url + "/api/generate", json=body, timeout=30)
     assert reply.status_code == 200 and reply.json()["eval_count"] >= 1
 
@@ -434,8 +521,11 @@ def test_limits_and_routes(url):
     assert conn.getresponse().status == 413
     conn.close()
     # a long prompt without whitespace, within the limit: tokenised and cut to the context, no 500
-    reply = requests.post(url + "/api/generate", json={"model": "tiny", "prompt": " " * 900_000 + "x", "stream": False,
-                                                       "options": {"num_predict": 1}}, timeout=60)
+    reply = requests.post(
+        url + "/api/generate",
+        json={"model": "tiny", "prompt": " " * 900_000 + "x", "stream": False, "options": {"num_predict": 1}},
+        timeout=60,
+    )
     assert reply.status_code == 200 and reply.json()["prompt_eval_count"] <= CONTEXT
 
 
@@ -451,8 +541,12 @@ def test_a_client_that_stops_reading_does_not_delay_others(url, client):
 
 
 def test_a_disconnected_stream_frees_its_slot(url, server):
-    with requests.post(url + "/api/generate", json={"model": "tiny", "prompt": PROMPT, "options": {"num_predict": -1}},
-                       stream=True, timeout=30) as reply:
+    with requests.post(
+        url + "/api/generate",
+        json={"model": "tiny", "prompt": PROMPT, "options": {"num_predict": -1}},
+        stream=True,
+        timeout=30,
+    ) as reply:
         next(reply.iter_lines())
     deadline = time.time() + 10
     while server.engine.active and time.time() < deadline:
@@ -464,7 +558,9 @@ def test_concurrent_clients_get_their_single_client_tokens(url):
     prompts = [PROMPT, "Hello", "The quick brown fox jumps", "1 2 3"]
     with ollama.Client(host=url) as c:
         expected = [c.generate(model="tiny", prompt=q, options=GREEDY).response for q in prompts]
-        seeded = c.generate(model="tiny", prompt=PROMPT, options={"seed": 3, "temperature": 1.0, "num_predict": 20}).response
+        seeded = c.generate(
+            model="tiny", prompt=PROMPT, options={"seed": 3, "temperature": 1.0, "num_predict": 20}
+        ).response
     results: dict[int, str] = {}
     errors: list[BaseException] = []
 
@@ -472,9 +568,13 @@ def test_concurrent_clients_get_their_single_client_tokens(url):
         try:
             with ollama.Client(host=url, timeout=120) as c:
                 if i == len(prompts):
-                    results[i] = c.generate(model="tiny", prompt=PROMPT, options={"seed": 3, "temperature": 1.0, "num_predict": 20}).response
+                    results[i] = c.generate(
+                        model="tiny", prompt=PROMPT, options={"seed": 3, "temperature": 1.0, "num_predict": 20}
+                    ).response
                 elif i % 2:
-                    results[i] = "".join(p.response for p in c.generate(model="tiny", prompt=prompts[i], options=GREEDY, stream=True))
+                    results[i] = "".join(
+                        p.response for p in c.generate(model="tiny", prompt=prompts[i], options=GREEDY, stream=True)
+                    )
                 else:
                     results[i] = c.generate(model="tiny", prompt=prompts[i], options=GREEDY).response
         except BaseException as err:  # noqa: BLE001 - reported below
@@ -506,6 +606,7 @@ def test_engine_batches_joining_requests(model_path, tokenizer):
                     dones[i] = e
                     if len(dones) == len(batch):
                         events.set()
+
             return sink
 
         for i, ids in enumerate(batch):
@@ -552,12 +653,16 @@ def test_cli_serve_verb_and_empty_prompt(model_path, mirror_dir, capsys):
     assert stop.value.code == 2 and "--temperature: expected a finite number" in capsys.readouterr().err
     proc = subprocess.Popen(
         [sys.executable, "-m", "gptcore", "serve", "--model", str(model_path), "--port", "0", "--device", "cpu"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
-        line = proc.stdout.readline()
-        found = re.search(r"tiny:latest .* on (http://127\.0\.0\.1:\d+)", line)
-        assert found, line + proc.stderr.read() if proc.poll() is not None else line
+        lines = [proc.stderr.readline()]  # the startup line is logged on stderr (after any warnings)
+        while lines[-1] and " on http" not in lines[-1]:
+            lines.append(proc.stderr.readline())
+        found = re.search(r"tiny:latest .* on (http://127\.0\.0\.1:\d+)", lines[-1])
+        assert found, "".join(lines)
         with ollama.Client(host=found.group(1), timeout=60) as c:
             assert c.list().models[0].model == "tiny:latest"
     finally:
@@ -566,20 +671,55 @@ def test_cli_serve_verb_and_empty_prompt(model_path, mirror_dir, capsys):
 
 
 ODD_VALUES = [None, -1, 1e308, "", [1, "a"], {"a": None}, True]
-OLLAMA_FIELDS = ["model", "stream", "format", "options", "options.temperature", "options.top_k", "options.num_predict",
-                 "options.stop", "options.seed", "keep_alive", "logprobs", "top_logprobs"]
-OPENAI_FIELDS = ["model", "messages", "max_tokens", "temperature", "stop", "response_format", "n", "seed", "stream",
-                 "logprobs"]
+OLLAMA_FIELDS = [
+    "model",
+    "stream",
+    "format",
+    "options",
+    "options.temperature",
+    "options.top_k",
+    "options.num_predict",
+    "options.stop",
+    "options.seed",
+    "keep_alive",
+    "logprobs",
+    "top_logprobs",
+]
+OPENAI_FIELDS = [
+    "model",
+    "messages",
+    "max_tokens",
+    "temperature",
+    "stop",
+    "response_format",
+    "n",
+    "seed",
+    "stream",
+    "logprobs",
+]
 BASE_BODIES = {
-    "/api/generate": ({"model": "tiny", "prompt": PROMPT, "stream": False, "options": {"num_predict": 2}},
-                      OLLAMA_FIELDS + ["prompt", "context", "raw", "system", "template"]),
-    "/api/chat": ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "stream": False,
-                   "options": {"num_predict": 2}}, OLLAMA_FIELDS + ["messages"]),
+    "/api/generate": (
+        {"model": "tiny", "prompt": PROMPT, "stream": False, "options": {"num_predict": 2}},
+        OLLAMA_FIELDS + ["prompt", "context", "raw", "system", "template"],
+    ),
+    "/api/chat": (
+        {
+            "model": "tiny",
+            "messages": [{"role": "user", "content": "x"}],
+            "stream": False,
+            "options": {"num_predict": 2},
+        },
+        OLLAMA_FIELDS + ["messages"],
+    ),
     "/api/embed": ({"model": "tiny", "input": "x"}, ["model", "input", "truncate", "dimensions"]),
-    "/v1/chat/completions": ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2},
-                             OPENAI_FIELDS + ["top_logprobs"]),
-    "/v1/completions": ({"model": "tiny", "prompt": "x", "max_tokens": 2},
-                        OPENAI_FIELDS[:1] + OPENAI_FIELDS[2:] + ["prompt", "echo", "suffix"]),
+    "/v1/chat/completions": (
+        {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2},
+        OPENAI_FIELDS + ["top_logprobs"],
+    ),
+    "/v1/completions": (
+        {"model": "tiny", "prompt": "x", "max_tokens": 2},
+        OPENAI_FIELDS[:1] + OPENAI_FIELDS[2:] + ["prompt", "echo", "suffix"],
+    ),
     "/v1/embeddings": ({"model": "tiny", "input": "x"}, ["model", "input", "encoding_format", "dimensions"]),
 }
 
@@ -605,7 +745,9 @@ def test_no_odd_input_gets_a_500(url, path):
 
 def test_connection_limit_and_ollama_origins(model_path, monkeypatch):
     monkeypatch.setenv("OLLAMA_ORIGINS", "https://*.trusted.dev")
-    with_limit = Server(model_path, "127.0.0.1", 0, name="tiny", device="cpu", quiet=True, limits=Limits(max_connections=1)).start()
+    with_limit = Server(
+        model_path, "127.0.0.1", 0, name="tiny", device="cpu", quiet=True, limits=Limits(max_connections=1)
+    ).start()
     try:
         with requests.Session() as first, requests.Session() as second:
             assert first.get(with_limit.url + "/api/tags").status_code == 200  # kept alive: holds the one slot
@@ -627,7 +769,12 @@ def test_a_client_that_hangs_up_on_a_non_streaming_request_cancels_it(tmp_path):
     finish = long.engine._finish
     long.engine._finish = lambda row, reason: (finished.append(reason), finish(row, reason))
     try:
-        body = {"model": "long", "prompt": "Hello", "stream": False, "options": {"num_predict": -1, "temperature": 1.0, "seed": 1}}
+        body = {
+            "model": "long",
+            "prompt": "Hello",
+            "stream": False,
+            "options": {"num_predict": -1, "temperature": 1.0, "seed": 1},
+        }
         with pytest.raises(requests.exceptions.ReadTimeout):
             requests.post(long.url + "/api/generate", json=body, timeout=0.3)
         deadline = time.time() + 5

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import io
 import subprocess
 import sys
 import zipfile
@@ -69,8 +68,11 @@ def test_splits_are_the_reference_procedures(collection_file, tmp_path):
     assert [len(splits[n]) for n in ("train", "validation", "test")] == [1045, 149, 300]
     assert [int(splits[n]["Label"].sum()) for n in ("train", "validation", "test")] == [517, 79, 151]
     # The same rows in the same order as the book's procedure, and the same after a CSV round trip.
-    for ours, reference, name in zip((splits[n] for n in ("train", "validation", "test")), book_splits(collection_file),
-                                     ("train", "validation", "test")):
+    for ours, reference, name in zip(
+        (splits[n] for n in ("train", "validation", "test")),
+        book_splits(collection_file),
+        ("train", "validation", "test"),
+    ):
         expected = reference.reset_index(drop=True)[["Label", "Text"]]
         pd.testing.assert_frame_equal(ours[["Label", "Text"]], expected, check_dtype=False)
         path = tmp_path / f"{name}.csv"
@@ -180,8 +182,17 @@ def test_download_stage_reports_one_line_and_writes_nothing(bad_mirror, tmp_path
     bad_mirror({"readme": b"hello"})
     out = tmp_path / "raw" / "SMSSpamCollection"
     proc = subprocess.run(
-        [sys.executable, str(REPO / "stages" / "download_sms.py"), "--params", str(REPO / "params.yaml"), "--out", str(out)],
-        capture_output=True, text=True, cwd=tmp_path,
+        [
+            sys.executable,
+            str(REPO / "stages" / "download_sms.py"),
+            "--params",
+            str(REPO / "params.yaml"),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
     )
     assert proc.returncode == 1
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: ") and "no SMSSpamCollection" in proc.stderr

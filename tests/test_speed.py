@@ -8,12 +8,15 @@ import pytest
 import torch
 
 from gptcore.config import GPTConfig
-from gptcore.decoding import cast_for_inference, generate
+from gptcore.inference.decoding import cast_for_inference, generate
 from gptcore.model import GPTModel, set_activation_checkpointing
-from gptcore.train import StepRunner, lm_loss, make_optimizer
+from gptcore.training.evaluation import lm_loss
+from gptcore.training.step import StepRunner, make_optimizer
 from gptcore.weights import save_model
 
-CONFIG = GPTConfig(vocab_size=97, context_length=16, emb_dim=16, n_heads=2, n_layers=2, drop_rate=0.1, tie_embeddings=True)
+CONFIG = GPTConfig(
+    vocab_size=97, context_length=16, emb_dim=16, n_heads=2, n_layers=2, drop_rate=0.1, tie_embeddings=True
+)
 
 
 def _train(steps=3, precision="fp32", fused=True, **runner_options):
@@ -45,8 +48,14 @@ def test_step_in_backward_is_the_same_update(precision):
 def test_step_in_backward_refuses_micro_batches():
     model = GPTModel(CONFIG)
     with pytest.raises(ValueError, match="grad_accum 1"):
-        StepRunner(model, make_optimizer(model.parameters(), 1e-3, 0.0), lm_loss, torch.device("cpu"),
-                   grad_accum=2, step_in_backward=True)
+        StepRunner(
+            model,
+            make_optimizer(model.parameters(), 1e-3, 0.0),
+            lm_loss,
+            torch.device("cpu"),
+            grad_accum=2,
+            step_in_backward=True,
+        )
 
 
 def test_closed_runner_leaves_no_hooks():
@@ -112,7 +121,9 @@ def test_cast_for_inference():
 
 
 def _bench(*args, check=True):
-    proc = subprocess.run([sys.executable, "-m", "gptcore", "bench", *args], capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "-m", "gptcore", "bench", *args], capture_output=True, text=True, timeout=900
+    )
     if check:
         assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
@@ -122,15 +133,45 @@ def _bench(*args, check=True):
 def tiny_weights(tmp_path_factory):
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("bench") / "tiny.safetensors"
-    save_model(GPTModel(GPTConfig(vocab_size=300, context_length=48, emb_dim=32, n_heads=4, n_layers=2,
-                                  qkv_bias=True, tie_embeddings=True)), path)
+    save_model(
+        GPTModel(
+            GPTConfig(
+                vocab_size=300, context_length=48, emb_dim=32, n_heads=4, n_layers=2, qkv_bias=True, tie_embeddings=True
+            )
+        ),
+        path,
+    )
     return path
 
 
 def test_bench_gptcore_only(tiny_weights):
-    out = _bench("--model", str(tiny_weights), "--task", "train", "classify", "generate", "generate-batch",
-                 "--no-hf", "--json", "--repeats", "2", "--warmup", "0", "--seq-len", "12", "--prompt-len", "6",
-                 "--new-tokens", "5", "--threads", "1", "--precision", "fp32", "--no-llama-cpp", "--no-roof")
+    out = _bench(
+        "--model",
+        str(tiny_weights),
+        "--task",
+        "train",
+        "classify",
+        "generate",
+        "generate-batch",
+        "--no-hf",
+        "--json",
+        "--repeats",
+        "2",
+        "--warmup",
+        "0",
+        "--seq-len",
+        "12",
+        "--prompt-len",
+        "6",
+        "--new-tokens",
+        "5",
+        "--threads",
+        "1",
+        "--precision",
+        "fp32",
+        "--no-llama-cpp",
+        "--no-roof",
+    )
     rows = [json.loads(line) for line in out.stdout.splitlines()]
     assert [r["task"] for r in rows] == ["train", "classify", "generate", "generate-batch"]
     for row in rows:
@@ -144,24 +185,72 @@ def test_bench_gptcore_only(tiny_weights):
     if sys.platform == "linux":
         assert [r["keeps_freed_memory"]["gptcore"] for r in rows] == [True, True, False, False]
     assert all(r["gptcore_page_faults_per_repeat"] >= 0 for r in rows)
-    (swapped,) = [json.loads(line) for line in _bench(
-        "--model", str(tiny_weights), "--task", "train", "--no-keep-freed-memory", "--no-hf", "--json",
-        "--repeats", "1", "--warmup", "0", "--seq-len", "12", "--threads", "1").stdout.splitlines()]
+    (swapped,) = [
+        json.loads(line)
+        for line in _bench(
+            "--model",
+            str(tiny_weights),
+            "--task",
+            "train",
+            "--no-keep-freed-memory",
+            "--no-hf",
+            "--json",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+            "--seq-len",
+            "12",
+            "--threads",
+            "1",
+        ).stdout.splitlines()
+    ]
     assert swapped["keeps_freed_memory"] == {"gptcore": False}
 
 
 @pytest.mark.slow
 def test_bench_beside_transformers(tiny_weights):
     pytest.importorskip("transformers")
-    out = _bench("--model", str(tiny_weights), "--task", "train", "--json", "--repeats", "1", "--warmup", "0",
-                 "--seq-len", "12", "--threads", "1", "--precision", "bf16-mixed")
+    out = _bench(
+        "--model",
+        str(tiny_weights),
+        "--task",
+        "train",
+        "--json",
+        "--repeats",
+        "1",
+        "--warmup",
+        "0",
+        "--seq-len",
+        "12",
+        "--threads",
+        "1",
+        "--precision",
+        "bf16-mixed",
+    )
     (row,) = [json.loads(line) for line in out.stdout.splitlines()]
     assert row["hf_fp32_tokens_per_s"] > 0 and row["hf_fp32_peak_rss_mib"] > 50
     assert row["ratio_vs_hf_fp32"] == pytest.approx(row["gptcore_tokens_per_s"] / row["hf_fp32_tokens_per_s"], rel=1e-2)
     if row["hf_bf16_tokens_per_s"] is not None:  # only where the CPU computes bf16 natively
         assert row["ratio_vs_hf_same_precision"] == row["ratio_vs_hf_bf16"]
-    table = _bench("--model", str(tiny_weights), "--task", "generate", "--repeats", "1", "--warmup", "0",
-                   "--prompt-len", "4", "--new-tokens", "3", "--threads", "1", "--precision", "fp32").stdout
+    table = _bench(
+        "--model",
+        str(tiny_weights),
+        "--task",
+        "generate",
+        "--repeats",
+        "1",
+        "--warmup",
+        "0",
+        "--prompt-len",
+        "4",
+        "--new-tokens",
+        "3",
+        "--threads",
+        "1",
+        "--precision",
+        "fp32",
+    ).stdout
     assert "gptcore / HF fp32" in table and "peak RSS MiB" in table
 
 

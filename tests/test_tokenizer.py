@@ -14,8 +14,8 @@ import pytest
 import requests
 import tiktoken
 
-from gptcore.errors import DataError, DownloadError
 import gptcore.tokenizer as tokenizer_module
+from gptcore.errors import DataError, DownloadError
 from gptcore.tokenizer import BASE_URL, EOT_ID, FILES, _build, encode, encode_text, find_tokenizer_files, get_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -181,12 +181,29 @@ def test_a_fresh_process_starts_offline_from_the_cache(empty_cache, tmp_path, ti
     env = {k: v for k, v in os.environ.items() if k != "GPTCORE_MIRROR" and k.lower() != "no_proxy"}
     env.update(HTTP_PROXY="http://127.0.0.1:9", HTTPS_PROXY="http://127.0.0.1:9", PYTHONPATH=str(REPO))
     proc = subprocess.run(
-        [sys.executable, "-m", "gptcore", "generate", "--model", str(tmp_path / "tiny.safetensors"),
-         "--prompt", "Hello", "--max-new-tokens", "2", "--device", "cpu"],
-        env=env, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "gptcore",
+            "generate",
+            "--model",
+            str(tmp_path / "tiny.safetensors"),
+            "--prompt",
+            "Hello",
+            "--max-new-tokens",
+            "2",
+            "--device",
+            "cpu",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.startswith("Hello")
+
+
 @pytest.mark.parametrize("text", TEXTS)
 def test_user_text_is_ordinary_text(text, reference, tokenizer):
     assert encode_text(tokenizer, text) == reference.encode_ordinary(text)

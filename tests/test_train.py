@@ -8,8 +8,10 @@ from gptcore.data.loader import ResumableBatchSampler
 from gptcore.data.text import TokenWindowDataset, build_text_loaders, split_text
 from gptcore.errors import DataError
 from gptcore.model import GPTModel
-from gptcore.schedule import lr_factor
-from gptcore.train import LoopOptions, Progress, evaluate_loss, lm_loss, loss_evaluator, train
+from gptcore.training.evaluation import evaluate_loss, lm_loss, loss_evaluator
+from gptcore.training.loop import LoopOptions, train
+from gptcore.training.progress import Progress
+from gptcore.training.schedule import lr_factor
 
 
 def test_windows_and_shifted_targets():
@@ -139,9 +141,9 @@ def test_evaluate_loss_restores_train_mode(tokenizer, verdict):
 
 def test_progress_of_other_code_is_not_resumed(tmp_path, monkeypatch):
     """The progress identity includes the library's code: an edit to gptcore starts training afresh."""
-    import gptcore.train as train_module
-    from gptcore.config import PretrainParams
-    from gptcore.train import open_progress
+    import gptcore.training.progress as train_module
+    from gptcore.params.schema import PretrainParams
+    from gptcore.training.progress import open_progress
 
     first = open_progress(tmp_path, PretrainParams(), {"seed": 1}).fingerprint
     assert open_progress(tmp_path, PretrainParams(), {"seed": 1}).fingerprint == first

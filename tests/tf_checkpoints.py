@@ -18,12 +18,18 @@ import numpy as np
 import torch
 
 HF_LAYER = {  # OpenAI name inside model/h{i}/ -> Hugging Face name inside transformer.h.{i}.
-    "ln_1/g": "ln_1.weight", "ln_1/b": "ln_1.bias",
-    "attn/c_attn/w": "attn.c_attn.weight", "attn/c_attn/b": "attn.c_attn.bias",
-    "attn/c_proj/w": "attn.c_proj.weight", "attn/c_proj/b": "attn.c_proj.bias",
-    "ln_2/g": "ln_2.weight", "ln_2/b": "ln_2.bias",
-    "mlp/c_fc/w": "mlp.c_fc.weight", "mlp/c_fc/b": "mlp.c_fc.bias",
-    "mlp/c_proj/w": "mlp.c_proj.weight", "mlp/c_proj/b": "mlp.c_proj.bias",
+    "ln_1/g": "ln_1.weight",
+    "ln_1/b": "ln_1.bias",
+    "attn/c_attn/w": "attn.c_attn.weight",
+    "attn/c_attn/b": "attn.c_attn.bias",
+    "attn/c_proj/w": "attn.c_proj.weight",
+    "attn/c_proj/b": "attn.c_proj.bias",
+    "ln_2/g": "ln_2.weight",
+    "ln_2/b": "ln_2.bias",
+    "mlp/c_fc/w": "mlp.c_fc.weight",
+    "mlp/c_fc/b": "mlp.c_fc.bias",
+    "mlp/c_proj/w": "mlp.c_proj.weight",
+    "mlp/c_proj/b": "mlp.c_proj.bias",
 }
 
 
@@ -36,9 +42,17 @@ def hf_model(hparams: dict, seed: int = 0, scale: float = 0.2):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     config = GPT2Config(
-        vocab_size=hparams["n_vocab"], n_positions=hparams["n_ctx"], n_embd=hparams["n_embd"],
-        n_head=hparams["n_head"], n_layer=hparams["n_layer"], activation_function="gelu_new",
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=1e-5, bos_token_id=None,
+        vocab_size=hparams["n_vocab"],
+        n_positions=hparams["n_ctx"],
+        n_embd=hparams["n_embd"],
+        n_head=hparams["n_head"],
+        n_layer=hparams["n_layer"],
+        activation_function="gelu_new",
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        layer_norm_epsilon=1e-5,
+        bos_token_id=None,
         eos_token_id=None,
     )
     model = GPT2LMHeadModel._from_config(config, attn_implementation="eager")
@@ -67,7 +81,9 @@ def openai_arrays(model, n_layer: int) -> dict[str, np.ndarray]:
     return arrays
 
 
-def write_checkpoint(folder: Path, hparams: dict, arrays: dict[str, np.ndarray | tuple[int, ...]], vocab_dir: Path | None = None) -> Path:
+def write_checkpoint(
+    folder: Path, hparams: dict, arrays: dict[str, np.ndarray | tuple[int, ...]], vocab_dir: Path | None = None
+) -> Path:
     """Write an OpenAI-layout checkpoint folder with TensorFlow's tf.compat.v1 Saver.
 
     `arrays` maps variable names to values, or to a shape (TensorFlow then draws N(0, 0.02) itself,
@@ -84,7 +100,11 @@ def write_checkpoint(folder: Path, hparams: dict, arrays: dict[str, np.ndarray |
         variables = {}
         for name, value in arrays.items():
             shape = value if isinstance(value, tuple) else value.shape
-            init = tf.compat.v1.random_normal_initializer(stddev=0.02) if isinstance(value, tuple) else tf.compat.v1.zeros_initializer()
+            init = (
+                tf.compat.v1.random_normal_initializer(stddev=0.02)
+                if isinstance(value, tuple)
+                else tf.compat.v1.zeros_initializer()
+            )
             variables[name] = tf.compat.v1.get_variable(name, shape=shape, dtype=tf.float32, initializer=init)
         saver = tf.compat.v1.train.Saver(var_list=variables, save_relative_paths=True)
         with tf.compat.v1.Session(graph=graph) as session:
@@ -103,9 +123,18 @@ def openai_shapes(hparams: dict) -> dict[str, tuple[int, ...]]:
     """Every variable of an OpenAI GPT-2 checkpoint with its shape, from hparams.json alone."""
     d, v, c = hparams["n_embd"], hparams["n_vocab"], hparams["n_ctx"]
     layer = {
-        "ln_1/g": (d,), "ln_1/b": (d,), "attn/c_attn/w": (1, d, 3 * d), "attn/c_attn/b": (3 * d,),
-        "attn/c_proj/w": (1, d, d), "attn/c_proj/b": (d,), "ln_2/g": (d,), "ln_2/b": (d,),
-        "mlp/c_fc/w": (1, d, 4 * d), "mlp/c_fc/b": (4 * d,), "mlp/c_proj/w": (1, 4 * d, d), "mlp/c_proj/b": (d,),
+        "ln_1/g": (d,),
+        "ln_1/b": (d,),
+        "attn/c_attn/w": (1, d, 3 * d),
+        "attn/c_attn/b": (3 * d,),
+        "attn/c_proj/w": (1, d, d),
+        "attn/c_proj/b": (d,),
+        "ln_2/g": (d,),
+        "ln_2/b": (d,),
+        "mlp/c_fc/w": (1, d, 4 * d),
+        "mlp/c_fc/b": (4 * d,),
+        "mlp/c_proj/w": (1, 4 * d, d),
+        "mlp/c_proj/b": (d,),
     }
     shapes = {"model/wte": (v, d), "model/wpe": (c, d), "model/ln_f/g": (d,), "model/ln_f/b": (d,)}
     for i in range(hparams["n_layer"]):

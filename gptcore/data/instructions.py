@@ -6,8 +6,9 @@ import functools
 import json
 import os
 import random
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -16,7 +17,7 @@ from gptcore.data.loader import ResumableBatchSampler
 from gptcore.errors import DataError
 from gptcore.prompt import RESPONSE_MARKER, format_example, format_input
 from gptcore.tokenizer import EOT_ID, encode_text
-from gptcore.cross_entropy import IGNORE_INDEX
+from gptcore.training.cross_entropy import IGNORE_INDEX
 
 FIELDS = ("instruction", "input", "output")
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -60,4 +60,6 @@ def make_loader(
     sampler = ResumableBatchSampler(len(dataset), batch_size, shuffle=shuffle, drop_last=drop_last, seed=seed)
     # A private generator: each new DataLoader iterator draws a base seed, and drawing it from the global
     # RNG would shift the dropout masks of a run resumed mid-epoch.
-    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_fn, generator=torch.Generator().manual_seed(seed))
+    return DataLoader(
+        dataset, batch_sampler=sampler, collate_fn=collate_fn, generator=torch.Generator().manual_seed(seed)
+    )

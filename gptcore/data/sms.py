@@ -37,7 +37,9 @@ def check_member_names(archive: zipfile.ZipFile, source: str) -> None:
     for name in archive.namelist():
         path = PurePosixPath(name.replace("\\", "/"))
         if path.is_absolute() or ".." in path.parts or (path.parts and ":" in path.parts[0]):
-            raise DataError(f"{source}: unsafe member path {name!r} in the zip (absolute or outside the folder); refusing it")
+            raise DataError(
+                f"{source}: unsafe member path {name!r} in the zip (absolute or outside the folder); refusing it"
+            )
 
 
 def extract_collection(zip_path: str | os.PathLike, source: str | None = None) -> bytes:
@@ -51,7 +53,9 @@ def extract_collection(zip_path: str | os.PathLike, source: str | None = None) -
             check_member_names(archive, source)
             found = [i for i in archive.infolist() if PurePosixPath(i.filename).name == MEMBER and not i.is_dir()]
             if not found:
-                raise DataError(f"{source}: no {MEMBER} in the zip (members: {', '.join(archive.namelist()[:5]) or 'none'})")
+                raise DataError(
+                    f"{source}: no {MEMBER} in the zip (members: {', '.join(archive.namelist()[:5]) or 'none'})"
+                )
             if len(found) > 1:
                 raise DataError(f"{source}: {len(found)} members named {MEMBER} in the zip; expected one")
             if found[0].file_size > MAX_MEMBER_BYTES:
@@ -116,8 +120,14 @@ def read_collection(path: str | os.PathLike) -> pd.DataFrame:
         raise DataError(f"{path}: not found; run `dvc repro download_sms`")
     try:
         frame = pd.read_csv(
-            path, sep="\t", header=None, names=["Label", "Text"], quoting=csv.QUOTE_NONE,
-            dtype=str, keep_default_na=False, encoding="utf-8",
+            path,
+            sep="\t",
+            header=None,
+            names=["Label", "Text"],
+            quoting=csv.QUOTE_NONE,
+            dtype=str,
+            keep_default_na=False,
+            encoding="utf-8",
         )
     except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as err:
         raise DataError(f"{path}: not a tab-separated label/text file: {' '.join(str(err).split())}") from None
@@ -197,8 +207,14 @@ class SmsDataset(Dataset):
     validation and test splits pass the training split's max_length, as the book does.
     """
 
-    def __init__(self, token_ids: list[list[int]], labels, max_length: int | None = None,
-                 context_length: int | None = None, pad_id: int = PAD_ID):
+    def __init__(
+        self,
+        token_ids: list[list[int]],
+        labels,
+        max_length: int | None = None,
+        context_length: int | None = None,
+        pad_id: int = PAD_ID,
+    ):
         if len(token_ids) != len(labels):
             raise ValueError(f"{len(token_ids)} texts but {len(labels)} labels")
         if max_length is None:

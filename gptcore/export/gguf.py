@@ -35,9 +35,9 @@ from safetensors import safe_open
 from gptcore.atomic import atomic_path, write_text
 from gptcore.config import GPTConfig
 from gptcore.errors import ConfigError, WeightsError
-from gptcore.model import GPTModel
 from gptcore.export.templates import INSTRUCTION_MARKER, jinja_chat_template, modelfile_template
-from gptcore.tokenizer import EOT_ID, ENDOFTEXT, find_tokenizer_files
+from gptcore.model import GPTModel
+from gptcore.tokenizer import ENDOFTEXT, EOT_ID, find_tokenizer_files
 from gptcore.weights import read_config
 
 ARCH = "gpt2"  # llama.cpp's LLM_ARCH_GPT2 name
@@ -175,7 +175,9 @@ def export_gguf(
             if ours in stored:
                 shapes[theirs] = tuple(source.get_slice(ours).get_shape())
                 if shapes[theirs] != expected[ours]:
-                    raise WeightsError(f"{model_path}: tensor {ours} has shape {shapes[theirs]}, expected {expected[ours]}")
+                    raise WeightsError(
+                        f"{model_path}: tensor {ours} has shape {shapes[theirs]}, expected {expected[ours]}"
+                    )
             elif ours.endswith("att.qkv.bias") and not config.qkv_bias:
                 shapes[theirs] = (3 * config.emb_dim,)
             else:
@@ -191,7 +193,9 @@ def export_gguf(
                     writer.add_tensor_info(theirs, shape, FLOAT_TYPES[qtype], _nbytes(shape, qtype))
                 else:  # quantized blocks are written as bytes: [rows, bytes per row]
                     byte_shape = gguf.quant_shape_to_byte_shape(shape, qtype)
-                    writer.add_tensor_info(theirs, byte_shape, np.dtype(np.uint8), _nbytes(shape, qtype), raw_dtype=qtype)
+                    writer.add_tensor_info(
+                        theirs, byte_shape, np.dtype(np.uint8), _nbytes(shape, qtype), raw_dtype=qtype
+                    )
             writer.write_header_to_file()
             writer.write_kv_data_to_file()
             writer.write_ti_data_to_file()
@@ -207,8 +211,9 @@ def export_gguf(
     return GgufExport(path=out, config=config, dtype=dtype, tensors=len(table), bytes=size)
 
 
-def _add_metadata(writer: gguf.GGUFWriter, config: GPTConfig, dtype: str, name: str,
-                  tokens: list[str], merges: list[str]) -> None:
+def _add_metadata(
+    writer: gguf.GGUFWriter, config: GPTConfig, dtype: str, name: str, tokens: list[str], merges: list[str]
+) -> None:
     """The keys llama.cpp's gpt2 loader reads (the set convert_hf_to_gguf.py writes for GPT-2)."""
     writer.add_name(name)
     writer.add_context_length(config.context_length)
@@ -222,7 +227,9 @@ def _add_metadata(writer: gguf.GGUFWriter, config: GPTConfig, dtype: str, name: 
     writer.add_tokenizer_model("gpt2")  # llama.cpp: byte-level BPE with merges
     writer.add_tokenizer_pre("gpt-2")  # GPT-2's pre-tokenisation regex
     writer.add_token_list(tokens)
-    writer.add_token_types([gguf.TokenType.CONTROL if i == EOT_ID else gguf.TokenType.NORMAL for i in range(len(tokens))])
+    writer.add_token_types(
+        [gguf.TokenType.CONTROL if i == EOT_ID else gguf.TokenType.NORMAL for i in range(len(tokens))]
+    )
     writer.add_token_merges(merges)
     writer.add_bos_token_id(EOT_ID)
     writer.add_eos_token_id(EOT_ID)
@@ -253,6 +260,7 @@ def read_vocabulary(folder: str | os.PathLike) -> tuple[list[str], list[str]]:
 
 
 # --- the Ollama Modelfile ----------------------------------------------------------------------------
+
 
 def modelfile_text(gguf_name: str, context_length: int) -> str:
     """An Ollama Modelfile for the GGUF file `gguf_name` (a path relative to the Modelfile).

@@ -1,7 +1,7 @@
 """A gptcore weights file -> a Hugging Face transformers folder (GPT2LMHeadModel or GPT2ForSequenceClassification).
 
 The folder holds what `from_pretrained` reads offline: `config.json`, `model.safetensors` (names and
-layouts of transformers' modeling_gpt2.py, through gptcore.hf's name table), GPT-2's tokenizer files
+layouts of transformers' modeling_gpt2.py, through gptcore.convert.hf's name table), GPT-2's tokenizer files
 (`vocab.json` = encoder.json, `merges.txt` = vocab.bpe, `tokenizer_config.json`) and, for a language
 model, `generation_config.json`. A model without q/k/v bias gets zero biases (transformers' GPT-2
 always has them) and `gptcore_qkv_bias: false` in config.json, so that importing it back restores
@@ -31,13 +31,15 @@ from safetensors import safe_open
 
 from gptcore.atomic import atomic_dir
 from gptcore.config import GPTConfig
+from gptcore.convert.hf import LM_HEAD, PREFIX, RULES, config_to_hf, name_table
 from gptcore.errors import WeightsError
 from gptcore.export.templates import jinja_chat_template
-from gptcore.hf import LM_HEAD, PREFIX, RULES, config_to_hf, name_table
-from gptcore.tokenizer import EOT_ID, ENDOFTEXT, find_tokenizer_files
+from gptcore.tokenizer import ENDOFTEXT, EOT_ID, find_tokenizer_files
 from gptcore.weights import read_config, read_metadata, write_safetensors
 
-CLASSIFIER_KEY = "gptcore_classifier"  # gptcore.classify.METADATA_KEY (not imported: it pulls in training)
+CLASSIFIER_KEY = (
+    "gptcore_classifier"  # gptcore.recipes.classifier.METADATA_KEY (not imported: exports do not depend on recipes)
+)
 
 
 @dataclass(frozen=True)
@@ -50,8 +52,12 @@ class HfExport:
     tensors: int
 
 
-def export_hf(model_path: str | os.PathLike, out: str | os.PathLike,
-              tokenizer_dir: str | os.PathLike | None = None, chat_template: bool = True) -> HfExport:
+def export_hf(
+    model_path: str | os.PathLike,
+    out: str | os.PathLike,
+    tokenizer_dir: str | os.PathLike | None = None,
+    chat_template: bool = True,
+) -> HfExport:
     """Write the gptcore weights file `model_path` as a transformers folder `out` (swapped in atomically).
 
     chat_template: a language model's tokenizer_config.json gets the Alpaca chat template
@@ -88,13 +94,7 @@ def export_hf(model_path: str | os.PathLike, out: str | os.PathLike,
             architecture = "GPT2ForSequenceClassification"
             table.append(("score.weight", "out_head.weight", "copy"))
 
-        shapes: dict[str, tuple[int, ...]] = {}
-        for hf_name, ours, rule in table:
-            if ours.endswith("att.qkv.bias") and not config.qkv_bias:
-                shapes[hf_name] = (3 * config.emb_dim,)
-            else:
-                shape = shape_of(ours)
-                shapes[hf_name] = shape if rule == "copy" else tuple(reversed(shape))
+        shapes = _hf_shapes(table, config, shape_of)
         by_name = {hf_name: (ours, RULES[rule]) for hf_name, ours, rule in table}
 
         def read(hf_name: str) -> np.ndarray:
@@ -110,17 +110,38 @@ def export_hf(model_path: str | os.PathLike, out: str | os.PathLike,
         with atomic_dir(out) as tmp:
             write_safetensors(tmp / "model.safetensors", shapes, read, {"format": "pt"})
             _write_json(tmp / "config.json", data)
-            shutil.copyfile(tokenizer_files / "encoder.json", tmp / "vocab.json")
-            shutil.copyfile(tokenizer_files / "vocab.bpe", tmp / "merges.txt")
             model_max_length = config.context_length if config.num_classes is None else max_length
-            tokenizer_config = _tokenizer_config(model_max_length, config.num_classes is not None)
-            if chat_template and config.num_classes is None:
-                tokenizer_config["chat_template"] = jinja_chat_template()
-            _write_json(tmp / "tokenizer_config.json", tokenizer_config)
+            _write_tokenizer(tmp, tokenizer_files, model_max_length, config.num_classes is not None, chat_template)
             if config.num_classes is None:
-                _write_json(tmp / "generation_config.json",
-                            {"bos_token_id": EOT_ID, "eos_token_id": EOT_ID, "pad_token_id": EOT_ID})
+                _write_json(
+                    tmp / "generation_config.json",
+                    {"bos_token_id": EOT_ID, "eos_token_id": EOT_ID, "pad_token_id": EOT_ID},
+                )
     return HfExport(path=out, config=config, architecture=architecture, tensors=len(table))
+
+
+def _hf_shapes(table: list[tuple[str, str, str]], config: GPTConfig, shape_of) -> dict[str, tuple[int, ...]]:
+    """Each transformers tensor's shape: the stored one, reversed where the rule transposes; q/k/v biases always."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for hf_name, ours, rule in table:
+        if ours.endswith("att.qkv.bias") and not config.qkv_bias:
+            shapes[hf_name] = (3 * config.emb_dim,)
+        else:
+            shape = shape_of(ours)
+            shapes[hf_name] = shape if rule == "copy" else tuple(reversed(shape))
+    return shapes
+
+
+def _write_tokenizer(
+    tmp: Path, tokenizer_files: Path, model_max_length: int, classifier: bool, chat_template: bool
+) -> None:
+    """GPT-2's tokenizer files into the folder: vocab.json, merges.txt and tokenizer_config.json."""
+    shutil.copyfile(tokenizer_files / "encoder.json", tmp / "vocab.json")
+    shutil.copyfile(tokenizer_files / "vocab.bpe", tmp / "merges.txt")
+    tokenizer_config = _tokenizer_config(model_max_length, classifier)
+    if chat_template and not classifier:
+        tokenizer_config["chat_template"] = jinja_chat_template()
+    _write_json(tmp / "tokenizer_config.json", tokenizer_config)
 
 
 def _classifier_config(model_path: Path, config: GPTConfig, get) -> tuple[dict[str, Any], np.ndarray, int]:
@@ -144,18 +165,22 @@ def _classifier_config(model_path: Path, config: GPTConfig, get) -> tuple[dict[s
     weight = get("out_head.weight").astype(np.float64)  # [num_classes, C]
     bias = get("out_head.bias").astype(np.float64)  # [num_classes]
     if np.linalg.matrix_rank(weight) < weight.shape[0]:
-        raise WeightsError(f"{model_path}: the head's rows are linearly dependent, so its bias cannot move "
-                           "into the final LayerNorm (GPT2ForSequenceClassification's head has no bias)")
+        raise WeightsError(
+            f"{model_path}: the head's rows are linearly dependent, so its bias cannot move "
+            "into the final LayerNorm (GPT2ForSequenceClassification's head has no bias)"
+        )
     fold = np.linalg.pinv(weight) @ bias  # [C], weight @ fold == bias
     labels = info.get("labels") or [str(i) for i in range(config.num_classes)]
     data = config_to_hf(config)
-    data.update({
-        "architectures": ["GPT2ForSequenceClassification"],
-        "num_labels": config.num_classes,
-        "id2label": {str(i): label for i, label in enumerate(labels)},
-        "label2id": {label: i for i, label in enumerate(labels)},
-        "pad_token_id": EOT_ID,
-    })
+    data.update(
+        {
+            "architectures": ["GPT2ForSequenceClassification"],
+            "num_labels": config.num_classes,
+            "id2label": {str(i): label for i, label in enumerate(labels)},
+            "label2id": {label: i for i, label in enumerate(labels)},
+            "pad_token_id": EOT_ID,
+        }
+    )
     max_length = info.get("max_length") or config.context_length
     return data, fold.astype(np.float32), min(max_length, config.context_length)
 
@@ -179,4 +204,3 @@ def _tokenizer_config(model_max_length: int, pad: bool) -> dict[str, Any]:
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-

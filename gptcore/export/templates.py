@@ -69,7 +69,9 @@ def jinja_chat_template() -> str:
         "{{- ns.system if ns.system else '" + PREAMBLE + "' -}}"
         "{%- for m in messages -%}"
         "{%- if m['role'] == 'user' -%}{{- '" + instruction + "' + m['content'] -}}{%- set ns.last = 'user' -%}"
-        "{%- elif m['role'] == 'assistant' -%}{{- '" + response + "' + m['content'] -}}{%- set ns.last = 'assistant' -%}"
+        "{%- elif m['role'] == 'assistant' -%}{{- '"
+        + response
+        + "' + m['content'] -}}{%- set ns.last = 'assistant' -%}"
         "{%- endif -%}{%- endfor -%}"
         "{%- if add_generation_prompt and ns.last != 'assistant' -%}{{- '" + response + "' -}}{%- endif -%}"
     )

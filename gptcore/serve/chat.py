@@ -89,7 +89,11 @@ class Detokenizer:
             self.stopped = True
             end = len(self.text)
         else:
-            hold = 0 if final else max((k for s in self.stops for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
+            hold = (
+                0
+                if final
+                else max((k for s in self.stops for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
+            )
             end = len(self.text) - hold
         piece, self.sent = self.text[self.sent : end], max(self.sent, end)
         return piece

@@ -12,6 +12,9 @@ token, see docs/serving.md).
 
 A request's prompt and new tokens fit in the context (Ollama's num_ctx rule): the prompt is cut from the
 left, so no request ever recomputes a sliding window.
+
+The job and event types are in serve/jobs.py, the embedding vector in serve/embedding.py, and the masks of
+constrained (JSON) replies in serve/constraints.py.
 """
 
 from __future__ import annotations
@@ -21,98 +24,18 @@ import os
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
-from gptcore.decoding import check_sampling, make_generator, next_token_logits, sample_next
+from gptcore.inference.decoding import make_generator, next_token_logits, sample_next
 from gptcore.model import GPTModel, KVCache
 from gptcore.serve.chat import Detokenizer
+from gptcore.serve.constraints import allowed_tokens, close_reserve, closer_ids, closing_token
+from gptcore.serve.embedding import embed_ids
+from gptcore.serve.jobs import Done, Failed, Job, Piece, TokenLogprob
 from gptcore.tokenizer import EOT_ID
-
-# Tokens a constrained (JSON) reply prefers once it must close: a string's end, then the structures'.
-CLOSERS = ('"', "}", "]", "0", "null")
-
-
-@dataclass
-class Sampling:
-    temperature: float = 0.8
-    top_k: int | None = 40
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
-
-
-@dataclass
-class TokenLogprob:
-    """A generated token's log-probability under the model (log-softmax of its raw logits, before
-    temperature, top-k and format masks, as Ollama reports them) and the most likely alternatives."""
-
-    token: str  # its text ("\ufffd" where it holds part of a UTF-8 character; `raw` has the bytes)
-    raw: bytes
-    logprob: float
-    offset: int  # where its text starts in the reply (characters)
-    top: list["TokenLogprob"] = field(default_factory=list)
-
-
-@dataclass
-class Piece:
-    """Text released by the detokenizer (may be empty when a token only completes part of a character),
-    and, for a job that asked for them, the log-probabilities of the tokens whose text it begins."""
-
-    text: str
-    logprobs: list[TokenLogprob] = field(default_factory=list)
-
-
-@dataclass
-class Done:
-    reason: str  # "stop" (end of text, a stop string, a complete JSON value) or "length"
-    text: str
-    prompt_ids: list[int]
-    new_ids: list[int]
-    logprobs: list[TokenLogprob] | None  # every token's, for a job that asked for them
-    load_duration: int  # nanoseconds
-    prompt_eval_duration: int
-    eval_duration: int
-    total_duration: int
-
-
-@dataclass
-class Failed:
-    message: str
-
-
-Event = Piece | Done | Failed
-
-
-def budget(prompt_len: int, num_predict: int | None, context: int) -> tuple[int, int]:
-    """(prompt tokens kept, new tokens allowed): prompt + new tokens fit in the context.
-
-    num_predict None or < 0 is unbounded (until end of text or a full context). A prompt that leaves too
-    little room keeps its last tokens: all but the num_predict tokens asked for, at most half the context.
-    """
-    want = context if num_predict is None or num_predict < 0 else num_predict
-    keep = min(prompt_len, context - min(want, context // 2))
-    return keep, min(want, context - keep)
-
-
-class Job:
-    """One generation request as the worker sees it; `cancel()` may be called from any thread."""
-
-    def __init__(self, prompt: list[int], max_new: int, sampling: Sampling, sink: Callable[[Event], None],
-                 grammar: str | None = None, unload_after: bool = False, logprobs: int | None = None):
-        self.prompt = prompt
-        self.logprobs = logprobs  # None: none; k >= 0: each token's log-probability and its k best alternatives
-        self.unload_after = unload_after  # Ollama's keep_alive 0: drop the model once idle
-        self.max_new = max_new
-        self.sampling = sampling
-        self.sink = sink
-        self.grammar = grammar
-        self.cancelled = threading.Event()
-        self.submitted = time.perf_counter()
-
-    def cancel(self) -> None:
-        self.cancelled.set()
 
 
 class _Row:
@@ -138,8 +61,13 @@ class _Row:
 class Engine:
     """Owns the model (loaded by `load()`), serves jobs from a queue on one thread."""
 
-    def __init__(self, load: Callable[[], GPTModel], tokenizer, max_batch: int = 16,
-                 compute: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext):
+    def __init__(
+        self,
+        load: Callable[[], GPTModel],
+        tokenizer,
+        max_batch: int = 16,
+        compute: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    ):
         self._load = load
         self.tokenizer = tokenizer
         self.max_batch = max_batch
@@ -152,7 +80,7 @@ class Engine:
         self._stopping = False
         self._grammar_tokenizer = None
         self._grammar_lock = threading.Lock()
-        self._closers = [ids[0] for ids in (tokenizer.encode_ordinary(t) for t in CLOSERS) if len(ids) == 1]
+        self._closers = closer_ids(tokenizer)
         self._thread = threading.Thread(target=self._run, name="gptcore-engine", daemon=True)
 
     # -- the handlers' side ----------------------------------------------------------------------------
@@ -182,9 +110,11 @@ class Engine:
         """Load the model on the worker if it is not loaded; the nanoseconds that took (0 if it was)."""
         return self.call(self.ensure_loaded)
 
-    def embed(self, prompts: list[list[int]], normalize: bool,
-              dimensions: int | None = None) -> tuple[list[list[float]], int]:
+    def embed(
+        self, prompts: list[list[int]], normalize: bool, dimensions: int | None = None
+    ) -> tuple[list[list[float]], int]:
         """Sentence vectors of token id lists (see embed_ids), and the load time in nanoseconds."""
+
         def work():
             load_ns = self.ensure_loaded()
             return [embed_ids(self.model, ids, normalize, dimensions) for ids in prompts], load_ns
@@ -279,16 +209,18 @@ class Engine:
         dtype = model.tok_emb.weight.dtype
         own = None
         if prompt:
-            own = KVCache(model.config, 1, len(prompt), device=device, dtype=dtype,
-                          pad_lengths=torch.zeros(1, dtype=torch.long))
+            own = KVCache(
+                model.config, 1, len(prompt), device=device, dtype=dtype, pad_lengths=torch.zeros(1, dtype=torch.long)
+            )
             model.hidden_states(torch.tensor([prompt], device=device), own)  # fills the cache; no logits needed
         batch = self._cache
         old_len = batch.length if batch is not None else 0
         length = max(old_len, len(prompt))
         rows = len(self._rows) + 1
         capacity = min(model.config.context_length, max(64, 2 * (length + 1)))
-        cache = KVCache(model.config, rows, capacity, device=device, dtype=dtype,
-                        pad_lengths=torch.zeros(rows, dtype=torch.long))
+        cache = KVCache(
+            model.config, rows, capacity, device=device, dtype=dtype, pad_lengths=torch.zeros(rows, dtype=torch.long)
+        )
         for tensor in cache.keys + cache.values:  # padding is masked, but 0 * NaN garbage would still be NaN
             tensor.zero_()
         pads = []
@@ -337,12 +269,12 @@ class Engine:
         s = row.job.sampling
         if row.matcher is None:
             return int(sample_next(logits, s.temperature, s.top_k, row.generator)[0, 0])
-        allowed = self._allowed(row.matcher, logits.shape[-1], logits.device)
+        allowed = allowed_tokens(row.matcher, logits.shape[-1], logits.device)
         if row.matcher.is_error() or not bool(allowed.any()):  # nothing may follow: end the reply here
             return EOT_ID
         logits = logits.masked_fill(~allowed, float("-inf"))
-        if len(row.new_ids) >= row.job.max_new - self._close_reserve(row):
-            return self._closing_token(allowed, logits)
+        if len(row.new_ids) >= row.job.max_new - close_reserve(row.job.max_new):
+            return closing_token(self._closers, allowed, logits)
         return int(sample_next(logits, s.temperature, s.top_k, row.generator)[0, 0])
 
     def _logprob(self, logits: torch.Tensor, token: int, top: int, offset: int) -> TokenLogprob:
@@ -368,28 +300,9 @@ class Engine:
             row.pending = []
         else:
             ready = [t for t in row.pending if t.offset < row.detok.sent]
-            row.pending = row.pending[len(ready):]
+            row.pending = row.pending[len(ready) :]
         row.logprobs += ready
         return ready
-
-    def _close_reserve(self, row: _Row) -> int:
-        return min(32, row.job.max_new // 2)
-
-    def _closing_token(self, allowed: torch.Tensor, logits: torch.Tensor) -> int:
-        """Near the end of its budget, a constrained reply takes the first allowed closer, else its best
-        allowed token: the shortest way we know to a value that parses."""
-        for token in self._closers:
-            if bool(allowed[0, token]):
-                return token
-        return int(logits.argmax(dim=-1)[0])
-
-    @staticmethod
-    def _allowed(matcher, vocab: int, device: torch.device) -> torch.Tensor:
-        """The matcher's bitmask as a boolean row [1, V]."""
-        import numpy as np
-
-        bits = np.unpackbits(np.frombuffer(matcher.compute_bitmask(), dtype=np.uint8), bitorder="little")
-        return torch.from_numpy(bits[:vocab].astype(bool)).to(device)[None, :]
 
     def _advance(self, row: _Row, token: int) -> str | None:
         """Record a sampled token; the reason the row is finished, or None."""
@@ -421,12 +334,19 @@ class Engine:
             row.job.sink(Piece(tail, logprobs))
         end = time.perf_counter()
         first = row.first_token_at or end
-        row.job.sink(Done(
-            reason=reason, text=row.detok.text, prompt_ids=row.job.prompt, new_ids=row.new_ids,
-            logprobs=row.logprobs if row.job.logprobs is not None else None,
-            load_duration=row.load_ns, prompt_eval_duration=_ns(first - row.started),
-            eval_duration=_ns(end - first), total_duration=_ns(end - row.job.submitted),
-        ))
+        row.job.sink(
+            Done(
+                reason=reason,
+                text=row.detok.text,
+                prompt_ids=row.job.prompt,
+                new_ids=row.new_ids,
+                logprobs=row.logprobs if row.job.logprobs is not None else None,
+                load_duration=row.load_ns,
+                prompt_eval_duration=_ns(first - row.started),
+                eval_duration=_ns(end - first),
+                total_duration=_ns(end - row.job.submitted),
+            )
+        )
 
     def _keep(self, keep: list[int]) -> None:
         """Drop finished rows from the batch and the cache; drop padding every row has in common."""
@@ -464,7 +384,11 @@ class Engine:
             return
         context = self.model.config.context_length
         size = min(context, 2 * cache.max_len)
-        grow = lambda t: torch.cat([t, t.new_zeros(*t.shape[:2], size - t.shape[2], t.shape[3])], dim=2)
+
+        def grow(t: torch.Tensor) -> torch.Tensor:
+            """t [B, H, max_len, D] zero-padded to [B, H, size, D]."""
+            return torch.cat([t, t.new_zeros(*t.shape[:2], size - t.shape[2], t.shape[3])], dim=2)
+
         cache.keys = [grow(k) for k in cache.keys]
         cache.values = [grow(v) for v in cache.values]
         cache.max_len = size
@@ -478,27 +402,6 @@ class Engine:
             box["error"] = err
         finally:
             done.set()
-
-
-@torch.inference_mode()
-def embed_ids(model: GPTModel, ids: list[int], normalize: bool = True, dimensions: int | None = None) -> list[float]:
-    """A sentence vector: the mean of the final hidden states (after the last LayerNorm) over the tokens,
-    L2-normalised when `normalize` (as Ollama's /api/embed returns them). `dimensions` keeps only the first
-    components (then normalised), as Ollama's `dimensions` does for any model; None or more than the
-    width keeps them all."""
-    device = model.tok_emb.weight.device
-    idx = torch.tensor([ids], device=device)  # [1, T]
-    x = model.hidden_states(idx)  # [1, T, C]
-    vector = model.final_norm(x.to(model.final_norm.weight.dtype)).float().mean(dim=1)[0]  # [C]
-    vector = vector[:dimensions]  # [min(C, dimensions)]
-    if normalize:
-        vector = torch.nn.functional.normalize(vector, dim=0)
-    return vector.tolist()
-
-
-def check_options(sampling: Sampling) -> None:
-    """ValueError for options that cannot be sampled with."""
-    check_sampling(sampling.temperature, sampling.top_k)
 
 
 def _ns(seconds: float) -> int:

@@ -8,7 +8,7 @@ accepted and ignored, as Ollama ignores what a model does not support.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
 
@@ -30,7 +30,7 @@ def _integral(value: Any) -> Any:
 
 
 Int = Annotated[int, BeforeValidator(_integral)]
-Stop = Union[str, list[str]]
+Stop = str | list[str]  # evaluated at runtime: `X | Y` of types needs Python 3.10, as required
 
 
 class _Model(BaseModel):
@@ -56,7 +56,7 @@ class Message(_Model):
     tool_calls: list[Any] | None = None  # an assistant's earlier tool calls: accepted, not rendered
 
 
-Format = Union[Literal["", "json"], dict[str, Any]]
+Format = Literal["", "json"] | dict[str, Any]
 
 
 class _Generation(_Model):
@@ -65,8 +65,8 @@ class _Generation(_Model):
     stream: bool = True
     options: Options | None = None
     format: Format | None = None
-    keep_alive: Union[str, int, float, None] = None
-    think: Union[bool, str, None] = None
+    keep_alive: str | int | float | None = None
+    think: bool | str | None = None
     logprobs: bool = False
     top_logprobs: Int | None = None
 
@@ -99,17 +99,17 @@ class ShowRequest(_Model):
 
 class EmbedRequest(_Model):
     model: str | None = None
-    input: Union[str, list[str], None] = None
+    input: str | list[str] | None = None
     truncate: bool = True
     dimensions: Int | None = None  # keep the first N components (0: all), as Ollama
-    keep_alive: Union[str, int, float, None] = None
+    keep_alive: str | int | float | None = None
     options: Options | None = None
 
 
 class LegacyEmbeddingsRequest(_Model):
     model: str | None = None
     prompt: str | None = None
-    keep_alive: Union[str, int, float, None] = None
+    keep_alive: str | int | float | None = None
     options: Options | None = None
 
 
@@ -122,7 +122,7 @@ class PullRequest(_Model):
 # -- OpenAI ---------------------------------------------------------------------------------------------
 class OpenAIMessage(_Model):
     role: str
-    content: Union[str, list[dict[str, Any]], None] = None
+    content: str | list[dict[str, Any]] | None = None
 
 
 class ResponseFormat(_Model):
@@ -156,7 +156,7 @@ class ChatCompletionRequest(_OpenAIGeneration):
 
 
 class CompletionRequest(_OpenAIGeneration):
-    prompt: Union[str, list[str]]
+    prompt: str | list[str]
     echo: bool = False
     suffix: str | None = None
     logprobs: Int | None = None  # the legacy API's: how many alternatives (0-5) besides each token
@@ -164,7 +164,7 @@ class CompletionRequest(_OpenAIGeneration):
 
 class EmbeddingsRequest(_Model):
     model: str
-    input: Union[str, list[str]]
+    input: str | list[str]
     encoding_format: Literal["float", "base64"] = "float"  # the openai client asks for base64 by default
     dimensions: Int | None = None
 
@@ -198,7 +198,11 @@ def ollama_error(message: str) -> dict:
 
 
 def openai_error(status: int, message: str, param: str | None = None) -> dict:
-    kind = {401: "authentication_error", 404: "not_found_error", 413: "invalid_request_error",
-            429: "rate_limit_error", 503: "server_error"}.get(status, "invalid_request_error")
+    kind = {
+        401: "authentication_error",
+        404: "not_found_error",
+        413: "invalid_request_error",
+        429: "rate_limit_error",
+        503: "server_error",
+    }.get(status, "invalid_request_error")
     return {"error": {"message": message, "type": kind, "param": param, "code": None}}
-

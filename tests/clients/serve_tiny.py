@@ -3,7 +3,7 @@
     python tests/clients/serve_tiny.py [--port 0] [--name tiny]
 
 Writes the weights to a temporary folder and serves them exactly as `gptcore serve --model FILE` does; the
-first line printed names the URL. Replies are gibberish; the protocol is what the checks verify. Needs
+startup line it logs on stderr names the URL. Replies are gibberish; the protocol is what the checks verify. Needs
 gptcore (torch) and the tokenizer files (GPTCORE_MIRROR or the cache).
 """
 
@@ -41,8 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     with tempfile.TemporaryDirectory(prefix="gptcore-clients-") as folder:
         path = write_tiny_model(Path(folder) / "tiny.safetensors")
-        return cli_main(["serve", "--model", str(path), "--port", args.port, "--name", args.name,
-                         "--device", "cpu"])
+        return cli_main(["serve", "--model", str(path), "--port", args.port, "--name", args.name, "--device", "cpu"])
 
 
 if __name__ == "__main__":

@@ -30,9 +30,11 @@ import math
 import os
 import subprocess
 import sys
+import threading
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import httpx
 
@@ -47,8 +49,10 @@ CLIENTS = {
     "ollama": (["ollama"], ["ollama"]),
     "openai": (["openai"], ["openai"]),
     "langchain": (["langchain_ollama"], ["langchain-ollama", "langchain-core", "ollama"]),
-    "llamaindex": (["llama_index.llms.ollama", "llama_index.embeddings.ollama"],
-                   ["llama-index-llms-ollama", "llama-index-embeddings-ollama", "llama-index-core", "ollama"]),
+    "llamaindex": (
+        ["llama_index.llms.ollama", "llama_index.embeddings.ollama"],
+        ["llama-index-llms-ollama", "llama-index-embeddings-ollama", "llama-index-core", "ollama"],
+    ),
     "litellm": (["litellm"], ["litellm"]),
 }
 SKIPPED = 3
@@ -70,8 +74,15 @@ class Reference:
         return reply.json()
 
     def chat(self, content: str, **options) -> dict:
-        return self.post("/api/chat", {"model": self.model, "stream": False, "options": options,
-                                       "messages": [{"role": "user", "content": content}]})
+        return self.post(
+            "/api/chat",
+            {
+                "model": self.model,
+                "stream": False,
+                "options": options,
+                "messages": [{"role": "user", "content": content}],
+            },
+        )
 
     def generate(self, prompt: str, **options) -> dict:
         return self.post("/api/generate", {"model": self.model, "stream": False, "prompt": prompt, "options": options})
@@ -93,8 +104,10 @@ class Checks:
             self.failed += 1
             frame = traceback.extract_tb(err.__traceback__)[-1]
             where = f" ({Path(frame.filename).name}:{frame.lineno})" if frame else ""
-            print(f"FAIL {self.client} {name}: {type(err).__name__}: {' '.join(str(err).split())[:400]}{where}",
-                  flush=True)
+            print(
+                f"FAIL {self.client} {name}: {type(err).__name__}: {' '.join(str(err).split())[:400]}{where}",
+                flush=True,
+            )
             return None
         print(f"ok {self.client} {name}" + (f": {_short(detail)}" if detail not in (None, "") else ""), flush=True)
         return detail
@@ -162,35 +175,70 @@ def check_ollama(url: str, model: str, ref: Reference, check: Checks) -> None:
     check("ps", lambda: [m.model for m in client.ps().models][0])
     want = ref.generate(PROMPT, **greedy)["response"]
     check("generate", lambda: same(client.generate(model=model, prompt=PROMPT, options=greedy).response, want))
-    check("generate stream", lambda: same("".join(p.response for p in client.generate(
-        model=model, prompt=PROMPT, options=greedy, stream=True)), want, "stream"))
+    check(
+        "generate stream",
+        lambda: same(
+            "".join(p.response for p in client.generate(model=model, prompt=PROMPT, options=greedy, stream=True)),
+            want,
+            "stream",
+        ),
+    )
     seeded = {"temperature": 1.0, "seed": 7, "num_predict": 12}
-    check("generate seed", lambda: same(client.generate(model=model, prompt=PROMPT, options=seeded).response,
-                                        ref.generate(PROMPT, **seeded)["response"]))
-    check("generate stop", lambda: stops(lambda stop: client.generate(
-        model=model, prompt=PROMPT, options={**greedy, "stop": stop}).response, want))
+    check(
+        "generate seed",
+        lambda: same(
+            client.generate(model=model, prompt=PROMPT, options=seeded).response,
+            ref.generate(PROMPT, **seeded)["response"],
+        ),
+    )
+    check(
+        "generate stop",
+        lambda: stops(
+            lambda stop: client.generate(model=model, prompt=PROMPT, options={**greedy, "stop": stop}).response, want
+        ),
+    )
     messages = [{"role": "user", "content": QUESTION}]
     chat = ref.chat(QUESTION, **greedy)["message"]["content"]
     check("chat", lambda: same(client.chat(model=model, messages=messages, options=greedy).message.content, chat))
 
     async def async_stream():
         async with ollama.AsyncClient(host=url, timeout=120) as aclient:
-            parts = [p.message.content async for p in await aclient.chat(model=model, messages=messages, options=greedy, stream=True)]
+            parts = [
+                p.message.content
+                async for p in await aclient.chat(model=model, messages=messages, options=greedy, stream=True)
+            ]
         return same("".join(parts), chat, "stream") and f"{len(parts)} chunks"
 
     check("AsyncClient chat stream", async_stream)
 
     def logprobs():
         reply = client.generate(model=model, prompt=PROMPT, logprobs=True, top_logprobs=2, options=greedy)
-        return tokens_of(reply.response, [(t.token, t.logprob, [a.token for a in t.top_logprobs]) for t in reply.logprobs])
+        return tokens_of(
+            reply.response, [(t.token, t.logprob, [a.token for a in t.top_logprobs]) for t in reply.logprobs]
+        )
 
     check("generate logprobs", logprobs)
-    check("format json", lambda: json.loads(client.chat(model=model, messages=messages, format="json", options=greedy).message.content))
-    check("format schema", lambda: _score(client.generate(model=model, prompt=PROMPT, format=SCHEMA, options=greedy).response))
-    check("embed", lambda: unit(client.embed(model=model, input=["first text", "second, longer text"]).embeddings, ref.width))
+    check(
+        "format json",
+        lambda: json.loads(client.chat(model=model, messages=messages, format="json", options=greedy).message.content),
+    )
+    check(
+        "format schema",
+        lambda: _score(client.generate(model=model, prompt=PROMPT, format=SCHEMA, options=greedy).response),
+    )
+    check(
+        "embed",
+        lambda: unit(client.embed(model=model, input=["first text", "second, longer text"]).embeddings, ref.width),
+    )
     check("embed dimensions", lambda: unit(client.embed(model=model, input="first text", dimensions=8).embeddings, 8))
-    check("embeddings (legacy)", lambda: equal(len(client.embeddings(model=model, prompt="first text").embedding), ref.width, "length"))
-    check("unknown model is a 404", lambda: raises(lambda: client.generate(model="llama3.1:8b", prompt=PROMPT), ollama.ResponseError, 404))
+    check(
+        "embeddings (legacy)",
+        lambda: equal(len(client.embeddings(model=model, prompt="first text").embedding), ref.width, "length"),
+    )
+    check(
+        "unknown model is a 404",
+        lambda: raises(lambda: client.generate(model="llama3.1:8b", prompt=PROMPT), ollama.ResponseError, 404),
+    )
 
 
 def check_openai(url: str, model: str, ref: Reference, check: Checks) -> None:
@@ -211,55 +259,129 @@ def check_openai(url: str, model: str, ref: Reference, check: Checks) -> None:
     check("chat.completions", chat)
 
     def stream():
-        chunks = list(client.chat.completions.create(model=model, messages=messages, stream=True,
-                                                     stream_options={"include_usage": True}, **greedy))
+        chunks = list(
+            client.chat.completions.create(
+                model=model, messages=messages, stream=True, stream_options={"include_usage": True}, **greedy
+            )
+        )
         text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-        expect(chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == want["eval_count"], "no usage chunk")
+        expect(
+            chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == want["eval_count"], "no usage chunk"
+        )
         return same(text, want["message"]["content"], "stream") and f"{len(chunks)} chunks"
 
     check("chat.completions stream", stream)
-    check("seed", lambda: same(client.chat.completions.create(model=model, messages=messages, temperature=1, seed=7,
-                                                              max_tokens=12).choices[0].message.content,
-                               ref.chat(QUESTION, temperature=1.0, top_k=0, seed=7, num_predict=12)["message"]["content"]))
-    check("stop", lambda: stops(lambda stop: client.chat.completions.create(
-        model=model, messages=messages, stop=stop, **greedy).choices[0].message.content, want["message"]["content"]))
+    check(
+        "seed",
+        lambda: same(
+            client.chat.completions.create(model=model, messages=messages, temperature=1, seed=7, max_tokens=12)
+            .choices[0]
+            .message.content,
+            ref.chat(QUESTION, temperature=1.0, top_k=0, seed=7, num_predict=12)["message"]["content"],
+        ),
+    )
+    check(
+        "stop",
+        lambda: stops(
+            lambda stop: (
+                client.chat.completions.create(model=model, messages=messages, stop=stop, **greedy)
+                .choices[0]
+                .message.content
+            ),
+            want["message"]["content"],
+        ),
+    )
     plain = ref.generate(PROMPT, temperature=0, num_predict=N)["response"]
-    check("completions", lambda: same(client.completions.create(model=model, prompt=PROMPT, **greedy).choices[0].text, plain))
-    check("completions echo", lambda: same(client.completions.create(model=model, prompt=PROMPT, echo=True, **greedy)
-                                           .choices[0].text, PROMPT + plain))
+    check(
+        "completions",
+        lambda: same(client.completions.create(model=model, prompt=PROMPT, **greedy).choices[0].text, plain),
+    )
+    check(
+        "completions echo",
+        lambda: same(
+            client.completions.create(model=model, prompt=PROMPT, echo=True, **greedy).choices[0].text, PROMPT + plain
+        ),
+    )
 
     def logprobs():
-        choice = client.chat.completions.create(model=model, messages=messages, logprobs=True, top_logprobs=2,
-                                                **greedy).choices[0]
-        return tokens_of(choice.message.content, [(t.token, t.logprob, [a.token for a in t.top_logprobs])
-                                                  for t in choice.logprobs.content])
+        choice = client.chat.completions.create(
+            model=model, messages=messages, logprobs=True, top_logprobs=2, **greedy
+        ).choices[0]
+        return tokens_of(
+            choice.message.content,
+            [(t.token, t.logprob, [a.token for a in t.top_logprobs]) for t in choice.logprobs.content],
+        )
 
     check("chat.completions logprobs", logprobs)
-    check("response_format json_object", lambda: json.loads(client.chat.completions.create(
-        model=model, messages=messages, response_format={"type": "json_object"}, **greedy).choices[0].message.content))
+    check(
+        "response_format json_object",
+        lambda: json.loads(
+            client.chat.completions.create(
+                model=model, messages=messages, response_format={"type": "json_object"}, **greedy
+            )
+            .choices[0]
+            .message.content
+        ),
+    )
 
     class Score(BaseModel):
         score: int
 
-    check("chat.completions.parse (pydantic)", lambda: client.chat.completions.parse(
-        model=model, messages=messages, response_format=Score, **greedy).choices[0].message.parsed)
-    check("embeddings (base64, the default)", lambda: unit([d.embedding for d in client.embeddings.create(
-        model=model, input=["first text", "second, longer text"]).data], ref.width))
-    check("embeddings float", lambda: unit([client.embeddings.create(model=model, input="first text",
-                                                                     encoding_format="float").data[0].embedding], ref.width))
-    check("embeddings dimensions", lambda: unit([client.embeddings.create(model=model, input="first text",
-                                                                          dimensions=8).data[0].embedding], 8))
+    check(
+        "chat.completions.parse (pydantic)",
+        lambda: (
+            client.chat.completions.parse(model=model, messages=messages, response_format=Score, **greedy)
+            .choices[0]
+            .message.parsed
+        ),
+    )
+    check(
+        "embeddings (base64, the default)",
+        lambda: unit(
+            [
+                d.embedding
+                for d in client.embeddings.create(model=model, input=["first text", "second, longer text"]).data
+            ],
+            ref.width,
+        ),
+    )
+    check(
+        "embeddings float",
+        lambda: unit(
+            [client.embeddings.create(model=model, input="first text", encoding_format="float").data[0].embedding],
+            ref.width,
+        ),
+    )
+    check(
+        "embeddings dimensions",
+        lambda: unit([client.embeddings.create(model=model, input="first text", dimensions=8).data[0].embedding], 8),
+    )
 
     async def async_stream():
         async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", timeout=120, max_retries=0) as aclient:
-            chunks = [c async for c in await aclient.chat.completions.create(model=model, messages=messages, stream=True, **greedy)]
+            chunks = [
+                c
+                async for c in await aclient.chat.completions.create(
+                    model=model, messages=messages, stream=True, **greedy
+                )
+            ]
         return same("".join(c.choices[0].delta.content or "" for c in chunks), want["message"]["content"], "stream")
 
     check("AsyncOpenAI stream", async_stream)
-    check("unknown model is a 404", lambda: raises(lambda: client.chat.completions.create(
-        model="gpt-4o", messages=messages), openai.NotFoundError, 404))
-    check("tools are refused (400)", lambda: raises(lambda: client.chat.completions.create(
-        model=model, messages=messages, tools=[_TOOL]), openai.BadRequestError, 400))
+    check(
+        "unknown model is a 404",
+        lambda: raises(
+            lambda: client.chat.completions.create(model="gpt-4o", messages=messages), openai.NotFoundError, 404
+        ),
+    )
+    check(
+        "tools are refused (400)",
+        lambda: raises(
+            lambda: client.chat.completions.create(model=model, messages=messages, tools=[_TOOL]),
+            openai.BadRequestError,
+            400,
+        ),
+    )
 
 
 def check_langchain(url: str, model: str, ref: Reference, check: Checks) -> None:
@@ -274,8 +396,10 @@ def check_langchain(url: str, model: str, ref: Reference, check: Checks) -> None
     def invoke():
         reply = llm.invoke(QUESTION)
         usage = reply.usage_metadata
-        expect(usage["input_tokens"] == want["prompt_eval_count"] and usage["output_tokens"] == want["eval_count"],
-               f"usage_metadata {usage}")
+        expect(
+            usage["input_tokens"] == want["prompt_eval_count"] and usage["output_tokens"] == want["eval_count"],
+            f"usage_metadata {usage}",
+        )
         expect(reply.response_metadata["done_reason"] in ("stop", "length"), f"{reply.response_metadata}")
         return same(reply.content, text)
 
@@ -283,36 +407,68 @@ def check_langchain(url: str, model: str, ref: Reference, check: Checks) -> None
     check("ChatOllama stream", lambda: same("".join(c.content for c in llm.stream(QUESTION)), text, "stream"))
     check("ChatOllama stop", lambda: stops(lambda stop: llm.invoke(QUESTION, stop=stop).content, text))
     seeded = ChatOllama(model=model, base_url=url, temperature=1.0, seed=7, num_predict=12)
-    check("ChatOllama seed", lambda: same(seeded.invoke(QUESTION).content,
-                                          ref.chat(QUESTION, temperature=1.0, seed=7, num_predict=12)["message"]["content"]))
+    check(
+        "ChatOllama seed",
+        lambda: same(
+            seeded.invoke(QUESTION).content,
+            ref.chat(QUESTION, temperature=1.0, seed=7, num_predict=12)["message"]["content"],
+        ),
+    )
 
     async def async_calls():
         same((await llm.ainvoke(QUESTION)).content, text)
         return same("".join([c.content async for c in llm.astream(QUESTION)]), text, "astream")
 
     check("ChatOllama ainvoke, astream", async_calls)
+
     def logprobs():
-        reply = ChatOllama(model=model, base_url=url, temperature=0, num_predict=N, logprobs=True,
-                           top_logprobs=2).invoke(QUESTION)
-        return tokens_of(reply.content, [(t["token"], t["logprob"], [a["token"] for a in t["top_logprobs"]])
-                                         for t in reply.response_metadata["logprobs"]])
+        reply = ChatOllama(
+            model=model, base_url=url, temperature=0, num_predict=N, logprobs=True, top_logprobs=2
+        ).invoke(QUESTION)
+        return tokens_of(
+            reply.content,
+            [
+                (t["token"], t["logprob"], [a["token"] for a in t["top_logprobs"]])
+                for t in reply.response_metadata["logprobs"]
+            ],
+        )
 
     check("ChatOllama logprobs (top_logprobs)", logprobs)
-    check("ChatOllama format json", lambda: json.loads(
-        ChatOllama(model=model, base_url=url, temperature=0, num_predict=N, format="json").invoke(QUESTION).content))
+    check(
+        "ChatOllama format json",
+        lambda: json.loads(
+            ChatOllama(model=model, base_url=url, temperature=0, num_predict=N, format="json").invoke(QUESTION).content
+        ),
+    )
 
     class Score(BaseModel):
         score: int
 
-    check("with_structured_output json_schema", lambda: llm.with_structured_output(Score, method="json_schema").invoke(QUESTION))
+    check(
+        "with_structured_output json_schema",
+        lambda: llm.with_structured_output(Score, method="json_schema").invoke(QUESTION),
+    )
     # json_mode asks for any JSON object (the schema is only described in the prompt): the raw reply must parse
-    check("with_structured_output json_mode (raw parses)", lambda: json.loads(
-        llm.with_structured_output(Score, method="json_mode", include_raw=True).invoke(QUESTION)["raw"].content))
-    check("bind_tools is refused (400)", lambda: raises(lambda: llm.bind_tools([_TOOL]).invoke(QUESTION), ResponseError, 400))
-    check("reasoning is refused (400)", lambda: raises(
-        lambda: ChatOllama(model=model, base_url=url, reasoning=True).invoke(QUESTION), ResponseError, 400))
-    check("validate_model_on_init rejects another model", lambda: raises(
-        lambda: ChatOllama(model="llama3.1:8b", base_url=url, validate_model_on_init=True), ValueError))
+    check(
+        "with_structured_output json_mode (raw parses)",
+        lambda: json.loads(
+            llm.with_structured_output(Score, method="json_mode", include_raw=True).invoke(QUESTION)["raw"].content
+        ),
+    )
+    check(
+        "bind_tools is refused (400)",
+        lambda: raises(lambda: llm.bind_tools([_TOOL]).invoke(QUESTION), ResponseError, 400),
+    )
+    check(
+        "reasoning is refused (400)",
+        lambda: raises(
+            lambda: ChatOllama(model=model, base_url=url, reasoning=True).invoke(QUESTION), ResponseError, 400
+        ),
+    )
+    check(
+        "validate_model_on_init rejects another model",
+        lambda: raises(lambda: ChatOllama(model="llama3.1:8b", base_url=url, validate_model_on_init=True), ValueError),
+    )
 
     completion = OllamaLLM(model=model, base_url=url, temperature=0, num_predict=N)
     plain = ref.generate(PROMPT, temperature=0, num_predict=N)["response"]
@@ -320,10 +476,15 @@ def check_langchain(url: str, model: str, ref: Reference, check: Checks) -> None
     check("OllamaLLM stream", lambda: same("".join(completion.stream(PROMPT)), plain, "stream"))
 
     embeddings = OllamaEmbeddings(model=model, base_url=url)
-    check("OllamaEmbeddings embed_documents", lambda: unit(embeddings.embed_documents(["first text", "second text"]), ref.width))
+    check(
+        "OllamaEmbeddings embed_documents",
+        lambda: unit(embeddings.embed_documents(["first text", "second text"]), ref.width),
+    )
     check("OllamaEmbeddings embed_query", lambda: unit([embeddings.embed_query("first text")], ref.width))
-    check("OllamaEmbeddings dimensions", lambda: unit(
-        [OllamaEmbeddings(model=model, base_url=url, dimensions=8).embed_query("first text")], 8))
+    check(
+        "OllamaEmbeddings dimensions",
+        lambda: unit([OllamaEmbeddings(model=model, base_url=url, dimensions=8).embed_query("first text")], 8),
+    )
 
     async def async_embed():
         return unit(await embeddings.aembed_documents(["first text"]), ref.width)
@@ -341,7 +502,10 @@ def check_llamaindex(url: str, model: str, ref: Reference, check: Checks) -> Non
     options = {"num_predict": N}
     llm = Ollama(model=model, base_url=url, temperature=0, request_timeout=120, additional_kwargs=options)
     text = ref.chat(QUESTION, temperature=0, num_predict=N)["message"]["content"]
-    check("metadata (context window from /api/show)", lambda: equal(llm.metadata.context_window, ref.context, "context_window"))
+    check(
+        "metadata (context window from /api/show)",
+        lambda: equal(llm.metadata.context_window, ref.context, "context_window"),
+    )
     check("complete", lambda: same(llm.complete(QUESTION).text, text))
     check("stream_complete", lambda: same("".join(r.delta for r in llm.stream_complete(QUESTION)), text, "stream"))
     messages = [ChatMessage(role="user", content=QUESTION)]
@@ -353,14 +517,47 @@ def check_llamaindex(url: str, model: str, ref: Reference, check: Checks) -> Non
         return same("".join([r.delta async for r in await llm.astream_chat(messages)]), text, "astream_chat")
 
     check("achat, astream_chat", async_calls)
-    seeded = Ollama(model=model, base_url=url, temperature=1.0, request_timeout=120,
-                    additional_kwargs={"seed": 7, "num_predict": 12})
-    check("seed", lambda: same(seeded.complete(QUESTION).text,
-                               ref.chat(QUESTION, temperature=1.0, seed=7, num_predict=12)["message"]["content"]))
-    check("stop", lambda: stops(lambda stop: Ollama(model=model, base_url=url, temperature=0, request_timeout=120,
-                                                    additional_kwargs={**options, "stop": stop}).complete(QUESTION).text, text))
-    check("json_mode", lambda: json.loads(Ollama(model=model, base_url=url, temperature=0, request_timeout=120,
-                                                 json_mode=True, additional_kwargs=options).complete(QUESTION).text))
+    seeded = Ollama(
+        model=model,
+        base_url=url,
+        temperature=1.0,
+        request_timeout=120,
+        additional_kwargs={"seed": 7, "num_predict": 12},
+    )
+    check(
+        "seed",
+        lambda: same(
+            seeded.complete(QUESTION).text,
+            ref.chat(QUESTION, temperature=1.0, seed=7, num_predict=12)["message"]["content"],
+        ),
+    )
+    check(
+        "stop",
+        lambda: stops(
+            lambda stop: (
+                Ollama(
+                    model=model,
+                    base_url=url,
+                    temperature=0,
+                    request_timeout=120,
+                    additional_kwargs={**options, "stop": stop},
+                )
+                .complete(QUESTION)
+                .text
+            ),
+            text,
+        ),
+    )
+    check(
+        "json_mode",
+        lambda: json.loads(
+            Ollama(
+                model=model, base_url=url, temperature=0, request_timeout=120, json_mode=True, additional_kwargs=options
+            )
+            .complete(QUESTION)
+            .text
+        ),
+    )
 
     class Score(BaseModel):
         score: int
@@ -368,9 +565,17 @@ def check_llamaindex(url: str, model: str, ref: Reference, check: Checks) -> Non
     check("structured_predict", lambda: llm.structured_predict(Score, PromptTemplate("Score {thing}."), thing="it"))
     check("as_structured_llm", lambda: llm.as_structured_llm(Score).complete(QUESTION).raw)
     embedding = OllamaEmbedding(model_name=model, base_url=url)
-    check("OllamaEmbedding text, batch, query", lambda: unit(
-        [embedding.get_text_embedding("first text"), *embedding.get_text_embedding_batch(["a", "b c"]),
-         embedding.get_query_embedding("first text")], ref.width))
+    check(
+        "OllamaEmbedding text, batch, query",
+        lambda: unit(
+            [
+                embedding.get_text_embedding("first text"),
+                *embedding.get_text_embedding_batch(["a", "b c"]),
+                embedding.get_query_embedding("first text"),
+            ],
+            ref.width,
+        ),
+    )
 
     async def async_embed():
         return unit([await embedding.aget_text_embedding("first text")], ref.width)
@@ -389,7 +594,10 @@ def check_litellm(url: str, model: str, ref: Reference, check: Checks) -> None:
 
         def stream():
             chunks = list(litellm.completion(stream=True, **kw))
-            return same("".join(c.choices[0].delta.content or "" for c in chunks), first, "stream") and f"{len(chunks)} chunks"
+            return (
+                same("".join(c.choices[0].delta.content or "" for c in chunks), first, "stream")
+                and f"{len(chunks)} chunks"
+            )
 
         check(f"{provider}/ stream", stream)
 
@@ -400,24 +608,70 @@ def check_litellm(url: str, model: str, ref: Reference, check: Checks) -> None:
 
         check(f"{provider}/ acompletion, astream", async_calls)
         seeded = {**kw, "temperature": 1.0, "seed": 7, "max_tokens": 12}
-        check(f"{provider}/ seed", lambda: same(litellm.completion(**seeded).choices[0].message.content,
-                                                litellm.completion(**seeded).choices[0].message.content))
-        check(f"{provider}/ stop", lambda: stops(lambda stop: litellm.completion(stop=stop, **kw).choices[0].message.content,
-                                                 first or ""))
-        check(f"{provider}/ response_format json_object", lambda: json.loads(litellm.completion(
-            response_format={"type": "json_object"}, **kw).choices[0].message.content))
-        check(f"{provider}/ response_format json_schema", lambda: _score(litellm.completion(
-            response_format={"type": "json_schema", "json_schema": {"name": "score", "schema": SCHEMA}},
-            **kw).choices[0].message.content))
-    check("ollama/ embedding", lambda: unit([d["embedding"] for d in litellm.embedding(
-        model=f"ollama/{model}", api_base=url, input=["first text", "second text"]).data], ref.width))
-    check("ollama/ embedding dimensions", lambda: unit([d["embedding"] for d in litellm.embedding(
-        model=f"ollama/{model}", api_base=url, input=["first text"], dimensions=8).data], 8))
-    check("text_completion", lambda: same(litellm.text_completion(
-        model=f"ollama/{model}", api_base=url, prompt=PROMPT, max_tokens=N, temperature=0).choices[0].text,
-        ref.generate(PROMPT, temperature=0, num_predict=N)["response"]))
-    check("get_model_info (from /api/show)", lambda: equal(
-        litellm.get_model_info(f"ollama/{model}", api_base=url)["max_tokens"], ref.context, "max_tokens"))
+        check(
+            f"{provider}/ seed",
+            lambda: same(
+                litellm.completion(**seeded).choices[0].message.content,
+                litellm.completion(**seeded).choices[0].message.content,
+            ),
+        )
+        check(
+            f"{provider}/ stop",
+            lambda: stops(lambda stop: litellm.completion(stop=stop, **kw).choices[0].message.content, first or ""),
+        )
+        check(
+            f"{provider}/ response_format json_object",
+            lambda: json.loads(
+                litellm.completion(response_format={"type": "json_object"}, **kw).choices[0].message.content
+            ),
+        )
+        check(
+            f"{provider}/ response_format json_schema",
+            lambda: _score(
+                litellm.completion(
+                    response_format={"type": "json_schema", "json_schema": {"name": "score", "schema": SCHEMA}}, **kw
+                )
+                .choices[0]
+                .message.content
+            ),
+        )
+    check(
+        "ollama/ embedding",
+        lambda: unit(
+            [
+                d["embedding"]
+                for d in litellm.embedding(
+                    model=f"ollama/{model}", api_base=url, input=["first text", "second text"]
+                ).data
+            ],
+            ref.width,
+        ),
+    )
+    check(
+        "ollama/ embedding dimensions",
+        lambda: unit(
+            [
+                d["embedding"]
+                for d in litellm.embedding(
+                    model=f"ollama/{model}", api_base=url, input=["first text"], dimensions=8
+                ).data
+            ],
+            8,
+        ),
+    )
+    check(
+        "text_completion",
+        lambda: same(
+            litellm.text_completion(model=f"ollama/{model}", api_base=url, prompt=PROMPT, max_tokens=N, temperature=0)
+            .choices[0]
+            .text,
+            ref.generate(PROMPT, temperature=0, num_predict=N)["response"],
+        ),
+    )
+    check(
+        "get_model_info (from /api/show)",
+        lambda: equal(litellm.get_model_info(f"ollama/{model}", api_base=url)["max_tokens"], ref.context, "max_tokens"),
+    )
 
 
 def _litellm_reply(reply, want_chat: dict, provider: str) -> str:
@@ -442,11 +696,21 @@ def _score(text: str) -> dict:
     return value
 
 
-_TOOL = {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city.",
-                                          "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
-                                                         "required": ["city"]}}}
-CHECKS = {"ollama": check_ollama, "openai": check_openai, "langchain": check_langchain,
-          "llamaindex": check_llamaindex, "litellm": check_litellm}
+_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city.",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+CHECKS = {
+    "ollama": check_ollama,
+    "openai": check_openai,
+    "langchain": check_langchain,
+    "llamaindex": check_llamaindex,
+    "litellm": check_litellm,
+}
 
 
 # -- running ----------------------------------------------------------------------------------------------
@@ -470,14 +734,24 @@ def versions(client: str) -> str:
 
 
 def start_server(python: str) -> tuple[subprocess.Popen, str]:
-    """serve_tiny.py under `python`, importing this checkout's gptcore; its URL from the first line it prints."""
+    """serve_tiny.py under `python`, importing this checkout's gptcore; its URL from the startup line it logs
+    on stderr."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    process = subprocess.Popen([python, str(HERE / "serve_tiny.py"), "--name", "tiny"], stdout=subprocess.PIPE,
-                               stderr=subprocess.DEVNULL, text=True, env=env)
-    line = process.stdout.readline()
+    process = subprocess.Popen(
+        [python, str(HERE / "serve_tiny.py"), "--name", "tiny"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    lines = [process.stderr.readline()]
+    while lines[-1] and " on http" not in lines[-1]:
+        lines.append(process.stderr.readline())
+    line = lines[-1]
     if " on http" not in line:
         process.kill()
-        raise SystemExit(f"serve_tiny.py did not start (exit {process.wait()}): {line.strip()!r}")
+        raise SystemExit(f"serve_tiny.py did not start (exit {process.wait()}): {''.join(lines).strip()[-2000:]!r}")
+    threading.Thread(target=process.stderr.read, daemon=True).start()  # the rest of its log: the pipe never fills
     return process, line.split(" on ", 1)[1].split()[0]
 
 

@@ -1,0 +1,395 @@
+"""One validated model of all of params.yaml.
+
+`Params` is the root: every top-level key and one field per params.yaml section, each section a
+pydantic model (`extra="forbid"`, strict types: no string for a number, no 1 for true) whose fields
+carry their default, their constraints and a one-line doc. Every stage validates the whole file with
+it before doing any work, so a typo anywhere stops every stage with one line naming the key path
+(`params.yaml: classifier.lr: expected a number, got 'fast'`). pydantic is pure Python here: this
+module imports no torch and stays cheap in every stage's import closure.
+"""
+
+from __future__ import annotations
+
+import typing
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+
+from gptcore.config import GPTConfig
+from gptcore.errors import ConfigError
+from gptcore.params.choices import PRECISIONS, RENAMED_PRECISIONS, Precision, Quantize, is_device_name
+from gptcore.params.errors import one_line_error
+
+
+def _http_address(value: str) -> str:
+    if not value.startswith(("http://", "https://")):
+        raise ValueError(f"expected an http(s) address, got {value!r}")
+    return value
+
+
+def _device_name(value: str) -> str:
+    if not is_device_name(value):
+        raise ValueError(f"expected auto, cpu, cuda, cuda:N or mps, got {value!r}")
+    return value
+
+
+Url = Annotated[str, AfterValidator(_http_address)]
+Fraction = Annotated[float, Field(gt=0, lt=1)]  # strictly between 0 and 1
+
+# The knobs every training stage shares; each stage's section sets its own defaults.
+Epochs = Annotated[int, Field(ge=1, description="passes over the training split")]
+BatchSize = Annotated[int, Field(ge=1, description="examples per optimizer step (the global batch under torchrun)")]
+LearningRate = Annotated[float, Field(gt=0, description="AdamW's learning rate (the peak, with a schedule)")]
+WeightDecay = Annotated[float, Field(ge=0, description="AdamW's decoupled weight decay")]
+EvalEvery = Annotated[int, Field(ge=1, description="optimizer steps between evaluations")]
+EvalBatches = Annotated[int, Field(ge=1, description="batches per evaluation (train and validation)")]
+LrSchedule = Annotated[
+    Literal["constant", "cosine"],
+    Field(description="the lr over the run (gptcore/training/schedule.py): constant, or cosine decay to zero"),
+]
+Warmup = Annotated[
+    float, Field(ge=0, lt=1, description="leading fraction of the steps with a linear lr warmup (0: none)")
+]
+Init = Annotated[
+    Literal["gpt2", "pytorch"],
+    Field(
+        description="random weights: gpt2 (OpenAI's N(0, 0.02), as nanoGPT/litgpt/HF) or pytorch (the modules' defaults, as the book)"
+    ),
+]
+
+
+def _gpt_config(value: Any) -> Any:
+    """A mapping validated by GPTConfig's own strict rules (gptcore/config.py), its problem as a ValueError."""
+    if not isinstance(value, dict):
+        return value  # a GPTConfig passes; anything else is pydantic's "expected a mapping"
+    try:
+        return GPTConfig.from_dict(value, where="")
+    except ConfigError as err:
+        raise ValueError(str(err).removeprefix(": ")) from None
+
+
+class Section(BaseModel):
+    """A params.yaml section: unknown keys and loosely typed values (text for a number, 1 for true) are errors."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None, where: str | None = None):
+        """Validate a mapping into this section.
+
+        Raises:
+            ConfigError: one line `where: key.path: problem` (the first problem found).
+        """
+        try:
+            return cls.model_validate(dict(data or {}))
+        except ValidationError as err:
+            raise one_line_error(err, cls, where or cls.__name__) from None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values (the nested GPTConfig as a mapping): what progress fingerprints and metrics record."""
+        return self.model_dump()
+
+
+class DownloadParams(Section):
+    """A download stage's section: where the file lives, and optionally its expected digest."""
+
+    url: Url = Field(description="http(s) address of the file (served from GPTCORE_MIRROR by its name when set)")
+    sha256: str | None = Field(
+        None, description="expected hex digest, checked after the download; a mismatch deletes the file"
+    )
+
+
+class CorpusDownloadParams(DownloadParams):
+    """params.yaml `download_corpus:` — the pretraining text (the book's short story)."""
+
+    url: Url = (
+        "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch02/01_main-chapter-code/the-verdict.txt"
+    )
+    sha256: str | None = "b41e41a68f0398a3154ae69e2e4c0e2694e17fe0d66730536837f1b01935b31f"
+
+
+class InstructionsDownloadParams(DownloadParams):
+    """params.yaml `download_instructions:` — the book's 1,100 instruction entries."""
+
+    url: Url = (
+        "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/01_main-chapter-code/instruction-data.json"
+    )
+    sha256: str | None = "7e09a9af353722ca15c18bc580f093f9c39d3178335a75177319cb1e1d163944"
+
+
+class SmsDownloadParams(DownloadParams):
+    """params.yaml `download_sms:` — the UCI SMS Spam Collection zip and what its data file must hold."""
+
+    url: Url = "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip"
+    sha256: str | None = None
+    backup_url: Url | None = Field(
+        "https://f001.backblazeb2.com/file/LLMs-from-scratch/sms%2Bspam%2Bcollection.zip",
+        description="tried when the main address fails (not with GPTCORE_MIRROR)",
+    )
+    expected_rows: int = Field(5574, ge=1, description="messages in SMSSpamCollection; another count is a DataError")
+
+
+class Gpt2DownloadParams(Section):
+    """params.yaml `download_gpt2:` — where OpenAI publishes its GPT-2 TensorFlow checkpoints."""
+
+    base_url: Url = Field("https://openaipublic.blob.core.windows.net/gpt-2/models", description="+ /<size>/<file>")
+
+
+class TrainConfig(Section):
+    """Optimisation knobs shared by every training stage."""
+
+    epochs: Epochs = 10
+    batch_size: BatchSize = 2
+    lr: LearningRate = 4e-4
+    weight_decay: WeightDecay = 0.1
+    eval_every: EvalEvery = 5
+    eval_batches: EvalBatches = 5
+    progress_minutes: float = Field(
+        10.0, ge=0, description="resumable progress is saved this often (and on SIGINT/SIGTERM)"
+    )
+    lr_schedule: LrSchedule = "constant"
+    warmup: Warmup = 0.0
+    # Speed and memory only (the result is the same up to float rounding; batch_size stays the global batch):
+    grad_accum: int = Field(
+        1, ge=1, description="micro-batches each process cuts its share of a batch into (less activation memory)"
+    )
+    activation_checkpointing: bool = Field(
+        False, description="recompute block activations in the backward pass (large models)"
+    )
+    compile: bool = Field(
+        False, description="torch.compile the transformer blocks (slow start; pays off on long GPU runs)"
+    )
+    step_in_backward: bool | Literal["auto"] = Field(
+        "auto",
+        description="update each weight as soon as its gradient is ready (less memory, the same update); "
+        "auto: where it applies (1 process, grad_accum 1, no fp16-mixed)",
+    )
+    recast_weights: bool | Literal["auto"] = Field(
+        "auto",
+        description="mixed precision: cast each weight again in backward instead of keeping its bf16/fp16 "
+        "copy (2 bytes/parameter less, the same gradients, one more cast per step); auto: when the copies take >= 1 GiB",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_progress_minutes(cls, data: Any) -> Any:
+        # "checkpoint" now names OpenAI's TensorFlow files only; resumable training state is "progress".
+        if isinstance(data, dict) and "checkpoint_minutes" in data:
+            raise ValueError("checkpoint_minutes: renamed to progress_minutes")
+        return data
+
+    def loop_options(self) -> dict[str, Any]:
+        """The lr schedule and the speed and memory knobs as keyword arguments of gptcore.training.loop.train."""
+        return {
+            "lr_schedule": self.lr_schedule,
+            "warmup": self.warmup,
+            "grad_accum": self.grad_accum,
+            "activation_checkpointing": self.activation_checkpointing,
+            "compile": self.compile,
+            "step_in_backward": self.step_in_backward,
+            "recast_weights": self.recast_weights,
+        }
+
+
+class PretrainParams(TrainConfig):
+    """params.yaml `pretrain:` — Stage 1, training GPTModel from scratch on a small text."""
+
+    model: Annotated[GPTConfig, BeforeValidator(_gpt_config)] = Field(
+        default_factory=lambda: GPTConfig(context_length=256, drop_rate=0.1, qkv_bias=False),
+        description="the Stage 1 architecture (also the `scratch` foundation's); keys left out take GPTConfig's defaults",
+    )
+    train_ratio: Fraction = Field(0.9, description="leading share of the text used for training, the rest validates")
+    stride: int | None = Field(None, ge=1, description="window stride in tokens; null: the context length (no overlap)")
+    init: Init = "pytorch"
+    sample_prompt: str = Field(
+        "Every effort moves you", description="the prompt of the sample continuation written after training"
+    )
+    sample_tokens: int = Field(50, ge=0, description="tokens of that sample")
+
+
+class ScratchParams(Section):
+    """params.yaml `init_scratch:` — the `scratch` foundation: random weights of the Stage 1 architecture."""
+
+    init: Init = "gpt2"  # a from-scratch classifier generalises better from gpt2's init
+
+
+class PrepareSmsParams(Section):
+    """params.yaml `prepare_sms:` — balancing and splitting, as the book's chapter 6 (defaults are its values)."""
+
+    seed: int = Field(123, description="pandas random_state of the ham subsample and of the shuffle")
+    train_frac: Fraction = 0.7
+    validation_frac: Fraction = Field(0.1, description="the test split is the rest")
+
+    @model_validator(mode="after")
+    def _leave_a_test_split(self):
+        if self.train_frac + self.validation_frac >= 1:
+            raise ValueError("train_frac + validation_frac must be less than 1 (the test split is the rest)")
+        return self
+
+
+class ClassifierParams(TrainConfig):
+    """params.yaml `classifier:` — Stage 3, finetuning the foundation into a spam classifier (book ch. 6)."""
+
+    epochs: Epochs = 5
+    batch_size: BatchSize = 8
+    lr: LearningRate = 5e-5
+    eval_every: EvalEvery = 50
+    trainable: Literal["last_block", "last_two_blocks", "all", "head"] = Field(
+        "last_block",
+        description="what trains: last_block (+ final LayerNorm + head, the book's choice), last_two_blocks, all, head",
+    )
+    token_position: Literal["last", "last_non_pad"] = Field(
+        "last",
+        description="whose logits classify: the last position (a pad for short texts, as the book) or the last real token",
+    )
+    # Warmup then cosine decay: training ends settled rather than on its last noisy steps.
+    lr_schedule: LrSchedule = "cosine"
+    warmup: Warmup = 0.1
+
+
+def _renamed_precision(value: Any) -> Any:
+    if isinstance(value, str) and value in RENAMED_PRECISIONS:
+        raise ValueError(
+            f"unknown value {value!r} (renamed: use {RENAMED_PRECISIONS[value]}); "
+            f"expected one of {', '.join(PRECISIONS)}"
+        )
+    return value
+
+
+class RunConfig(Section):
+    """Top-level params.yaml keys that every stage shares."""
+
+    seed: int = Field(123, description="seeds torch (and each rank's generator as seed + rank)")
+    device: Annotated[str, AfterValidator(_device_name)] = Field(
+        "auto", description="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps"
+    )
+    precision: Annotated[Precision, BeforeValidator(_renamed_precision)] = Field(
+        "auto", description="what each value means for training and inference: gptcore/precision.py"
+    )
+
+
+class JudgeParams(Section):
+    """params.yaml `judge:` — Stage 4b, scoring the instruction model's responses with an Ollama model."""
+
+    url: Url = Field("http://localhost:11434", description="the Ollama server")
+    model: str = Field("llama3.1:8b", min_length=1, description="the judge model, as `ollama pull` names it")
+    seed: int = Field(123, description="sent with every request, as in the reference evaluation")
+    temperature: float = Field(0.0, ge=0, description="the judge's sampling temperature (0: greedy)")
+    num_ctx: int = Field(
+        2048, ge=1, description="the judge's context in tokens; longer prompts would be cut silently by Ollama"
+    )
+    timeout: float = Field(120.0, gt=0, description="seconds to wait for one reply before retrying")
+    retries: int = Field(5, ge=0, description="retries of a request after a transient fault (connection, 5xx, timeout)")
+    backoff: float = Field(1.0, ge=0, description="seconds before the first retry, doubled after each")
+    structured: bool = Field(False, description='ask for {"score": n} through Ollama\'s `format` JSON schema')
+
+
+class PrepareInstructionsParams(Section):
+    """params.yaml `prepare_instructions:` — the book's split of the instruction data (ch. 7)."""
+
+    train_ratio: Fraction = Field(0.85, description="the first int(n * train_ratio) entries train")
+    test_ratio: Fraction = Field(0.1, description="the next int(n * test_ratio) test; the rest validates")
+    shuffle_seed: int | None = Field(
+        None, description="null: split in file order, as the book; an int: shuffle with it first"
+    )
+
+    @model_validator(mode="after")
+    def _leave_a_validation_split(self):
+        if self.train_ratio + self.test_ratio >= 1:
+            raise ValueError("train_ratio + test_ratio must be less than 1 (the validation split is the rest)")
+        return self
+
+
+class InstructionsParams(TrainConfig):
+    """params.yaml `instructions:` — Stage 4, finetuning the foundation to follow instructions (book ch. 7)."""
+
+    epochs: Epochs = 2
+    batch_size: BatchSize = 8
+    lr: LearningRate = 5e-5
+    allowed_max_length: int = Field(
+        1024, ge=2, description="tokens per training sequence; never more than the model's context"
+    )
+    mask_prompt: bool = Field(False, description="true: loss on the response tokens only (prompt targets ignored)")
+    bucket_by_length: bool = Field(False, description="true: batch examples of similar length together (less padding)")
+
+
+class GenerateParams(Section):
+    """params.yaml `generate:` — responses to the test instructions (greedy by default, as the book)."""
+
+    max_new_tokens: int = Field(256, ge=1, description="tokens generated at most per response")
+    temperature: float = Field(0.0, ge=0, description="0: greedy (argmax)")
+    top_k: int | None = Field(None, ge=1, description="sample only among the k most likely tokens (temperature > 0)")
+    seed: int = Field(123, description="batch n of the schedule samples with seed + n (unused when greedy)")
+    batch_size: int = Field(8, ge=1, description="prompts generated together (left-padded); 1: one at a time")
+    quantize: Quantize = Field(
+        "none",
+        description="int8: int8 weights, activations rounded per 32 as llama.cpp's q8_0 (CPU; gptcore/inference/quantize.py)",
+    )
+
+
+Foundation = Literal["gpt2-small", "gpt2-medium", "gpt2-large", "gpt2-xl", "pretrained", "scratch"]
+FOUNDATIONS: tuple[str, ...] = typing.get_args(Foundation)
+
+
+ExportFormat = Literal["gguf", "hf"]
+
+
+class ExportParams(Section):
+    """params.yaml `export:` — the instruction model written for other runtimes (docs/export.md)."""
+
+    formats: list[ExportFormat] = Field(
+        default_factory=lambda: ["gguf", "hf"],
+        min_length=1,
+        description="gguf: GGUF + Ollama Modelfile (llama.cpp, Ollama); hf: a Hugging Face transformers folder",
+    )
+    dtype: Literal["f32", "f16", "q8_0"] = Field(
+        "f16",
+        description="GGUF weights: f32 (exact), f16 (half the size), q8_0 (a quarter); agreement in docs/export.md",
+    )
+
+    @model_validator(mode="after")
+    def _once_each(self):
+        if len(set(self.formats)) != len(self.formats):
+            raise ValueError("formats: list each of gguf, hf at most once")
+        return self
+
+
+class Params(RunConfig):
+    """The whole of params.yaml: the top-level keys and one field per section.
+
+    Extension point: a new params.yaml section is one more field here, typed by a Section subclass
+    defined in this module (so that validating params stays torch-free and in every stage's closure).
+    """
+
+    foundation: Foundation = Field(
+        "gpt2-large",
+        description="the weights the finetuning stages start from: an OpenAI GPT-2, pretrained (Stage 1) or scratch",
+    )
+    download_gpt2: Gpt2DownloadParams = Field(default_factory=Gpt2DownloadParams)
+    download_corpus: CorpusDownloadParams = Field(default_factory=CorpusDownloadParams)
+    pretrain: PretrainParams = Field(default_factory=PretrainParams)
+    init_scratch: ScratchParams = Field(default_factory=ScratchParams)
+    download_sms: SmsDownloadParams = Field(default_factory=SmsDownloadParams)
+    prepare_sms: PrepareSmsParams = Field(default_factory=PrepareSmsParams)
+    classifier: ClassifierParams = Field(default_factory=ClassifierParams)
+    download_instructions: InstructionsDownloadParams = Field(default_factory=InstructionsDownloadParams)
+    prepare_instructions: PrepareInstructionsParams = Field(default_factory=PrepareInstructionsParams)
+    instructions: InstructionsParams = Field(default_factory=InstructionsParams)
+    generate: GenerateParams = Field(default_factory=GenerateParams)
+    judge: JudgeParams = Field(default_factory=JudgeParams)
+    export: ExportParams = Field(default_factory=ExportParams)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_openai_models(cls, data: Any) -> Any:
+        # Before the `foundation` stage, params.yaml listed the OpenAI checkpoint to fetch beside `foundation`.
+        if isinstance(data, dict) and "openai_models" in data:
+            raise ValueError(
+                "openai_models: no longer used: the foundation stage follows `foundation` alone; delete this key"
+            )
+        return data
+
+    @property
+    def run(self) -> RunConfig:
+        """The top-level keys every stage shares (seed, device, precision)."""
+        return RunConfig(seed=self.seed, device=self.device, precision=self.precision)

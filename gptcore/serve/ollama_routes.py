@@ -1,0 +1,322 @@
+"""Ollama's routes: the metadata ones (/, /api/version, /api/tags, /api/ps, /api/show, /api/pull,
+/api/delete) and generation (/api/generate, /api/chat: an NDJSON stream or one JSON reply)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+
+from gptcore.serve import protocol as p
+from gptcore.serve.chat import ROLES, TemplateError, render_chat, render_generate
+from gptcore.serve.engine import Engine
+from gptcore.serve.events import submit, wait_done
+from gptcore.serve.http_io import read_json
+from gptcore.serve.info import ServerInfo, check_model
+from gptcore.serve.jobs import Done, Piece, Sampling, TokenLogprob
+from gptcore.serve.options import MAX_TOP_LOGPROBS, checked_sampling, json_schema_grammar, top_count
+from gptcore.tokenizer import encode_text
+
+DEFAULT_TEMPERATURE = 0.8  # Ollama's sampling defaults, used when a request leaves them out
+DEFAULT_TOP_K = 40
+
+
+def ollama_metadata_routes(engine: Engine, info: ServerInfo) -> APIRouter:
+    """/, /api/version, /api/tags, /api/ps, /api/show, /api/pull, /api/delete."""
+    app = APIRouter()
+
+    @app.api_route("/", methods=["GET", "HEAD"])
+    async def root():
+        return PlainTextResponse("Ollama is running")
+
+    @app.api_route("/api/version", methods=["GET", "HEAD"])
+    async def version():
+        return {"version": info.version}
+
+    @app.api_route("/api/tags", methods=["GET", "HEAD"])
+    async def tags():
+        return {"models": [_tag(info)]}
+
+    @app.api_route("/api/ps", methods=["GET", "HEAD"])
+    async def ps():
+        if engine.model is None:
+            return {"models": []}
+        return {
+            "models": [
+                {
+                    **_tag(info),
+                    "expires_at": "2318-01-01T00:00:00Z",
+                    "size_vram": 0,
+                    "context_length": info.context_length,
+                }
+            ]
+        }
+
+    @app.post("/api/show")
+    async def show(request: Request):
+        body = p.parse(p.ShowRequest, await read_json(request, info))
+        check_model(body.model or body.name, info)
+        return _show(info)
+
+    @app.post("/api/pull")
+    async def pull(request: Request):
+        body = p.parse(p.PullRequest, await read_json(request, info))
+        check_model(body.model or body.name, info)
+        if body.stream:
+            return StreamingResponse(
+                iter([json.dumps({"status": "success"}) + "\n"]), media_type="application/x-ndjson"
+            )
+        return {"status": "success"}
+
+    @app.delete("/api/delete")
+    async def delete(request: Request):
+        await read_json(request, info, required=False)
+        raise p.RequestError(400, f"gptcore serves {info.name} from {info.path.name} and does not delete it")
+
+    return app
+
+
+def ollama_generation_routes(engine: Engine, info: ServerInfo) -> APIRouter:
+    """/api/generate and /api/chat."""
+    app = APIRouter()
+
+    @app.post("/api/generate")
+    async def generate(request: Request):
+        body = p.parse(p.GenerateRequest, await read_json(request, info))
+        return await _ollama_reply(request, engine, info, await _generate_job(engine, info, body))
+
+    @app.post("/api/chat")
+    async def chat(request: Request):
+        body = p.parse(p.ChatRequest, await read_json(request, info))
+        return await _ollama_reply(request, engine, info, await _chat_job(engine, info, body))
+
+    return app
+
+
+async def _generate_job(engine: Engine, info: ServerInfo, body: p.GenerateRequest) -> OllamaJob:
+    """An /api/generate request as the job to run, or a RequestError saying what it asks that gptcore cannot do."""
+    name = body.model_name()
+    check_model(name, info)
+    if body.images:
+        raise p.RequestError(400, f"{name} does not support images")
+    if body.suffix:
+        raise p.RequestError(400, f"{name} does not support insert (suffix)")
+    _refuse_thinking(body.think, name)
+    sampling, num_predict = _ollama_sampling(body.options)
+    grammar = await _ollama_grammar(engine, body.format)
+    try:
+        text = render_generate(body.prompt or "", body.system, body.template, body.raw)
+    except TemplateError as err:
+        raise p.RequestError(400, str(err)) from None
+    context = body.context or []
+    vocab = info.model_info.get("gpt2.vocab_size", 50257)
+    if any(not 0 <= t < vocab for t in context):
+        raise p.RequestError(400, f"invalid context: expected token ids in [0, {vocab})")
+    # Ollama: no prompt, system or template loads the model, whatever the context holds
+    ids = context + encode_text(engine.tokenizer, text) if text else []
+    return OllamaJob(
+        name,
+        ids,
+        sampling,
+        num_predict,
+        grammar,
+        body.stream,
+        chat=False,
+        raw=body.raw,
+        keep_alive=body.keep_alive,
+        logprobs=_ollama_logprobs_asked(body),
+    )
+
+
+async def _chat_job(engine: Engine, info: ServerInfo, body: p.ChatRequest) -> OllamaJob:
+    """An /api/chat request as the job to run, or a RequestError saying what it asks that gptcore cannot do."""
+    name = body.model_name()
+    check_model(name, info)
+    if body.tools:
+        raise p.RequestError(400, f"{name} does not support tools")
+    _refuse_thinking(body.think, name)
+    sampling, num_predict = _ollama_sampling(body.options)
+    grammar = await _ollama_grammar(engine, body.format)
+    messages = []
+    for i, m in enumerate(body.messages or []):
+        if m.role not in ROLES:
+            raise p.RequestError(400, f"invalid messages[{i}].role: expected one of {', '.join(ROLES)}, got {m.role!r}")
+        if m.images:
+            raise p.RequestError(400, f"{name} does not support images")
+        messages.append({"role": m.role, "content": m.content or ""})
+    ids = encode_text(engine.tokenizer, render_chat(messages)) if messages else []
+    return OllamaJob(
+        name,
+        ids,
+        sampling,
+        num_predict,
+        grammar,
+        body.stream,
+        chat=True,
+        raw=True,
+        keep_alive=body.keep_alive,
+        logprobs=_ollama_logprobs_asked(body),
+    )
+
+
+@dataclass
+class OllamaJob:
+    """A parsed /api/generate or /api/chat request: what `_ollama_reply` runs and how it answers."""
+
+    name: str  # the model name the client used, echoed in every reply
+    ids: list[int]  # the prompt's token ids (empty: load or unload the model, as Ollama does)
+    sampling: Sampling
+    num_predict: int | None  # None or < 0: until end of text or a full context
+    grammar: str | None  # llguidance grammar of `format`, or None
+    stream: bool
+    chat: bool  # /api/chat's reply shape ("message") rather than /api/generate's ("response")
+    raw: bool  # /api/generate's raw: no `context` in the reply
+    keep_alive: Any
+    logprobs: int | None = None  # alternatives per token to report, None for no logprobs
+
+
+async def _ollama_reply(request: Request, engine: Engine, info: ServerInfo, job: OllamaJob) -> Response:
+    name, ids, chat, raw, logprobs = job.name, job.ids, job.chat, job.raw, job.logprobs
+    unload = _is_zero(job.keep_alive)
+
+    def fields(text: str, done: bool, tokens: list[TokenLogprob] | None = None) -> dict:
+        head = {"model": name, "created_at": _now()}
+        reply = (
+            {**head, "message": {"role": "assistant", "content": text}, "done": done}
+            if chat
+            else {**head, "response": text, "done": done}
+        )
+        if tokens:
+            reply["logprobs"] = [_ollama_logprob(t, logprobs) for t in tokens]
+        return reply
+
+    if not ids:  # Ollama answers an empty prompt by loading (or, with keep_alive 0, unloading) the model
+        if unload:
+            engine.request_unload()
+            return JSONResponse({**fields("", True), "done_reason": "unload"})
+        load_ns = await asyncio.to_thread(engine.load)
+        return JSONResponse({**fields("", True), "done_reason": "load", "load_duration": load_ns})
+
+    def final(done: Done, text: str, tokens: list[TokenLogprob] | None = None) -> dict:
+        reply = {
+            **fields(text, True, tokens),
+            "done_reason": done.reason,
+            "total_duration": done.total_duration,
+            "load_duration": done.load_duration,
+            "prompt_eval_count": len(done.prompt_ids),
+            "prompt_eval_duration": done.prompt_eval_duration,
+            "eval_count": len(done.new_ids),
+            "eval_duration": done.eval_duration,
+        }
+        if not chat and not raw:
+            reply["context"] = done.prompt_ids + done.new_ids
+        return reply
+
+    events = submit(
+        engine, info, ids, job.sampling, job.num_predict, job.grammar, unload_after=unload, logprobs=logprobs
+    )
+    if job.stream:
+
+        async def lines() -> AsyncIterator[str]:
+            async for event in events:
+                if isinstance(event, Piece):
+                    yield json.dumps(fields(event.text, False, event.logprobs), ensure_ascii=False) + "\n"
+                elif isinstance(event, Done):
+                    yield json.dumps(final(event, ""), ensure_ascii=False) + "\n"
+                else:
+                    yield json.dumps({"error": event.message}) + "\n"
+
+        return StreamingResponse(lines(), media_type="application/x-ndjson")
+    done = await wait_done(request, events)
+    return JSONResponse(final(done, done.text, done.logprobs))
+
+
+def _ollama_sampling(options: p.Options | None) -> tuple[Sampling, int | None]:
+    o = options or p.Options()
+    temperature = DEFAULT_TEMPERATURE if o.temperature is None else o.temperature
+    top_k = DEFAULT_TOP_K if o.top_k is None else o.top_k
+    stop = [o.stop] if isinstance(o.stop, str) else (o.stop or [])
+    sampling = checked_sampling(temperature, top_k if top_k > 0 else None, o.seed, stop)
+    if o.num_predict is not None and o.num_predict < -2:
+        raise p.RequestError(
+            400, f"invalid num_predict: expected -1 (unbounded), -2 or a number >= 0, got {o.num_predict}"
+        )
+    return sampling, o.num_predict
+
+
+async def _ollama_grammar(engine: Engine, fmt: Any) -> str | None:
+    if fmt in (None, ""):
+        return None
+    return await json_schema_grammar(engine, {"type": "object"} if fmt == "json" else fmt)
+
+
+def _ollama_logprobs_asked(body) -> int | None:
+    """Ollama's logprobs / top_logprobs: how many alternatives to report per token, None for no logprobs."""
+    count = top_count(body.top_logprobs or 0, MAX_TOP_LOGPROBS, "top_logprobs")
+    return count if body.logprobs else None
+
+
+def _ollama_logprob(token: TokenLogprob, top: int) -> dict:
+    entry = {"token": token.token, "logprob": token.logprob, "bytes": list(token.raw)}
+    if top:
+        entry["top_logprobs"] = [{"token": t.token, "logprob": t.logprob, "bytes": list(t.raw)} for t in token.top]
+    return entry
+
+
+def _refuse_thinking(think: Any, name: str) -> None:
+    if think not in (None, False):
+        raise p.RequestError(400, f"{name} does not support thinking")
+
+
+def _is_zero(keep_alive: Any) -> bool:
+    if isinstance(keep_alive, (int, float)):
+        return keep_alive == 0
+    return isinstance(keep_alive, str) and keep_alive.strip() in ("0", "0s", "0m", "0h")
+
+
+def _details(info: ServerInfo) -> dict:
+    n = info.n_params
+    size = f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.0f}M"
+    return {
+        "parent_model": "",
+        "format": "safetensors",
+        "family": "gpt2",
+        "families": ["gpt2"],
+        "parameter_size": size,
+        "quantization_level": info.dtype,
+    }
+
+
+def _tag(info: ServerInfo) -> dict:
+    stat = info.path.stat()
+    return {
+        "name": info.name,
+        "model": info.name,
+        "size": stat.st_size,
+        "digest": info.digest,
+        "modified_at": datetime.fromtimestamp(stat.st_mtime, timezone.utc).isoformat(),
+        "details": _details(info),
+    }
+
+
+def _show(info: ServerInfo) -> dict:
+    return {
+        "license": "",
+        "modelfile": f"# served by gptcore from {info.path.name}\nFROM {info.path.name}\n",
+        "parameters": f"temperature {DEFAULT_TEMPERATURE}\ntop_k {DEFAULT_TOP_K}",
+        "template": "{{ .Prompt }}",
+        "details": _details(info),
+        "model_info": info.model_info,
+        "capabilities": ["completion", "embedding"],
+        "modified_at": _tag(info)["modified_at"],
+    }
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")

@@ -1,0 +1,219 @@
+"""OpenAI's routes (/v1/models, /v1/models/{model}, /v1/chat/completions, /v1/completions) and their
+reply envelopes: server-sent events or one JSON reply."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from gptcore.serve import protocol as p
+from gptcore.serve.chat import ROLES, render_chat
+from gptcore.serve.engine import Engine
+from gptcore.serve.events import submit, wait_done
+from gptcore.serve.http_io import read_json
+from gptcore.serve.info import ServerInfo, check_model
+from gptcore.serve.jobs import Done, Piece, TokenLogprob
+from gptcore.serve.options import MAX_TOP_LOGPROBS, checked_sampling, json_schema_grammar, top_count
+from gptcore.tokenizer import encode_text
+
+OPENAI_MAX_TOKENS = 16  # /v1/completions' default, as OpenAI's
+
+
+def openai_routes(engine: Engine, info: ServerInfo) -> APIRouter:
+    """/v1/models, /v1/models/{model}, /v1/chat/completions, /v1/completions."""
+    app = APIRouter()
+
+    @app.api_route("/v1/models", methods=["GET", "HEAD"])
+    async def models():
+        return {"object": "list", "data": [_openai_model(info)]}
+
+    @app.api_route("/v1/models/{model:path}", methods=["GET", "HEAD"])
+    async def model(model: str):
+        check_model(model, info)
+        return _openai_model(info)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        body = p.parse(p.ChatCompletionRequest, await read_json(request, info))
+        check_model(body.model, info)
+        if body.tools:
+            raise p.RequestError(400, f"{body.model} does not support tools")
+        messages = []
+        for i, m in enumerate(body.messages):
+            role = "system" if m.role == "developer" else m.role
+            if role not in ROLES:
+                raise p.RequestError(
+                    400, f"invalid messages[{i}].role: expected one of {', '.join(ROLES)}, got {m.role!r}"
+                )
+            messages.append({"role": role, "content": _openai_text(m.content, i)})
+        if not messages:
+            raise p.RequestError(400, "messages: at least one message is required")
+        if body.top_logprobs is not None and not body.logprobs:
+            raise p.RequestError(400, "top_logprobs: logprobs must be true to use top_logprobs")
+        logprobs = top_count(body.top_logprobs or 0, MAX_TOP_LOGPROBS, "top_logprobs") if body.logprobs else None
+        ids = encode_text(engine.tokenizer, render_chat(messages))
+        return await _openai_reply(request, engine, info, body, ids, chat=True, logprobs=logprobs)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = p.parse(p.CompletionRequest, await read_json(request, info))
+        check_model(body.model, info)
+        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        if len(prompts) != 1:
+            raise p.RequestError(400, "prompt: gptcore completes one prompt per request")
+        if not prompts[0]:
+            raise p.RequestError(400, "prompt: the prompt is empty")
+        if body.suffix:
+            raise p.RequestError(400, f"suffix: {body.model} does not support insert (fill-in-the-middle)")
+        logprobs = None if body.logprobs is None else top_count(body.logprobs, 5, "logprobs")
+        if body.echo and logprobs is not None:  # OpenAI would score the echoed prompt's tokens too
+            raise p.RequestError(400, "echo and logprobs: gptcore does not return the prompt's log-probabilities")
+        ids = encode_text(engine.tokenizer, prompts[0])
+        return await _openai_reply(
+            request, engine, info, body, ids, chat=False, logprobs=logprobs, echo=prompts[0] if body.echo else None
+        )
+
+    return app
+
+
+async def _openai_reply(
+    request: Request,
+    engine: Engine,
+    info: ServerInfo,
+    body,
+    ids: list[int],
+    chat: bool,
+    logprobs: int | None = None,
+    echo: str | None = None,
+) -> Response:
+    if body.n != 1:
+        raise p.RequestError(400, "n: gptcore returns one choice per request (n=1)")
+    temperature = 1.0 if body.temperature is None else body.temperature
+    if not 0 <= temperature <= 2:
+        raise p.RequestError(400, f"temperature: expected a number from 0 to 2, got {temperature}")
+    stop = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
+    sampling = checked_sampling(temperature, None, body.seed, stop)
+    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    if max_tokens is None and not chat:
+        max_tokens = OPENAI_MAX_TOKENS
+    if max_tokens is not None and max_tokens < 0:
+        raise p.RequestError(400, f"max_tokens: expected a number >= 0, got {max_tokens}")
+    grammar = None
+    if body.response_format is not None and body.response_format.type != "text":
+        schema = (
+            (body.response_format.json_schema or {}).get("schema")
+            if body.response_format.type == "json_schema"
+            else None
+        )
+        if body.response_format.type == "json_schema" and not isinstance(schema, dict):
+            raise p.RequestError(400, "response_format.json_schema.schema: expected a JSON schema object")
+        grammar = await json_schema_grammar(engine, schema or {"type": "object"})
+    kind = "chat.completion" if chat else "text_completion"
+    rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+    created = int(time.time())
+
+    def choice(text: str, reason: str | None, delta: bool = False, tokens: list[TokenLogprob] | None = None) -> dict:
+        shown = None
+        if logprobs is not None and tokens is not None:
+            shown = _openai_chat_logprobs(tokens) if chat else _openai_completion_logprobs(tokens, logprobs)
+        if chat:
+            key = "delta" if delta else "message"
+            return {"index": 0, key: {"role": "assistant", "content": text}, "finish_reason": reason, "logprobs": shown}
+        return {"index": 0, "text": text, "finish_reason": reason, "logprobs": shown}
+
+    def usage(done: Done) -> dict:
+        return {
+            "prompt_tokens": len(done.prompt_ids),
+            "completion_tokens": len(done.new_ids),
+            "total_tokens": len(done.prompt_ids) + len(done.new_ids),
+        }
+
+    def envelope(**extra) -> dict:
+        return {
+            "id": rid,
+            "object": kind + ("" if not extra.pop("chunk", False) else ".chunk"),
+            "created": created,
+            "model": body.model,
+            "system_fingerprint": "gptcore",
+            **extra,
+        }
+
+    events = submit(engine, info, ids, sampling, max_tokens, grammar, logprobs=logprobs)
+    if body.stream:
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
+
+        async def sse() -> AsyncIterator[str]:
+            if echo:  # the legacy API's echo: the prompt comes back first
+                yield _sse(envelope(choices=[choice(echo, None)]))
+            async for event in events:
+                if isinstance(event, Piece):
+                    if event.text or event.logprobs:
+                        yield _sse(envelope(chunk=chat, choices=[choice(event.text, None, True, event.logprobs)]))
+                elif isinstance(event, Done):
+                    yield _sse(envelope(chunk=chat, choices=[choice("", _finish_reason(event), delta=True)]))
+                    if include_usage:
+                        yield _sse(envelope(chunk=chat, choices=[], usage=usage(event)))
+                else:
+                    yield _sse(p.openai_error(500, event.message))
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(sse(), media_type="text/event-stream")
+    done = await wait_done(request, events)
+    text = (echo or "") + done.text
+    return JSONResponse(envelope(choices=[choice(text, _finish_reason(done), tokens=done.logprobs)], usage=usage(done)))
+
+
+def _openai_chat_logprobs(tokens: list[TokenLogprob]) -> dict:
+    return {
+        "content": [
+            {
+                "token": t.token,
+                "logprob": t.logprob,
+                "bytes": list(t.raw),
+                "top_logprobs": [{"token": a.token, "logprob": a.logprob, "bytes": list(a.raw)} for a in t.top],
+            }
+            for t in tokens
+        ],
+        "refusal": None,
+    }
+
+
+def _openai_completion_logprobs(tokens: list[TokenLogprob], top: int) -> dict:
+    """The legacy completions shape: parallel lists, and where each token's text starts in the reply."""
+    return {
+        "tokens": [t.token for t in tokens],
+        "token_logprobs": [t.logprob for t in tokens],
+        "top_logprobs": [{a.token: a.logprob for a in t.top} for t in tokens] if top else None,
+        "text_offset": [t.offset for t in tokens],
+    }
+
+
+def _finish_reason(done: Done) -> str:
+    return "length" if done.reason == "length" else "stop"
+
+
+def _sse(obj: dict) -> str:
+    return "data: " + json.dumps(obj, ensure_ascii=False) + "\n\n"
+
+
+def _openai_text(content: Any, i: int) -> str:
+    if content is None or isinstance(content, str):
+        return content or ""
+    parts = []
+    for part in content:
+        if part.get("type") != "text" or not isinstance(part.get("text"), str):
+            raise p.RequestError(
+                400, f"messages[{i}].content: only text parts are supported, got {str(part.get('type'))[:40]!r}"
+            )
+        parts.append(part["text"])
+    return "\n".join(parts)
+
+
+def _openai_model(info: ServerInfo) -> dict:
+    return {"id": info.name, "object": "model", "created": info.created, "owned_by": "gptcore"}

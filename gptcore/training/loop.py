@@ -1,0 +1,264 @@
+"""The one training loop every stage shares: evaluation on schedule, saved progress and exact resume."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import re
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from gptcore.console import GuardedStream
+from gptcore.device import forked_rng, is_main_process
+from gptcore.errors import WeightsError
+from gptcore.model import set_activation_checkpointing
+from gptcore.precision import make_grad_scaler
+from gptcore.training.evaluation import LossFn
+from gptcore.training.interrupt import StopRequest
+from gptcore.training.progress import Progress, all_rng_states, check_same_start, own_rng_state, set_rng_state
+from gptcore.training.schedule import lr_factor
+from gptcore.training.step import StepRunner, compile_blocks
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    """What a training run did; `history` has one row per evaluation."""
+
+    history: list[dict[str, float]] = field(default_factory=list)
+    steps: int = 0
+    tokens_seen: int = 0
+    seconds: float = 0.0
+    resumed_at_step: int = 0
+
+
+@dataclass(frozen=True)
+class LoopOptions:
+    """How `train` runs. Every stage's params section gives these (e.g. TrainConfig.loop_options()).
+
+    grad_accum cuts each process's share of a batch into micro-batches; activation_checkpointing
+    recomputes each block's activations in the backward pass (less memory); compile runs the blocks
+    through torch.compile; step_in_backward updates each parameter as soon as its gradient is complete
+    and recast_weights keeps no low-precision weight copies for backward (less memory; see StepRunner).
+    None of them changes the result beyond float rounding.
+    lr_schedule and warmup scale each param group's lr per step (gptcore.training.schedule, through
+    torch.optim.lr_scheduler.LambdaLR): the optimizer's lr is the peak. seed: under torchrun, each
+    process reseeds with seed + rank once the weights are in place.
+    """
+
+    epochs: int
+    eval_every: int
+    lr_schedule: str = "constant"
+    warmup: float = 0.0
+    grad_accum: int = 1
+    activation_checkpointing: bool = False
+    compile: bool = False
+    step_in_backward: bool | str = "auto"
+    recast_weights: bool | str = "auto"
+    seed: int | None = None
+    show_progress: bool = True
+    desc: str = "train"
+
+
+def train(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    train_loader,
+    loss_fn: LossFn,
+    evaluate: Callable[[nn.Module], dict[str, float]],
+    device: torch.device,
+    options: LoopOptions,
+    precision: str = "fp32",
+    progress: Progress | None = None,
+    report: Callable[[list[dict[str, float]]], None] | None = None,
+) -> TrainResult:
+    """Train for `options.epochs` over train_loader, evaluating after the first step and every `eval_every`.
+
+    The loader must use a ResumableBatchSampler: a resumed run replays the same batch order, RNG,
+    optimizer and lr-schedule state, so on CPU it ends bitwise equal to an uninterrupted run. Progress
+    is saved at SIGINT/SIGTERM (then KeyboardInterrupt is raised) and every `progress.every_seconds`.
+
+    Under torchrun every process runs this with the same arguments: each takes its share of every
+    global batch (see StepRunner), the main process evaluates and alone saves the progress, and all
+    of them return the same history. Randomness (dropout): one process draws from a fork of torch's
+    global generators, starting where the caller left them (a resumed run: where the progress file
+    left them); under torchrun each process reseeds it with `seed + rank` (as nanoGPT does), and the
+    progress file keeps every process's RNG state. The caller's generators are as they were on return.
+    fp16-mixed scales the loss (torch.amp.GradScaler, its state saved with the progress).
+
+    report(history) is called with the whole history once the saved progress is restored (a resumed
+    run's rows, or none) and again after every evaluation, so that a logger can rebuild what it wrote
+    from the progress and then follow the run (gptcore.training.live.TrainingLog).
+
+    Raises:
+        TrainingError: a non-finite loss (the error names the step; saved progress is kept).
+        WeightsError: progress that does not fit the model, or was made by another number of processes.
+    """
+    lr_factor(0, 1, options.lr_schedule, options.warmup)  # a bad schedule fails before any work
+    run = _TrainingRun(model, optimizer, train_loader, loss_fn, evaluate, device, options, precision, progress, report)
+    try:
+        run.start()
+        with StopRequest() as stop, run.bar:
+            for epoch in range(run.start_epoch, options.epochs):
+                run.run_epoch(epoch, stop)
+    finally:
+        run.close()
+    return run.result
+
+
+class _TrainingRun:
+    """The state of one call of `train`, and its steps: restore, run an epoch, evaluate, save."""
+
+    def __init__(self, model, optimizer, train_loader, loss_fn, evaluate, device, options, precision, progress, report):
+        self.model, self.optimizer, self.loader = model, optimizer, train_loader
+        self.loss_fn, self.evaluate_fn, self.device = loss_fn, evaluate, device
+        self.options, self.precision, self.progress = options, precision, progress
+        self.report = report
+        self.batches_per_epoch = len(train_loader.batch_sampler.batches())
+        self.total_steps = options.epochs * self.batches_per_epoch
+        self.result = TrainResult()
+        self.start_epoch, self.skip = 0, 0
+        self.runner: StepRunner | None = None
+        self.rng = contextlib.ExitStack()  # the fork of torch's generators the run draws from (start to close)
+        self.output = GuardedStream(sys.stderr)
+        self.bar = tqdm(
+            total=self.total_steps,
+            desc=options.desc,
+            unit="step",
+            file=self.output,
+            disable=not options.show_progress or not is_main_process(),
+        )
+        self.started = time.perf_counter()
+
+    def start(self) -> None:
+        """Restore saved progress (if any), set up the speed options, the step runner and the schedule."""
+        self.rng.enter_context(forked_rng(self.device))  # before resume or torchrun set the generators
+        saved = self.restore()
+        opts = self.options
+        if opts.activation_checkpointing:
+            set_activation_checkpointing(self.model, True)
+        if opts.compile:
+            compile_blocks(self.model)
+        scaler = make_grad_scaler(self.device, self.precision, saved.get("grad_scaler") if saved else None)
+        self.runner = StepRunner(
+            self.model,
+            self.optimizer,
+            self.loss_fn,
+            self.device,
+            self.precision,
+            opts.grad_accum,
+            opts.step_in_backward,
+            scaler,
+            opts.recast_weights,
+        )
+        if self.runner.world > 1:
+            check_same_start(self.result.steps, self.progress)
+        if saved is not None:
+            set_rng_state(own_rng_state(saved["rng"], self.runner.world, self.runner.rank, self.progress))
+        elif self.runner.world > 1 and opts.seed is not None:
+            torch.manual_seed(opts.seed + self.runner.rank)  # after DDP's broadcast of the weights
+        for group in self.optimizer.param_groups:  # progress saved by versions that kept the peak as peak_lr
+            if "peak_lr" in group:
+                group.setdefault("initial_lr", group.pop("peak_lr"))
+        factor = functools.partial(
+            lr_factor, total_steps=self.total_steps, schedule=opts.lr_schedule, warmup=opts.warmup
+        )
+        # last_epoch: the steps already taken (a resumed optimizer brings back each group's initial_lr)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor, last_epoch=self.result.steps - 1)
+        self.bar.reset(total=self.total_steps)
+        self.bar.update(self.result.steps)
+        self.started = time.perf_counter() - self.result.seconds
+        self.model.train()
+        if self.report is not None:
+            self.report(self.result.history)
+
+    def restore(self) -> dict[str, Any] | None:
+        """Load the saved model, optimizer, history and position; None when starting afresh."""
+        saved = self.progress.load() if self.progress is not None else None
+        if saved is None:
+            return None
+        try:
+            self.model.load_state_dict(saved["model"])
+            self.optimizer.load_state_dict(saved["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as err:
+            raise WeightsError(f"{self.progress.path}: does not fit this model: {err}") from None
+        r = self.result
+        r.history, r.steps, r.tokens_seen = list(saved["history"]), saved["step"], saved["tokens_seen"]
+        r.seconds, r.resumed_at_step = saved["seconds"], saved["step"]
+        self.start_epoch, self.skip = divmod(r.steps, self.batches_per_epoch)
+        return saved
+
+    def run_epoch(self, epoch: int, stop: StopRequest) -> None:
+        """The epoch's remaining steps: a step, its evaluation when due, a save when due, a stop when asked."""
+        self.loader.batch_sampler.set_epoch(epoch, self.skip if epoch == self.start_epoch else 0)
+        r = self.result
+        for batch in self.loader:
+            with warnings.catch_warnings():  # a skipped fp16 step (overflow) is not a misordered call
+                warnings.filterwarnings("ignore", re.escape("Detected call of `lr_scheduler.step()`"))
+                self.runner.step(batch, r.steps + 1)
+                self.scheduler.step()
+            r.steps += 1
+            r.tokens_seen += batch[0].numel()
+            if (r.steps - 1) % self.options.eval_every == 0 or r.steps == self.total_steps:
+                self.evaluate(epoch)
+            r.seconds = time.perf_counter() - self.started
+            # Every process takes part in a save (their RNG states are gathered) and in a stop. Nothing
+            # is printed between a stop request and the save: the reader of our output may be gone.
+            stopping = self.runner.agree(stop.requested or self.output.broken)
+            if self.progress is not None and self.runner.agree(stopping or (is_main_process() and self.progress.due())):
+                self.save()
+            self.bar.update(1)
+            if stopping:
+                saved = "progress saved, re-run to resume" if self.progress is not None else "no progress folder"
+                logger.info(f"interrupted at step {r.steps}; {saved}")
+                raise KeyboardInterrupt
+
+    def evaluate(self, epoch: int) -> None:
+        """One history row: step, epoch, tokens seen and the evaluate callback's values."""
+        row = {"step": self.result.steps, "epoch": epoch + 1, "tokens_seen": self.result.tokens_seen}
+        row.update(self.runner.evaluate(self.evaluate_fn))
+        self.result.history.append(row)
+        self.bar.set_postfix({k: f"{v:.3f}" for k, v in row.items() if k.endswith("loss")}, refresh=False)
+        if self.report is not None:
+            self.report(self.result.history)
+
+    def save(self) -> None:
+        """Write the progress file (main process); every process's RNG state goes in it."""
+        states = all_rng_states(self.runner.world)
+        if not is_main_process():
+            return
+        r = self.result
+        self.progress.save(
+            {
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "rng": states,  # one per process, in rank order
+                "grad_scaler": self.runner.scaler.state_dict() if self.runner.scaler is not None else {},
+                "history": r.history,
+                "step": r.steps,
+                "tokens_seen": r.tokens_seen,
+                "seconds": r.seconds,
+            }
+        )
+
+    def close(self) -> None:
+        """The model leaves as it came: no hooks, no recomputation, not compiled, in eval mode."""
+        self.rng.close()  # the caller's generator states come back
+        if self.runner is not None:
+            self.runner.close()
+        if self.options.activation_checkpointing:
+            set_activation_checkpointing(self.model, False)
+        if self.options.compile:
+            compile_blocks(self.model, False)
+        self.model.eval()
+        self.result.seconds = time.perf_counter() - self.started
