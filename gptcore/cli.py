@@ -59,10 +59,9 @@ def _generate(args: argparse.Namespace) -> int:
     from gptcore.inference.decoding import cast_for_inference, generate, ids_to_text, make_generator, text_to_ids
     from gptcore.precision import autocast, resolve_precision
     from gptcore.tokenizer import EOT_ID, get_tokenizer
-    from gptcore.weights import load_model
 
     device = resolve_device(args.device)
-    model = load_model(args.model, device=device)
+    model = _load_model(args.model, args.adapter, device)
     if model.config.num_classes is not None:
         raise GptcoreError(f"{args.model}: is a classifier; use `gptcore classify`")
     precision = resolve_precision(args.precision, device, "inference")
@@ -83,19 +82,37 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_model(path: str, adapter: str | None, device):
+    """The weights file's model, with the adapter file merged in where one is given."""
+    if adapter is None:
+        from gptcore.weights import load_model
+
+        return load_model(path, device=device)
+    from gptcore.recipes.merge import load_with_adapter
+
+    return load_with_adapter(path, adapter, device)[0]
+
+
 def _classify(args: argparse.Namespace) -> int:
     from gptcore.device import resolve_device
     from gptcore.recipes.classifier import classify_texts, load_classifier
+    from gptcore.recipes.merge import load_with_adapter
     from gptcore.tokenizer import get_tokenizer
 
-    model, info = load_classifier(args.model, device=resolve_device(args.device))
+    device = resolve_device(args.device)
+    if args.adapter is None:
+        model, info = load_classifier(args.model, device=device)
+    else:
+        model, info = load_with_adapter(args.model, args.adapter, device)
+        if info is None:
+            raise GptcoreError(f"{args.adapter}: is a language model's adapter, not a classifier's")
     for label, probability in classify_texts(model, info, get_tokenizer(), args.texts):
         print(f"{label} {probability:.3f}")
     return 0
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from gptcore.serve import serve
+    from gptcore.serve import LoadOptions, serve
 
     serve(
         args.model,
@@ -104,11 +121,27 @@ def _serve(args: argparse.Namespace) -> int:
         name=args.name,
         device=args.device,
         max_predict=args.max_predict,
-        precision=args.precision,
-        quantize=args.quantize,
         origins=[o for o in (args.origins or "").split(",") if o.strip()],
+        load=LoadOptions(precision=args.precision, quantize=args.quantize, adapter=args.adapter),
     )
     return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from gptcore.recipes.merge import merge_adapter
+
+    kind = merge_adapter(args.base, args.adapter, args.out)
+    print(f"merged {args.adapter} into {args.base} -> {args.out} ({kind})")
+    return 0
+
+
+def _add_adapter(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--adapter",
+        default=None,
+        help="a LoRA adapter file (adapter.safetensors of a finetuning stage) applied to --model at load time; "
+        "refused unless --model is the weights file it was trained on",
+    )
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -161,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(verbs)
     _add_classify(verbs)
     _add_serve(verbs)
+    _add_merge(verbs)
     _add_bench(verbs)
     return parser
 
@@ -210,6 +244,7 @@ def _add_generate(verbs) -> None:
     """`gptcore generate`: continue a prompt."""
     p = verbs.add_parser("generate", help="continue a prompt with a gptcore weights file")
     p.add_argument("--model", required=True, help="weights file (.safetensors)")
+    _add_adapter(p)
     p.add_argument("--prompt", required=True, help="the text to continue")
     p.add_argument(
         "--max-new-tokens",
@@ -245,7 +280,12 @@ def _add_generate(verbs) -> None:
 def _add_classify(verbs) -> None:
     """`gptcore classify`: label texts spam or ham."""
     p = verbs.add_parser("classify", help="label texts spam or ham with a classifier weights file")
-    p.add_argument("--model", required=True, help="classifier weights file (models/classifier/model.safetensors)")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="classifier weights file (models/classifier/model.safetensors), or the foundation with --adapter",
+    )
+    _add_adapter(p)
     p.add_argument(
         "--device", type=device_name, default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps"
     )
@@ -257,6 +297,7 @@ def _add_serve(verbs) -> None:
     """`gptcore serve`: the Ollama/OpenAI-compatible server."""
     p = verbs.add_parser("serve", help="serve a weights file over Ollama's and OpenAI's REST APIs (docs/serving.md)")
     p.add_argument("--model", required=True, help="weights file (.safetensors)")
+    _add_adapter(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=integer(0, 65535), default=11434, help="Ollama's port by default; 0 picks a free one")
     p.add_argument("--name", default=None, help="model name clients use (default: the weights file's folder)")
@@ -277,6 +318,15 @@ def _add_serve(verbs) -> None:
     )
     _add_decoding_precision(p)
     p.set_defaults(func=_serve)
+
+
+def _add_merge(verbs) -> None:
+    """`gptcore merge`: a base weights file + a LoRA adapter file -> one weights file."""
+    p = verbs.add_parser("merge", help="merge a LoRA adapter file into the base weights file it was trained on")
+    p.add_argument("base", metavar="BASE", help="the base weights file (the stage's foundation)")
+    p.add_argument("adapter", metavar="ADAPTER", help="the adapter file (adapter.safetensors)")
+    p.add_argument("out", metavar="OUT", help="the merged weights file to write (.safetensors)")
+    p.set_defaults(func=_merge)
 
 
 def _add_bench(verbs) -> None:

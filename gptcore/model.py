@@ -104,11 +104,16 @@ class CausalSelfAttention(nn.Module):
         """The output [B, C] at one position per row (position [B]), from x [B, T, C]: keys and values of
         every position, the query and the output projection of the chosen ones only."""
         B, T, C = x.shape
-        weight, bias = self.qkv.weight, self.qkv.bias
-        kv = F.linear(x, weight[C:], None if bias is None else bias[C:])  # [B, T, 2C]
-        k, v = kv.view(B, T, 2, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, T, hd]
         x_at = x[torch.arange(B, device=x.device), position]  # [B, C]
-        q = F.linear(x_at, weight[:C], None if bias is None else bias[:C]).view(B, self.n_heads, 1, self.head_dim)
+        if type(self.qkv) is nn.Linear:
+            weight, bias = self.qkv.weight, self.qkv.bias
+            kv = F.linear(x, weight[C:], None if bias is None else bias[C:])  # [B, T, 2C]
+            q = F.linear(x_at, weight[:C], None if bias is None else bias[:C])  # [B, C]
+        else:  # a subclass (a LoRA layer) adds to the whole product: call it, and keep the chosen queries
+            qkv = self.qkv(x)  # [B, T, 3C]
+            q, kv = qkv[torch.arange(B, device=x.device), position, :C], qkv[..., C:]
+        k, v = kv.reshape(B, T, 2, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, T, hd]
+        q = q.reshape(B, self.n_heads, 1, self.head_dim)
         mask = (torch.arange(T, device=x.device)[None, :] <= position[:, None])[:, None, None, :]  # [B, 1, 1, T]
         return self.out_proj(self._attend(q, k, v, mask, causal=False).reshape(B, C))
 

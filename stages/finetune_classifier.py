@@ -2,7 +2,8 @@
 
 Reads params `classifier:` and the top-level `seed`, `device`, `precision`; the foundation weights
 file and the prepared splits come from the command line. Writes the classifier weights file (with
-its padding rule in the metadata), and through DVCLive (gptcore/training/live.py) the metrics JSON, rewritten
+its padding rule in the metadata; under `trainable: lora` the adapters merged into it, and the adapter
+file beside it), and through DVCLive (gptcore/training/live.py) the metrics JSON, rewritten
 at every evaluation while it trains and ending with the accuracies on the full splits, and the plots
 folder: one table per logged value, the loss and accuracy figures, and the test set's confusion
 table. Progress is kept in --progress-dir, so an interrupted run resumes where it stopped. dvc.yaml starts
@@ -14,6 +15,7 @@ from gptcore.data.sms import SPLITS
 from gptcore.device import is_main_process
 from gptcore.entry import run_entry
 from gptcore.params.load import load_params
+from gptcore.recipes.adapters import CLASSIFIER_HEAD, finish_lora
 from gptcore.recipes.classifier import save_classifier
 from gptcore.recipes.classify import finetune_classifier
 from gptcore.training.live import TrainingLog
@@ -28,7 +30,10 @@ def main() -> None:
     parser.add_argument("--foundation", required=True, help="weights file to start from")
     for name in SPLITS:
         parser.add_argument(f"--{name}", required=True, help=f"the {name} split CSV")
-    parser.add_argument("--out", required=True, help="classifier weights file")
+    parser.add_argument("--out", required=True, help="classifier weights file (adapters merged, under LoRA)")
+    parser.add_argument(
+        "--adapter-out", required=True, help="the LoRA adapter file, written with classifier.trainable: lora"
+    )
     parser.add_argument(
         "--metrics",
         required=True,
@@ -56,6 +61,9 @@ def main() -> None:
         if not is_main_process():  # under torchrun, rank 0 writes the outputs
             return
         history = outcome.result.history
+        if outcome.lora is not None:
+            extra = outcome.info.to_metadata()
+            finish_lora(outcome.model, outcome.lora, args.foundation, args.adapter_out, CLASSIFIER_HEAD, extra)
         save_classifier(outcome.model, outcome.info, args.out)
         figures = {
             "loss.png": line_figure(

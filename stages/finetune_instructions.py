@@ -2,7 +2,8 @@
 
 Reads --model (models/<foundation>/model.safetensors, a language model), the train and validation
 splits, params `instructions:` and the top-level `seed`, `device`, `precision`. Writes the finetuned
-weights, and through DVCLive (gptcore/training/live.py) the metrics JSON (losses before and after), rewritten
+weights (under `method: lora` the adapters merged into them, and the adapter file beside them), and
+through DVCLive (gptcore/training/live.py) the metrics JSON (losses before and after), rewritten
 at every evaluation while it trains, and the plots folder: one table per logged value and the loss
 figure. Progress is kept in --progress-dir, so an interrupted run resumes where it stopped.
 """
@@ -11,6 +12,7 @@ from gptcore.arguments import ArgumentParser
 from gptcore.device import is_main_process
 from gptcore.entry import run_entry
 from gptcore.params.load import load_params
+from gptcore.recipes.adapters import finish_lora
 from gptcore.recipes.instruct import finetune_instructions
 from gptcore.training.live import TrainingLog
 from gptcore.training.plots import line_figure
@@ -25,7 +27,8 @@ def main() -> None:
     parser.add_argument("--model", required=True, help="foundation weights file")
     parser.add_argument("--train", required=True, help="train split (JSON list of entries)")
     parser.add_argument("--val", required=True, help="validation split (JSON list of entries)")
-    parser.add_argument("--out", required=True, help="finetuned weights file")
+    parser.add_argument("--out", required=True, help="finetuned weights file (adapters merged, under LoRA)")
+    parser.add_argument("--adapter-out", required=True, help="the LoRA adapter file, written with method: lora")
     parser.add_argument(
         "--metrics", required=True, help="metrics JSON (live while training; then losses before and after, timing)"
     )
@@ -48,6 +51,8 @@ def main() -> None:
         )
         if not is_main_process():  # under torchrun, rank 0 writes the outputs
             return
+        if outcome.lora is not None:
+            finish_lora(outcome.model, outcome.lora, args.model, args.adapter_out)
         save_model(outcome.model, args.out)
         loss = line_figure(
             outcome.history,

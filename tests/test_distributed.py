@@ -257,10 +257,22 @@ def test_pretrain_stage_runs_unchanged_under_torchrun(tmp_path, mirror_dir):
         assert metrics["two"][key] == pytest.approx(metrics["one"][key], abs=1e-5)
 
 
+LORA = {"rank": 4, "alpha": 8.0}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", ["finetune_classifier", "finetune_instructions"])
-def test_finetune_stages_run_unchanged_under_torchrun(tmp_path, stage, stage_inputs):
-    """The same stage script, one process vs two gloo processes with the same global batch."""
+@pytest.mark.parametrize(
+    "stage, method",
+    [
+        ("finetune_classifier", {}),
+        ("finetune_instructions", {}),
+        ("finetune_classifier", {"trainable": "lora", "lora": LORA}),
+        ("finetune_instructions", {"method": "lora", "lora": LORA}),
+    ],
+    ids=["classifier", "instructions", "lora_classifier", "lora_instructions"],
+)
+def test_finetune_stages_run_unchanged_under_torchrun(tmp_path, stage, method, stage_inputs):
+    """The same stage script, one process vs two gloo processes with the same global batch (and LoRA)."""
     from test_resume_stages import _classifier_run, _instructions_run
 
     make = {"finetune_classifier": _classifier_run, "finetune_instructions": _instructions_run}[stage]
@@ -277,6 +289,7 @@ def test_finetune_stages_run_unchanged_under_torchrun(tmp_path, stage, stage_inp
             epochs=1,
             grad_accum=grad_accum,
             progress_minutes=10.0,
+            **method,
         )
         cmd = [run.cmd[0], *launcher, *run.cmd[1:]]
         proc = subprocess.run(cmd, cwd=run.workdir, capture_output=True, text=True, timeout=900, env=env)

@@ -37,7 +37,7 @@ BAD = [
     (
         "bad choice",
         {"classifier": {"trainable": "everything"}},
-        "error: params.yaml: classifier.trainable: expected one of last_block, last_two_blocks, all, head, got 'everything'",
+        "error: params.yaml: classifier.trainable: expected one of last_block, last_two_blocks, all, head, lora, got 'everything'",
     ),
     (
         "unknown foundation",

@@ -142,10 +142,12 @@ def test_cli_generate_with_int8(weights, mirror_dir):
 def test_server_serves_int8(weights, mirror_dir, monkeypatch):
     import httpx
 
-    from gptcore.serve import Server
+    from gptcore.serve import LoadOptions, Server
 
     monkeypatch.setenv("GPTCORE_MIRROR", str(mirror_dir))
-    server = Server(weights, "127.0.0.1", 0, name="tiny", device="cpu", quiet=True, quantize="int8").start()
+    server = Server(
+        weights, "127.0.0.1", 0, name="tiny", device="cpu", quiet=True, load=LoadOptions(quantize="int8")
+    ).start()
     try:
         reply = httpx.post(
             server.url + "/api/generate",

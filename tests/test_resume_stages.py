@@ -261,6 +261,8 @@ def _classifier_run(workdir: Path, inputs: Path, foundation: str = "lm.safetenso
         str(inputs / "test.csv"),
         "--out",
         "model.safetensors",
+        "--adapter-out",
+        "adapter.safetensors",
         "--metrics",
         "metrics.json",
         "--plots",
@@ -268,11 +270,12 @@ def _classifier_run(workdir: Path, inputs: Path, foundation: str = "lm.safetenso
         "--progress-dir",
         "ck",
     ]
+    lora = overrides.get("trainable") == "lora" or overrides.get("method") == "lora"
     return StageRun(
         workdir,
         cmd,
         _progress_saved,
-        ["model.safetensors", "metrics.json", "plots"],
+        ["model.safetensors", "metrics.json", "plots", *(["adapter.safetensors"] if lora else [])],
         {"metrics.json": {"train_seconds"}},
         live=("metrics.json", "plots"),
     )
@@ -302,6 +305,8 @@ def _instructions_run(workdir: Path, inputs: Path, foundation: str = "lm.safeten
         str(inputs / "val.json"),
         "--out",
         "model.safetensors",
+        "--adapter-out",
+        "adapter.safetensors",
         "--metrics",
         "metrics.json",
         "--plots",
@@ -309,11 +314,12 @@ def _instructions_run(workdir: Path, inputs: Path, foundation: str = "lm.safeten
         "--progress-dir",
         "ck",
     ]
+    lora = overrides.get("trainable") == "lora" or overrides.get("method") == "lora"
     return StageRun(
         workdir,
         cmd,
         _progress_saved,
-        ["model.safetensors", "metrics.json", "plots"],
+        ["model.safetensors", "metrics.json", "plots", *(["adapter.safetensors"] if lora else [])],
         {"metrics.json": {"train_seconds"}},
         live=("metrics.json", "plots"),
     )
@@ -436,6 +442,14 @@ def _kill_and_resume(
     return resumed.stdout + resumed.stderr
 
 
+def _lora_classifier_run(workdir: Path, inputs: Path) -> StageRun:
+    return _classifier_run(workdir, inputs, trainable="lora", lora={"rank": 4, "alpha": 8.0, "dropout": 0.1})
+
+
+def _lora_instructions_run(workdir: Path, inputs: Path) -> StageRun:
+    return _instructions_run(workdir, inputs, method="lora", lora={"rank": 4, "alpha": 8.0, "dropout": 0.1})
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "make, says",
@@ -443,8 +457,10 @@ def _kill_and_resume(
         (_classifier_run, "resuming from"),
         (_instructions_run, "resuming from"),
         (_generation_run, "responses already generated"),
+        (_lora_classifier_run, "resuming from"),
+        (_lora_instructions_run, "resuming from"),
     ],
-    ids=["finetune_classifier", "finetune_instructions", "generate_responses"],
+    ids=["finetune_classifier", "finetune_instructions", "generate_responses", "lora_classifier", "lora_instructions"],
 )
 def test_stage_resumes_exactly(tmp_path, mirror_dir, stage_inputs, make, says):
     log = _kill_and_resume(lambda d: make(d, stage_inputs), tmp_path, _env(mirror_dir))

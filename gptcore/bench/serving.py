@@ -48,7 +48,7 @@ def run(
 ) -> dict:
     from gptcore.config import GPTConfig
     from gptcore.model import random_model
-    from gptcore.serve import Limits, Server
+    from gptcore.serve import Limits, LoadOptions, Server
     from gptcore.tokenizer import get_tokenizer
     from gptcore.weights import save_model
 
@@ -62,7 +62,7 @@ def run(
             0,
             name="bench",
             device="cpu",
-            precision=precision,
+            load=LoadOptions(precision=precision),
             quiet=True,
             limits=Limits(max_batch=max(clients, 1)),
         ).start()

@@ -67,7 +67,11 @@ def _unwrap(hint: Any) -> Any:
 def _choices(model: Any, loc: tuple) -> tuple | None:
     hint = model
     for part in loc:
-        hint = _unwrap(_fields_of(hint).get(part))
+        if isinstance(part, int):  # an item of a list: its element type
+            args = typing.get_args(hint)
+            hint = _unwrap(args[0]) if args else None
+        else:
+            hint = _unwrap(_fields_of(hint).get(part))
     return typing.get_args(hint) if typing.get_origin(hint) is Literal else None
 
 

@@ -227,6 +227,30 @@ class PrepareSmsParams(Section):
         return self
 
 
+LoraTarget = Literal["qkv", "out_proj", "fc", "proj", "out_head"]
+
+
+class LoraParams(Section):
+    """A `lora:` section: low-rank adapters W x + (alpha / rank) B A x on the frozen foundation's Linear
+    layers (gptcore/training/lora.py; Hu et al. 2021, the book's appendix E)."""
+
+    rank: int = Field(16, ge=1, description="r, the inner dimension of B A")
+    alpha: float = Field(16.0, gt=0, description="the update is scaled by alpha / rank")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapters' input (0: none)")
+    targets: list[LoraTarget] = Field(
+        default_factory=lambda: ["qkv", "out_proj", "fc", "proj"],
+        min_length=1,
+        description="the Linear layers adapted in every block (qkv, out_proj, fc, proj), and out_head for an "
+        "untied language-model head (GPT-2's is tied to the token embedding; a classifier's new head trains whole)",
+    )
+
+    @model_validator(mode="after")
+    def _once_each(self):
+        if len(set(self.targets)) != len(self.targets):
+            raise ValueError("targets: list each layer at most once")
+        return self
+
+
 class ClassifierParams(TrainConfig):
     """params.yaml `classifier:` — Stage 3, finetuning the foundation into a spam classifier (book ch. 6)."""
 
@@ -234,10 +258,19 @@ class ClassifierParams(TrainConfig):
     batch_size: BatchSize = 8
     lr: LearningRate = 5e-5
     eval_every: EvalEvery = 50
-    trainable: Literal["last_block", "last_two_blocks", "all", "head"] = Field(
+    trainable: Literal["last_block", "last_two_blocks", "all", "head", "lora"] = Field(
         "last_block",
-        description="what trains: last_block (+ final LayerNorm + head, the book's choice), last_two_blocks, all, head",
+        description="what trains: last_block (+ final LayerNorm + head, the book's choice), last_two_blocks, all, "
+        "head, or lora (adapters from `lora:` + the head)",
     )
+    lora: LoraParams = Field(default_factory=LoraParams, description="the adapters of trainable: lora")
+
+    @model_validator(mode="after")
+    def _head_trains_whole(self):
+        if "out_head" in self.lora.targets:
+            raise ValueError("lora.targets: out_head: a classifier's new head trains whole; list block layers only")
+        return self
+
     token_position: Literal["last", "last_non_pad"] = Field(
         "last",
         description="whose logits classify: the last position (a pad for short texts, as the book) or the last real token",
@@ -311,6 +344,10 @@ class InstructionsParams(TrainConfig):
     )
     mask_prompt: bool = Field(False, description="true: loss on the response tokens only (prompt targets ignored)")
     bucket_by_length: bool = Field(False, description="true: batch examples of similar length together (less padding)")
+    method: Literal["full", "lora"] = Field(
+        "full", description="full: every weight trains; lora: the frozen foundation gains adapters from `lora:`"
+    )
+    lora: LoraParams = Field(default_factory=LoraParams, description="the adapters of method: lora")
 
 
 class GenerateParams(Section):

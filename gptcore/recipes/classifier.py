@@ -5,7 +5,6 @@ classify the whole text. Building it, choosing what trains, its weights file, an
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import itertools
 import json
@@ -22,14 +21,15 @@ from gptcore.data.sms import LABELS, PAD_ID, encode_texts, pad_ids
 from gptcore.device import forked_rng
 from gptcore.errors import WeightsError
 from gptcore.model import GPTModel
-from gptcore.precision import COMPUTE_DTYPES
+from gptcore.training.lora import LoRAConfig, apply_lora, mark_only_lora_as_trainable
+from gptcore.training.mixed_linear import frozen_linears_in
 from gptcore.weights import load_into, load_model, load_state, read_metadata, save_model
 
 if TYPE_CHECKING:
     pass
 
 METADATA_KEY = "gptcore_classifier"
-TRAINABLE = ("last_block", "last_two_blocks", "all", "head")
+TRAINABLE = ("last_block", "last_two_blocks", "all", "head", "lora")
 TOKEN_POSITIONS = ("last", "last_non_pad")
 
 
@@ -81,14 +81,26 @@ def load_foundation(path: str | os.PathLike, num_classes: int = 2, *, seed: int 
     return build_classifier(config, state, num_classes, seed=seed, device=device, source=str(path))
 
 
-def set_trainable(model: GPTModel, trainable: str) -> list[nn.Parameter]:
+def set_trainable(model: GPTModel, trainable: str, lora: LoRAConfig | None = None) -> list[nn.Parameter]:
     """Freeze everything, then unfreeze what `trainable` names; return the trainable parameters.
 
     last_block: the last transformer block + final LayerNorm + head (the book's choice);
-    last_two_blocks: the last two blocks + final LayerNorm + head; head: the head only; all: everything.
+    last_two_blocks: the last two blocks + final LayerNorm + head; head: the head only; all: everything;
+    lora: adapters (`lora`) on the frozen blocks' Linear layers, drawn from torch's global generator
+    (seed it), + the new head, which trains whole as PEFT's modules_to_save (an adapter on a freshly
+    drawn layer would save nothing).
+
+    Raises:
+        ValueError: an unknown `trainable`, or lora without its config.
+        ConfigError: a LoRA config that does not fit the model (gptcore.training.lora.apply_lora).
     """
     if trainable not in TRAINABLE:
         raise ValueError(f"trainable: expected one of {', '.join(TRAINABLE)}, got {trainable!r}")
+    if trainable == "lora":
+        if lora is None:
+            raise ValueError("trainable: lora needs a LoRA config")
+        apply_lora(model, lora)
+        return mark_only_lora_as_trainable(model, also=("out_head",))
     if trainable == "all":
         modules = [model]
     else:
@@ -117,30 +129,10 @@ def frozen_prefix(model: GPTModel) -> int | None:
     return count
 
 
-@contextlib.contextmanager
 def frozen_linears_cast(model: GPTModel, frozen_blocks: int | None, precision: str):
-    """Hold the Linear weights of the first `frozen_blocks` blocks in the low precision while inside.
-
-    Under bf16/fp16 autocast every Linear casts its fp32 weight and bias at every forward pass; a
-    frozen weight always casts to the same values, so casting it once gives the same outputs without
-    the per-step copies (about 10% of a 774M classifier step on CPU). LayerNorms and embeddings stay
-    fp32, as autocast runs them. The fp32 tensors come back on exit (the saved model is unchanged).
-    A no-op in fp32 or when nothing is frozen.
-    """
-    dtype = COMPUTE_DTYPES[precision]
-    originals: dict[nn.Parameter, torch.Tensor] = {}
-    if precision.endswith("-mixed") and frozen_blocks:
-        for block in model.trf_blocks[:frozen_blocks]:
-            for module in block.modules():
-                if isinstance(module, nn.Linear):
-                    for param in module.parameters():
-                        originals[param] = param.data
-                        param.data = param.data.to(dtype)
-    try:
-        yield model
-    finally:
-        for param, data in originals.items():
-            param.data = data
+    """Hold the blocks' frozen Linear weights in the low precision while inside (a no-op when
+    frozen_blocks is None: the embeddings train): gptcore.training.mixed_linear.frozen_linears_in."""
+    return frozen_linears_in(model.trf_blocks, precision, enabled=frozen_blocks is not None)
 
 
 def token_index(idx: torch.Tensor, token_position: str, pad_id: int = PAD_ID) -> torch.Tensor:
@@ -180,6 +172,22 @@ def save_classifier(model: GPTModel, info: ClassifierInfo, path: str | os.PathLi
     save_model(model, path, extra=info.to_metadata())
 
 
+def parse_info(text: str, source: str | os.PathLike) -> ClassifierInfo:
+    """The ClassifierInfo stored as JSON in a weights or adapter file's metadata.
+
+    Raises:
+        WeightsError: one line naming `source`: not JSON, missing or unknown fields, an unknown token position.
+    """
+    try:
+        raw = json.loads(text)
+        info = ClassifierInfo(**{**raw, "labels": tuple(raw["labels"])})
+    except (json.JSONDecodeError, TypeError, KeyError) as err:
+        raise WeightsError(f"{source}: bad {METADATA_KEY} metadata: {err}") from None
+    if info.token_position not in TOKEN_POSITIONS:
+        raise WeightsError(f"{source}: {METADATA_KEY} metadata does not fit the model ({info})")
+    return info
+
+
 def load_classifier(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[GPTModel, ClassifierInfo]:
     """A classifier weights file and its ClassifierInfo (defaults for files that carry none)."""
     model = load_model(path, device)
@@ -191,12 +199,8 @@ def load_classifier(path: str | os.PathLike, device: str | torch.device = "cpu")
     if METADATA_KEY not in metadata:
         labels = LABELS if model.config.num_classes == len(LABELS) else tuple(map(str, range(model.config.num_classes)))
         return model, ClassifierInfo(labels=labels)
-    try:
-        raw = json.loads(metadata[METADATA_KEY])
-        info = ClassifierInfo(**{**raw, "labels": tuple(raw["labels"])})
-    except (json.JSONDecodeError, TypeError, KeyError) as err:
-        raise WeightsError(f"{path}: bad {METADATA_KEY} metadata: {err}") from None
-    if len(info.labels) != model.config.num_classes or info.token_position not in TOKEN_POSITIONS:
+    info = parse_info(metadata[METADATA_KEY], path)
+    if len(info.labels) != model.config.num_classes:
         raise WeightsError(f"{path}: {METADATA_KEY} metadata does not fit the model ({info})")
     return model, info
 

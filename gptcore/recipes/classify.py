@@ -25,6 +25,7 @@ from gptcore.errors import DataError
 from gptcore.model import GPTModel
 from gptcore.params.schema import ClassifierParams, RunConfig
 from gptcore.precision import autocast, resolve_precision, weights_dtype
+from gptcore.recipes.adapters import lora_config
 from gptcore.recipes.classifier import (
     ClassifierInfo,
     class_logits,
@@ -37,6 +38,7 @@ from gptcore.recipes.metrics import confusion_rows, split_metrics
 from gptcore.tokenizer import get_tokenizer
 from gptcore.training.evaluation import to_device
 from gptcore.training.loop import LoopOptions, TrainResult, train
+from gptcore.training.lora import LoRAConfig
 from gptcore.training.progress import Progress, open_progress
 
 if TYPE_CHECKING:
@@ -130,6 +132,7 @@ class ClassifierOutcome:
     metrics: dict[str, float]
     confusion: list[dict[str, str]]  # test set: one {actual, predicted} row per message
     progress: Progress | None  # call .finish() once the outputs are written
+    lora: LoRAConfig | None = None  # the adapters' config (trainable: lora): finish with recipes.adapters.finish_lora
 
 
 def finetune_classifier(
@@ -154,7 +157,9 @@ def finetune_classifier(
     frames = {name: read_split(splits[name]) for name in ("train", "validation", "test")}
     tokenizer = get_tokenizer()
     model = load_foundation(foundation, len(LABELS), seed=run.seed, device=device).to(weights_dtype(precision))
-    trainable = set_trainable(model, params.trainable)
+    lora = lora_config(params.lora) if params.trainable == "lora" else None
+    with forked_rng(device, run.seed):  # LoRA's A matrices; the caller's generators stay as they were
+        trainable = set_trainable(model, params.trainable, lora)
     data = _classifier_data(frames, tokenizer, splits, params, run.seed, model.config.context_length)
     info = ClassifierInfo(max_length=data.train_set.max_length, token_position=params.token_position)
     job = _Finetuning(model, trainable, data, params, device, precision, run.seed)
@@ -165,7 +170,7 @@ def finetune_classifier(
     frozen = frozen_prefix(model) if no_grad_prefix else None
     result = _train_classifier(job, optimizer, progress, frozen, show_progress, report)
     metrics, confusion = _final_metrics(job, result)
-    return ClassifierOutcome(model.cpu(), info, result, metrics, confusion, progress)
+    return ClassifierOutcome(model.cpu(), info, result, metrics, confusion, progress, lora)
 
 
 @dataclass

@@ -24,9 +24,12 @@ from gptcore.model import GPTModel
 from gptcore.params.schema import GenerateParams, InstructionsParams, RunConfig
 from gptcore.precision import autocast, resolve_precision, weights_dtype
 from gptcore.prompt import RESPONSE_MARKER, format_input
+from gptcore.recipes.adapters import add_lora, lora_config
 from gptcore.tokenizer import EOT_ID, encode_text, get_tokenizer
 from gptcore.training.evaluation import lm_loss, loss_evaluator, perplexity
 from gptcore.training.loop import LoopOptions, TrainResult, train
+from gptcore.training.lora import LoRAConfig
+from gptcore.training.mixed_linear import frozen_linears_in
 from gptcore.training.progress import Progress, code_digest, fingerprint, open_progress
 from gptcore.training.step import make_optimizer
 from gptcore.weights import load_model
@@ -52,6 +55,7 @@ class FinetuneOutcome:
     history: list[dict[str, float]]  # one row per evaluation, the one before training first (step 0)
     metrics: dict[str, float]
     progress: Progress | None  # call .finish() once the outputs are written
+    lora: LoRAConfig | None = None  # the adapters' config (method: lora): finish with recipes.adapters.finish_lora
 
 
 def finetune_instructions(
@@ -74,6 +78,8 @@ def finetune_instructions(
     tokenizer = get_tokenizer()
     train_entries, val_entries = read_instructions(train_path), read_instructions(val_path)
     model = load_language_model(foundation, device).to(weights_dtype(precision))
+    lora = lora_config(params.lora) if params.method == "lora" else None
+    trainable = add_lora(model, lora, device, run.seed) if lora else list(model.parameters())
     train_loader, val_loader = build_instruction_loaders(
         train_entries,
         val_entries,
@@ -84,7 +90,7 @@ def finetune_instructions(
         mask_prompt=params.mask_prompt,
         bucket_by_length=params.bucket_by_length,
     )
-    optimizer = make_optimizer(model.parameters(), params.lr, params.weight_decay, device)
+    optimizer = make_optimizer(trainable, params.lr, params.weight_decay, device)
     progress = open_progress(progress_dir, params, run.to_dict(), precision, inputs=[foundation, train_path, val_path])
     evaluate = loss_evaluator(train_loader, val_loader, lm_loss, device, precision, params.eval_batches)
     # The foundation's losses on the same batches, before any update (a resumed run recomputes them:
@@ -99,7 +105,9 @@ def finetune_instructions(
         **params.loop_options(),
     )
     with_before = (lambda rows: report([before, *rows])) if report is not None else None
-    with forked_rng(device, run.seed):  # dropout's draws; the caller's generators stay as they were
+    # Dropout's draws come from a fork of the generators (the caller's stay as they were); under LoRA the
+    # frozen base's Linear weights are held in the compute dtype (gptcore.training.mixed_linear).
+    with forked_rng(device, run.seed), frozen_linears_in(model.trf_blocks, precision, enabled=lora is not None):
         result = train(
             model, optimizer, train_loader, lm_loss, evaluate, device, options, precision, progress, report=with_before
         )
@@ -115,7 +123,7 @@ def finetune_instructions(
         "steps": result.steps,
         "train_seconds": round(result.seconds, 2),
     }
-    return FinetuneOutcome(model.cpu(), result, [before, *result.history], metrics, progress)
+    return FinetuneOutcome(model.cpu(), result, [before, *result.history], metrics, progress, lora)
 
 
 def prompt_ids(entry: dict, tokenizer) -> list[int]:

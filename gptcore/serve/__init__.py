@@ -42,6 +42,16 @@ class Limits:
     max_predict: int | None = None
 
 
+@dataclass(frozen=True)
+class LoadOptions:
+    """How the served model is loaded: the precision it decodes in, int8 weights (`quantize`), and a LoRA
+    adapter file applied to the weights file at load time (merged in memory; nothing is written)."""
+
+    precision: str = "fp32"
+    quantize: str = "none"
+    adapter: str | os.PathLike | None = None
+
+
 class Server:
     """A loaded model, its engine, and a bound uvicorn server (not yet serving); port 0 picks a free one."""
 
@@ -52,11 +62,10 @@ class Server:
         port: int = 11434,
         name: str | None = None,
         device: str = "auto",
-        precision: str = "fp32",
         origins: list[str] | None = None,
         limits: Limits = Limits(),
         quiet: bool = False,
-        quantize: str = "none",
+        load: LoadOptions = LoadOptions(),
     ):
         # The server's own imports first: a missing one fails before the model loads.
         import uvicorn
@@ -66,8 +75,8 @@ class Server:
 
         path = Path(model_path)
         self.device = resolve_device(device)
-        self.engine = self._load_engine(path, precision, quantize, limits.max_batch)
-        self.info = self._describe(path, name, host, origins, limits, quantize)
+        self.engine = self._load_engine(path, load, limits.max_batch)
+        self.info = self._describe(path, name, host, origins, limits, load.quantize)
         self.socket = _listen(host, port)
         self.host, self.port = self.socket.getsockname()[:2]
         app = create_app(self.engine, self.info)
@@ -85,7 +94,7 @@ class Server:
         )
         self._thread: threading.Thread | None = None
 
-    def _load_engine(self, path: Path, precision: str, quantize: str, max_batch: int) -> Engine:
+    def _load_engine(self, path: Path, load: LoadOptions, max_batch: int) -> Engine:
         """The engine, its model loaded on self.device (a classifier is refused)."""
         from gptcore.inference.decoding import cast_for_inference
         from gptcore.precision import autocast, resolve_precision
@@ -93,18 +102,25 @@ class Server:
         from gptcore.tokenizer import get_tokenizer
         from gptcore.weights import load_model
 
-        resolved = resolve_precision(precision, self.device, "inference")
+        resolved = resolve_precision(load.precision, self.device, "inference")
 
-        def load():
-            """The model as served: loaded, checked to be a language model, cast for inference."""
-            model = load_model(path, device=self.device)
+        def load_for_serving():
+            """The model as served: loaded (the adapter merged in), checked to be a language model, cast for inference."""
+            if load.adapter is None:
+                model = load_model(path, device=self.device)
+            else:
+                from gptcore.recipes.merge import load_with_adapter
+
+                model, _ = load_with_adapter(path, load.adapter, self.device)
             if model.config.num_classes is not None:
                 raise GptcoreError(
                     f"{path}: is a classifier ({model.config.num_classes} classes); only language models can be served"
                 )
-            return cast_for_inference(model, resolved, quantize)
+            return cast_for_inference(model, resolved, load.quantize)
 
-        engine = Engine(load, get_tokenizer(), max_batch=max_batch, compute=lambda: autocast(self.device, resolved))
+        engine = Engine(
+            load_for_serving, get_tokenizer(), max_batch=max_batch, compute=lambda: autocast(self.device, resolved)
+        )
         engine.ensure_loaded()
         return engine
 
@@ -207,9 +223,8 @@ def serve(
     name: str | None = None,
     device: str = "auto",
     max_predict: int | None = None,
-    precision: str = "fp32",
     origins: list[str] | None = None,
-    quantize: str = "none",
+    load: LoadOptions = LoadOptions(),
 ) -> None:
     """Load the model and serve it until interrupted (Ctrl-C)."""
     server = Server(
@@ -218,10 +233,9 @@ def serve(
         port,
         name=name,
         device=device,
-        precision=precision,
         origins=origins,
         limits=Limits(max_predict=max_predict),
-        quantize=quantize,
+        load=load,
     )
     if host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning(

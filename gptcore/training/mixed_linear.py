@@ -8,16 +8,20 @@ backward in all, 1.54 GB of it such copies). `recast_weights_in_backward` makes 
 fp32 weight (held anyway) and cast it again in backward instead: the same values, so the same
 gradients, for one extra cast per weight per step (reading 4 and writing 2 bytes per parameter: for
 124M about 3% of a CPU training step, where memory is no concern). `recast_pays_off` is the default
-rule: recast where the copies would take RECAST_MIN_BYTES or more.
+rule: recast where the copies would take RECAST_MIN_BYTES or more. `frozen_linears_in` is the other
+side: frozen Linear weights held in the compute dtype once, instead of cast at every step.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from gptcore.precision import COMPUTE_DTYPES
 
 # 1 GiB of low-precision copies: 537M trainable parameters in bf16/fp16 (gpt2-large and gpt2-xl finetuned
 # whole; not gpt2-small/medium, not the classifier's last block), where training's memory, not its
@@ -105,3 +109,30 @@ def recast_weights_in_backward(model: nn.Module) -> Callable[[], None]:
             vars(module).pop("forward", None)
 
     return undo
+
+
+@contextlib.contextmanager
+def frozen_linears_in(module: nn.Module, precision: str, enabled: bool = True):
+    """Hold the frozen weights and biases of `module`'s Linear layers in the compute dtype while inside.
+
+    Under bf16/fp16 autocast every Linear casts its fp32 weight and bias at every forward pass; a
+    frozen weight always casts to the same values, so casting it once gives the same outputs without
+    the per-step copies (about 10% of a 774M classifier step on CPU) and, under LoRA, without keeping
+    the frozen base twice (its fp32 weights and autocast's copies). Only parameters that do not require
+    grad are cast; LayerNorms and embeddings stay fp32, as autocast runs them. The fp32 tensors come
+    back on exit (the saved model is unchanged). A no-op in fp32, bf16-true or when not enabled.
+    """
+    dtype = COMPUTE_DTYPES[precision]
+    originals: dict[nn.Parameter, torch.Tensor] = {}
+    if enabled and precision.endswith("-mixed"):
+        for layer in module.modules():
+            if isinstance(layer, nn.Linear):
+                for param in layer.parameters(recurse=False):
+                    if not param.requires_grad and param.dtype != dtype:
+                        originals[param] = param.data
+                        param.data = param.data.to(dtype)
+    try:
+        yield module
+    finally:
+        for param, data in originals.items():
+            param.data = data
