@@ -147,29 +147,8 @@ def _write_tokenizer(
 def _classifier_config(model_path: Path, config: GPTConfig, get) -> tuple[dict[str, Any], np.ndarray, int]:
     """config.json of GPT2ForSequenceClassification, the head bias folded into ln_f.bias (see the
     module docstring), and the length texts are cut to; or a WeightsError saying why not."""
-    metadata = read_metadata(model_path)
-    try:
-        info = json.loads(metadata[CLASSIFIER_KEY]) if CLASSIFIER_KEY in metadata else {}
-    except json.JSONDecodeError as err:
-        raise WeightsError(f"{model_path}: bad {CLASSIFIER_KEY} metadata: {err}") from None
-    position = info.get("token_position", "last")
-    pad_id = info.get("pad_id", EOT_ID)
-    if position != "last_non_pad":
-        raise WeightsError(
-            f"{model_path}: classifies at token_position {position!r} (the padded length's last position); "
-            "GPT2ForSequenceClassification reads the last non-pad token, the same only for token_position "
-            "last_non_pad: finetune with classifier.token_position: last_non_pad to export it"
-        )
-    if pad_id != EOT_ID:
-        raise WeightsError(f"{model_path}: pads with token {pad_id}; the export needs pad 50256 (<|endoftext|>)")
-    weight = get("out_head.weight").astype(np.float64)  # [num_classes, C]
-    bias = get("out_head.bias").astype(np.float64)  # [num_classes]
-    if np.linalg.matrix_rank(weight) < weight.shape[0]:
-        raise WeightsError(
-            f"{model_path}: the head's rows are linearly dependent, so its bias cannot move "
-            "into the final LayerNorm (GPT2ForSequenceClassification's head has no bias)"
-        )
-    fold = np.linalg.pinv(weight) @ bias  # [C], weight @ fold == bias
+    info = classifier_info(read_metadata(model_path), str(model_path))
+    fold = fold_head_bias(get("out_head.weight"), get("out_head.bias"), str(model_path))
     labels = info.get("labels") or [str(i) for i in range(config.num_classes)]
     data = config_to_hf(config)
     data.update(
@@ -182,7 +161,51 @@ def _classifier_config(model_path: Path, config: GPTConfig, get) -> tuple[dict[s
         }
     )
     max_length = info.get("max_length") or config.context_length
-    return data, fold.astype(np.float32), min(max_length, config.context_length)
+    return data, fold, min(max_length, config.context_length)
+
+
+def classifier_info(metadata: dict[str, str], source: str) -> dict[str, Any]:
+    """The classifier's settings (the `gptcore_classifier` metadata of a weights or adapter file), checked
+    to be what GPT2ForSequenceClassification computes: token_position last_non_pad with pad 50256.
+
+    Raises:
+        WeightsError: bad metadata, another token_position (`last` is the default where none is
+            stored) or another pad id, in one line.
+    """
+    try:
+        info = json.loads(metadata[CLASSIFIER_KEY]) if CLASSIFIER_KEY in metadata else {}
+    except json.JSONDecodeError as err:
+        raise WeightsError(f"{source}: bad {CLASSIFIER_KEY} metadata: {err}") from None
+    position = info.get("token_position", "last")
+    pad_id = info.get("pad_id", EOT_ID)
+    if position != "last_non_pad":
+        raise WeightsError(
+            f"{source}: classifies at token_position {position!r} (the padded length's last position); "
+            "GPT2ForSequenceClassification reads the last non-pad token, the same only for token_position "
+            "last_non_pad: finetune with classifier.token_position: last_non_pad to export it"
+        )
+    if pad_id != EOT_ID:
+        raise WeightsError(f"{source}: pads with token {pad_id}; the export needs pad 50256 (<|endoftext|>)")
+    return info
+
+
+def fold_head_bias(weight: np.ndarray, bias: np.ndarray, source: str) -> np.ndarray:
+    """The shift d [C] of the final LayerNorm's bias that stands in for the head's bias b: weight @ d == b.
+
+    weight [num_classes, C], bias [num_classes]; d = pinv(weight) b in float64, returned as float32
+    (see the module docstring: transformers' `score` has no bias).
+
+    Raises:
+        WeightsError: the head's rows are linearly dependent, so no d exists for every b.
+    """
+    weight = np.asarray(weight, dtype=np.float64)  # [num_classes, C]
+    if np.linalg.matrix_rank(weight) < weight.shape[0]:
+        raise WeightsError(
+            f"{source}: the head's rows are linearly dependent, so its bias cannot move "
+            "into the final LayerNorm (GPT2ForSequenceClassification's head has no bias)"
+        )
+    fold = np.linalg.pinv(weight) @ np.asarray(bias, dtype=np.float64)  # [C]
+    return fold.astype(np.float32)
 
 
 def _tokenizer_config(model_max_length: int, pad: bool) -> dict[str, Any]:
