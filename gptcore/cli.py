@@ -20,7 +20,15 @@ from gptcore.errors import GptcoreError
 
 def _convert(args: argparse.Namespace) -> int:
     from gptcore.convert.hf import convert_hf_folder, is_hf_folder
+    from gptcore.convert.peft import convert_peft_folder, is_peft_folder
 
+    if is_peft_folder(args.checkpoint):  # a PEFT LoRA folder: adapter_config.json + adapter_model.safetensors
+        imported = convert_peft_folder(args.checkpoint, args.out, args.base)
+        kind = "foreign PEFT" if imported.foreign else "gptcore"
+        print(f"converted a {kind} LoRA adapter (rank {imported.config.rank}) -> {args.out}")
+        return 0
+    if args.base is not None:
+        raise GptcoreError(f"--base: only for a PEFT adapter folder; {args.checkpoint} is not one")
     if is_hf_folder(args.checkpoint):  # transformers save_pretrained: config.json + weights
         result = convert_hf_folder(args.checkpoint, args.out)
     else:
@@ -34,6 +42,14 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    if args.format == "peft":
+        from gptcore.export.peft import export_peft
+
+        result = export_peft(args.model, args.out, args.base, args.base_name)
+        print(f"exported a {result.task_type} LoRA adapter ({result.tensors} tensors) -> {args.out}")
+        return 0
+    if args.base is not None or args.base_name is not None:
+        raise GptcoreError("--base and --base-name: only with --format peft")
     if args.format == "hf":
         from gptcore.export.hf import export_hf
 
@@ -204,24 +220,46 @@ def _add_convert(verbs) -> None:
     p = verbs.add_parser(
         "convert",
         help="convert an OpenAI GPT-2 TensorFlow checkpoint folder, or a Hugging Face "
-        "GPT-2 folder, into a weights file",
+        "GPT-2 folder, into a weights file; a Hugging Face PEFT LoRA folder into an adapter file",
     )
     p.add_argument(
         "checkpoint",
         metavar="CKPT_DIR",
-        help="folder with hparams.json and model.ckpt.* (OpenAI), or "
-        "config.json and model.safetensors / pytorch_model.bin (HF)",
+        help="folder with hparams.json and model.ckpt.* (OpenAI), "
+        "config.json and model.safetensors / pytorch_model.bin (HF), or adapter_config.json (PEFT)",
     )
-    p.add_argument("out", metavar="OUT", help="weights file to write (.safetensors)")
+    p.add_argument("out", metavar="OUT", help="weights file (or adapter file, for PEFT) to write (.safetensors)")
+    p.add_argument(
+        "--base",
+        default=None,
+        help="for a PEFT adapter folder: the gptcore weights file of its base (needed for one peft itself wrote)",
+    )
     p.set_defaults(func=_convert)
 
 
 def _add_export(verbs) -> None:
     """`gptcore export`: a weights file -> GGUF (+ Modelfile) or a Hugging Face folder."""
-    p = verbs.add_parser("export", help="write a weights file as GGUF (+ Ollama Modelfile) or a Hugging Face folder")
-    p.add_argument("--format", required=True, choices=("gguf", "hf"), help="gguf: llama.cpp / Ollama; hf: transformers")
-    p.add_argument("model", metavar="MODEL", help="gptcore weights file (.safetensors)")
-    p.add_argument("out", metavar="OUT", help="the .gguf file, or the folder for --format hf")
+    p = verbs.add_parser(
+        "export", help="write a weights file as GGUF (+ Ollama Modelfile) or a Hugging Face folder, an adapter as PEFT"
+    )
+    p.add_argument(
+        "--format",
+        required=True,
+        choices=("gguf", "hf", "peft"),
+        help="gguf: llama.cpp / Ollama; hf: transformers; peft: a LoRA adapter file as a Hugging Face PEFT folder",
+    )
+    p.add_argument("model", metavar="MODEL", help="gptcore weights file (.safetensors), or adapter file for peft")
+    p.add_argument("out", metavar="OUT", help="the .gguf file, or the folder for --format hf and peft")
+    p.add_argument(
+        "--base",
+        default=None,
+        help="peft: the base weights file the adapter was trained on (checked; a classifier's needs it)",
+    )
+    p.add_argument(
+        "--base-name",
+        default=None,
+        help="peft: base_model_name_or_path in adapter_config.json, e.g. the folder of `export --format hf BASE`",
+    )
     p.add_argument("--dtype", default="f32", help="GGUF weights: f32 (default, exact), f16, q8_0")
     p.add_argument(
         "--modelfile",

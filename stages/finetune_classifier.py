@@ -15,9 +15,10 @@ from gptcore.data.sms import SPLITS
 from gptcore.device import is_main_process
 from gptcore.entry import run_entry
 from gptcore.params.load import load_params
-from gptcore.recipes.adapters import CLASSIFIER_HEAD, finish_lora
-from gptcore.recipes.classifier import save_classifier
+from gptcore.recipes.adapters import write_adapter
+from gptcore.recipes.classifier import CLASSIFIER_HEAD, save_classifier
 from gptcore.recipes.classify import finetune_classifier
+from gptcore.recipes.merge import merge_adapter
 from gptcore.training.live import TrainingLog
 from gptcore.training.plots import line_figure
 
@@ -61,10 +62,12 @@ def main() -> None:
         if not is_main_process():  # under torchrun, rank 0 writes the outputs
             return
         history = outcome.result.history
-        if outcome.lora is not None:
+        if outcome.lora is None:
+            save_classifier(outcome.model, outcome.info, args.out)
+        else:  # the adapter (with the head and how to read inputs), then the merged weights from the foundation's file
             extra = outcome.info.to_metadata()
-            finish_lora(outcome.model, outcome.lora, args.foundation, args.adapter_out, CLASSIFIER_HEAD, extra)
-        save_classifier(outcome.model, outcome.info, args.out)
+            write_adapter(outcome.model, outcome.lora, args.foundation, args.adapter_out, CLASSIFIER_HEAD, extra)
+            merge_adapter(args.foundation, args.adapter_out, args.out)
         figures = {
             "loss.png": line_figure(
                 history,

@@ -12,7 +12,7 @@ from gptcore.arguments import ArgumentParser
 from gptcore.device import is_main_process
 from gptcore.entry import run_entry
 from gptcore.params.load import load_params
-from gptcore.recipes.adapters import finish_lora
+from gptcore.recipes.adapters import write_adapter, write_merged_lm
 from gptcore.recipes.instruct import finetune_instructions
 from gptcore.training.live import TrainingLog
 from gptcore.training.plots import line_figure
@@ -51,9 +51,11 @@ def main() -> None:
         )
         if not is_main_process():  # under torchrun, rank 0 writes the outputs
             return
-        if outcome.lora is not None:
-            finish_lora(outcome.model, outcome.lora, args.model, args.adapter_out)
-        save_model(outcome.model, args.out)
+        if outcome.lora is None:
+            save_model(outcome.model, args.out)
+        else:  # the adapter, then the merged weights made from the foundation's file
+            write_adapter(outcome.model, outcome.lora, args.model, args.adapter_out)
+            write_merged_lm(args.model, args.adapter_out, args.out)
         loss = line_figure(
             outcome.history,
             "tokens_seen",

@@ -1,9 +1,10 @@
-"""LoRA in the finetuning stages: adding adapters to a foundation, and writing a finished run's adapter
-file beside its merged weights. Applying an adapter file to a base: gptcore.recipes.merge.
+"""LoRA in the finetuning stages: adding adapters to a foundation, writing a finished run's adapter file,
+and its merged weights file made from the foundation's file (as `gptcore merge` makes it).
 
 The adapter file (gptcore/training/adapter_file.py) records the SHA-256 of the weights file it was
 trained on. A classifier's adapter also carries its new head (`out_head`, trained whole) and its
-ClassifierInfo, so that the language-model foundation plus the adapter rebuild the classifier.
+ClassifierInfo, so that the language-model foundation plus the adapter rebuild the classifier
+(gptcore.recipes.merge).
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ from torch import nn
 from gptcore.device import forked_rng
 from gptcore.download import sha256_of
 from gptcore.params.schema import LoraParams
-from gptcore.training.adapter_file import save_adapter
+from gptcore.training.adapter_file import apply_adapter, read_adapter, save_adapter
 from gptcore.training.lora import LoRAConfig, adapter_state_dict, apply_lora, mark_only_lora_as_trainable, merge_lora
-
-CLASSIFIER_HEAD = ("out_head",)  # what a classifier's adapter carries beside A and B
+from gptcore.training.mixed_linear import cast_frozen_linears
+from gptcore.weights import load_model, save_model
 
 
 def lora_config(params: LoraParams) -> LoRAConfig:
@@ -28,9 +29,16 @@ def lora_config(params: LoraParams) -> LoRAConfig:
     return LoRAConfig(rank=params.rank, alpha=params.alpha, dropout=params.dropout, targets=tuple(params.targets))
 
 
-def add_lora(model: nn.Module, config: LoRAConfig, device: torch.device, seed: int, also: Iterable[str] = ()):
-    """Adapters on `model`'s targeted Linear layers, A drawn after `torch.manual_seed(seed)` on a fork of
-    torch's generators (the caller's stay as they were); only A, B and the `also` parameters train.
+def add_lora(
+    model: nn.Module, config: LoRAConfig, device: torch.device, seed: int, precision: str, also: Iterable[str] = ()
+) -> list[nn.Parameter]:
+    """Adapters on `model`'s targeted Linear layers; only A, B and the `also` parameters train.
+
+    A is drawn after `torch.manual_seed(seed)` on a fork of torch's generators (the caller's stay as they
+    were). Under bf16/fp16-mixed the frozen Linear weights of the blocks are cast to the compute dtype for
+    good, as autocast would cast them at every step (the same values): the frozen base then takes 2 bytes
+    per parameter instead of 4 plus autocast's copies. The fp32 base stays in its file, from which the
+    stage's merged weights are made (`write_merged_lm`, gptcore.recipes.merge.merge_adapter).
 
     Returns:
         The trainable parameters, in model order.
@@ -40,20 +48,31 @@ def add_lora(model: nn.Module, config: LoRAConfig, device: torch.device, seed: i
     """
     with forked_rng(device, seed):
         apply_lora(model, config)
-    return mark_only_lora_as_trainable(model, also)
+    trainable = mark_only_lora_as_trainable(model, also)
+    cast_frozen_linears(model.trf_blocks, precision)  # the fp32 tensors it returns are dropped: memory freed
+    return trainable
 
 
-def finish_lora(
+def write_adapter(
     model: nn.Module,
     config: LoRAConfig,
     base_path: str | os.PathLike,
     adapter_path: str | os.PathLike,
     also: Iterable[str] = (),
     extra: dict[str, str] | None = None,
-) -> nn.Module:
-    """Write the adapter file of a finished LoRA run (its A, B and `also` tensors, the config, the base
-    file's SHA-256), then merge the adapters into the weights in place: the model is a plain GPTModel
-    again, ready to save as the stage's weights file. Returns the model."""
-    tensors = adapter_state_dict(model, also)
-    save_adapter(adapter_path, tensors, config, sha256_of(base_path), extra)
-    return merge_lora(model)
+) -> None:
+    """The adapter file of a finished LoRA run: its A, B and `also` tensors, the config, and the SHA-256
+    of the base weights file it was trained on."""
+    save_adapter(adapter_path, adapter_state_dict(model, also), config, sha256_of(base_path), extra)
+
+
+def write_merged_lm(base_path: str | os.PathLike, adapter_path: str | os.PathLike, out_path: str | os.PathLike) -> None:
+    """A language model's base weights file with the adapter merged in (fp32 arithmetic on the file's
+    weights), written as one weights file: what `gptcore merge` writes for it.
+
+    Raises:
+        WeightsError: the adapter was trained on another base, or does not fit it (one line).
+    """
+    model = load_model(base_path)
+    apply_adapter(model, read_adapter(adapter_path), sha256_of(base_path))
+    save_model(merge_lora(model), out_path)

@@ -21,7 +21,6 @@ from gptcore.data.sms import LABELS, PAD_ID, encode_texts, pad_ids
 from gptcore.device import forked_rng
 from gptcore.errors import WeightsError
 from gptcore.model import GPTModel
-from gptcore.training.lora import LoRAConfig, apply_lora, mark_only_lora_as_trainable
 from gptcore.training.mixed_linear import frozen_linears_in
 from gptcore.weights import load_into, load_model, load_state, read_metadata, save_model
 
@@ -29,7 +28,8 @@ if TYPE_CHECKING:
     pass
 
 METADATA_KEY = "gptcore_classifier"
-TRAINABLE = ("last_block", "last_two_blocks", "all", "head", "lora")
+TRAINABLE = ("last_block", "last_two_blocks", "all", "head")  # and lora: gptcore.recipes.adapters.add_lora
+CLASSIFIER_HEAD = ("out_head",)  # the new head: trains whole beside LoRA's adapters, saved in the adapter file
 TOKEN_POSITIONS = ("last", "last_non_pad")
 
 
@@ -81,26 +81,19 @@ def load_foundation(path: str | os.PathLike, num_classes: int = 2, *, seed: int 
     return build_classifier(config, state, num_classes, seed=seed, device=device, source=str(path))
 
 
-def set_trainable(model: GPTModel, trainable: str, lora: LoRAConfig | None = None) -> list[nn.Parameter]:
+def set_trainable(model: GPTModel, trainable: str) -> list[nn.Parameter]:
     """Freeze everything, then unfreeze what `trainable` names; return the trainable parameters.
 
     last_block: the last transformer block + final LayerNorm + head (the book's choice);
-    last_two_blocks: the last two blocks + final LayerNorm + head; head: the head only; all: everything;
-    lora: adapters (`lora`) on the frozen blocks' Linear layers, drawn from torch's global generator
-    (seed it), + the new head, which trains whole as PEFT's modules_to_save (an adapter on a freshly
-    drawn layer would save nothing).
+    last_two_blocks: the last two blocks + final LayerNorm + head; head: the head only; all: everything.
+    (`trainable: lora`, adapters on the frozen blocks + the head whole, is gptcore.recipes.adapters.add_lora
+    with CLASSIFIER_HEAD: an adapter on a freshly drawn head would save nothing, as PEFT's modules_to_save.)
 
     Raises:
-        ValueError: an unknown `trainable`, or lora without its config.
-        ConfigError: a LoRA config that does not fit the model (gptcore.training.lora.apply_lora).
+        ValueError: an unknown `trainable`.
     """
     if trainable not in TRAINABLE:
         raise ValueError(f"trainable: expected one of {', '.join(TRAINABLE)}, got {trainable!r}")
-    if trainable == "lora":
-        if lora is None:
-            raise ValueError("trainable: lora needs a LoRA config")
-        apply_lora(model, lora)
-        return mark_only_lora_as_trainable(model, also=("out_head",))
     if trainable == "all":
         modules = [model]
     else:

@@ -25,8 +25,9 @@ from gptcore.errors import DataError
 from gptcore.model import GPTModel
 from gptcore.params.schema import ClassifierParams, RunConfig
 from gptcore.precision import autocast, resolve_precision, weights_dtype
-from gptcore.recipes.adapters import lora_config
+from gptcore.recipes.adapters import add_lora, lora_config
 from gptcore.recipes.classifier import (
+    CLASSIFIER_HEAD,
     ClassifierInfo,
     class_logits,
     frozen_linears_cast,
@@ -158,8 +159,10 @@ def finetune_classifier(
     tokenizer = get_tokenizer()
     model = load_foundation(foundation, len(LABELS), seed=run.seed, device=device).to(weights_dtype(precision))
     lora = lora_config(params.lora) if params.trainable == "lora" else None
-    with forked_rng(device, run.seed):  # LoRA's A matrices; the caller's generators stay as they were
-        trainable = set_trainable(model, params.trainable, lora)
+    if lora is None:
+        trainable = set_trainable(model, params.trainable)
+    else:
+        trainable = add_lora(model, lora, device, run.seed, precision, also=CLASSIFIER_HEAD)
     data = _classifier_data(frames, tokenizer, splits, params, run.seed, model.config.context_length)
     info = ClassifierInfo(max_length=data.train_set.max_length, token_position=params.token_position)
     job = _Finetuning(model, trainable, data, params, device, precision, run.seed)

@@ -29,7 +29,6 @@ from gptcore.tokenizer import EOT_ID, encode_text, get_tokenizer
 from gptcore.training.evaluation import lm_loss, loss_evaluator, perplexity
 from gptcore.training.loop import LoopOptions, TrainResult, train
 from gptcore.training.lora import LoRAConfig
-from gptcore.training.mixed_linear import frozen_linears_in
 from gptcore.training.progress import Progress, code_digest, fingerprint, open_progress
 from gptcore.training.step import make_optimizer
 from gptcore.weights import load_model
@@ -79,7 +78,7 @@ def finetune_instructions(
     train_entries, val_entries = read_instructions(train_path), read_instructions(val_path)
     model = load_language_model(foundation, device).to(weights_dtype(precision))
     lora = lora_config(params.lora) if params.method == "lora" else None
-    trainable = add_lora(model, lora, device, run.seed) if lora else list(model.parameters())
+    trainable = add_lora(model, lora, device, run.seed, precision) if lora else list(model.parameters())
     train_loader, val_loader = build_instruction_loaders(
         train_entries,
         val_entries,
@@ -105,9 +104,7 @@ def finetune_instructions(
         **params.loop_options(),
     )
     with_before = (lambda rows: report([before, *rows])) if report is not None else None
-    # Dropout's draws come from a fork of the generators (the caller's stay as they were); under LoRA the
-    # frozen base's Linear weights are held in the compute dtype (gptcore.training.mixed_linear).
-    with forked_rng(device, run.seed), frozen_linears_in(model.trf_blocks, precision, enabled=lora is not None):
+    with forked_rng(device, run.seed):  # dropout's draws; the caller's generators stay as they were
         result = train(
             model, optimizer, train_loader, lm_loss, evaluate, device, options, precision, progress, report=with_before
         )
