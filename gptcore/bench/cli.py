@@ -68,7 +68,7 @@ def _add_timing(parser: argparse.ArgumentParser) -> None:
 
 def _add_gptcore_settings(parser: argparse.ArgumentParser) -> None:
     """gptcore's own settings: the training step's memory savers, compile, and int8 decoding."""
-    from gptcore.arguments import positive_int
+    from gptcore.arguments import non_negative_int, positive_int
     from gptcore.params.choices import QUANTIZE
 
     parser.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per step (train)")
@@ -89,6 +89,13 @@ def _add_gptcore_settings(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="mixed precision: cast weights again in backward instead of keeping bf16 copies (less "
         "memory, the same gradients); default: as the training stages, for 1 GiB+ of copies",
+    )
+    parser.add_argument(
+        "--lora-rank",
+        type=non_negative_int,
+        default=0,
+        help="train: LoRA adapters of this rank (alpha = rank) on every block's Linear layers, the base "
+        "frozen as the finetuning stages' `lora:` holds it; 0: full finetuning",
     )
     parser.add_argument(
         "--quantize",
@@ -175,6 +182,7 @@ def run_tasks(args: argparse.Namespace) -> Iterator[str]:
             recast_weights="auto" if args.recast_weights is None else args.recast_weights,
             keep_freed_memory=args.keep_freed_memory,
             quantize=args.quantize,
+            lora_rank=args.lora_rank,
             hf_keep_freed_memory=args.hf_keep_freed_memory,
         )
         hf_precisions = ("fp32", "bf16") if args.hf == "both" else (args.hf,)

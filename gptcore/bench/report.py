@@ -109,9 +109,11 @@ def _setting_columns(spec: BenchSpec) -> dict[str, Any]:
         or spec.compile
         or spec.step_in_backward != "auto"
         or spec.recast_weights != "auto"
+        or spec.lora_rank
     ):
         return {}
     return {
+        "lora_rank": spec.lora_rank,
         "grad_accum": spec.grad_accum,
         "activation_checkpointing": spec.activation_checkpointing,
         "compile": spec.compile,

@@ -33,6 +33,9 @@ class BenchSpec:
     compile: bool = False
     step_in_backward: bool | str = "auto"  # as the training stages: on where it applies (StepRunner)
     recast_weights: bool | str = "auto"  # as the training stages: for 1 GiB+ of weight copies (StepRunner)
+    # train: LoRA adapters of this rank (alpha = rank) on every block's Linear layers, the rest frozen, as
+    # the finetuning stages' `lora:` (gptcore/recipes/adapters.py); 0: every weight trains
+    lora_rank: int = 0
     quantize: str = "none"  # gptcore's decoding weights: none, or int8 (gptcore/inference/quantize.py)
     # Start gptcore's worker with glibc's allocator keeping freed memory (gptcore/training/allocator.py); None: as
     # the entry points of the task's work start, with it for train/classify (dvc.yaml's fixed-shape

@@ -116,7 +116,14 @@ def _gptcore_train_task(spec: BenchSpec, device, precision: str, model, config, 
 
     model.to(weights_dtype(precision))
     set_activation_checkpointing(model, spec.activation_checkpointing)
-    optimizer = make_optimizer(model.parameters(), lr=5e-5, weight_decay=0.1)
+    trainable = list(model.parameters())
+    if spec.lora_rank:
+        from gptcore.recipes.adapters import add_lora
+        from gptcore.training.lora import LoRAConfig
+
+        lora = LoRAConfig(rank=spec.lora_rank, alpha=float(spec.lora_rank), targets=("qkv", "out_proj", "fc", "proj"))
+        trainable = add_lora(model, lora, device, spec.seed, precision)
+    optimizer = make_optimizer(trainable, lr=5e-5, weight_decay=0.1)
     ids = torch.randint(0, config.vocab_size, (spec.batch, spec.seq_len + 1), generator=generator)
     runner = _step_runner(spec, model, optimizer, lm_loss, device, precision)
     model.train()
