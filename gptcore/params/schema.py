@@ -13,49 +13,54 @@ from __future__ import annotations
 import typing
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BeforeValidator, Field, model_validator
 
 from gptcore.config import GPTConfig
 from gptcore.errors import ConfigError
 from gptcore.params.choices import PRECISIONS, RENAMED_PRECISIONS, Precision, Quantize, is_device_name
-from gptcore.params.errors import one_line_error
+from gptcore.params.section import (
+    BatchSize,
+    DownloadParams,
+    Epochs,
+    EvalBatches,
+    EvalEvery,
+    Fraction,
+    Init,
+    LearningRate,
+    LoraParams,
+    LoraTarget,
+    LrSchedule,
+    Section,
+    TrainConfig,
+    Url,
+    Warmup,
+    WeightDecay,
+)
 
-
-def _http_address(value: str) -> str:
-    if not value.startswith(("http://", "https://")):
-        raise ValueError(f"expected an http(s) address, got {value!r}")
-    return value
+__all__ = [  # the building blocks, re-exported: `from gptcore.params.schema import TrainConfig` keeps working
+    "BatchSize",
+    "DownloadParams",
+    "Epochs",
+    "EvalBatches",
+    "EvalEvery",
+    "Fraction",
+    "Init",
+    "LearningRate",
+    "LoraParams",
+    "LoraTarget",
+    "LrSchedule",
+    "Section",
+    "TrainConfig",
+    "Url",
+    "Warmup",
+    "WeightDecay",
+]
 
 
 def _device_name(value: str) -> str:
     if not is_device_name(value):
         raise ValueError(f"expected auto, cpu, cuda, cuda:N or mps, got {value!r}")
     return value
-
-
-Url = Annotated[str, AfterValidator(_http_address)]
-Fraction = Annotated[float, Field(gt=0, lt=1)]  # strictly between 0 and 1
-
-# The knobs every training stage shares; each stage's section sets its own defaults.
-Epochs = Annotated[int, Field(ge=1, description="passes over the training split")]
-BatchSize = Annotated[int, Field(ge=1, description="examples per optimizer step (the global batch under torchrun)")]
-LearningRate = Annotated[float, Field(gt=0, description="AdamW's learning rate (the peak, with a schedule)")]
-WeightDecay = Annotated[float, Field(ge=0, description="AdamW's decoupled weight decay")]
-EvalEvery = Annotated[int, Field(ge=1, description="optimizer steps between evaluations")]
-EvalBatches = Annotated[int, Field(ge=1, description="batches per evaluation (train and validation)")]
-LrSchedule = Annotated[
-    Literal["constant", "cosine"],
-    Field(description="the lr over the run (gptcore/training/schedule.py): constant, or cosine decay to zero"),
-]
-Warmup = Annotated[
-    float, Field(ge=0, lt=1, description="leading fraction of the steps with a linear lr warmup (0: none)")
-]
-Init = Annotated[
-    Literal["gpt2", "pytorch"],
-    Field(
-        description="random weights: gpt2 (OpenAI's N(0, 0.02), as nanoGPT/litgpt/HF) or pytorch (the modules' defaults, as the book)"
-    ),
-]
 
 
 def _gpt_config(value: Any) -> Any:
@@ -66,37 +71,6 @@ def _gpt_config(value: Any) -> Any:
         return GPTConfig.from_dict(value, where="")
     except ConfigError as err:
         raise ValueError(str(err).removeprefix(": ")) from None
-
-
-class Section(BaseModel):
-    """A params.yaml section: unknown keys and loosely typed values (text for a number, 1 for true) are errors."""
-
-    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any] | None, where: str | None = None):
-        """Validate a mapping into this section.
-
-        Raises:
-            ConfigError: one line `where: key.path: problem` (the first problem found).
-        """
-        try:
-            return cls.model_validate(dict(data or {}))
-        except ValidationError as err:
-            raise one_line_error(err, cls, where or cls.__name__) from None
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain values (the nested GPTConfig as a mapping): what progress fingerprints and metrics record."""
-        return self.model_dump()
-
-
-class DownloadParams(Section):
-    """A download stage's section: where the file lives, and optionally its expected digest."""
-
-    url: Url = Field(description="http(s) address of the file (served from GPTCORE_MIRROR by its name when set)")
-    sha256: str | None = Field(
-        None, description="expected hex digest, checked after the download; a mismatch deletes the file"
-    )
 
 
 class CorpusDownloadParams(DownloadParams):
@@ -135,62 +109,6 @@ class Gpt2DownloadParams(Section):
     base_url: Url = Field("https://openaipublic.blob.core.windows.net/gpt-2/models", description="+ /<size>/<file>")
 
 
-class TrainConfig(Section):
-    """Optimisation knobs shared by every training stage."""
-
-    epochs: Epochs = 10
-    batch_size: BatchSize = 2
-    lr: LearningRate = 4e-4
-    weight_decay: WeightDecay = 0.1
-    eval_every: EvalEvery = 5
-    eval_batches: EvalBatches = 5
-    progress_minutes: float = Field(
-        10.0, ge=0, description="resumable progress is saved this often (and on SIGINT/SIGTERM)"
-    )
-    lr_schedule: LrSchedule = "constant"
-    warmup: Warmup = 0.0
-    # Speed and memory only (the result is the same up to float rounding; batch_size stays the global batch):
-    grad_accum: int = Field(
-        1, ge=1, description="micro-batches each process cuts its share of a batch into (less activation memory)"
-    )
-    activation_checkpointing: bool = Field(
-        False, description="recompute block activations in the backward pass (large models)"
-    )
-    compile: bool = Field(
-        False, description="torch.compile the transformer blocks (slow start; pays off on long GPU runs)"
-    )
-    step_in_backward: bool | Literal["auto"] = Field(
-        "auto",
-        description="update each weight as soon as its gradient is ready (less memory, the same update); "
-        "auto: where it applies (1 process, grad_accum 1, no fp16-mixed)",
-    )
-    recast_weights: bool | Literal["auto"] = Field(
-        "auto",
-        description="mixed precision: cast each weight again in backward instead of keeping its bf16/fp16 "
-        "copy (2 bytes/parameter less, the same gradients, one more cast per step); auto: when the copies take >= 1 GiB",
-    )
-
-    @model_validator(mode="before")
-    @classmethod
-    def _renamed_progress_minutes(cls, data: Any) -> Any:
-        # "checkpoint" now names OpenAI's TensorFlow files only; resumable training state is "progress".
-        if isinstance(data, dict) and "checkpoint_minutes" in data:
-            raise ValueError("checkpoint_minutes: renamed to progress_minutes")
-        return data
-
-    def loop_options(self) -> dict[str, Any]:
-        """The lr schedule and the speed and memory knobs as keyword arguments of gptcore.training.loop.train."""
-        return {
-            "lr_schedule": self.lr_schedule,
-            "warmup": self.warmup,
-            "grad_accum": self.grad_accum,
-            "activation_checkpointing": self.activation_checkpointing,
-            "compile": self.compile,
-            "step_in_backward": self.step_in_backward,
-            "recast_weights": self.recast_weights,
-        }
-
-
 class PretrainParams(TrainConfig):
     """params.yaml `pretrain:` — Stage 1, training GPTModel from scratch on a small text."""
 
@@ -224,30 +142,6 @@ class PrepareSmsParams(Section):
     def _leave_a_test_split(self):
         if self.train_frac + self.validation_frac >= 1:
             raise ValueError("train_frac + validation_frac must be less than 1 (the test split is the rest)")
-        return self
-
-
-LoraTarget = Literal["qkv", "out_proj", "fc", "proj", "out_head"]
-
-
-class LoraParams(Section):
-    """A `lora:` section: low-rank adapters W x + (alpha / rank) B A x on the frozen foundation's Linear
-    layers (gptcore/training/lora.py; Hu et al. 2021, the book's appendix E)."""
-
-    rank: int = Field(16, ge=1, description="r, the inner dimension of B A")
-    alpha: float = Field(16.0, gt=0, description="the update is scaled by alpha / rank")
-    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapters' input (0: none)")
-    targets: list[LoraTarget] = Field(
-        default_factory=lambda: ["qkv", "out_proj", "fc", "proj"],
-        min_length=1,
-        description="the Linear layers adapted in every block (qkv, out_proj, fc, proj), and out_head for an "
-        "untied language-model head (GPT-2's is tied to the token embedding; a classifier's new head trains whole)",
-    )
-
-    @model_validator(mode="after")
-    def _once_each(self):
-        if len(set(self.targets)) != len(self.targets):
-            raise ValueError("targets: list each layer at most once")
         return self
 
 
@@ -364,6 +258,56 @@ class GenerateParams(Section):
     )
 
 
+class PreferencesDownloadParams(DownloadParams):
+    """params.yaml `download_preferences:` — the book's 1,100 entries with `chosen` and `rejected` responses."""
+
+    url: Url = (
+        "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/04_preference-tuning-with-dpo/"
+        "instruction-data-with-preference.json"
+    )
+    sha256: str | None = "305315abf14f65fa42c01a0877572f832606571c2a7d49f152ac1d758b16756e"
+
+
+class PreferencesParams(TrainConfig):
+    """params.yaml `preferences:` — DPO from the Stage 4 model on chosen/rejected pairs (the book's ch. 7 bonus).
+
+    The split is `prepare_instructions`' (935 / 110 / 55); the reference log-probabilities are computed
+    once by `prepare_preferences` (with `allowed_max_length` and `batch_size` from here).
+    """
+
+    epochs: Epochs = 1
+    batch_size: BatchSize = 8
+    lr: LearningRate = 5e-6
+    weight_decay: WeightDecay = 0.01  # the book's AdamW(weight_decay=0.01) for DPO
+    beta: float = Field(0.1, gt=0, description="DPO's beta: how far from the reference the policy may move")
+    nll_weight: float = Field(
+        0.0, ge=0, description="weight of the chosen responses' NLL added to the loss (TRL's rpo_alpha; 0: plain DPO)"
+    )
+    logprob: Literal["mean", "sum"] = Field(
+        "mean",
+        description="a response's log-probability: mean over its tokens (the book) or their sum (the paper, TRL)",
+    )
+    allowed_max_length: int = Field(
+        1024, ge=2, description="tokens per sequence (prompt + response); never more than the model's context"
+    )
+    method: Literal["full", "lora"] = Field(
+        "full", description="full: every weight trains; lora: the frozen Stage 4 model gains adapters from `lora:`"
+    )
+    lora: LoraParams = Field(default_factory=LoraParams, description="the adapters of method: lora")
+
+
+class PairwiseJudgeParams(Section):
+    """params.yaml `judge_pairwise:` — Stage 4 against the preference-tuned model, judged in both orders.
+
+    The server, judge model and request options are `judge:`'s.
+    """
+
+    criterion: Literal["helpfulness", "politeness"] = Field(
+        "helpfulness",
+        description="what the judge compares: helpfulness, or politeness (what the preference data teaches)",
+    )
+
+
 Foundation = Literal["gpt2-small", "gpt2-medium", "gpt2-large", "gpt2-xl", "pretrained", "scratch"]
 FOUNDATIONS: tuple[str, ...] = typing.get_args(Foundation)
 
@@ -414,6 +358,9 @@ class Params(RunConfig):
     instructions: InstructionsParams = Field(default_factory=InstructionsParams)
     generate: GenerateParams = Field(default_factory=GenerateParams)
     judge: JudgeParams = Field(default_factory=JudgeParams)
+    download_preferences: PreferencesDownloadParams = Field(default_factory=PreferencesDownloadParams)
+    preferences: PreferencesParams = Field(default_factory=PreferencesParams)
+    judge_pairwise: PairwiseJudgeParams = Field(default_factory=PairwiseJudgeParams)
     export: ExportParams = Field(default_factory=ExportParams)
 
     @model_validator(mode="before")

@@ -12,7 +12,7 @@ from torch import nn
 from gptcore.precision import autocast
 from gptcore.training.cross_entropy import IGNORE_INDEX, cross_entropy
 
-Batch = tuple[torch.Tensor, torch.Tensor]
+Batch = tuple[torch.Tensor, ...]  # (inputs, targets, ...): every tensor has the rows in dimension 0
 LossFn = Callable[[nn.Module, Batch], torch.Tensor]
 
 

@@ -43,8 +43,8 @@ class _LossModule(nn.Module):
         self.model = model
         self.loss_fn = loss_fn
 
-    def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return self.loss_fn(self.model, (inputs, targets))
+    def forward(self, *batch: torch.Tensor) -> torch.Tensor:
+        return self.loss_fn(self.model, batch)
 
 
 class StepRunner:
@@ -55,7 +55,10 @@ class StepRunner:
     and each share may be cut into `grad_accum` micro-batches to save memory. Every piece's mean loss
     is weighted by its share of the batch's targets that are not IGNORE_INDEX (loss_fn must return the
     mean over those), so the gradient equals that of the whole batch in one piece, up to float rounding:
-    the number of processes and micro-batches changes speed and memory, not the result.
+    the number of processes and micro-batches changes speed and memory, not the result. A loss_fn whose
+    `mean_over` attribute is "rows" returns the mean over the batch's rows instead (DPO's pairs), and
+    its pieces are weighted by their share of the rows. A batch is (inputs, targets, ...): every tensor
+    has the batch's rows in dimension 0.
 
     step_in_backward: update each parameter inside backward(), as soon as its gradient is complete, and
     free that gradient, so that the gradients of the whole model never exist at once (up to 4 bytes
@@ -145,11 +148,13 @@ class StepRunner:
 
     def pieces(self, batch: Batch) -> list[tuple[Batch, float | None]]:
         """This process's micro-batches of a global batch, each with its loss weight (None: as is)."""
-        inputs, targets = batch
+        batch = tuple(batch)
         if self.world * self.grad_accum == 1:
-            return [((inputs, targets), None)]
-        rows = inputs.shape[0]
-        counts = (targets != IGNORE_INDEX).reshape(rows, -1).sum(dim=1)  # [B] targets that count per row
+            return [(batch, None)]
+        rows = batch[0].shape[0]
+        counts = (batch[1] != IGNORE_INDEX).reshape(rows, -1).sum(dim=1)  # [B] targets that count per row
+        if getattr(self.loss_fn, "mean_over", "targets") == "rows":
+            counts = (counts > 0).long()  # a row with nothing to learn from does not count either
         if int(counts.sum()) == 0:  # nothing to learn from: weigh rows equally (the loss is NaN anyway)
             counts = torch.ones_like(counts)
         total = int(counts.sum())
@@ -162,7 +167,7 @@ class StepRunner:
                 # Every process must run as many forward/backward passes as the others (the gradient
                 # all-reduce waits for them): a row that counts stands in, with weight zero.
                 index = torch.nonzero(counts)[:1, 0]
-            out.append(((inputs[index], targets[index]), n / total * self.world))
+            out.append((tuple(t[index] for t in batch), n / total * self.world))
         return out
 
     def step(self, batch: Batch, number: int = 0) -> None:
@@ -177,7 +182,7 @@ class StepRunner:
             own.param_groups[0]["lr"] = self._lr_of[param]["lr"]
         total = torch.zeros((), device=self.device)
         for i, (piece, weight) in enumerate(pieces):
-            inputs, targets = to_device(piece, self.device)
+            piece = to_device(piece, self.device)
             last = i == len(pieces) - 1
             no_sync = self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext()
             with no_sync:
@@ -185,9 +190,9 @@ class StepRunner:
                 cache = not getattr(self.model, "activation_checkpointing", False)
                 with autocast(self.device, self.precision, cache_enabled=cache):
                     if self.ddp is not None:
-                        loss = self.ddp(inputs, targets)
+                        loss = self.ddp(*piece)
                     else:
-                        loss = self.loss_fn(self.model, (inputs, targets))
+                        loss = self.loss_fn(self.model, piece)
                 if weight is not None:
                     loss = loss * weight
                 total += loss.detach().float()
