@@ -15,6 +15,7 @@ STAGE_PAGES = [
     "docs/stage2-convert.md",
     "docs/stage3-classifier.md",
     "docs/stage4-instructions.md",
+    "docs/preferences.md",
 ]
 # Pages that other branches are writing at the same time; a link to one is tolerated only while the
 # page is missing, so that this branch passes before they are merged and every link is checked after.

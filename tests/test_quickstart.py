@@ -63,12 +63,14 @@ def test_quickstart_runs_as_documented(repo_copy, mirror_dir):
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
-    responses = json.loads((repo_copy.root / "data" / "responses" / "test.json").read_text())
-    assert len(responses) == 110 and all(isinstance(r["model_response"], str) for r in responses)
-    for name in ("pretrain", "classifier", "classifier_baseline", "instructions", "generation"):
+    for name in ("test", "preferences"):  # Stage 4's responses and the preference-tuned model's
+        responses = json.loads((repo_copy.root / "data" / "responses" / f"{name}.json").read_text())
+        assert len(responses) == 110 and all(isinstance(r["model_response"], str) for r in responses)
+    metrics = ["pretrain", "classifier", "classifier_baseline", "instructions", "generation", "preferences"]
+    for name in [*metrics, "generation_preferences"]:
         assert (repo_copy.root / "metrics" / f"{name}.json").is_file(), name
     status = json.loads(repo_copy.dvc("status", "--json").stdout or "{}")
-    assert set(status) == {"judge"}, status  # every stage but the judge is done and recorded
+    assert set(status) == {"judge", "judge_pairwise"}, status  # every stage but the judges is done and recorded
 
     if _ollama_answers():
         pytest.skip("an Ollama server answers on this machine: the no-server path cannot be checked")
