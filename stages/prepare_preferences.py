@@ -28,9 +28,10 @@ def main() -> None:
     splits, info = prepare_preferences(
         args.data, args.model, params.prepare_instructions, params.preferences, params.run
     )
+    files = {f"{name}.json": part for name, part in splits.items()} | {INFO: info}
     with atomic_dir(args.out_dir) as tmp:
-        for name, part in {**splits, INFO.removesuffix(".json"): info}.items():
-            (tmp / f"{name}.json").write_text(json.dumps(part, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        for name, content in files.items():
+            (tmp / name).write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     counts = ", ".join(f"{len(part)} {name}" for name, part in splits.items())
     print(f"prepare_preferences: {counts} pairs with reference log-probs ({info['precision']}) -> {args.out_dir}")
 
