@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gptcore.errors import ConfigError
-from gptcore.inference import gemv
+from gptcore.inference import gemv, kernels
 from gptcore.model import GPTModel
 from gptcore.params.choices import QUANTIZE
 
@@ -52,7 +52,7 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out_dtype = self.out_dtype or x.dtype
         y = gemv.layer_product(self, x)  # decoding, prompts
-        if y is None and 0 < gemv.rows(x) <= gemv.MAX_ROWS[torch.int8] and gemv.load_kernels() is not None:
+        if y is None and 0 < gemv.rows(x) <= gemv.MAX_ROWS[torch.int8] and kernels.load_kernels() is not None:
             kernel_dtype = torch.float32 if out_dtype == torch.float32 else torch.bfloat16
             y = gemv.gemv_int8(x, self.weight, self.scales, self.bias, kernel_dtype)  # a non-contiguous x
         if y is not None:
