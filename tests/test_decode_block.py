@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from gptcore.config import GPTConfig
-from gptcore.inference import decode_block, gemv, kernels
+from gptcore.inference import decode_block, kernels
 from gptcore.inference.decode_block import DecodeBlock, decode_step
 from gptcore.inference.decoding import cast_for_inference, generate_batch
 from gptcore.model import KVCache, TransformerBlock, random_model

@@ -7,10 +7,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from gptcore.inference import kernels
 from gptcore.inference.decode_block import fuse_blocks
 from gptcore.inference.gemv import use_gemv
-from gptcore.inference.kernels import fast_bf16
-from gptcore.inference.kernels import paths as kernel_paths
 from gptcore.inference.quantize import check_quantize, quantize_int8
 from gptcore.model import GPTModel, KVCache
 from gptcore.precision import RESOLVED, resolve_precision, weights_dtype
@@ -260,7 +259,7 @@ def resolve_decoding_precision(value: str, device: torch.device) -> tuple[str, s
     if resolved == "bf16-true":
         return resolved, f"auto: the {device.type} computes bf16 in hardware"
     if device.type == "cpu":
-        found = kernel_paths()
+        found = kernels.paths()
         if found is not None and found["bf16"] != "scalar":
             return "bf16-true", (
                 f"auto: decoding reads half of fp32's bytes per weight, and gemv.c's {found['bf16']} "
@@ -274,7 +273,7 @@ def decoding_weight_dtypes(precision: str, quantize: str, device: torch.device) 
     if quantize == "int8":
         return torch.int8, torch.int8
     if precision == "bf16-true":
-        return torch.bfloat16, torch.bfloat16 if device.type == "cpu" and fast_bf16() else torch.float32
+        return torch.bfloat16, torch.bfloat16 if device.type == "cpu" and kernels.fast_bf16() else torch.float32
     return torch.float32, torch.float32
 
 

@@ -102,24 +102,25 @@ def _openmp_link(macros: str, runtime: Path | None) -> list[str] | None:
     return [str(runtime), f"-Wl,-rpath,{runtime.parent}"]
 
 
-def _build(cc: list[str], library: Path, link: list[str] | None) -> bool:
-    """Compile gemv.c into `library` (atomically: no half-written library); with OpenMP linked as `link`
-    says, or without OpenMP when link is None or the compiler refuses -fopenmp. Returns whether the
-    build has OpenMP. Raises CalledProcessError when the source does not compile at all."""
+def _target_macros(cc: list[str]) -> tuple[str, bool]:
+    """What the compiler targets with FLAGS (its predefined macros: the instruction sets, a wrapper's
+    flags included), and whether it takes -fopenmp (Apple's clang refuses it)."""
+    try:
+        return _run([*cc, *FLAGS, OPENMP_FLAG, "-dM", "-E", "-x", "c", os.devnull]), True
+    except subprocess.CalledProcessError:
+        return _run([*cc, *FLAGS, "-dM", "-E", "-x", "c", os.devnull]), False
+
+
+def _build(cc: list[str], library: Path, link: list[str] | None) -> None:
+    """Compile gemv.c into `library` (atomically: no half-written library), with OpenMP linked as `link`
+    says, or without OpenMP when link is None. Raises CalledProcessError on a compile error."""
     library.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=library.parent) as tmp:
         obj, built = Path(tmp) / "gemv.o", Path(tmp) / library.name
-        openmp = link is not None
-        if openmp:
-            try:
-                _run([*cc, *FLAGS, OPENMP_FLAG, "-c", "-o", str(obj), str(SOURCE)])
-            except subprocess.CalledProcessError:
-                openmp = False
-        if not openmp:
-            _run([*cc, *FLAGS, "-c", "-o", str(obj), str(SOURCE)])
-        _run([*cc, "-shared", "-o", str(built), str(obj), *(link if openmp else []), "-lm"])
+        openmp = [] if link is None else [OPENMP_FLAG]
+        _run([*cc, *FLAGS, *openmp, "-c", "-o", str(obj), str(SOURCE)])
+        _run([*cc, "-shared", "-o", str(built), str(obj), *(link or []), "-lm"])
         os.replace(built, library)
-    return openmp
 
 
 @functools.cache
@@ -130,9 +131,9 @@ def load_kernels() -> ctypes.CDLL | None:
     cc = compiler()
     try:
         version = _run([*cc, "--version"])
-        macros = _run([*cc, *FLAGS, "-dM", "-E", "-x", "c", os.devnull])  # what it targets, a wrapper's flags too
+        macros, has_openmp = _target_macros(cc)
         runtime = openmp_runtime()
-        link = _openmp_link(macros, runtime)
+        link = _openmp_link(macros, runtime) if has_openmp else None
         key = "\0".join([SOURCE.read_text(), version, macros, " ".join(FLAGS), str(link), _cpu_identity()])
         library = cache_dir() / f"gemv-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
         if not library.exists():
