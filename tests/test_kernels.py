@@ -274,3 +274,25 @@ def test_decoding_works_without_home_with_at_most_one_warning(weights, tmp_path,
     assert len(warnings) == (1 if compiler == "failing" else 0), proc.stderr
     built = list((tmp_path / "cache").glob("gemv-*.so"))
     assert len(built) == (0 if compiler == "failing" else 1)
+
+
+@needs_kernels
+def test_without_a_vector_int8_path_int8_takes_torchs_kernel(monkeypatch):
+    """The portable int8 loop is slower than torch's _weight_int8pack_mm: where it is all there is, the
+    layers and the block step leave int8 to torch."""
+    from gptcore.inference import decode_block, gemv
+
+    model = cast_for_inference(random_model(CONFIG, seed=7).eval(), "bf16-true", "int8")
+    calls = []
+    product = gemv._product_int8
+    monkeypatch.setattr(gemv, "_product_int8", lambda *a: calls.append(1) or product(*a))
+    prompt = torch.tensor([[1, 2, 3, 4, 5]])
+    try:
+        assert kernels.select("scalar")["int8"] == "scalar" and not kernels.fast_int8()
+        cache = KVCache(CONFIG, 1, 8, dtype=torch.bfloat16)
+        with torch.no_grad():
+            assert decode_block.decode_step(model.trf_blocks[0], torch.randn(1, 1, 64).bfloat16(), cache) is None
+        assert generate(model, prompt, 6).shape == (1, 11) and not calls
+    finally:
+        kernels.select("avx512")
+    assert generate(model, prompt, 6).shape == (1, 11) and calls  # the head's product at least

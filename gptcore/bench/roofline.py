@@ -122,7 +122,7 @@ def _time_one(mm: Matmul, dtype: torch.dtype, device: torch.device, repeats: int
     if mm.weight_layout == "int8":  # the kernels allocate their output (a row per decoded sequence)
         weights = [w.clamp(-1, 1).mul(127).to(torch.int8) for w in weights]
         scales = torch.rand(mm.n, dtype=torch.bfloat16, device=device)
-        if cpu and mm.m <= gemv.MAX_ROWS[torch.int8] and kernels.load_kernels() is not None:
+        if cpu and mm.m <= gemv.MAX_ROWS[torch.int8] and kernels.fast_int8():
 
             def run():
                 for q in weights:

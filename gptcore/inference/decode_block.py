@@ -68,7 +68,8 @@ def _linear_params(layer: nn.Module, weight_dtype: torch.dtype, out: int, inp: i
         return None
     if weight_dtype == torch.int8:
         if (
-            not isinstance(layer, Int8Linear)
+            not kernels.fast_int8()  # torch's kernel is faster than the portable loop
+            or not isinstance(layer, Int8Linear)
             or layer.out_dtype is not None
             or not _plain(layer.scales, (out,), torch.bfloat16)
         ):

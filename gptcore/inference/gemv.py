@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gptcore.inference.kernels import fast_bf16, load_kernels
+from gptcore.inference.kernels import fast_bf16, fast_int8, load_kernels
 
 # Up to this many rows (sequences decoded together, or prompt tokens) the kernels beat torch's products
 # of GPT-2 large's [5120, 1280] weight (2 threads, 2026-12-01): bf16 1.03-1.26 ms against 1.31-1.73 for
@@ -194,7 +194,8 @@ def layer_product(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     if weight.dtype == torch.int8:
         scales = layer.scales
         if (
-            x.dtype not in (torch.bfloat16, torch.float32)
+            not fast_int8()  # torch's kernel is faster than the portable loop
+            or x.dtype not in (torch.bfloat16, torch.float32)
             or scales.dtype != torch.bfloat16
             or scales.shape != (out_features,)
             or not scales.is_contiguous()

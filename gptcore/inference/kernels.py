@@ -44,6 +44,7 @@ OPENMP_FLAG = "-fopenmp"
 # Instruction-set levels of gptcore_gemv_select in gemv.c: the best path at or below the level is taken.
 ISA_LEVELS = {"scalar": 0, "avx2": 1, "avx-vnni": 2, "avx512": 3}
 OPENMP_RUNTIMES = ("libgomp", "libomp", "libiomp5")
+_chosen: dict[str, str] = {}  # the path of each weight type, as gemv.c's dispatcher last chose it
 
 
 def cache_dir() -> Path:
@@ -147,7 +148,7 @@ def load_kernels() -> ctypes.CDLL | None:
         )
         return None
     _declare(kernels)
-    kernels.gptcore_gemv_select(ISA_LEVELS["avx512"])
+    _select(kernels, "avx512")
     if not kernels.gptcore_gemv_openmp():
         logger.warning(
             f"gemv.c built without OpenMP ({' '.join(cc)} has none that can share torch's "
@@ -173,20 +174,28 @@ def _declare(kernels: ctypes.CDLL) -> None:
     kernels.gptcore_gemv_path.restype = ctypes.c_char_p
 
 
+def _select(kernels: ctypes.CDLL, level: str) -> None:
+    kernels.gptcore_gemv_select(ISA_LEVELS[level])
+    _chosen.update(bf16=kernels.gptcore_gemv_path(0).decode(), int8=kernels.gptcore_gemv_path(1).decode())
+
+
 def paths() -> dict[str, str] | None:
     """The path each weight type's products take ({"bf16": "avx2-fma", "int8": "avx-vnni"}, say: gemv.c's
     header names them), or None without kernels."""
-    kernels = load_kernels()
-    if kernels is None:
-        return None
-    return {"bf16": kernels.gptcore_gemv_path(0).decode(), "int8": kernels.gptcore_gemv_path(1).decode()}
+    return None if load_kernels() is None else dict(_chosen)
 
 
 def fast_bf16() -> bool:
     """True when the kernels multiply bf16 weights with vector instructions (natively or widened to fp32
     in registers): then 16-bit weights decode faster than fp32 ones, which read twice the bytes."""
-    found = paths()
-    return found is not None and found["bf16"] != "scalar"
+    return load_kernels() is not None and _chosen["bf16"] != "scalar"
+
+
+def fast_int8() -> bool:
+    """True when the kernels multiply int8 weights with vector instructions. Elsewhere int8 products take
+    torch's kernel (_weight_int8pack_mm), which the portable C loop does not match: it read about half
+    of torch's bytes per second over GPT-2 large's shapes (one thread, alternating in one process)."""
+    return load_kernels() is not None and _chosen["int8"] != "scalar"
 
 
 def select(level: str) -> dict[str, str]:
@@ -199,7 +208,7 @@ def select(level: str) -> dict[str, str]:
     kernels = load_kernels()
     if kernels is None:
         raise RuntimeError("kernels: not available")
-    kernels.gptcore_gemv_select(ISA_LEVELS[level])
+    _select(kernels, level)
     return paths()
 
 
@@ -210,4 +219,5 @@ def describe(kernels: ctypes.CDLL | None = None) -> str:
         return "none (torch's kernels)"
     threads = "OpenMP" if kernels.gptcore_gemv_openmp() else "one thread"
     bf16, int8 = (kernels.gptcore_gemv_path(i).decode() for i in (0, 1))
+    int8 = int8 if int8 != "scalar" else "torch's _weight_int8pack_mm (no vector int8 path)"
     return f"gemv.c, bf16 weights {bf16}, int8 weights {int8}, {threads}"
