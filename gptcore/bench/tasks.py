@@ -379,16 +379,10 @@ def _measure(spec: BenchSpec) -> dict[str, Any]:
         return _roofs(spec, device)
     with contextlib.ExitStack() as stack:
         if spec.system == "gptcore":
-            precision, reason = _gptcore_precision(spec, device)
+            precision, why = _gptcore_precision(spec, device)
             run = _gptcore_task(spec, device, precision)
-            if spec.task.startswith("generate"):  # the choice, its reason and the kernels in the row
-                from gptcore.inference import kernels
-
-                return {
-                    **_time_task(spec, device, precision, run),
-                    "precision_reason": reason,
-                    "kernels": kernels.paths(),
-                }
+            if why:  # decoding: the choice, its reason and the kernels' paths in the row
+                return {**_time_task(spec, device, precision, run), **why}
         elif spec.system.startswith("llama.cpp"):
             import tempfile
 
@@ -401,14 +395,15 @@ def _measure(spec: BenchSpec) -> dict[str, Any]:
         return _time_task(spec, device, precision, run)
 
 
-def _gptcore_precision(spec: BenchSpec, device) -> tuple[str, str]:
-    """gptcore's precision for the task (resolved for decoding in the generation tasks) and why."""
-    from gptcore.inference.decoding import resolve_decoding_precision
+def _gptcore_precision(spec: BenchSpec, device) -> tuple[str, dict[str, Any]]:
+    """gptcore's precision for the task and, for decoding, why (precision_reason) and the kernels' paths."""
+    from gptcore.inference import decoding, kernels
     from gptcore.precision import resolve_precision
 
-    if spec.task.startswith("generate"):
-        return resolve_decoding_precision(spec.precision, device)
-    return resolve_precision(spec.precision, device, "train"), ""
+    if not spec.task.startswith("generate"):
+        return resolve_precision(spec.precision, device, "train"), {}
+    precision, reason = decoding.resolve_decoding_precision(spec.precision, device)
+    return precision, {"precision_reason": reason, "kernels": kernels.paths()}
 
 
 def _time_task(spec: BenchSpec, device, precision: str, run) -> dict[str, Any]:
