@@ -158,6 +158,11 @@ def _product_int8(
     return out
 
 
+def _bf16_vector(v: torch.Tensor, length: int) -> bool:
+    """v is what the kernels read as scales or bias: a contiguous bf16 [length] on the CPU."""
+    return v.dtype == torch.bfloat16 and v.shape == (length,) and v.is_contiguous() and v.is_cpu
+
+
 def layer_product(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     """x [..., in] through a decoding layer's kernel (a GemvLinear's or an Int8Linear's, with its own
     out_dtype) when it takes x: up to MAX_ROWS rows of a contiguous CPU x (bf16 for bf16 weights, bf16 or
@@ -180,10 +185,7 @@ def layer_product(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         or not weight.is_cpu
         or not x.is_contiguous()
         or not weight.is_contiguous()
-        or (
-            bias is not None
-            and (bias.dtype != torch.bfloat16 or bias.shape != (out_features,) or not bias.is_contiguous())
-        )
+        or (bias is not None and not _bf16_vector(bias, out_features))
     ):
         return None
     kernels = load_kernels()
@@ -196,9 +198,7 @@ def layer_product(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         if (
             not fast_int8()  # torch's kernel is faster than the portable loop
             or x.dtype not in (torch.bfloat16, torch.float32)
-            or scales.dtype != torch.bfloat16
-            or scales.shape != (out_features,)
-            or not scales.is_contiguous()
+            or not _bf16_vector(scales, out_features)
         ):
             return None
         out = _product_int8(kernels, flat, weight, scales, bias, out_dtype)
