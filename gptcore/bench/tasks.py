@@ -307,10 +307,9 @@ def _roofs(spec: BenchSpec, device) -> dict[str, Any]:
 
     from gptcore.bench import roofline
     from gptcore.inference.decoding import decoding_weight_dtypes
-    from gptcore.precision import resolve_precision
 
     decoding = spec.task.startswith("generate")
-    precision = resolve_precision(spec.precision, device, "inference" if decoding else "train")
+    precision, _ = _gptcore_precision(spec, device)
     compute = {"fp32": torch.float32, "fp16-mixed": torch.float16}.get(precision, torch.bfloat16)
     config = _model_config(spec)
     result: dict[str, Any] = {"system": ROOF, "precision": precision}
@@ -381,17 +380,16 @@ def _torch_threads(threads: int):
 
 def _measure(spec: BenchSpec) -> dict[str, Any]:
     from gptcore.device import resolve_device
-    from gptcore.precision import resolve_precision
 
     device = resolve_device(spec.device)
     if spec.system == ROOF:
         return _roofs(spec, device)
     with contextlib.ExitStack() as stack:
         if spec.system == "gptcore":
-            precision = resolve_precision(
-                spec.precision, device, "inference" if spec.task.startswith("generate") else "train"
-            )
+            precision, why = _gptcore_precision(spec, device)
             run = _gptcore_task(spec, device, precision)
+            if why:  # decoding: the choice, its reason and the kernels' paths in the row
+                return {**_time_task(spec, device, precision, run), **why}
         elif spec.system.startswith("llama.cpp"):
             import tempfile
 
@@ -402,6 +400,17 @@ def _measure(spec: BenchSpec) -> dict[str, Any]:
             precision = "bf16-mixed" if spec.system == "hf-bf16" else "fp32"
             run = _hf_task(spec, device, bf16=precision == "bf16-mixed")
         return _time_task(spec, device, precision, run)
+
+
+def _gptcore_precision(spec: BenchSpec, device) -> tuple[str, dict[str, Any]]:
+    """gptcore's precision for the task and, for decoding, why (precision_reason) and the kernels' paths."""
+    from gptcore.inference import decoding, kernels
+    from gptcore.precision import resolve_precision
+
+    if not spec.task.startswith("generate"):
+        return resolve_precision(spec.precision, device, "train"), {}
+    precision, reason = decoding.resolve_decoding_precision(spec.precision, device)
+    return precision, {"precision_reason": reason, "kernels": kernels.paths()}
 
 
 def _time_task(spec: BenchSpec, device, precision: str, run) -> dict[str, Any]:
