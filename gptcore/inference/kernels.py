@@ -26,6 +26,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import importlib.util
 import logging
 import os
 import platform
@@ -33,8 +34,6 @@ import shlex
 import subprocess
 import tempfile
 from pathlib import Path
-
-import torch
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +83,8 @@ def openmp_runtime() -> Path | None:
     try:
         mapped = [line.split(maxsplit=5)[-1].strip() for line in Path("/proc/self/maps").read_text().splitlines()]
     except OSError:
-        mapped = [str(p) for p in (Path(torch.__file__).parent / "lib").glob("lib*omp*")]
+        torch_folder = Path(importlib.util.find_spec("torch").submodule_search_locations[0])
+        mapped = [str(p) for p in (torch_folder / "lib").glob("lib*omp*")]
     for name in mapped:
         path = Path(name)
         if path.name.startswith(OPENMP_RUNTIMES) and path.is_file():
