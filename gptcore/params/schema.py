@@ -17,7 +17,7 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 
 from gptcore.config import GPTConfig
 from gptcore.errors import ConfigError
-from gptcore.params.choices import PRECISIONS, RENAMED_PRECISIONS, Precision, Quantize, is_device_name
+from gptcore.params.choices import PRECISIONS, RENAMED_PRECISIONS, Precision, Quantize, Strategy, is_device_name
 from gptcore.params.errors import one_line_error
 
 
@@ -266,6 +266,11 @@ class RunConfig(Section):
     precision: Annotated[Precision, BeforeValidator(_renamed_precision)] = Field(
         "auto", description="what each value means for training and inference: gptcore/precision.py"
     )
+    strategy: Strategy = Field(
+        "auto",
+        description="how torchrun's processes share training: auto (DDP under torchrun), ddp, fsdp (FSDP2 "
+        "sharding of weights, gradients and AdamW state; gptcore/training/sharding.py)",
+    )
 
 
 class JudgeParams(Section):
@@ -391,5 +396,5 @@ class Params(RunConfig):
 
     @property
     def run(self) -> RunConfig:
-        """The top-level keys every stage shares (seed, device, precision)."""
-        return RunConfig(seed=self.seed, device=self.device, precision=self.precision)
+        """The top-level keys every stage shares (seed, device, precision, strategy)."""
+        return RunConfig(seed=self.seed, device=self.device, precision=self.precision, strategy=self.strategy)
