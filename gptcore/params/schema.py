@@ -33,6 +33,13 @@ def _device_name(value: str) -> str:
     return value
 
 
+def _launcher(value: str) -> str:
+    words = value.split()
+    if not words or words[0] not in ("python", "python3", "torchrun") or "\n" in value:
+        raise ValueError(f"expected python or torchrun [options] (one line), got {value!r}")
+    return value
+
+
 Url = Annotated[str, AfterValidator(_http_address)]
 Fraction = Annotated[float, Field(gt=0, lt=1)]  # strictly between 0 and 1
 
@@ -366,6 +373,11 @@ class Params(RunConfig):
     defined in this module (so that validating params stays torch-free and in every stage's closure).
     """
 
+    launcher: Annotated[str, AfterValidator(_launcher)] = Field(
+        "python",
+        description="the command dvc.yaml runs the training stages with: python, or torchrun and its options "
+        "(torchrun --standalone --nproc-per-node N); read by DVC, not by the stages",
+    )
     foundation: Foundation = Field(
         "gpt2-large",
         description="the weights the finetuning stages start from: an OpenAI GPT-2, pretrained (Stage 1) or scratch",

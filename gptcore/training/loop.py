@@ -117,6 +117,7 @@ def train(
             by every process alike before any collective of the run).
     """
     lr_factor(0, 1, options.lr_schedule, options.warmup)  # a bad schedule fails before any work
+    resolve_strategy(options.strategy, world_size())  # and so does a strategy this launch cannot run
     run = _TrainingRun(model, optimizer, train_loader, loss_fn, evaluate, device, options, precision, progress, report)
     try:
         run.start()

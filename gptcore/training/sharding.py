@@ -28,6 +28,10 @@ from gptcore.precision import COMPUTE_DTYPES
 
 logger = logging.getLogger(__name__)
 
+# Methods of a sharded unit that run its weights besides forward (TransformerBlock.forward_at: the
+# classifier's last block at one position per row).
+FORWARD_METHODS = ("forward_at",)
+
 
 def resolve_strategy(strategy: str, world: int) -> str:
     """What a run of `world` processes does: "single" (one process), "ddp" or "fsdp".
@@ -129,7 +133,7 @@ class ShardedModel:
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device, precision: str):
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
         units = shard_units(model)
         if optimizer.state:
@@ -142,7 +146,10 @@ class ShardedModel:
         mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
         policy = mixed_precision_policy(precision)
         for unit in units:  # bottom-up: each block (and embedding), then the root takes the rest
-            fully_shard(modules[index[id(unit)]], mesh=mesh, mp_policy=policy, reshard_after_forward=True)
+            sharded = fully_shard(modules[index[id(unit)]], mesh=mesh, mp_policy=policy, reshard_after_forward=True)
+            for method in FORWARD_METHODS:  # entry points other than forward gather the weights too
+                if hasattr(sharded, method):
+                    register_fsdp_forward_method(sharded, method)
         # The root reshards after forward too: the evaluation's forward has no backward to do it.
         fully_shard(self.root, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
         self.optimizer = _optimizer_for(optimizer, model, copies)
