@@ -151,11 +151,13 @@ def test_fsdp_with_lora_and_activation_checkpointing_matches_ddp(tmp_path):
 
 
 @pytest.mark.slow
-def test_fsdp_bf16_mixed_trains_close_to_ddp(tmp_path):
-    """bf16-mixed through FSDP's MixedPrecisionPolicy (bf16 gathers and matmuls, fp32 shards and
-    reduction): close to DDP's autocast run, not equal (the LayerNorms and embeddings see bf16 weights)."""
-    _launch(tmp_path, "ddp", "ddp", nproc=2, precision="bf16-mixed")
-    _launch(tmp_path, "fsdp", "fsdp", nproc=2, precision="bf16-mixed")
+@pytest.mark.parametrize("precision", ["bf16-mixed", "fp16-mixed"])
+def test_fsdp_mixed_precision_trains_close_to_ddp(tmp_path, precision):
+    """bf16-mixed / fp16-mixed through FSDP's MixedPrecisionPolicy (low-precision gathers and matmuls,
+    fp32 shards and reduction; fp16 with ShardedGradScaler): close to DDP's autocast run, not equal (the
+    LayerNorms and embeddings see low-precision weights)."""
+    _launch(tmp_path, "ddp", "ddp", nproc=2, precision=precision)
+    _launch(tmp_path, "fsdp", "fsdp", nproc=2, precision=precision)
     ddp, fsdp = _results(tmp_path, "ddp", 2), _results(tmp_path, "fsdp", 2)
     for (step, train_a, val_a), (_, train_b, val_b) in zip(_losses(ddp[0]), _losses(fsdp[0])):
         assert train_b == pytest.approx(train_a, abs=0.05), step
