@@ -99,6 +99,7 @@ def finetune_instructions(
         epochs=params.epochs,
         eval_every=params.eval_every,
         seed=run.seed,
+        strategy=run.strategy,
         show_progress=show_progress,
         desc="finetune_instructions",
         **params.loop_options(),
