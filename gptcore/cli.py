@@ -120,8 +120,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _add_decoding_precision(p: argparse.ArgumentParser) -> None:
-    from gptcore.params.choices import QUANTIZE
-    from gptcore.precision import PRECISIONS
+    from gptcore.params.choices import PRECISIONS, QUANTIZE  # not gptcore.precision: --help imports no torch
 
     p.add_argument(
         "--precision",
