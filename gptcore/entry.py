@@ -69,6 +69,11 @@ def run_entry(fn: Callable[[], int | None], debug: bool = False, verbosity: int 
     except BrokenPipeError:
         _silence_closed_streams()
         return 141
+    except ModuleNotFoundError as err:
+        if debug or _extra_of(err) is None:
+            raise
+        _print_error(f"error: {_missing_extra_line(err)}")
+        return 1
     except (GptcoreError, OSError, ValueError) as err:
         if debug:
             traceback.print_exc()
@@ -76,6 +81,24 @@ def run_entry(fn: Callable[[], int | None], debug: bool = False, verbosity: int 
         return 1
     finally:
         _leave_process_group()
+
+
+# Packages of the optional extras (pyproject.toml), by import name: a run that needs one that is not
+# installed says which extra brings it, in one line.
+_EXTRAS = {"fastapi": "serve", "starlette": "serve", "uvicorn": "serve", "llguidance": "serve", "gguf": "export"}
+_EXTRAS |= {"transformers": "dev", "llama_cpp": "llama"}
+
+
+def _extra_of(err: ModuleNotFoundError) -> str | None:
+    return _EXTRAS.get((err.name or "").split(".")[0])
+
+
+def _missing_extra_line(err: ModuleNotFoundError) -> str:
+    extra = _extra_of(err)
+    return (
+        f"this needs the package {err.name!r}, from gptcore's {extra} extra: "
+        f"pip install -c constraints.txt -e '.[{extra}]' (from the repository root)"
+    )
 
 
 def _error_lines(err: BaseException) -> str:

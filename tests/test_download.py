@@ -156,9 +156,13 @@ def test_retry_after_is_honoured(server, network, tmp_path, monkeypatch):
 def test_persistent_503_gives_up(server, network, tmp_path):
     server.files["/f.bin"] = BODY
     server.faults = [503] * 10
-    with pytest.raises(DownloadError, match=r"failed after 3 attempts: HTTP 503"):
+    with pytest.raises(DownloadError, match=r"failed after 3 attempts: HTTP 503") as info:
         get(server, tmp_path / "f.bin", retries=2)
     assert not (tmp_path / "f.bin").exists()
+    # the one line names the way out: the mirror, and the check of what params.yaml needs
+    assert (
+        "\n" not in str(info.value) and "set GPTCORE_MIRROR" in str(info.value) and "gptcore doctor" in str(info.value)
+    )
 
 
 def test_wrong_size_is_an_error(server, network, tmp_path):
@@ -329,8 +333,9 @@ def test_download_checkpoint_from_the_mirror(tmp_path, monkeypatch):
     (folder / "vocab.bpe").unlink()
     # A folder fetched whole from the same place is kept (the foundation stage re-runs without a download)
     assert download_checkpoint("https://example.invalid/gpt-2/models", "774M", out, show_progress=False) == out
-    with pytest.raises(DownloadError, match=r"gpt2/models/774M/vocab\.bpe: not in the mirror"):
+    with pytest.raises(DownloadError, match=r"gpt2/models/774M/vocab\.bpe: not in the mirror") as info:
         download_checkpoint("https://example.invalid/gpt-2/models", "774M", tmp_path / "out2", show_progress=False)
+    assert "gptcore doctor" in str(info.value) and "`foundation: scratch`" in str(info.value)  # the ways out
     assert not (tmp_path / "out2").exists()
 
 

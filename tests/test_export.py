@@ -157,7 +157,9 @@ def test_types_per_dtype(ggufs):
 
 @pytest.fixture(scope="module")
 def llama_cpp():
-    return pytest.importorskip("llama_cpp")
+    """llama.cpp's Python binding; every test that asks for it is marked llama_cpp (conftest.py)."""
+    reason = "llama-cpp-python is not installed: pip install -c constraints.txt -e '.[llama]' (compiles llama.cpp)"
+    return pytest.importorskip("llama_cpp", reason=reason)
 
 
 def _llama(llama_cpp, path, n_ctx: int, **kwargs):
