@@ -119,6 +119,17 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _doctor(args: argparse.Namespace) -> int:
+    from gptcore.doctor import diagnose
+
+    findings = diagnose(args.params, args.dvc_yaml, args.targets)
+    for finding in findings:
+        print(finding.line(), flush=True)
+    failed = sum(f.status == "fail" for f in findings)
+    print(f"{failed} problem(s)" if failed else "ready: nothing in the way of the plan")
+    return 1 if failed else 0
+
+
 def _add_decoding_precision(p: argparse.ArgumentParser) -> None:
     from gptcore.params.choices import PRECISIONS, QUANTIZE  # not gptcore.precision: --help imports no torch
 
@@ -161,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_classify(verbs)
     _add_serve(verbs)
     _add_bench(verbs)
+    _add_doctor(verbs)
     return parser
 
 
@@ -285,6 +297,24 @@ def _add_bench(verbs) -> None:
 
     add_arguments(p)
     p.set_defaults(func=_bench)
+
+
+def _add_doctor(verbs) -> None:
+    """`gptcore doctor`: what the current params need, checked in seconds, one line each with its fix."""
+    p = verbs.add_parser(
+        "doctor",
+        help="check what params.yaml needs before a long run (downloads or mirror files, disk, judge server, "
+        "C compiler, torch): one line each, with the fix; exit 1 on a problem",
+    )
+    p.add_argument(
+        "targets",
+        nargs="*",
+        metavar="STAGE",
+        help="the stages you will run, as for `dvc repro STAGE...` (with what they need upstream); none: every stage",
+    )
+    p.add_argument("--params", default="params.yaml", help="the params file to check")
+    p.add_argument("--dvc-yaml", default="dvc.yaml", help="the pipeline whose stages make the plan")
+    p.set_defaults(func=_doctor)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
