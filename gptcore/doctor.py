@@ -172,7 +172,8 @@ def _disk_check(params, plan: dict[str, dict], repo: Path) -> Finding:
     parameters = _parameters(GPTConfig.from_name(params.foundation) if openai else params.pretrain.model)
     need = DISK_FACTOR * 4 * parameters + SPARE_BYTES
     free = shutil.disk_usage(repo.resolve()).free
-    what = f"about {need / 1e9:.1f} GB needed for foundation {params.foundation}, {free / 1e9:.1f} GB free"
+    model = params.foundation if openai else "the Stage 1 architecture"
+    what = f"about {need / 1e9:.1f} GB needed by the plan ({model}), {free / 1e9:.1f} GB free"
     if free < need:
         return Finding("fail", "disk", what, f"free space under {repo.resolve()}, or choose a smaller foundation")
     return Finding("ok", "disk", what)
