@@ -37,13 +37,15 @@ def _export(args: argparse.Namespace) -> int:
     if args.format == "hf":
         from gptcore.export.hf import export_hf
 
-        if args.dtype != "f32":
+        if args.dtype not in (None, "f32"):
             raise GptcoreError(f"--dtype {args.dtype}: the Hugging Face export is float32 only")
         result = export_hf(args.model, args.out, chat_template=args.chat_template)
         print(f"exported {result.architecture} ({result.tensors} tensors) -> {args.out}")
         return 0
     from gptcore.export.gguf import DTYPES, export_gguf, write_modelfile
+    from gptcore.params.schema import ExportParams
 
+    args.dtype = args.dtype or ExportParams.model_fields["dtype"].default  # the export stage's default
     if args.dtype not in DTYPES:  # checked before any work (choices would print argparse's usage instead)
         raise GptcoreError(f"unknown --dtype {args.dtype!r}; choose one of {', '.join(DTYPES)}")
     result = export_gguf(args.model, args.out, dtype=args.dtype, chat_template=args.chat_template)
@@ -199,7 +201,12 @@ def _add_export(verbs) -> None:
     p.add_argument("--format", required=True, choices=("gguf", "hf"), help="gguf: llama.cpp / Ollama; hf: transformers")
     p.add_argument("model", metavar="MODEL", help="gptcore weights file (.safetensors)")
     p.add_argument("out", metavar="OUT", help="the .gguf file, or the folder for --format hf")
-    p.add_argument("--dtype", default="f32", help="GGUF weights: f32 (default, exact), f16, q8_0")
+    p.add_argument(
+        "--dtype",
+        default=None,
+        help="GGUF weights: f32 (exact), f16 (half the size; unset: f16, as the export stage), q8_0 (a quarter); "
+        "--format hf is f32 only",
+    )
     p.add_argument(
         "--modelfile",
         action=argparse.BooleanOptionalAction,

@@ -18,7 +18,7 @@ import torch
 from gotemplate import render
 from test_tokenizer import TEXTS
 
-from gptcore.cli import main
+from gptcore.cli import build_parser, main
 from gptcore.config import GPTConfig
 from gptcore.export.gguf import export_gguf, modelfile_text, name_table, tensor_type
 from gptcore.export.templates import modelfile_template
@@ -366,3 +366,15 @@ def test_export_is_deterministic(models, ggufs, tmp_path):
     again = tmp_path / "again" / ggufs["stage1_trained", "q8_0"].name
     export_gguf(models["stage1_trained"], again, dtype="q8_0")
     assert again.read_bytes() == ggufs["stage1_trained", "q8_0"].read_bytes()
+
+
+def test_the_cli_and_the_stage_default_to_the_same_dtype(tmp_path, models, capsys):
+    """`gptcore export --format gguf` without --dtype writes what the export stage writes (params' default)."""
+    from gptcore.params.schema import ExportParams
+
+    out = tmp_path / "m.gguf"
+    assert main(["export", "--format", "gguf", "--no-modelfile", str(models["gpt2_random"]), str(out)]) == 0
+    assert f"GGUF {ExportParams().dtype} " in capsys.readouterr().out
+    export = next(a for a in build_parser()._actions if a.dest == "verb").choices["export"]
+    (dtype,) = [a for a in export._actions if a.dest == "dtype"]
+    assert dtype.default is None and "default" not in dtype.help  # said once, by the help formatter's rule
