@@ -85,7 +85,7 @@ def test_quickstart_runs_as_documented_and_its_restore_line_leaves_git_clean(rep
     assert "ready: nothing in the way of the plan" in proc.stdout  # gptcore doctor's last line
 
     responses = json.loads((repo_copy.root / "data" / "responses" / "test.json").read_text())
-    assert len(responses) == 110 and all(isinstance(r["model_response"], str) for r in responses)
+    assert len(responses) == 55 and all(isinstance(r["model_response"], str) for r in responses)
     for name in ("pretrain", "classifier", "classifier_baseline", "instructions", "generation"):
         assert (repo_copy.root / "metrics" / f"{name}.json").is_file(), name
     status = json.loads(repo_copy.dvc("status", "--json").stdout or "{}")
