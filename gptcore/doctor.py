@@ -236,7 +236,9 @@ def _torch_check(device_name: str) -> Finding:
 
     from gptcore.device import resolve_device
 
-    build = f"torch {torch.__version__}" + (f", CUDA {torch.version.cuda}" if torch.version.cuda else ", CPU build")
+    build = f"torch {torch.version.__version__}" + (
+        f", CUDA {torch.version.cuda}" if torch.version.cuda else ", CPU build"
+    )
     try:
         device = resolve_device(device_name)
     except GptcoreError as err:
