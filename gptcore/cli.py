@@ -33,7 +33,19 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _instruction_tuned(path: str) -> bool:
+    """Whether the weights file says it was finetuned on the Alpaca prompt (gptcore.prompt)."""
+    from gptcore.prompt import PROMPT_FORMAT, PROMPT_FORMAT_KEY
+    from gptcore.weights import read_metadata
+
+    return read_metadata(path).get(PROMPT_FORMAT_KEY) == PROMPT_FORMAT
+
+
 def _export(args: argparse.Namespace) -> int:
+    if args.chat_template is None or args.modelfile is None:  # unset: an instruction model gets them, a base one not
+        tuned = _instruction_tuned(args.model)
+        args.chat_template = tuned if args.chat_template is None else args.chat_template
+        args.modelfile = tuned if args.modelfile is None else args.modelfile
     if args.format == "hf":
         from gptcore.export.hf import export_hf
 
@@ -210,16 +222,16 @@ def _add_export(verbs) -> None:
     p.add_argument(
         "--modelfile",
         action=argparse.BooleanOptionalAction,
-        default=True,
-        help="write an Ollama Modelfile with the Alpaca chat template beside the GGUF (default: on; "
-        "--no-modelfile for a base model)",
+        default=None,
+        help="write an Ollama Modelfile with the Alpaca chat template beside the GGUF (unset: for a model "
+        "that the instruction finetuning wrote, as its weights file says; not for a base model)",
     )
     p.add_argument(
         "--chat-template",
         action=argparse.BooleanOptionalAction,
-        default=True,
+        default=None,
         help="store the Alpaca chat template in the GGUF (tokenizer.chat_template) or the HF tokenizer "
-        "config (default: on; --no-chat-template for a base model)",
+        "config (unset: for a model that the instruction finetuning wrote, as its weights file says)",
     )
     p.set_defaults(func=_export)
 

@@ -11,6 +11,7 @@ from gptcore.arguments import ArgumentParser
 from gptcore.device import is_main_process
 from gptcore.entry import run_entry
 from gptcore.params.load import load_params
+from gptcore.prompt import PROMPT_FORMAT, PROMPT_FORMAT_KEY
 from gptcore.recipes.instruct import finetune_instructions
 from gptcore.training.live import TrainingLog
 from gptcore.training.plots import line_figure
@@ -48,7 +49,7 @@ def main() -> None:
         )
         if not is_main_process():  # under torchrun, rank 0 writes the outputs
             return
-        save_model(outcome.model, args.out)
+        save_model(outcome.model, args.out, extra={PROMPT_FORMAT_KEY: PROMPT_FORMAT})  # exports add the template
         loss = line_figure(
             outcome.history,
             "tokens_seen",

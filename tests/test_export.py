@@ -293,7 +293,7 @@ def test_modelfile_renders_chats_as_gptcore_serve(messages):
 
 def test_modelfile_text(tmp_path, models, capsys):
     out = tmp_path / "deploy" / "gptcore-instruct.gguf"
-    assert main(["export", "--format", "gguf", str(models["stage1_trained"]), str(out)]) == 0
+    assert main(["export", "--format", "gguf", "--modelfile", str(models["stage1_trained"]), str(out)]) == 0
     modelfile = (tmp_path / "deploy" / "Modelfile").read_text()
     lines = modelfile.splitlines()
     assert "FROM ./gptcore-instruct.gguf" in lines
@@ -319,6 +319,20 @@ def test_gguf_chat_template_renders_as_gptcore_serve(ggufs, llama_cpp):
     for messages in [*singles, *CHATS]:
         assert formatter(messages=messages).prompt == render_chat(messages), messages
     assert formatter(messages=singles[0]).prompt == format_input(ENTRIES[0]) + RESPONSE_MARKER
+
+
+def test_the_cli_gives_the_chat_template_to_instruction_models_only(models, tmp_path):
+    """Unset, --chat-template and --modelfile follow the weights file: the instruction finetuning marks
+    its model (gptcore.prompt.PROMPT_FORMAT_KEY); a base model gets neither."""
+    from gptcore.prompt import PROMPT_FORMAT, PROMPT_FORMAT_KEY
+
+    tuned = tmp_path / "instruct.safetensors"
+    save_model(load_model(models["gpt2_random"]), tuned, extra={PROMPT_FORMAT_KEY: PROMPT_FORMAT})
+    key = b"tokenizer.chat_template"
+    for model, expected in ((models["gpt2_random"], False), (tuned, True)):
+        out = tmp_path / ("chat" if expected else "base") / "m.gguf"
+        assert main(["export", "--format", "gguf", "--dtype", "f32", str(model), str(out)]) == 0
+        assert (key in out.read_bytes(), (out.parent / "Modelfile").exists()) == (expected, expected)
 
 
 def test_no_chat_template_for_a_base_model(models, tmp_path):
