@@ -212,3 +212,13 @@ def test_every_problem_at_once_each_on_its_line_with_its_key_path(tmp_path):
     assert info.value.problems == [line.strip() for line in THREE_LINES[1:]]
     assert ("error: " + str(info.value)).splitlines() == THREE_LINES
     assert "\n".join(THREE_LINES) in (REPO / "docs" / "params.md").read_text()  # the documented example
+
+
+def test_the_readme_experiment_table_names_every_top_level_param():
+    """The README's `dvc exp show` drops every metric by name (a word without a dot) but the top-level
+    params, which it lists: the list must be params.yaml's top-level keys that are not sections."""
+    import re
+
+    command = next(line for line in (REPO / "README.md").read_text().splitlines() if line.startswith("dvc exp show"))
+    listed = re.search(r"\(\?!\(([a-z_|]+)\)\$\)", command).group(1).split("|")
+    assert sorted(listed) == sorted(key for key, value in DEFAULTS.items() if not isinstance(value, dict))
