@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import os
 import re
 import socket
+import subprocess
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+import yaml
 
+from conftest import REPO
 from gptcore.convert.openai import CHECKPOINT_FILES, download_checkpoint
 from gptcore.download import download, fetch
 from gptcore.errors import ConfigError, DownloadError
@@ -342,3 +347,26 @@ def test_download_checkpoint_from_the_mirror(tmp_path, monkeypatch):
 def test_download_checkpoint_rejects_unknown_size(tmp_path):
     with pytest.raises(ConfigError, match="unknown OpenAI GPT-2 size '700M'"):
         download_checkpoint("https://example.invalid", "700M", tmp_path / "out")
+
+
+def test_the_first_stage_without_network_or_mirror_names_the_way_out(server, tmp_path):
+    """`dvc repro`'s first stage, offline with no mirror: one line that names GPTCORE_MIRROR and the doctor.
+    (The server answers 404, as a captive portal might: the same line as after the retries of a
+    refused connection, without their wait.)"""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["download_corpus"]["url"] = f"{server.url}/the-verdict.txt"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = {k: v for k, v in os.environ.items() if k not in ("GPTCORE_MIRROR", "GPTCORE_DEBUG")}
+    env["PYTHONPATH"] = str(REPO)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "stages" / "download_corpus.py"), "--out", "data/raw/the-verdict.txt"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    (line,) = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert proc.returncode == 1 and "HTTP 404" in line
+    assert "set GPTCORE_MIRROR to a folder laid out like ../shared/mirror" in line and "gptcore doctor" in line
+    assert not (tmp_path / "data" / "raw" / "the-verdict.txt").exists()
