@@ -17,7 +17,7 @@ from gptcore.config import GPTConfig
 
 REPO = Path(__file__).resolve().parents[1]
 # What an end-to-end DVC run needs from the project (outputs and caches are left behind).
-REPO_FILES = ["dvc.yaml", "params.yaml", "stages", "gptcore", ".dvc/config", ".dvcignore", "vendor"]
+REPO_FILES = ["dvc.yaml", "params.yaml", "stages", "gptcore", ".dvc/config", ".dvc/plots", ".dvcignore", "vendor"]
 
 
 def _mirror_path() -> Path:
