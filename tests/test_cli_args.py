@@ -101,7 +101,13 @@ def test_every_stage_option_has_help_and_shows_defaults(stage, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "script", ["benchmarks/greedy_agreement.py", "benchmarks/allocators.py", "gptcore/bench/serving.py"]
+    "script",
+    [
+        "benchmarks/greedy_agreement.py",
+        "benchmarks/allocators.py",
+        "benchmarks/first_hour.py",
+        "gptcore/bench/serving.py",
+    ],
 )
 def test_every_benchmark_option_has_help_and_shows_defaults(script, monkeypatch):
     def capture(self, *args, **kwargs):
