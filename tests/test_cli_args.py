@@ -106,6 +106,7 @@ def test_every_stage_option_has_help_and_shows_defaults(stage, monkeypatch):
         "benchmarks/greedy_agreement.py",
         "benchmarks/allocators.py",
         "benchmarks/first_hour.py",
+        "benchmarks/cli_startup.py",
         "gptcore/bench/serving.py",
     ],
 )
