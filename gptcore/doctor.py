@@ -68,10 +68,12 @@ def diagnose(params_path: str | os.PathLike, dvc_yaml: str | os.PathLike, target
     try:
         params = load_params(params_path)
     except ConfigError as err:
-        return [Finding("fail", "params", str(err).replace("\n", " "), "edit the keys named"), *_machine_checks(None)]
+        problems = getattr(err, "problems", None)
+        message = f"{params_path}: {'; '.join(problems)}" if problems else " ".join(str(err).split())
+        return [Finding("fail", "params", message, "edit the keys named"), *_machine_checks(None)]
     plan = stages_in_plan(dvc_yaml, targets)
     findings = [Finding("ok", "params", f"{params_path} is valid; {len(plan)} stage(s) in the plan")]
-    findings += _source_checks(params, plan)
+    findings += _source_checks(params, plan, Path(dvc_yaml).parent)
     findings.append(_disk_check(params, plan, Path(dvc_yaml).parent))
     if "judge" in plan:
         findings.append(_judge_check(params.judge))
@@ -88,11 +90,11 @@ class Source:
     openai: bool = False  # an OpenAI checkpoint, which `foundation: scratch|pretrained` does without
 
 
-def _sources(params, plan: dict[str, dict]) -> list[Source]:
+def _sources(params, plan: dict[str, dict], repo: Path) -> list[Source]:
     """What the plan downloads; a file whose local copy (the stage's out, the cache) exists is not needed."""
     from gptcore.data.sms import MIRROR_NAME as SMS_NAME
 
-    outs = {name: Path(_paths(stage.get("outs", []))[0]) for name, stage in plan.items() if stage.get("outs")}
+    outs = {name: repo / _paths(stage.get("outs", []))[0] for name, stage in plan.items() if stage.get("outs")}
     wanted = []
     if "download_corpus" in plan:
         url = params.download_corpus.url
@@ -110,10 +112,10 @@ def _sources(params, plan: dict[str, dict]) -> list[Source]:
 
         files = [(f"gpt2/{name}", cache_dir() / "gpt2" / name) for name in FILES]
         wanted.append(Source("GPT-2's tokenizer files", [BASE_URL], files))
-    return wanted + _openai_sources(params, plan)
+    return wanted + _openai_sources(params, plan, repo)
 
 
-def _openai_sources(params, plan: dict[str, dict]) -> list[Source]:
+def _openai_sources(params, plan: dict[str, dict], repo: Path) -> list[Source]:
     from gptcore.config import OPENAI_SIZES
 
     if "foundation" not in plan or params.foundation not in OPENAI_SIZES:
@@ -122,7 +124,9 @@ def _openai_sources(params, plan: dict[str, dict]) -> list[Source]:
 
     size = OPENAI_SIZES[params.foundation]
     url = f"{params.download_gpt2.base_url.rstrip('/')}/{size}"
-    files = [(f"gpt2/models/{size}/{name}", Path("models/openai") / size / name) for name in CHECKPOINT_FILES]
+    words = plan["foundation"]["cmd"].split()
+    fetched = repo / words[words.index("--openai-dir") + 1] / size  # where the stage keeps a checkpoint it fetched
+    files = [(f"gpt2/models/{size}/{name}", fetched / name) for name in CHECKPOINT_FILES]
     return [Source(f"OpenAI's {size} checkpoint (foundation: {params.foundation})", [url], files, openai=True)]
 
 
@@ -130,11 +134,11 @@ def _basename(url: str) -> str:
     return url.rsplit("/", 1)[-1]
 
 
-def _source_checks(params, plan: dict[str, dict]) -> list[Finding]:
+def _source_checks(params, plan: dict[str, dict], repo: Path) -> list[Finding]:
     """One line per source with a file missing from the mirror or a server out of reach, else one ok line."""
     root = mirror_root()
     problems, count = [], 0
-    for source in _sources(params, plan):
+    for source in _sources(params, plan, repo):
         names = [name for name, local in source.files if not local.is_file()]
         count += len(names)
         way_out = f"; {NO_OPENAI_HINT}; {QUICK_START}" if source.openai else ""
