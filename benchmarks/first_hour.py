@@ -8,8 +8,8 @@ beside this repository), then, each timed with the machine's load around it (gpt
   test_suite        the test part of the README's test command, in that venv
   quickstart        the README's quick start block (doctor, the run), in the test venv, then its restore
                     line, and whether `git status` is clean afterwards
-Writes one JSON object (--out, default benchmarks/results/first_hour.json) that the README quotes;
-tests/test_docs.py checks that the README's figures are the file's. Only a quiet machine gives figures
+Writes one JSON object (--out, default benchmarks/results/first_hour.json) for the README to quote
+(tests/test_docs.py checks that this script still finds the README's commands). Only a quiet machine gives figures
 worth committing: each entry says whether the run was quiet. pip's cache is used as it is (--no-cache
 empties it first, for the cold figures of a first install).
 
