@@ -42,6 +42,14 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _instruction_tuned(path: str) -> bool:
+    """Whether the weights file says it was finetuned on the Alpaca prompt (gptcore.prompt)."""
+    from gptcore.prompt import PROMPT_FORMAT, PROMPT_FORMAT_KEY
+    from gptcore.weights import read_metadata
+
+    return read_metadata(path).get(PROMPT_FORMAT_KEY) == PROMPT_FORMAT
+
+
 def _export(args: argparse.Namespace) -> int:
     if args.format == "peft":
         from gptcore.export.peft import export_peft
@@ -51,16 +59,22 @@ def _export(args: argparse.Namespace) -> int:
         return 0
     if args.base is not None or args.base_name is not None:
         raise GptcoreError("--base and --base-name: only with --format peft")
+    if args.chat_template is None or args.modelfile is None:  # unset: an instruction model gets them, a base one not
+        tuned = _instruction_tuned(args.model)
+        args.chat_template = tuned if args.chat_template is None else args.chat_template
+        args.modelfile = tuned if args.modelfile is None else args.modelfile
     if args.format == "hf":
         from gptcore.export.hf import export_hf
 
-        if args.dtype != "f32":
+        if args.dtype not in (None, "f32"):
             raise GptcoreError(f"--dtype {args.dtype}: the Hugging Face export is float32 only")
         result = export_hf(args.model, args.out, chat_template=args.chat_template)
         print(f"exported {result.architecture} ({result.tensors} tensors) -> {args.out}")
         return 0
     from gptcore.export.gguf import DTYPES, export_gguf, write_modelfile
+    from gptcore.params.schema import ExportParams
 
+    args.dtype = args.dtype or ExportParams.model_fields["dtype"].default  # the export stage's default
     if args.dtype not in DTYPES:  # checked before any work (choices would print argparse's usage instead)
         raise GptcoreError(f"unknown --dtype {args.dtype!r}; choose one of {', '.join(DTYPES)}")
     result = export_gguf(args.model, args.out, dtype=args.dtype, chat_template=args.chat_template)
@@ -177,9 +191,19 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _doctor(args: argparse.Namespace) -> int:
+    from gptcore.doctor import diagnose
+
+    findings = diagnose(args.params, args.dvc_yaml, args.targets)
+    for finding in findings:
+        print(finding.line(), flush=True)
+    failed = sum(f.status == "fail" for f in findings)
+    print(f"{failed} problem(s)" if failed else "ready: nothing in the way of the plan")
+    return 1 if failed else 0
+
+
 def _add_decoding_precision(p: argparse.ArgumentParser) -> None:
-    from gptcore.params.choices import QUANTIZE
-    from gptcore.precision import PRECISIONS
+    from gptcore.params.choices import PRECISIONS, QUANTIZE  # not gptcore.precision: --help imports no torch
 
     p.add_argument(
         "--precision",
@@ -221,6 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve(verbs)
     _add_merge(verbs)
     _add_bench(verbs)
+    _add_doctor(verbs)
     return parser
 
 
@@ -269,20 +294,25 @@ def _add_export(verbs) -> None:
         default=None,
         help="peft: base_model_name_or_path in adapter_config.json, e.g. the folder of `export --format hf BASE`",
     )
-    p.add_argument("--dtype", default="f32", help="GGUF weights: f32 (default, exact), f16, q8_0")
+    p.add_argument(
+        "--dtype",
+        default=None,
+        help="GGUF weights: f32 (exact), f16 (half the size; unset: f16, as the export stage), q8_0 (a quarter); "
+        "--format hf is f32 only",
+    )
     p.add_argument(
         "--modelfile",
         action=argparse.BooleanOptionalAction,
-        default=True,
-        help="write an Ollama Modelfile with the Alpaca chat template beside the GGUF (default: on; "
-        "--no-modelfile for a base model)",
+        default=None,
+        help="write an Ollama Modelfile with the Alpaca chat template beside the GGUF (unset: for a model "
+        "that the instruction finetuning wrote, as its weights file says; not for a base model)",
     )
     p.add_argument(
         "--chat-template",
         action=argparse.BooleanOptionalAction,
-        default=True,
+        default=None,
         help="store the Alpaca chat template in the GGUF (tokenizer.chat_template) or the HF tokenizer "
-        "config (default: on; --no-chat-template for a base model)",
+        "config (unset: for a model that the instruction finetuning wrote, as its weights file says)",
     )
     p.set_defaults(func=_export)
 
@@ -383,6 +413,24 @@ def _add_bench(verbs) -> None:
 
     add_arguments(p)
     p.set_defaults(func=_bench)
+
+
+def _add_doctor(verbs) -> None:
+    """`gptcore doctor`: what the current params need, checked in seconds, one line each with its fix."""
+    p = verbs.add_parser(
+        "doctor",
+        help="check what params.yaml needs before a long run (downloads or mirror files, disk, judge server, "
+        "C compiler, torch): one line each, with the fix; exit 1 on a problem",
+    )
+    p.add_argument(
+        "targets",
+        nargs="*",
+        metavar="STAGE",
+        help="the stages you will run, as for `dvc repro STAGE...` (with what they need upstream); none: every stage",
+    )
+    p.add_argument("--params", default="params.yaml", help="the params file to check")
+    p.add_argument("--dvc-yaml", default="dvc.yaml", help="the pipeline whose stages make the plan")
+    p.set_defaults(func=_doctor)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

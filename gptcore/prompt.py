@@ -4,6 +4,10 @@ from __future__ import annotations
 
 PREAMBLE = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
 RESPONSE_MARKER = "\n\n### Response:\n"
+# Written into the metadata of a weights file finetuned on this template (stages/finetune_instructions.py),
+# so that `gptcore export` gives such a model the chat template by default, and a base model none.
+PROMPT_FORMAT_KEY = "gptcore.prompt_format"
+PROMPT_FORMAT = "alpaca"
 
 
 def format_input(entry: dict) -> str:

@@ -18,7 +18,7 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 from gptcore.config import GPTConfig
 from gptcore.errors import ConfigError
 from gptcore.params.choices import PRECISIONS, RENAMED_PRECISIONS, Precision, Quantize, Strategy, is_device_name
-from gptcore.params.errors import one_line_error
+from gptcore.params.errors import validation_error
 
 
 def _http_address(value: str) -> str:
@@ -85,12 +85,13 @@ class Section(BaseModel):
         """Validate a mapping into this section.
 
         Raises:
-            ConfigError: one line `where: key.path: problem` (the first problem found).
+            ConfigError: `where: key.path: problem`, one line per problem when there are several
+                (ConfigProblems), so all of them are fixed in one go.
         """
         try:
             return cls.model_validate(dict(data or {}))
         except ValidationError as err:
-            raise one_line_error(err, cls, where or cls.__name__) from None
+            raise validation_error(err, cls, where or cls.__name__) from None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values (the nested GPTConfig as a mapping): what progress fingerprints and metrics record."""

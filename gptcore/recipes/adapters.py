@@ -68,11 +68,13 @@ def write_adapter(
 
 def write_merged_lm(base_path: str | os.PathLike, adapter_path: str | os.PathLike, out_path: str | os.PathLike) -> None:
     """A language model's base weights file with the adapter merged in (fp32 arithmetic on the file's
-    weights), written as one weights file: what `gptcore merge` writes for it.
+    weights), written as one weights file with the adapter's extra metadata (e.g. the prompt format of an
+    instruction model): what `gptcore merge` writes for it.
 
     Raises:
         WeightsError: the adapter was trained on another base, or does not fit it (one line).
     """
     model = load_model(base_path)
-    apply_adapter(model, read_adapter(adapter_path), sha256_of(base_path))
-    save_model(merge_lora(model), out_path)
+    adapter = read_adapter(adapter_path)
+    apply_adapter(model, adapter, sha256_of(base_path))
+    save_model(merge_lora(model), out_path, extra=adapter.extra or None)

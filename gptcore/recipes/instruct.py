@@ -233,7 +233,12 @@ def generate_responses(
     for record in records:
         responses.update(zip(record["indices"], record["responses"]))
     bar = tqdm(
-        total=len(entries), initial=len(responses), desc="generate_responses", unit="entry", disable=not show_progress
+        total=len(entries),
+        initial=len(responses),
+        desc="generate_responses",
+        unit="entry",
+        smoothing=0,  # the ETA from the average batch so far (as the training loop's)
+        disable=not show_progress,
     )
     with bar:
         for number, batch in enumerate(_batch_schedule(prompts, params.batch_size)):

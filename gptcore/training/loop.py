@@ -149,6 +149,9 @@ class _TrainingRun:
             total=self.total_steps,
             desc=options.desc,
             unit="step",
+            # The ETA from the average step since the start, evaluations included (they recur), not
+            # tqdm's moving average, which swings 2-3x between a step with an evaluation and one without.
+            smoothing=0,
             file=self.output,
             disable=not options.show_progress or not is_main_process(),
         )
@@ -193,7 +196,9 @@ class _TrainingRun:
         # last_epoch: the steps already taken (a resumed optimizer brings back each group's initial_lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor, last_epoch=self.result.steps - 1)
         self.bar.reset(total=self.total_steps)
-        self.bar.update(self.result.steps)
+        # Resumed steps show as done but count for nothing in the rate (the ETA is this run's own speed).
+        self.bar.n = self.bar.initial = self.result.steps
+        self.bar.refresh()
         self.started = time.perf_counter() - self.result.seconds
         self.runner.module.train()
         if self.report is not None:
