@@ -103,7 +103,7 @@ def _generate(args: argparse.Namespace) -> int:
     if model.config.num_classes is not None:
         raise GptcoreError(f"{args.model}: is a classifier; use `gptcore classify`")
     precision, reason = resolve_decoding_precision(args.precision, device)
-    logging.getLogger(__name__).info("precision %s (%s)", precision, reason)
+    logging.getLogger(__name__).debug("precision %s (%s)", precision, reason)  # -v shows it
     cast_for_inference(model, precision, args.quantize)
     tokenizer = get_tokenizer()
     idx = text_to_ids(args.prompt, tokenizer, device)

@@ -215,16 +215,15 @@ def _machine_checks(params) -> list[Finding]:
 
 def _kernel_check() -> Finding:
     """The decoding kernels build with $CC (else torch's slower products) and the CPU features they use."""
-    from gptcore.inference.gemv import load_kernels, native_bf16
+    from gptcore.inference import kernels
 
     flags = _cpu_flags()
     features = ", ".join(f for f in ("avx2", "fma", "f16c", "avx512f", "avx512_bf16") if f in flags) or "none listed"
     compiler = os.environ.get("CC", "cc")
-    if load_kernels() is None:
+    if kernels.load_kernels() is None:
         fix = "install a C compiler with OpenMP (e.g. apt-get install gcc), or set CC to one"
         return Finding("warn", "kernels", f"cannot build gemv.c with {compiler}: decoding is slower", fix)
-    bf16 = "native bf16" if native_bf16() else "bf16 widened to fp32"
-    return Finding("ok", "kernels", f"gemv.c built with {compiler}; CPU: {features} ({bf16})")
+    return Finding("ok", "kernels", f"{kernels.describe()}, built with {compiler}; CPU: {features}")
 
 
 def _cpu_flags() -> set[str]:

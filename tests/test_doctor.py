@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -23,9 +24,12 @@ def _doctor(cwd, *args: str, mirror: str | None = None) -> subprocess.CompletedP
     env.pop("GPTCORE_MIRROR", None)
     if mirror is not None:
         env["GPTCORE_MIRROR"] = mirror
+    # A copy of dvc.yaml in a folder with no outputs yet, as in a fresh clone: the files a stage would fetch
+    # are looked for beside it (this checkout's data/ may hold them already).
+    (Path(cwd) / "dvc.yaml").write_text((REPO / "dvc.yaml").read_text())
     return subprocess.run(
-        [sys.executable, "-m", "gptcore", "doctor", "--dvc-yaml", str(REPO / "dvc.yaml"), *args],
-        cwd=cwd,  # a folder with no outputs yet, as a fresh clone
+        [sys.executable, "-m", "gptcore", "doctor", "--dvc-yaml", str(Path(cwd) / "dvc.yaml"), *args],
+        cwd=cwd,
         env=env,
         capture_output=True,
         text=True,

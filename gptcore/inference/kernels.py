@@ -154,7 +154,7 @@ def load_kernels() -> ctypes.CDLL | None:
             f"gemv.c built without OpenMP ({' '.join(cc)} has none that can share torch's "
             f"{runtime.name if runtime else 'runtime'}): the decoding kernels run on one thread"
         )
-    logger.info(f"decoding kernels: {describe(kernels)}")
+    logger.debug(f"decoding kernels: {describe(kernels)}")
     return kernels
 
 

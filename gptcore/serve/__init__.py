@@ -104,7 +104,6 @@ class Server:
         from gptcore.weights import load_model
 
         resolved, reason = resolve_decoding_precision(load.precision, self.device)
-        logger.info("gptcore serve: precision %s (%s); decoding kernels: %s", resolved, reason, kernels.describe())
 
         def load_for_serving():
             """The model as served: loaded (the adapter merged in), checked to be a language model, cast for inference."""
@@ -123,7 +122,8 @@ class Server:
         engine = Engine(
             load_for_serving, get_tokenizer(), max_batch=max_batch, compute=lambda: autocast(self.device, resolved)
         )
-        engine.ensure_loaded()
+        engine.ensure_loaded()  # a model that cannot be served fails here, before any startup line
+        logger.info("gptcore serve: precision %s (%s); decoding kernels: %s", resolved, reason, kernels.describe())
         return engine
 
     def _describe(
