@@ -203,7 +203,9 @@ def test_layer_product_takes_only_what_was_checked():
         assert gemv.layer_product(layer, x) is not None
         assert gemv.layer_product(layer, x.float()) is None  # another dtype than the weight's
         assert gemv.layer_product(layer, torch.randn(1, 64, 2, dtype=torch.bfloat16)[..., 0]) is None  # strided
-        assert gemv.layer_product(layer, torch.randn(65, 64, dtype=torch.bfloat16)) is None  # a long prompt
+        assert gemv.layer_product(layer, torch.randn(1, 65, 64, dtype=torch.bfloat16)) is None  # a long prompt
+        # a decoding step of many rows (one position each) takes the kernel: batch-invariant
+        assert gemv.layer_product(layer, torch.randn(65, 1, 64, dtype=torch.bfloat16)) is not None
     assert gemv.layer_product(layer, x) is None  # autograd on
     int8 = Int8Linear(nn.Linear(64, 24))
     with torch.no_grad():

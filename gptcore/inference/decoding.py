@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from gptcore.inference.decode_block import fuse_blocks
-from gptcore.inference.gemv import native_bf16, use_gemv
+from gptcore.inference.gemv import load_kernels, native_bf16, use_gemv, use_gemv_f32
 from gptcore.inference.quantize import check_quantize, quantize_int8
 from gptcore.inference.sampling import RowSampler, SamplingOptions
 from gptcore.model import GPTModel, KVCache
@@ -242,6 +242,8 @@ def cast_for_inference(model: GPTModel, precision: str, quantize: str = "none") 
             module.to(weights_dtype(precision))
         if bf16_head:  # a tied head shares the bf16 embedding
             _, model.out_head = use_gemv(model.trf_blocks, head)
+    elif precision == "fp32" and on_cpu and quantize == "none" and load_kernels() is not None:
+        use_gemv_f32(model)  # decoding steps through gemv.c's fp32 kernel: batch-invariant
     elif precision == "fp32" and on_cpu:
         for module in model.modules():
             if isinstance(module, torch.nn.Linear):  # same shape and values; column-major storage

@@ -136,6 +136,49 @@ void gptcore_gemv_bf16(const uint16_t *x, const uint16_t *w, const uint16_t *bia
     product_bf16(x, w, bias, y, batch, n_len, k_len, fp32_out, 0);
 }
 
+/* fp32: y[b, n] = sum_k x[b, k] w[n, k] + bias[n], all fp32 and contiguous (x [batch, k_len], w [n_len,
+   k_len], bias [n_len] or NULL). Each output is one sum over 16 lanes in k order, then the lanes in order,
+   computed by the same code whatever the batch: a row's outputs never depend on the rows beside it (torch's
+   GEMM picks other kernels, and other reduction orders, by the number of rows). The four weight rows of a
+   group are summed side by side (four independent accumulators) and stay in cache for every row of x. */
+static void dot_f32(const float *x, const float *w, int64_t k_len, int rows, float *sums) {
+    if (rows == GROUP) {
+        float acc[GROUP][LANES] = {{0}};
+        int64_t k = 0;
+        for (; k + LANES <= k_len; k += LANES)
+            for (int r = 0; r < GROUP; r++)
+                for (int j = 0; j < LANES; j++) acc[r][j] += x[k + j] * w[r * k_len + k + j];
+        for (; k < k_len; k++)
+            for (int r = 0; r < GROUP; r++) acc[r][k % LANES] += x[k] * w[r * k_len + k];
+        for (int r = 0; r < GROUP; r++) sums[r] = sum_lanes(acc[r]);
+        return;
+    }
+    for (int r = 0; r < rows; r++) {
+        const float *row = w + r * k_len;
+        float acc[LANES] = {0};
+        int64_t k = 0;
+        for (; k + LANES <= k_len; k += LANES)
+            for (int j = 0; j < LANES; j++) acc[j] += x[k + j] * row[k + j];
+        for (; k < k_len; k++) acc[k % LANES] += x[k] * row[k];
+        sums[r] = sum_lanes(acc);
+    }
+}
+
+void gptcore_gemv_f32(const float *x, const float *w, const float *bias, float *y, int64_t batch, int64_t n_len,
+                      int64_t k_len, int threads) {
+    int64_t groups = (n_len + GROUP - 1) / GROUP;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t g = 0; g < groups; g++) {
+        int64_t first = g * GROUP;
+        int rows = group_rows(first, n_len);
+        for (int64_t b = 0; b < batch; b++) {
+            float sums[GROUP];
+            dot_f32(x + b * k_len, w + first * k_len, k_len, rows, sums);
+            for (int r = 0; r < rows; r++) y[b * n_len + first + r] = sums[r] + (bias ? bias[first + r] : 0.0f);
+        }
+    }
+}
+
 /* int8: weights q [n_len, k_len] int8 with one scale per row; x quantized to int8 in blocks of 32 on
    the fly, as llama.cpp's q8_0 dot product does (ggml's quantize_row_q8_0: scale = max|x| / 127,
    xq = round(x / scale)), so that the products are int8 x int8 summed exactly in int32, four at a time

@@ -38,7 +38,10 @@ FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 # Up to this many rows (sequences decoded together, or prompt tokens) the kernels beat torch's products
 # of GPT-2 large's [5120, 1280] weight (2 threads, 2026-12-01): bf16 1.03-1.26 ms against 1.31-1.73 for
 # 1-4 rows, about even at 6-8; int8 0.68 ms against 1.22 for 1 row, 6.5 against 10.4 for 50, even at 256.
-MAX_ROWS = {torch.bfloat16: 4, torch.int8: 64}
+MAX_ROWS = {torch.bfloat16: 4, torch.int8: 64, torch.float32: 0}
+# A decoding step (one position per row) always takes the kernels, whatever the number of rows: each row's
+# sums are then the same code in the same order whether it is decoded alone or beside others (batch-invariant
+# decoding, docs/serving.md); MAX_ROWS only decides for prompts (many positions of one row).
 
 
 def cache_dir() -> Path:
@@ -97,6 +100,8 @@ def load_kernels() -> ctypes.CDLL | None:
         [pointer, ctypes.c_int] + [pointer] * 4 + [size] * 5 + [pointer, ctypes.c_float, ctypes.c_int]
     )
     kernels.gptcore_block_decode.restype = ctypes.c_int
+    kernels.gptcore_gemv_f32.argtypes = [pointer] * 4 + [size] * 3 + [ctypes.c_int]
+    kernels.gptcore_gemv_f32.restype = None
     return kernels
 
 
@@ -231,22 +236,29 @@ def _product_int8(
     return out
 
 
+def one_position_per_row(x: torch.Tensor) -> bool:
+    """x [B, C] or [B, 1, C]: a decoding step's activations (not a prompt's)."""
+    return x.dim() == 2 or (x.dim() == 3 and x.shape[1] == 1)
+
+
 def layer_product(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     """x [..., in] through a decoding layer's kernel (a GemvLinear's or an Int8Linear's, with its own
-    out_dtype) when it takes x: up to MAX_ROWS rows of a contiguous CPU x (bf16 for bf16 weights, bf16 or
-    fp32 for int8), autograd off, the layer's tensors still as checked when it was made (CPU, dtypes);
-    else None, and the caller computes the product its other way. The per-token path: no other checks.
+    out_dtype) when it takes x: a decoding step (any number of rows: batch-invariant) or up to MAX_ROWS
+    rows of a contiguous CPU x (bf16 for bf16 weights, fp32 for fp32 ones, bf16 or fp32 for int8), autograd
+    off, the layer's tensors still as checked when it was made (CPU, dtypes); else None, and the caller
+    computes the product its other way. The per-token path: no other checks.
     """
     weight, bias = layer.weight, layer.bias
     n = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if (
         n == 0
-        or n > MAX_ROWS.get(weight.dtype, 0)
+        or weight.dtype not in MAX_ROWS
+        or (n > MAX_ROWS[weight.dtype] and not one_position_per_row(x))
         or torch.is_grad_enabled()
         or not x.is_cpu
         or not weight.is_cpu
         or not x.is_contiguous()
-        or (bias is not None and bias.dtype != torch.bfloat16)
+        or (bias is not None and bias.dtype != (torch.float32 if weight.dtype == torch.float32 else torch.bfloat16))
     ):
         return None
     kernels = load_kernels()
@@ -258,6 +270,20 @@ def layer_product(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         if x.dtype not in (torch.bfloat16, torch.float32) or layer.scales.dtype != torch.bfloat16:
             return None
         out = _product_int8(kernels, flat, weight, layer.scales, bias, out_dtype)
+    elif weight.dtype == torch.float32:
+        if x.dtype != torch.float32:
+            return None
+        out = torch.empty(n, weight.shape[0], dtype=torch.float32)
+        kernels.gptcore_gemv_f32(
+            flat.data_ptr(),
+            weight.data_ptr(),
+            None if bias is None else bias.data_ptr(),
+            out.data_ptr(),
+            n,
+            weight.shape[0],
+            weight.shape[1],
+            torch.get_num_threads(),
+        )
     else:
         if x.dtype != torch.bfloat16:
             return None
@@ -271,8 +297,9 @@ def rows(x: torch.Tensor) -> int:
 
 
 class GemvLinear(nn.Linear):
-    """An nn.Linear with bf16 weights on the CPU whose products of up to MAX_ROWS[bf16] rows (decoding)
-    run through gemv_bf16, larger ones (a prompt) through F.linear. Same parameters and state dict.
+    """An nn.Linear with bf16 (or fp32) weights on the CPU whose decoding steps (one position per row,
+    any number of rows) and products of up to MAX_ROWS rows run through the kernels, larger ones (a
+    prompt) through F.linear. Same parameters and state dict. fp32 weights: fp32 in and out.
 
     out_dtype bf16: input [..., in_features] bf16 -> output [..., out_features] bf16. out_dtype fp32 (an
     output head): any float input -> fp32 logits, the sums of bf16 products never rounded to bf16.
@@ -293,7 +320,8 @@ class GemvLinear(nn.Linear):
         y = layer_product(self, x)
         if y is not None:
             return y
-        if 0 < rows(x) <= MAX_ROWS[torch.bfloat16] and not torch.is_grad_enabled() and self.weight.is_cpu:
+        small = 0 < rows(x) <= MAX_ROWS[torch.bfloat16] or one_position_per_row(x)
+        if self.weight.dtype == torch.bfloat16 and small and not torch.is_grad_enabled() and self.weight.is_cpu:
             return gemv_bf16(x, self.weight, self.bias, self.out_dtype)  # an fp32 x (the head's) or a strided one
         if self.out_dtype == torch.float32:
             return F.linear(x.float(), self.weight.float(), None if self.bias is None else self.bias.float())
@@ -301,6 +329,20 @@ class GemvLinear(nn.Linear):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {self.out_dtype} output"
+
+
+@torch.no_grad()
+def use_gemv_f32(model: nn.Module) -> nn.Module:
+    """Every fp32 nn.Linear on the CPU inside `model` replaced (in place) by a GemvLinear sharing its
+    parameters (row-major weights), so that decoding steps are batch-invariant; a no-op without the kernels."""
+    if load_kernels() is None:
+        return model
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Linear and child.weight.dtype == torch.float32 and child.weight.is_cpu:
+                if child.weight.is_contiguous():
+                    setattr(parent, name, GemvLinear.from_linear(child, torch.float32))
+    return model
 
 
 @torch.no_grad()
