@@ -13,8 +13,10 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
+from gptcore.prompt import CHAT_ROLES as ROLES
+from gptcore.prompt import render_chat
 from gptcore.serve import protocol as p
-from gptcore.serve.chat import ROLES, TemplateError, render_chat, render_generate
+from gptcore.serve.chat import TemplateError, render_generate
 from gptcore.serve.engine import Engine
 from gptcore.serve.events import Budget, submit, wait_done
 from gptcore.serve.http_io import read_json

@@ -12,8 +12,9 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from gptcore.prompt import CHAT_ROLES as ROLES
+from gptcore.prompt import render_chat
 from gptcore.serve import protocol as p
-from gptcore.serve.chat import ROLES, render_chat
 from gptcore.serve.engine import Engine
 from gptcore.serve.events import Budget, submit, wait_done
 from gptcore.serve.http_io import read_json
