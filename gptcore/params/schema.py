@@ -356,6 +356,15 @@ class GenerateParams(Section):
     max_new_tokens: int = Field(256, ge=1, description="tokens generated at most per response")
     temperature: float = Field(0.0, ge=0, description="0: greedy (argmax)")
     top_k: int | None = Field(None, ge=1, description="sample only among the k most likely tokens (temperature > 0)")
+    top_p: float = Field(1.0, ge=0, le=1, description="nucleus: the most likely tokens up to this mass; 1: off")
+    min_p: float = Field(0.0, ge=0, le=1, description="tokens at least this fraction as likely as the best; 0: off")
+    typical_p: float = Field(1.0, ge=0, le=1, description="locally typical sampling mass; 1: off")
+    repeat_penalty: float = Field(
+        1.0, gt=0, description="logits of tokens in the last repeat_last_n divided by it; 1: off"
+    )
+    repeat_last_n: int = Field(64, ge=-1, description="tokens the penalties look back on (prompt included); -1: all")
+    presence_penalty: float = Field(0.0, description="subtracted from the logit of every token seen in that window")
+    frequency_penalty: float = Field(0.0, description="times its count, subtracted from every seen token's logit")
     seed: int = Field(123, description="batch n of the schedule samples with seed + n (unused when greedy)")
     batch_size: int = Field(8, ge=1, description="prompts generated together (left-padded); 1: one at a time")
     quantize: Quantize = Field(
