@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 from collections.abc import Sequence
 
 from gptcore.arguments import (
@@ -72,19 +73,29 @@ def _export(args: argparse.Namespace) -> int:
 
 def _generate(args: argparse.Namespace) -> int:
     from gptcore.device import resolve_device
-    from gptcore.inference.decoding import cast_for_inference, generate, ids_to_text, make_generator, text_to_ids
-    from gptcore.precision import autocast, resolve_precision
+    from gptcore.inference.decoding import (
+        cast_for_inference,
+        generate,
+        ids_to_text,
+        make_generator,
+        resolve_decoding_precision,
+        text_to_ids,
+    )
+    from gptcore.precision import autocast
     from gptcore.tokenizer import EOT_ID, get_tokenizer
 
-    sampling = sampling_options(args)  # checked before the model loads
+    sampling = sampling_options(args)  # checked before the model loads, as the prompt is
     device = resolve_device(args.device)
+    tokenizer = get_tokenizer()
+    idx = text_to_ids(args.prompt, tokenizer, device)
+    if idx.shape[1] == 0:
+        raise GptcoreError("the prompt is empty: generation needs at least one token")
     model = _load_model(args.model, args.adapter, device)
     if model.config.num_classes is not None:
         raise GptcoreError(f"{args.model}: is a classifier; use `gptcore classify`")
-    precision = resolve_precision(args.precision, device, "inference")
+    precision, reason = resolve_decoding_precision(args.precision, device)
+    logging.getLogger(__name__).info("precision %s (%s)", precision, reason)
     cast_for_inference(model, precision, args.quantize)
-    tokenizer = get_tokenizer()
-    idx = text_to_ids(args.prompt, tokenizer, device)
     with autocast(device, precision):
         out = generate(
             model,

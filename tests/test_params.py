@@ -24,6 +24,16 @@ DEFAULTS = yaml.safe_load((REPO / "params.yaml").read_text())
 BAD = [
     ("top-level typo", {"precison": "fp32"}, "error: params.yaml: precison: unknown key; did you mean precision?"),
     (
+        "strategy typo",
+        {"strategy": "fdsp"},
+        "error: params.yaml: strategy: expected one of auto, ddp, fsdp, got 'fdsp'",
+    ),
+    (
+        "bad launcher",
+        {"launcher": "pyton"},
+        "error: params.yaml: launcher: expected python or torchrun [options] (one line), got 'pyton'",
+    ),
+    (
         "section typo",
         {"classifer": {"lr": 0.001}},
         "error: params.yaml: classifer: unknown section; did you mean classifier?",
@@ -122,7 +132,12 @@ def test_every_section_of_params_yaml_is_a_field_and_documented():
 def _stage_argv(stage: dict) -> list[str]:
     """A dvc.yaml stage's command with its templating filled in, run with this interpreter."""
     cmd = " ".join(stage["cmd"].split())
-    for name, value in {"${key}": "gpt2-large", "${item}": "774M", "${foundation}": "gpt2-large"}.items():
+    for name, value in {
+        "${key}": "gpt2-large",
+        "${item}": "774M",
+        "${foundation}": "gpt2-large",
+        "${launcher}": "python",
+    }.items():
         cmd = cmd.replace(name, value)
     argv = shlex.split(cmd)
     while "=" in argv[0]:  # a launcher's environment assignment (GLIBC_TUNABLES=... python ...)

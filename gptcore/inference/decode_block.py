@@ -25,7 +25,7 @@ import ctypes
 import torch
 from torch import nn
 
-from gptcore.inference import gemv
+from gptcore.inference import gemv, kernels
 from gptcore.inference.quantize import Int8Linear
 from gptcore.model import GPTModel, KVCache, TransformerBlock
 
@@ -69,7 +69,8 @@ def _linear_params(layer: nn.Module, weight_dtype: torch.dtype, out: int, inp: i
         return None
     if weight_dtype == torch.int8:
         if (
-            not isinstance(layer, Int8Linear)
+            not kernels.fast_int8()  # torch's kernel is faster than the portable loop
+            or not isinstance(layer, Int8Linear)
             or layer.out_dtype is not None
             or not _plain(layer.scales, (out,), torch.bfloat16)
         ):
@@ -122,11 +123,11 @@ def decode_step(block: TransformerBlock, x: torch.Tensor, cache: KVCache) -> tor
     params = _block_params(block, weight_dtype, emb)
     if params is None:
         return None
-    kernels = gemv.load_kernels()
-    if kernels is None:
+    library = kernels.load_kernels()
+    if library is None:
         return None
     out = torch.empty_like(x)
-    status = kernels.gptcore_block_decode(
+    status = library.gptcore_block_decode(
         (ctypes.c_void_p * len(params))(*params),
         weight_dtype == torch.int8,
         x.data_ptr(),
@@ -171,7 +172,7 @@ def fuse_blocks(model: GPTModel) -> GPTModel:
     """Replace (in place) each of the model's TransformerBlocks by a DecodeBlock sharing its
     submodules, when the kernels can be built; returns the model. Decoding then takes the one-call step
     wherever it applies (see the module docstring); everything else runs as before."""
-    if gemv.load_kernels() is None:
+    if kernels.load_kernels() is None:
         return model
     for i, block in enumerate(model.trf_blocks):
         if type(block) is TransformerBlock:

@@ -7,12 +7,13 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from gptcore.inference import kernels
 from gptcore.inference.decode_block import fuse_blocks
-from gptcore.inference.gemv import load_kernels, native_bf16, use_gemv, use_gemv_f32
+from gptcore.inference.gemv import use_gemv, use_gemv_f32
 from gptcore.inference.quantize import check_quantize, quantize_int8
 from gptcore.inference.sampling import RowSampler, SamplingOptions
 from gptcore.model import GPTModel, KVCache
-from gptcore.precision import RESOLVED, weights_dtype
+from gptcore.precision import RESOLVED, resolve_precision, weights_dtype
 from gptcore.tokenizer import encode_text
 
 
@@ -208,9 +209,10 @@ def cast_for_inference(model: GPTModel, precision: str, quantize: str = "none") 
     with quantize="int8", every Linear, the head's too, to int8 (gptcore.inference.quantize; CPU only).
 
     bf16-true: the embeddings and blocks are cast to bf16 (decoding one token reads every weight
-    once, so it is bound by memory traffic, which bf16 halves). On a CPU with AVX512-BF16 the blocks'
-    Linears decode through gptcore.inference.gemv's kernel (about twice torch's speed at batch 1 there), and the
-    head too, over bf16 weights (a tied head shares the bf16 embedding, as llama.cpp's f16 files do)
+    once, so it is bound by memory traffic, which bf16 halves). Where gptcore's kernels multiply bf16
+    with vector instructions (AVX512-BF16, or AVX2 + FMA widening to fp32: gptcore.inference.kernels) the
+    blocks' Linears decode through gptcore.inference.gemv's kernel (about twice torch's speed at batch 1
+    on AVX512-BF16), and the head too, over bf16 weights (a tied head shares the bf16 embedding, as llama.cpp's f16 files do)
     with fp32 logits: the sums of its products are never rounded to bf16. Elsewhere the head keeps
     fp32 weights (a tied head gets its own fp32 copy). The final LayerNorm stays fp32. Wherever the
     kernels build, each block then decodes one position per row in one C call (gptcore.inference.decode_block:
@@ -242,7 +244,7 @@ def cast_for_inference(model: GPTModel, precision: str, quantize: str = "none") 
             module.to(weights_dtype(precision))
         if bf16_head:  # a tied head shares the bf16 embedding
             _, model.out_head = use_gemv(model.trf_blocks, head)
-    elif precision == "fp32" and on_cpu and quantize == "none" and load_kernels() is not None:
+    elif precision == "fp32" and on_cpu and quantize == "none" and kernels.load_kernels() is not None:
         use_gemv_f32(model)  # decoding steps through gemv.c's fp32 kernel: batch-invariant
     elif precision == "fp32" and on_cpu:
         for module in model.modules():
@@ -255,12 +257,38 @@ def cast_for_inference(model: GPTModel, precision: str, quantize: str = "none") 
     return model
 
 
+def resolve_decoding_precision(value: str, device: torch.device) -> tuple[str, str]:
+    """The precision decoding uses on `device` (gptcore.precision's values; `auto` resolved), and why.
+
+    `auto` follows gptcore.precision (bf16-true where the device computes bf16 in hardware), and on a CPU
+    without it also takes bf16-true wherever gptcore's kernels multiply bf16 weights with vector
+    instructions (AVX2 + FMA, widening to fp32 in registers: gptcore.inference.kernels): one decoded
+    token reads every weight once, so half the bytes per weight is the faster path, with fp32 sums.
+
+    Raises:
+        ConfigError: an unknown (or renamed) value.
+    """
+    resolved = resolve_precision(value, device, "inference")
+    if value != "auto":
+        return resolved, "set explicitly"
+    if resolved == "bf16-true":
+        return resolved, f"auto: the {device.type} computes bf16 in hardware"
+    if device.type == "cpu":
+        found = kernels.paths()
+        if found is not None and found["bf16"] != "scalar":
+            return "bf16-true", (
+                f"auto: decoding reads half of fp32's bytes per weight, and gemv.c's {found['bf16']} "
+                "kernel sums bf16 weights in fp32"
+            )
+    return resolved, f"auto: no bf16 in hardware on the {device.type} and no vector 16-bit kernel for it"
+
+
 def decoding_weight_dtypes(precision: str, quantize: str, device: torch.device) -> tuple[torch.dtype, torch.dtype]:
     """(the blocks' Linear weights, the head's weight): the dtypes cast_for_inference stores them in."""
     if quantize == "int8":
         return torch.int8, torch.int8
     if precision == "bf16-true":
-        return torch.bfloat16, torch.bfloat16 if device.type == "cpu" and native_bf16() else torch.float32
+        return torch.bfloat16, torch.bfloat16 if device.type == "cpu" and kernels.fast_bf16() else torch.float32
     return torch.float32, torch.float32
 
 

@@ -17,8 +17,9 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 
 from gptcore.config import GPTConfig
 from gptcore.errors import ConfigError
-from gptcore.params.choices import PRECISIONS, RENAMED_PRECISIONS, Precision, Quantize, is_device_name
+from gptcore.params.choices import PRECISIONS, RENAMED_PRECISIONS, Precision, Quantize, Strategy, is_device_name
 from gptcore.params.errors import one_line_error
+from gptcore.params.sampler import SamplerFields
 
 
 def _http_address(value: str) -> str:
@@ -30,6 +31,13 @@ def _http_address(value: str) -> str:
 def _device_name(value: str) -> str:
     if not is_device_name(value):
         raise ValueError(f"expected auto, cpu, cuda, cuda:N or mps, got {value!r}")
+    return value
+
+
+def _launcher(value: str) -> str:
+    words = value.split()
+    if not words or words[0] not in ("python", "python3", "torchrun") or "\n" in value:
+        raise ValueError(f"expected python or torchrun [options] (one line), got {value!r}")
     return value
 
 
@@ -299,6 +307,11 @@ class RunConfig(Section):
     precision: Annotated[Precision, BeforeValidator(_renamed_precision)] = Field(
         "auto", description="what each value means for training and inference: gptcore/precision.py"
     )
+    strategy: Strategy = Field(
+        "auto",
+        description="how torchrun's processes share training: auto (DDP under torchrun), ddp, fsdp (FSDP2 "
+        "sharding of weights, gradients and AdamW state; gptcore/training/sharding.py)",
+    )
 
 
 class JudgeParams(Section):
@@ -350,21 +363,12 @@ class InstructionsParams(TrainConfig):
     lora: LoraParams = Field(default_factory=LoraParams, description="the adapters of method: lora")
 
 
-class GenerateParams(Section):
-    """params.yaml `generate:` — responses to the test instructions (greedy by default, as the book)."""
+class GenerateParams(Section, SamplerFields):
+    """params.yaml `generate:` — responses to the test instructions (greedy by default; sampler: params.sampler)."""
 
     max_new_tokens: int = Field(256, ge=1, description="tokens generated at most per response")
     temperature: float = Field(0.0, ge=0, description="0: greedy (argmax)")
     top_k: int | None = Field(None, ge=1, description="sample only among the k most likely tokens (temperature > 0)")
-    top_p: float = Field(1.0, ge=0, le=1, description="nucleus: the most likely tokens up to this mass; 1: off")
-    min_p: float = Field(0.0, ge=0, le=1, description="tokens at least this fraction as likely as the best; 0: off")
-    typical_p: float = Field(1.0, ge=0, le=1, description="locally typical sampling mass; 1: off")
-    repeat_penalty: float = Field(
-        1.0, gt=0, description="logits of tokens in the last repeat_last_n divided by it; 1: off"
-    )
-    repeat_last_n: int = Field(64, ge=-1, description="tokens the penalties look back on (prompt included); -1: all")
-    presence_penalty: float = Field(0.0, description="subtracted from the logit of every token seen in that window")
-    frequency_penalty: float = Field(0.0, description="times its count, subtracted from every seen token's logit")
     seed: int = Field(123, description="batch n of the schedule samples with seed + n (unused when greedy)")
     batch_size: int = Field(8, ge=1, description="prompts generated together (left-padded); 1: one at a time")
     quantize: Quantize = Field(
@@ -407,6 +411,11 @@ class Params(RunConfig):
     defined in this module (so that validating params stays torch-free and in every stage's closure).
     """
 
+    launcher: Annotated[str, AfterValidator(_launcher)] = Field(
+        "python",
+        description="the command dvc.yaml runs the training stages with: python, or torchrun and its options "
+        "(torchrun --standalone --nproc-per-node N); read by DVC, not by the stages",
+    )
     foundation: Foundation = Field(
         "gpt2-large",
         description="the weights the finetuning stages start from: an OpenAI GPT-2, pretrained (Stage 1) or scratch",
@@ -437,5 +446,5 @@ class Params(RunConfig):
 
     @property
     def run(self) -> RunConfig:
-        """The top-level keys every stage shares (seed, device, precision)."""
-        return RunConfig(seed=self.seed, device=self.device, precision=self.precision)
+        """The top-level keys every stage shares (seed, device, precision, strategy)."""
+        return RunConfig(seed=self.seed, device=self.device, precision=self.precision, strategy=self.strategy)

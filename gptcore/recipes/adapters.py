@@ -49,7 +49,7 @@ def add_lora(
     with forked_rng(device, seed):
         apply_lora(model, config)
     trainable = mark_only_lora_as_trainable(model, also)
-    cast_frozen_linears(model.trf_blocks, precision)  # the fp32 tensors it returns are dropped: memory freed
+    cast_frozen_linears(model.trf_blocks, precision, keep=False)
     return trainable
 
 

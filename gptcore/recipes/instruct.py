@@ -19,7 +19,7 @@ from gptcore.data.instructions import build_instruction_loaders, read_instructio
 from gptcore.device import forked_rng, resolve_device
 from gptcore.download import sha256_of
 from gptcore.errors import WeightsError
-from gptcore.inference.decoding import cast_for_inference, generate_batch, make_generator
+from gptcore.inference.decoding import cast_for_inference, generate_batch, make_generator, resolve_decoding_precision
 from gptcore.inference.sampling import SamplingOptions
 from gptcore.model import GPTModel
 from gptcore.params.schema import GenerateParams, InstructionsParams, RunConfig
@@ -100,6 +100,7 @@ def finetune_instructions(
         epochs=params.epochs,
         eval_every=params.eval_every,
         seed=run.seed,
+        strategy=run.strategy,
         show_progress=show_progress,
         desc="finetune_instructions",
         **params.loop_options(),
@@ -220,10 +221,10 @@ def generate_responses(
     Prompts are batched in order of length (less padding); the result keeps the file's order. With
     `log_path`, finished batches are recorded there and a rerun generates only the missing ones
     (the same tokens as an uninterrupted run: each batch samples from a generator seeded with
-    `params.seed` + its number). `run.precision` is resolved for inference (gptcore.precision).
+    `params.seed` + its number). `run.precision` is resolved for decoding (gptcore.inference.decoding).
     """
     device = resolve_device(run.device)
-    precision = resolve_precision(run.precision, device, "inference")
+    precision, _ = resolve_decoding_precision(run.precision, device)
     entries = read_instructions(test_path)
     model = cast_for_inference(load_language_model(model_path, device), precision, params.quantize)  # the bench's path
     tokenizer = get_tokenizer()

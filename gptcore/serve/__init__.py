@@ -100,13 +100,14 @@ class Server:
 
     def _load_engine(self, path: Path, load: LoadOptions, max_batch: int) -> Engine:
         """The engine, its model loaded on self.device (a classifier is refused)."""
-        from gptcore.inference.decoding import cast_for_inference
-        from gptcore.precision import autocast, resolve_precision
+        from gptcore.inference import kernels
+        from gptcore.inference.decoding import cast_for_inference, resolve_decoding_precision
+        from gptcore.precision import autocast
         from gptcore.serve.engine import Engine
         from gptcore.tokenizer import get_tokenizer
         from gptcore.weights import load_model
 
-        resolved = resolve_precision(load.precision, self.device, "inference")
+        resolved, reason = resolve_decoding_precision(load.precision, self.device)
 
         def load_for_serving():
             """The model as served: loaded (the adapter merged in), checked to be a language model, cast for inference."""
@@ -129,7 +130,8 @@ class Server:
             compute=lambda: autocast(self.device, resolved),
             keep_alive=default_keep_alive(load.keep_alive),
         )
-        engine.ensure_loaded()
+        engine.ensure_loaded()  # a classifier is refused before anything is logged
+        logger.info("gptcore serve: precision %s (%s); decoding kernels: %s", resolved, reason, kernels.describe())
         engine.touch(None)
         return engine
 
