@@ -82,6 +82,21 @@ def test_int8_gemv_is_the_q8_0_dot_product(rows, n, k, isa):
 
 
 @needs_kernels
+@pytest.mark.parametrize("rows, n, k", SHAPES)
+def test_fp32_gemv_is_linear_and_batch_invariant(rows, n, k, isa):
+    """Each path's fp32 sums are within fp32 rounding of fp64's, and a row's outputs are the same bytes
+    alone as beside the other rows (batch-invariant decoding in fp32)."""
+    torch.manual_seed(2)
+    x, w, bias = torch.randn(rows, k), torch.randn(n, k), torch.randn(n)
+    out = gemv.gemv_f32(x, w, bias)
+    exact = F.linear(x.double(), w.double(), bias.double())
+    assert out.shape == (rows, n) and out.dtype == torch.float32
+    slack = (k + 1) * 2.0**-23 * (x.double().abs() @ w.double().abs().t() + bias.double().abs())
+    assert ((out.double() - exact).abs() <= slack).all()
+    for r in range(rows):
+        assert torch.equal(gemv.gemv_f32(x[r : r + 1], w, bias), out[r : r + 1])
+
+
 def test_a_nan_activation_stays_nan_in_int8():
     """A block holding NaN (or an infinity) is not quantized to zeros, which would hide a blow-up."""
     q = torch.ones(3, 96, dtype=torch.int8)
@@ -130,6 +145,12 @@ def test_bad_shapes_and_devices_are_refused():
         gemv.gemv_int8(torch.zeros(1, 8), torch.zeros(4, 8, dtype=torch.int8), torch.zeros(3).bfloat16())
     with pytest.raises(ValueError, match="does not match"):
         gemv.gemv_int8(torch.zeros(1, 8), torch.zeros(4, 8), torch.zeros(4).bfloat16())  # fp32 weight
+    with pytest.raises(ValueError, match="does not match"):
+        gemv.gemv_f32(torch.zeros(1, 8), torch.zeros(4, 9))
+    with pytest.raises(ValueError, match="does not match"):
+        gemv.gemv_f32(torch.zeros(1, 8), torch.zeros(8, 4).t())  # not contiguous
+    with pytest.raises(ValueError, match="bias must be contiguous fp32"):
+        gemv.gemv_f32(torch.zeros(1, 8), torch.zeros(4, 8), torch.zeros(4).bfloat16())
 
 
 @pytest.fixture
@@ -206,7 +227,9 @@ def test_layer_product_takes_only_what_was_checked():
         assert gemv.layer_product(layer, x) is not None
         assert gemv.layer_product(layer, x.float()) is None  # another dtype than the weight's
         assert gemv.layer_product(layer, torch.randn(1, 64, 2, dtype=torch.bfloat16)[..., 0]) is None  # strided
-        assert gemv.layer_product(layer, torch.randn(65, 64, dtype=torch.bfloat16)) is None  # a long prompt
+        assert gemv.layer_product(layer, torch.randn(1, 65, 64, dtype=torch.bfloat16)) is None  # a long prompt
+        # a decoding step of many rows (one position each) takes the kernel: batch-invariant
+        assert gemv.layer_product(layer, torch.randn(65, 1, 64, dtype=torch.bfloat16)) is not None
     assert gemv.layer_product(layer, x) is None  # autograd on
     int8 = Int8Linear(nn.Linear(64, 24))
     with torch.no_grad():
@@ -214,3 +237,10 @@ def test_layer_product_takes_only_what_was_checked():
         int8.to(torch.float32)  # floating buffers (scales, bias) become fp32; the kernel reads bf16
         assert gemv.layer_product(int8, x) is None
         torch.testing.assert_close(int8(x), expected, rtol=0.02, atol=0.02)  # torch's path instead
+    f32 = gemv.GemvLinear.from_linear(nn.Linear(64, 24), torch.float32)
+    with torch.no_grad():
+        assert gemv.layer_product(f32, torch.randn(9, 1, 64)) is not None  # a decoding step of 9 rows
+        assert gemv.layer_product(f32, torch.randn(1, 9, 64)) is None  # a prompt: MAX_ROWS[fp32] is 0
+        assert gemv.layer_product(f32, x) is None  # a bf16 x
+        f32.bias.data = f32.bias.data.bfloat16()  # the fp32 kernel reads an fp32 bias
+        assert gemv.layer_product(f32, torch.randn(1, 1, 64)) is None

@@ -82,7 +82,7 @@ def test_a_path_is_taken_only_where_the_cpu_has_its_instructions():
             for path in chosen.values():
                 assert NEEDS[path] <= flags, f"{path} taken without {NEEDS[path] - flags}"
             if level == "scalar":
-                assert chosen == {"bf16": "scalar", "int8": "scalar"}
+                assert chosen == {"bf16": "scalar", "int8": "scalar", "f32": "scalar"}
     finally:
         kernels.select("avx512")
     if X86 and {"avx2", "fma"} <= flags:  # on x86-64 with AVX2 no product runs the scalar loop
@@ -119,6 +119,7 @@ def test_a_build_without_avx512_decodes_as_the_avx512_one(build, tmp_path, wrapp
     assert len(list((tmp_path / "cache").glob("gemv-*.so"))) == 2  # the wrapper's flags are in the cache key
     chosen = kernels.paths()
     assert chosen["bf16"] == "avx2-fma"
+    assert chosen["f32"] == "avx2-fma"
     assert chosen["int8"] == ("avx-vnni" if wrapper == "no-avx512" and "avx_vnni" in flags else "avx2")
     for name, (logits, tokens) in _outputs(models).items():
         expected_logits, expected_tokens = reference[name]

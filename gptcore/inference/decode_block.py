@@ -11,7 +11,8 @@ scores and softmax, GELU's tanh from the C library), so outputs may differ from 
 the last bf16 bit; the tests bound the difference.
 
 The step is taken where it applies, else the block's own forward runs: eval mode, autograd off, one
-new position per row (x [B, 1, C] bf16, contiguous, on the CPU) for up to gemv.MAX_ROWS rows, a bf16
+new position per row (x [B, 1, C] bf16, contiguous, on the CPU) for any number of rows (each row's
+arithmetic is the same whatever the batch: batch-invariant decoding, docs/serving.md), a bf16
 KV cache (its left padding masked as KVCache.attention_mask masks it), and Linears that are gemv's
 GemvLinear (bf16) or quantize's Int8Linear (weights int8, activations quantized per 32 as llama.cpp's
 q8_0), a tanh GELU and LayerNorms with bias.
@@ -100,7 +101,8 @@ def decode_step(block: TransformerBlock, x: torch.Tensor, cache: KVCache) -> tor
     weight_dtype = att.qkv.weight.dtype
     batch, _, emb = x.shape
     if (
-        not 0 < batch <= gemv.MAX_ROWS.get(weight_dtype, 0)
+        batch == 0
+        or weight_dtype not in (torch.bfloat16, torch.int8)
         or not x.is_contiguous()
         or att.n_heads * att.head_dim != emb
         or att.training

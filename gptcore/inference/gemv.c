@@ -21,6 +21,8 @@
                  avx-vnni     VPDPBUSD (VEX) on 32 bytes
                  avx2         VPMADDUBSW + VPMADDWD, as ggml's q8_0 dot product on AVX2
                  scalar       plain C, one exact int32 dot product per block of 32
+   fp32 weights  avx2-fma     16 fp32 lanes in two registers, FMAs (batch-invariant fp32 decoding)
+                 scalar       plain C over 16 fp32 lanes, which compilers vectorize
 
    Sums are fp32; outputs are fp32 (logits) or rounded to bf16, to nearest even, as torch rounds. */
 
@@ -214,6 +216,51 @@ static void dot_bf16_avx2(const uint16_t *x, const uint16_t *w, int64_t k_len, f
 }
 #endif
 
+/* ---- fp32 (batch-invariant decoding in fp32: torch's GEMM picks other kernels, and other reduction orders,
+   by the number of rows, so a row's sums would depend on the rows beside it). Each path sums a weight row
+   the same way for every row of x, so a row's outputs never depend on the batch. */
+
+/* The scalar reference: each sum over 16 lanes in k order (lane k % 16), then the lanes in order. The lanes
+   are independent, so compilers vectorize it without reordering a sum. */
+static void dot_f32_scalar(const float *x, const float *w, int64_t k_len, int rows, float *sums) {
+    for (int r = 0; r < rows; r++) {
+        const float *row = w + r * k_len;
+        float acc[LANES] = {0};
+        int64_t k = 0;
+        for (; k + LANES <= k_len; k += LANES)
+            for (int j = 0; j < LANES; j++) acc[j] += x[k + j] * row[k + j];
+        for (; k < k_len; k++) acc[k % LANES] += x[k] * row[k];
+        sums[r] = sum_lanes(acc);
+    }
+}
+
+typedef void (*dot_f32_fn)(const float *x, const float *w, int64_t k_len, float *sums);
+
+#if HAVE_AVX2
+/* The scalar reference's 16 lanes as two 8-float registers per weight row, four rows side by side, with
+   FMAs; the tail and the lanes' sum as the reference's. */
+static void dot_f32_avx2(const float *x, const float *w, int64_t k_len, float *sums) {
+    __m256 lo[GROUP], hi[GROUP];
+    for (int r = 0; r < GROUP; r++) lo[r] = _mm256_setzero_ps(), hi[r] = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + LANES <= k_len; k += LANES) {
+        __m256 x0 = _mm256_loadu_ps(x + k), x1 = _mm256_loadu_ps(x + k + 8);
+        for (int r = 0; r < GROUP; r++) {
+            const float *row = w + r * k_len + k;
+            _mm_prefetch((const char *)row + PREFETCH_BYTES, _MM_HINT_T0);
+            lo[r] = _mm256_fmadd_ps(_mm256_loadu_ps(row), x0, lo[r]);
+            hi[r] = _mm256_fmadd_ps(_mm256_loadu_ps(row + 8), x1, hi[r]);
+        }
+    }
+    for (int r = 0; r < GROUP; r++) {
+        float acc[LANES];
+        _mm256_storeu_ps(acc, lo[r]), _mm256_storeu_ps(acc + 8, hi[r]);
+        for (int64_t j = k; j < k_len; j++) acc[j % LANES] += x[j] * w[r * k_len + j];
+        sums[r] = sum_lanes(acc);
+    }
+}
+#endif
+
 /* GPT-2's GELU, tanh approximation (Hendrycks & Gimpel 2016, arXiv:1606.08415), in fp32 as torch's. */
 static inline float gelu_tanh(float v) {
     const float beta = 0.7978845608028654f, kappa = 0.044715f;  /* sqrt(2 / pi) */
@@ -346,8 +393,9 @@ enum { ISA_SCALAR, ISA_AVX2, ISA_AVXVNNI, ISA_AVX512, ISA_BEST = ISA_AVX512 };
 static struct {
     dot_bf16_fn bf16;
     dot_int8_fn int8;
-    const char *bf16_name, *int8_name;
-} chosen = {NULL, NULL, "scalar", "scalar"};
+    dot_f32_fn f32;
+    const char *bf16_name, *int8_name, *f32_name;
+} chosen = {NULL, NULL, NULL, "scalar", "scalar", "scalar"};
 
 /* Chooses, for each weight type, the fastest function compiled in whose instructions this CPU has, at
    instruction-set level max_level or below (ISA_BEST: no limit; lower levels let tests and benchmarks
@@ -357,7 +405,9 @@ int gptcore_gemv_select(int max_level) {
     int avx2 = (cpu & CPU_AVX2) && (cpu & CPU_FMA) && max_level >= ISA_AVX2;
     (void)avx2;
     chosen.bf16 = NULL, chosen.int8 = NULL, chosen.bf16_name = "scalar", chosen.int8_name = "scalar";
+    chosen.f32 = NULL, chosen.f32_name = "scalar";
 #if HAVE_AVX2
+    if (avx2) chosen.f32 = dot_f32_avx2, chosen.f32_name = "avx2-fma";
     if (avx2) chosen.bf16 = dot_bf16_avx2, chosen.bf16_name = "avx2-fma";
     if (avx2) chosen.int8 = dot_int8_avx2, chosen.int8_name = "avx2";
 #endif
@@ -375,8 +425,8 @@ int gptcore_gemv_select(int max_level) {
     return cpu;
 }
 
-/* The name of the chosen path for bf16 (int8 = 0) or int8 (int8 = 1) weights. */
-const char *gptcore_gemv_path(int int8) { return int8 ? chosen.int8_name : chosen.bf16_name; }
+/* The name of the chosen path for bf16 (type 0), int8 (type 1) or fp32 (type 2) weights. */
+const char *gptcore_gemv_path(int type) { return type == 2 ? chosen.f32_name : type ? chosen.int8_name : chosen.bf16_name; }
 
 /* 1 when built with OpenMP (products split over threads), 0 when one thread does all. */
 int gptcore_gemv_openmp(void) {
@@ -395,6 +445,11 @@ static inline void dot_bf16(const uint16_t *x, const uint16_t *w, int64_t k_len,
 static inline void dot_int8(const QuantizedRow *x, const int8_t *q, int64_t k_len, int rows, float *sums) {
     if (rows == GROUP && chosen.int8) chosen.int8(x, q, k_len, sums);
     else dot_int8_scalar(x, q, k_len, rows, sums);
+}
+
+static inline void dot_f32(const float *x, const float *w, int64_t k_len, int rows, float *sums) {
+    if (rows == GROUP && chosen.f32) chosen.f32(x, w, k_len, sums);
+    else dot_f32_scalar(x, w, k_len, rows, sums);
 }
 
 /* ---- The products ---- */
@@ -425,6 +480,24 @@ void gptcore_gemv_bf16(const uint16_t *x, const uint16_t *w, const uint16_t *bia
                        int64_t batch, int64_t n_len, int64_t k_len, int threads, int fp32_out) {
 #pragma omp parallel num_threads(threads)
     product_bf16(x, w, bias, y, batch, n_len, k_len, fp32_out, 0);
+}
+
+/* fp32: y[b, n] = sum_k x[b, k] w[n, k] + bias[n], all fp32 and contiguous (x [batch, k_len], w [n_len,
+   k_len], bias [n_len] or NULL). A weight group's rows stay in cache for every row of x, and which dot
+   function a group takes depends on the group only, never on the batch. */
+void gptcore_gemv_f32(const float *x, const float *w, const float *bias, float *y, int64_t batch, int64_t n_len,
+                      int64_t k_len, int threads) {
+    int64_t groups = (n_len + GROUP - 1) / GROUP;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t g = 0; g < groups; g++) {
+        int64_t first = g * GROUP;
+        int rows = group_rows(first, n_len);
+        for (int64_t b = 0; b < batch; b++) {
+            float sums[GROUP];
+            dot_f32(x + b * k_len, w + first * k_len, k_len, rows, sums);
+            for (int r = 0; r < rows; r++) y[b * n_len + first + r] = sums[r] + (bias ? bias[first + r] : 0.0f);
+        }
+    }
 }
 
 static inline float x_at(const void *x, int x_fp32, int64_t k) {

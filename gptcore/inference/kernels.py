@@ -169,6 +169,8 @@ def _declare(kernels: ctypes.CDLL) -> None:
         [pointer, integer] + [pointer] * 4 + [size] * 5 + [pointer, ctypes.c_float, integer]
     )
     kernels.gptcore_block_decode.restype = integer
+    kernels.gptcore_gemv_f32.argtypes = [pointer] * 4 + [size] * 3 + [integer]
+    kernels.gptcore_gemv_f32.restype = None
     kernels.gptcore_gemv_select.argtypes = [integer]
     kernels.gptcore_gemv_path.argtypes = [integer]
     kernels.gptcore_gemv_path.restype = ctypes.c_char_p
@@ -176,12 +178,17 @@ def _declare(kernels: ctypes.CDLL) -> None:
 
 def _select(kernels: ctypes.CDLL, level: str) -> None:
     kernels.gptcore_gemv_select(ISA_LEVELS[level])
-    _chosen.update(bf16=kernels.gptcore_gemv_path(0).decode(), int8=kernels.gptcore_gemv_path(1).decode())
+    _chosen.update(
+        bf16=kernels.gptcore_gemv_path(0).decode(),
+        int8=kernels.gptcore_gemv_path(1).decode(),
+        f32=kernels.gptcore_gemv_path(2).decode(),
+    )
 
 
 def paths() -> dict[str, str] | None:
-    """The path each weight type's products take ({"bf16": "avx2-fma", "int8": "avx-vnni"}, say: gemv.c's
-    header names them), or None without kernels."""
+    """The path each weight type's products take ({"bf16": "avx2-fma", "int8": "avx-vnni", "f32": "avx2-fma"},
+    say: gemv.c's header names them), or None without kernels. fp32 products (batch-invariant decoding in
+    fp32) take the kernels on every path, the portable one included."""
     return None if load_kernels() is None else dict(_chosen)
 
 
@@ -218,6 +225,6 @@ def describe(kernels: ctypes.CDLL | None = None) -> str:
     if kernels is None:
         return "none (torch's kernels)"
     threads = "OpenMP" if kernels.gptcore_gemv_openmp() else "one thread"
-    bf16, int8 = (kernels.gptcore_gemv_path(i).decode() for i in (0, 1))
+    bf16, int8, f32 = (kernels.gptcore_gemv_path(i).decode() for i in (0, 1, 2))
     int8 = int8 if int8 != "scalar" else "torch's _weight_int8pack_mm (no vector int8 path)"
-    return f"gemv.c, bf16 weights {bf16}, int8 weights {int8}, {threads}"
+    return f"gemv.c, bf16 weights {bf16}, int8 weights {int8}, fp32 weights {f32}, {threads}"

@@ -19,6 +19,8 @@ from gptcore.config import GPTConfig
 from gptcore.errors import ConfigError
 from gptcore.params.choices import PRECISIONS, RENAMED_PRECISIONS, Precision, Quantize, Strategy, is_device_name
 from gptcore.params.errors import validation_error
+from gptcore.params.lora import LoraParams
+from gptcore.params.sampler import SamplerFields
 
 
 def _http_address(value: str) -> str:
@@ -235,30 +237,6 @@ class PrepareSmsParams(Section):
         return self
 
 
-LoraTarget = Literal["qkv", "out_proj", "fc", "proj", "out_head"]
-
-
-class LoraParams(Section):
-    """A `lora:` section: low-rank adapters W x + (alpha / rank) B A x on the frozen foundation's Linear
-    layers (gptcore/training/lora.py; Hu et al. 2021, the book's appendix E)."""
-
-    rank: int = Field(16, ge=1, description="r, the inner dimension of B A")
-    alpha: float = Field(16.0, gt=0, description="the update is scaled by alpha / rank")
-    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapters' input (0: none)")
-    targets: list[LoraTarget] = Field(
-        default_factory=lambda: ["qkv", "out_proj", "fc", "proj"],
-        min_length=1,
-        description="the Linear layers adapted in every block (qkv, out_proj, fc, proj), and out_head for an "
-        "untied language-model head (GPT-2's is tied to the token embedding; a classifier's new head trains whole)",
-    )
-
-    @model_validator(mode="after")
-    def _once_each(self):
-        if len(set(self.targets)) != len(self.targets):
-            raise ValueError("targets: list each layer at most once")
-        return self
-
-
 class ClassifierParams(TrainConfig):
     """params.yaml `classifier:` — Stage 3, finetuning the foundation into a spam classifier (book ch. 6)."""
 
@@ -363,8 +341,8 @@ class InstructionsParams(TrainConfig):
     lora: LoraParams = Field(default_factory=LoraParams, description="the adapters of method: lora")
 
 
-class GenerateParams(Section):
-    """params.yaml `generate:` — responses to the test instructions (greedy by default, as the book)."""
+class GenerateParams(Section, SamplerFields):
+    """params.yaml `generate:` — responses to the test instructions (greedy by default; sampler: params.sampler)."""
 
     max_new_tokens: int = Field(256, ge=1, description="tokens generated at most per response")
     temperature: float = Field(0.0, ge=0, description="0: greedy (argmax)")

@@ -20,6 +20,7 @@ from gptcore.device import forked_rng, resolve_device
 from gptcore.download import sha256_of
 from gptcore.errors import WeightsError
 from gptcore.inference.decoding import cast_for_inference, generate_batch, make_generator, resolve_decoding_precision
+from gptcore.inference.sampling import SamplingOptions
 from gptcore.model import GPTModel
 from gptcore.params.schema import GenerateParams, InstructionsParams, RunConfig
 from gptcore.precision import autocast, resolve_precision, weights_dtype
@@ -302,10 +303,9 @@ def _answer_batch(
             model,
             [prompts[i] for i in batch],
             params.max_new_tokens,
-            params.temperature,
-            params.top_k,
             eos_id=EOT_ID,
             generator=generator,
+            sampling=sampling_options(params),
         )
     return {
         "indices": batch,
@@ -313,6 +313,13 @@ def _answer_batch(
         "tokens": [len(ids) for ids in new_ids],
         "seconds": time.perf_counter() - began,
     }
+
+
+def sampling_options(params: GenerateParams) -> SamplingOptions:
+    """params.yaml `generate:` as the sampler's options (the seed is the batch's generator's)."""
+    names = ("temperature", "top_k", "top_p", "min_p", "typical_p", "repeat_penalty", "repeat_last_n")
+    names += ("presence_penalty", "frequency_penalty")
+    return SamplingOptions(**{name: getattr(params, name) for name in names})
 
 
 def _generation_metrics(
