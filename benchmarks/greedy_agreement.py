@@ -19,8 +19,8 @@ import torch
 
 from gptcore.arguments import ArgumentParser, non_negative_int, positive_int
 from gptcore.device import resolve_device
+from gptcore.inference.decoding import resolve_decoding_precision
 from gptcore.params.schema import GenerateParams, InstructionsParams, RunConfig
-from gptcore.precision import resolve_precision
 from gptcore.recipes.instruct import finetune_instructions, generate_responses
 from gptcore.weights import save_model
 
@@ -38,7 +38,7 @@ def main() -> None:
     args = parser.parse_args()
 
     device = resolve_device("cpu")
-    other = resolve_precision(args.precision, device, "inference")
+    other, _ = resolve_decoding_precision(args.precision, device)
     with tempfile.TemporaryDirectory() as tmp:
         model_path = Path(args.model)
         if args.steps:

@@ -40,4 +40,5 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted([*globals(), *_EXPORTS])
+    """The documented API only (not the helpers this module imports), each name once."""
+    return sorted({*__all__, "__version__"})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 from collections.abc import Sequence
 
 from gptcore.arguments import (
@@ -41,6 +42,14 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _instruction_tuned(path: str) -> bool:
+    """Whether the weights file says it was finetuned on the Alpaca prompt (gptcore.prompt)."""
+    from gptcore.prompt import PROMPT_FORMAT, PROMPT_FORMAT_KEY
+    from gptcore.weights import read_metadata
+
+    return read_metadata(path).get(PROMPT_FORMAT_KEY) == PROMPT_FORMAT
+
+
 def _export(args: argparse.Namespace) -> int:
     if args.format == "peft":
         from gptcore.export.peft import export_peft
@@ -50,16 +59,22 @@ def _export(args: argparse.Namespace) -> int:
         return 0
     if args.base is not None or args.base_name is not None:
         raise GptcoreError("--base and --base-name: only with --format peft")
+    if args.chat_template is None or args.modelfile is None:  # unset: an instruction model gets them, a base one not
+        tuned = _instruction_tuned(args.model)
+        args.chat_template = tuned if args.chat_template is None else args.chat_template
+        args.modelfile = tuned if args.modelfile is None else args.modelfile
     if args.format == "hf":
         from gptcore.export.hf import export_hf
 
-        if args.dtype != "f32":
+        if args.dtype not in (None, "f32"):
             raise GptcoreError(f"--dtype {args.dtype}: the Hugging Face export is float32 only")
         result = export_hf(args.model, args.out, chat_template=args.chat_template)
         print(f"exported {result.architecture} ({result.tensors} tensors) -> {args.out}")
         return 0
     from gptcore.export.gguf import DTYPES, export_gguf, write_modelfile
+    from gptcore.params.schema import ExportParams
 
+    args.dtype = args.dtype or ExportParams.model_fields["dtype"].default  # the export stage's default
     if args.dtype not in DTYPES:  # checked before any work (choices would print argparse's usage instead)
         raise GptcoreError(f"unknown --dtype {args.dtype!r}; choose one of {', '.join(DTYPES)}")
     result = export_gguf(args.model, args.out, dtype=args.dtype, chat_template=args.chat_template)
@@ -72,30 +87,85 @@ def _export(args: argparse.Namespace) -> int:
 
 def _generate(args: argparse.Namespace) -> int:
     from gptcore.device import resolve_device
-    from gptcore.inference.decoding import cast_for_inference, generate, ids_to_text, make_generator, text_to_ids
-    from gptcore.precision import autocast, resolve_precision
+    from gptcore.inference.decoding import (
+        cast_for_inference,
+        generate,
+        ids_to_text,
+        make_generator,
+        resolve_decoding_precision,
+        text_to_ids,
+    )
+    from gptcore.precision import autocast
     from gptcore.tokenizer import EOT_ID, get_tokenizer
 
+    sampling = sampling_options(args)  # checked before the model loads, as the prompt is
     device = resolve_device(args.device)
+    tokenizer = get_tokenizer()
+    idx = text_to_ids(args.prompt, tokenizer, device)
+    if idx.shape[1] == 0:
+        raise GptcoreError("the prompt is empty: generation needs at least one token")
     model = _load_model(args.model, args.adapter, device)
     if model.config.num_classes is not None:
         raise GptcoreError(f"{args.model}: is a classifier; use `gptcore classify`")
-    precision = resolve_precision(args.precision, device, "inference")
+    precision, reason = resolve_decoding_precision(args.precision, device)
+    logging.getLogger(__name__).debug("precision %s (%s)", precision, reason)  # -v shows it
     cast_for_inference(model, precision, args.quantize)
-    tokenizer = get_tokenizer()
-    idx = text_to_ids(args.prompt, tokenizer, device)
     with autocast(device, precision):
         out = generate(
             model,
             idx,
             args.max_new_tokens,
-            temperature=args.temperature,
-            top_k=args.top_k,
             eos_id=EOT_ID,
             generator=make_generator(args.seed, device),
+            sampling=sampling,
         )
     print(ids_to_text(out, tokenizer))
     return 0
+
+
+# The sampler's options beside --temperature, --top-k and --seed (gptcore/inference/sampling.py: their order).
+SAMPLING_FLAGS = (
+    ("top_p", float, 1.0, "keep the most likely tokens up to this probability mass (nucleus); 1: off"),
+    ("min_p", float, 0.0, "keep tokens at least this fraction as likely as the most likely one; 0: off"),
+    ("typical_p", float, 1.0, "locally typical sampling: keep the most typical tokens up to this mass; 1: off"),
+    ("repeat_penalty", float, 1.0, "divide the logits of tokens seen in the last --repeat-last-n tokens; 1: off"),
+    ("repeat_last_n", int, 64, "tokens the penalties look back on (prompt included); 0: off, -1: all"),
+    ("presence_penalty", float, 0.0, "subtract from the logit of every token seen in that window"),
+    ("frequency_penalty", float, 0.0, "subtract this times its count from the logit of every token seen there"),
+)
+
+
+def sampling_options(args: argparse.Namespace):
+    """The sampler's options from the flags, or a GptcoreError naming the bad one."""
+    from gptcore.inference.sampling import SamplingOptions
+
+    bias = {}
+    for item in args.logit_bias or []:
+        token, _, value = item.partition("=")
+        try:
+            bias[int(token)] = float(value)
+        except ValueError:
+            raise GptcoreError(f"--logit-bias: expected TOKEN_ID=BIAS (e.g. 198=-100), got {item!r}") from None
+    try:
+        return SamplingOptions(
+            temperature=args.temperature,
+            top_k=args.top_k,
+            logit_bias=bias,
+            **{name: getattr(args, name) for name, *_ in SAMPLING_FLAGS},
+        )
+    except ValueError as err:
+        raise GptcoreError(f"--{str(err).replace('_', '-')}") from None
+
+
+def _add_sampling(p: argparse.ArgumentParser) -> None:
+    for name, kind, default, text in SAMPLING_FLAGS:
+        p.add_argument("--" + name.replace("_", "-"), type=kind, default=default, help=text)
+    p.add_argument(
+        "--logit-bias",
+        action="append",
+        metavar="TOKEN_ID=BIAS",
+        help="add BIAS to a token's logit (repeatable; -100 bans it, +100 forces it)",
+    )
 
 
 def _load_model(path: str, adapter: str | None, device):
@@ -138,7 +208,9 @@ def _serve(args: argparse.Namespace) -> int:
         device=args.device,
         max_predict=args.max_predict,
         origins=[o for o in (args.origins or "").split(",") if o.strip()],
-        load=LoadOptions(precision=args.precision, quantize=args.quantize, adapter=args.adapter),
+        load=LoadOptions(
+            precision=args.precision, quantize=args.quantize, adapter=args.adapter, keep_alive=args.keep_alive
+        ),
     )
     return 0
 
@@ -168,9 +240,19 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _doctor(args: argparse.Namespace) -> int:
+    from gptcore.doctor import diagnose
+
+    findings = diagnose(args.params, args.dvc_yaml, args.targets)
+    for finding in findings:
+        print(finding.line(), flush=True)
+    failed = sum(f.status == "fail" for f in findings)
+    print(f"{failed} problem(s)" if failed else "ready: nothing in the way of the plan")
+    return 1 if failed else 0
+
+
 def _add_decoding_precision(p: argparse.ArgumentParser) -> None:
-    from gptcore.params.choices import QUANTIZE
-    from gptcore.precision import PRECISIONS
+    from gptcore.params.choices import PRECISIONS, QUANTIZE  # not gptcore.precision: --help imports no torch
 
     p.add_argument(
         "--precision",
@@ -212,6 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve(verbs)
     _add_merge(verbs)
     _add_bench(verbs)
+    _add_doctor(verbs)
     return parser
 
 
@@ -260,20 +343,25 @@ def _add_export(verbs) -> None:
         default=None,
         help="peft: base_model_name_or_path in adapter_config.json, e.g. the folder of `export --format hf BASE`",
     )
-    p.add_argument("--dtype", default="f32", help="GGUF weights: f32 (default, exact), f16, q8_0")
+    p.add_argument(
+        "--dtype",
+        default=None,
+        help="GGUF weights: f32 (exact), f16 (half the size; unset: f16, as the export stage), q8_0 (a quarter); "
+        "--format hf is f32 only",
+    )
     p.add_argument(
         "--modelfile",
         action=argparse.BooleanOptionalAction,
-        default=True,
-        help="write an Ollama Modelfile with the Alpaca chat template beside the GGUF (default: on; "
-        "--no-modelfile for a base model)",
+        default=None,
+        help="write an Ollama Modelfile with the Alpaca chat template beside the GGUF (unset: for a model "
+        "that the instruction finetuning wrote, as its weights file says; not for a base model)",
     )
     p.add_argument(
         "--chat-template",
         action=argparse.BooleanOptionalAction,
-        default=True,
+        default=None,
         help="store the Alpaca chat template in the GGUF (tokenizer.chat_template) or the HF tokenizer "
-        "config (default: on; --no-chat-template for a base model)",
+        "config (unset: for a model that the instruction finetuning wrote, as its weights file says)",
     )
     p.set_defaults(func=_export)
 
@@ -300,8 +388,9 @@ def _add_generate(verbs) -> None:
         "--top-k",
         type=positive_int,
         default=None,
-        help="sample only among the k most likely tokens (with --temperature > 0); unset: all",
+        help="keep only the k most likely tokens; unset: all",
     )
+    _add_sampling(p)
     p.add_argument(
         "--seed",
         type=seed_number,
@@ -349,6 +438,12 @@ def _add_serve(verbs) -> None:
         help="most new tokens per request (default: as many as the context holds)",
     )
     p.add_argument(
+        "--keep-alive",
+        default=None,
+        help="how long the model stays loaded once idle when a request names no keep_alive: a duration "
+        "(5m, 1h30m, seconds; negative: forever); default $OLLAMA_KEEP_ALIVE, else 5m, as Ollama",
+    )
+    p.add_argument(
         "--origins",
         default=None,
         help="more web origins allowed to call the API, comma-separated, * as wildcard "
@@ -374,6 +469,24 @@ def _add_bench(verbs) -> None:
 
     add_arguments(p)
     p.set_defaults(func=_bench)
+
+
+def _add_doctor(verbs) -> None:
+    """`gptcore doctor`: what the current params need, checked in seconds, one line each with its fix."""
+    p = verbs.add_parser(
+        "doctor",
+        help="check what params.yaml needs before a long run (downloads or mirror files, disk, judge server, "
+        "C compiler, torch): one line each, with the fix; exit 1 on a problem",
+    )
+    p.add_argument(
+        "targets",
+        nargs="*",
+        metavar="STAGE",
+        help="the stages you will run, as for `dvc repro STAGE...` (with what they need upstream); none: every stage",
+    )
+    p.add_argument("--params", default="params.yaml", help="the params file to check")
+    p.add_argument("--dvc-yaml", default="dvc.yaml", help="the pipeline whose stages make the plan")
+    p.set_defaults(func=_doctor)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -19,6 +19,17 @@ from gptcore.retry import retry_delay
 
 MIRROR_ENV = "GPTCORE_MIRROR"
 CHUNK = 1 << 20
+# The way out of a failed download, ending its one line: the mirror for offline use, and the check.
+OFFLINE_HINT = (
+    f"offline? set {MIRROR_ENV} to a folder laid out like ../shared/mirror (README: Quick start); "
+    "`gptcore doctor` checks everything params.yaml needs"
+)
+MIRROR_HINT = "`gptcore doctor` lists every file params.yaml needs (README: Quick start)"
+# ... and of a failed OpenAI checkpoint, which a run can do without.
+NO_OPENAI_HINT = (
+    "or finetune from no OpenAI weights: `foundation: scratch` or `foundation: pretrained` in params.yaml, "
+    "as the quick start does (params-quickstart.yaml)"
+)
 
 
 def mirror_root() -> Path | None:
@@ -69,7 +80,7 @@ def fetch(
     if root is not None:
         source = root / (mirror_name or url.rsplit("/", 1)[-1])
         if not source.is_file():
-            raise DownloadError(f"{source}: not in the mirror ({MIRROR_ENV}={root}); needed for {url}")
+            raise DownloadError(f"{source}: not in the mirror ({MIRROR_ENV}={root}); needed for {url}; {MIRROR_HINT}")
         with atomic_path(dest) as tmp:
             shutil.copyfile(source, tmp)
             _verify_digest(tmp, sha256, str(source), mirrored=True)
@@ -126,7 +137,7 @@ def download(
             break
         except _Transient as err:
             if attempt == retries:
-                raise DownloadError(f"{url}: failed after {retries + 1} attempts: {err}") from None
+                raise DownloadError(f"{url}: failed after {retries + 1} attempts: {err}; {OFFLINE_HINT}") from None
             time.sleep(retry_delay(attempt, backoff, err.retry_after))
     _verify_digest(part, sha256, url)
     os.replace(part, dest)
@@ -176,7 +187,7 @@ def _stream(session: requests.Session, url: str, part: Path, timeout: float, sho
         if response.status_code >= 500 or response.status_code in (408, 429):
             raise _Transient(f"HTTP {response.status_code}", response.headers.get("Retry-After"))
         if response.status_code >= 400:
-            raise DownloadError(f"{url}: HTTP {response.status_code} {response.reason}")
+            raise DownloadError(f"{url}: HTTP {response.status_code} {response.reason}; {OFFLINE_HINT}")
         if response.status_code == 206:
             match = _CONTENT_RANGE.fullmatch(response.headers.get("Content-Range", "").strip())
             if not match or int(match.group(1)) != have:

@@ -16,7 +16,7 @@ import traceback
 from collections.abc import Callable, Mapping
 
 from gptcore.console import configure_logging
-from gptcore.errors import GptcoreError
+from gptcore.errors import GptcoreError, ProblemsError
 
 DEBUG_ENV = "GPTCORE_DEBUG"
 # Environment variables that name folders: a relative value means relative to where it was set. The
@@ -41,7 +41,8 @@ def set_environ_defaults(defaults: Mapping[str, str]) -> None:
 
 
 def run_entry(fn: Callable[[], int | None], debug: bool = False, verbosity: int = 0) -> int:
-    """Run an entry point; user-facing errors become one line on stderr and a non-zero exit.
+    """Run an entry point; user-facing errors become one line on stderr (a list of
+    problems: one line each) and a non-zero exit.
 
     The library's log records print on stderr as plain lines around progress bars (gptcore.console):
     verbosity -1 shows only warnings, 0 adds information lines (the default), 1 adds debug lines.
@@ -68,14 +69,45 @@ def run_entry(fn: Callable[[], int | None], debug: bool = False, verbosity: int 
     except BrokenPipeError:
         _silence_closed_streams()
         return 141
+    except ModuleNotFoundError as err:
+        if debug or _extra_of(err) is None:
+            raise
+        _print_error(f"error: {_missing_extra_line(err)}")
+        return 1
     except (GptcoreError, OSError, ValueError) as err:
         if debug:
             traceback.print_exc()
-        message = " ".join(str(err).split()) or type(err).__name__
-        _print_error(f"error: {message}")
+        _print_error(f"error: {_error_lines(err)}")
         return 1
     finally:
         _leave_process_group()
+
+
+# Packages of the optional extras (pyproject.toml), by import name: a run that needs one that is not
+# installed says which extra brings it, in one line.
+_EXTRAS = {"fastapi": "serve", "starlette": "serve", "uvicorn": "serve", "llguidance": "serve", "gguf": "export"}
+_EXTRAS |= {"transformers": "dev", "llama_cpp": "llama"}
+
+
+def _extra_of(err: ModuleNotFoundError) -> str | None:
+    return _EXTRAS.get((err.name or "").split(".")[0])
+
+
+def _missing_extra_line(err: ModuleNotFoundError) -> str:
+    extra = _extra_of(err)
+    return (
+        f"this needs the package {err.name!r}, from gptcore's {extra} extra: "
+        f"pip install -c constraints.txt -e '.[{extra}]' (from the repository root)"
+    )
+
+
+def _error_lines(err: BaseException) -> str:
+    """The error's message as one line (whitespace collapsed); a list of problems (ProblemsError) as its
+    first line and one indented line per problem."""
+    if isinstance(err, ProblemsError):
+        first = str(err).splitlines()[0]
+        return "\n  ".join([first, *(" ".join(problem.split()) for problem in err.problems)])
+    return " ".join(str(err).split()) or type(err).__name__
 
 
 def _leave_process_group() -> None:

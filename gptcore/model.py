@@ -96,6 +96,15 @@ class CausalSelfAttention(nn.Module):
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, T, hd]
         if cache is not None:
             k, v = cache.store(self.layer_idx, k, v)  # [B, H, S, hd], S = past + T
+        if cache is not None and T == 1 and cache.pad_lengths is not None and not self.training:
+            # A decoding step of left-padded rows: each row attends over its own keys only, as it would
+            # alone (a masked softmax over the padding sums in another order: batch-dependent bits).
+            rows = [
+                self._attend(q[b : b + 1], k[b : b + 1, :, pad:], v[b : b + 1, :, pad:], None, False)
+                for b, pad in enumerate(cache.pad_lengths.clamp(max=k.shape[2] - 1).tolist())
+            ]
+            y = torch.cat(rows).transpose(1, 2).reshape(B, T, C)  # [B, 1, C]
+            return self.out_proj(y)
         causal = mask is None and T > 1 and k.shape[2] == T
         y = self._attend(q, k, v, mask, causal).transpose(1, 2).reshape(B, T, C)  # [B, T, C]
         return self.out_proj(y)

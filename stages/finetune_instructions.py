@@ -12,6 +12,7 @@ from gptcore.arguments import ArgumentParser
 from gptcore.device import is_main_process
 from gptcore.entry import run_entry
 from gptcore.params.load import load_params
+from gptcore.prompt import PROMPT_FORMAT, PROMPT_FORMAT_KEY
 from gptcore.recipes.adapters import write_adapter, write_merged_lm
 from gptcore.recipes.instruct import finetune_instructions
 from gptcore.training.live import TrainingLog
@@ -51,10 +52,11 @@ def main() -> None:
         )
         if not is_main_process():  # under torchrun, rank 0 writes the outputs
             return
+        format_tag = {PROMPT_FORMAT_KEY: PROMPT_FORMAT}  # exports add the chat template
         if outcome.lora is None:
-            save_model(outcome.model, args.out)
+            save_model(outcome.model, args.out, extra=format_tag)
         else:  # the adapter, then the merged weights made from the foundation's file
-            write_adapter(outcome.model, outcome.lora, args.model, args.adapter_out)
+            write_adapter(outcome.model, outcome.lora, args.model, args.adapter_out, extra=format_tag)
             write_merged_lm(args.model, args.adapter_out, args.out)
         loss = line_figure(
             outcome.history,

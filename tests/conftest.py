@@ -17,7 +17,7 @@ from gptcore.config import GPTConfig
 
 REPO = Path(__file__).resolve().parents[1]
 # What an end-to-end DVC run needs from the project (outputs and caches are left behind).
-REPO_FILES = ["dvc.yaml", "params.yaml", "stages", "gptcore", ".dvc/config", ".dvcignore", "vendor"]
+REPO_FILES = ["dvc.yaml", "params.yaml", "stages", "gptcore", ".dvc/config", ".dvc/plots", ".dvcignore", "vendor"]
 
 
 def _mirror_path() -> Path:
@@ -153,3 +153,11 @@ def repo_copy(tmp_path) -> RepoCopy:
     copy.run("git", "-c", "user.email=t@t", "-c", "user.name=t", "add", "-A")
     copy.run("git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "copy")
     return copy
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark every test that runs a GGUF in llama.cpp (asks for the llama_cpp fixture), so that CI runs
+    them alone (`pytest -m llama_cpp`) once the llama extra is installed."""
+    for item in items:
+        if "llama_cpp" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.llama_cpp)

@@ -106,6 +106,8 @@ PRETRAIN_OUT = [
 CLASSIFIER_OUT = [
     "--out",
     "out/c.safetensors",
+    "--adapter-out",
+    "out/adapter.safetensors",
     "--metrics",
     "out/c.json",
     "--plots",

@@ -101,7 +101,14 @@ def test_every_stage_option_has_help_and_shows_defaults(stage, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "script", ["benchmarks/greedy_agreement.py", "benchmarks/allocators.py", "gptcore/bench/serving.py"]
+    "script",
+    [
+        "benchmarks/greedy_agreement.py",
+        "benchmarks/allocators.py",
+        "benchmarks/first_hour.py",
+        "benchmarks/cli_startup.py",
+        "gptcore/bench/serving.py",
+    ],
 )
 def test_every_benchmark_option_has_help_and_shows_defaults(script, monkeypatch):
     def capture(self, *args, **kwargs):
@@ -122,3 +129,62 @@ def test_port_and_positive_bounds():
     ]:
         with pytest.raises(argparse.ArgumentTypeError, match=message):
             parse(text)
+
+
+# The CLI answers at once: --help, each verb's --help and argument errors import no torch (nor numpy,
+# pydantic: what makes a verb take seconds to start). Timed by benchmarks/cli_startup.py, not here.
+_NO_HEAVY_IMPORTS = """
+import sys
+from gptcore.cli import main
+try:
+    main(sys.argv[1:])
+except SystemExit:
+    pass
+print(sorted(m for m in ("torch", "numpy", "pydantic", "pandas") if m in sys.modules))
+"""
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--help"],
+        *[[verb, "--help"] for verb in ("convert", "export", "generate", "classify", "serve", "bench", "doctor")],
+        [*GENERATE, "--top-k", "0"],
+        ["bench", "--model", "gpt3"],
+        ["serve"],
+    ],
+)
+def test_help_and_argument_errors_import_no_torch(args):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    result = subprocess.run(
+        [sys.executable, "-c", _NO_HEAVY_IMPORTS, *args], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    assert result.stdout.strip().splitlines()[-1] == "[]", result.stdout + result.stderr
+
+
+def test_dir_of_the_package_is_its_public_api():
+    import gptcore
+
+    assert dir(gptcore) == sorted({*gptcore.__all__, "__version__"})
+    assert len(gptcore.__all__) == len(set(gptcore.__all__))
+    assert all(callable(getattr(gptcore, name)) for name in gptcore.__all__)
+    assert dir(gptcore) == sorted({*gptcore.__all__, "__version__"})  # unchanged once the names are loaded
+
+
+def test_a_folder_named_gptcore_in_the_working_directory_does_not_shadow_the_install(tmp_path):
+    """The editable install is a .pth that puts the repository on sys.path (pyproject.toml's package-dir),
+    so a regular package wins over the namespace package that the folder of a clone named gptcore makes."""
+    import importlib.metadata
+    import json
+
+    try:
+        url = json.loads(importlib.metadata.distribution("gptcore").read_text("direct_url.json") or "{}").get("url")
+    except importlib.metadata.PackageNotFoundError:
+        url = None
+    if url != REPO.as_uri():
+        pytest.skip(f"gptcore is not installed from this checkout (installed: {url})")
+    (tmp_path / "gptcore" / "gptcore").mkdir(parents=True)  # the folder above a clone named gptcore
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    code = "import gptcore; print(gptcore.__file__)"
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert result.stdout.strip() == str(REPO / "gptcore" / "__init__.py"), result.stdout + result.stderr

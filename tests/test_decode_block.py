@@ -5,12 +5,12 @@ import pytest
 import torch
 
 from gptcore.config import GPTConfig
-from gptcore.inference import decode_block, gemv
+from gptcore.inference import decode_block, kernels
 from gptcore.inference.decode_block import DecodeBlock, decode_step
 from gptcore.inference.decoding import cast_for_inference, generate_batch
 from gptcore.model import KVCache, TransformerBlock, random_model
 
-pytestmark = pytest.mark.skipif(gemv.load_kernels() is None, reason="no C compiler")
+pytestmark = pytest.mark.skipif(kernels.load_kernels() is None, reason="no C compiler")
 # Head sizes 16 and 24 (not multiples of the kernel's 16 lanes: 24), with and without qkv bias.
 CONFIGS = [
     GPTConfig(vocab_size=50257, context_length=64, emb_dim=64, n_heads=4, n_layers=2, qkv_bias=True),
@@ -19,7 +19,7 @@ CONFIGS = [
 
 
 def _model(config: GPTConfig, quantize: str):
-    if quantize == "none" and not gemv.native_bf16():
+    if quantize == "none" and not kernels.fast_bf16():
         pytest.skip("the CPU has no AVX512-BF16: bf16 blocks keep torch's kernels")
     return cast_for_inference(random_model(config, seed=7).eval(), "bf16-true", quantize)
 

@@ -34,6 +34,6 @@ def test_two_forced_runs_give_the_same_bytes(repo_copy):
         assert first[name] == second[name], f"{name} differs between two runs with the same params"
     assert generation["entries"] == 110
     from gptcore.device import resolve_device
-    from gptcore.precision import resolve_precision
+    from gptcore.inference.decoding import resolve_decoding_precision
 
-    assert generation["precision"] == resolve_precision("auto", resolve_device("auto"), "inference")  # the default
+    assert generation["precision"] == resolve_decoding_precision("auto", resolve_device("auto"))[0]  # the default

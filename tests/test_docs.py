@@ -81,3 +81,16 @@ def test_the_link_reader_sees_what_it_should(tmp_path):
         encoding="utf-8",
     )
     assert relative_links(page) == ["docs/x.md", "img.png"]
+
+
+def test_first_hour_reads_the_readme_commands():
+    """benchmarks/first_hour.py times the README's commands as written: it must find each of them."""
+    import runpy
+
+    script = runpy.run_path(str(REPO / "benchmarks" / "first_hour.py"), run_name="first_hour_under_test")
+    blocks = script["readme_blocks"]()
+    install, rest = script["split_install"](blocks["test"])
+    assert install.endswith("pip install -c constraints.txt -e '.[dev]'") and rest.startswith("GPTCORE_MIRROR=")
+    assert script["split_install"](blocks["pipeline"])[1] == "dvc repro"
+    lines = blocks["quickstart"].splitlines()
+    assert "gptcore doctor" in lines[0] and "dvc repro" in lines[1] and lines[-1].startswith("git checkout")

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import os
 import re
 import socket
+import subprocess
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+import yaml
 
+from conftest import REPO
 from gptcore.convert.openai import CHECKPOINT_FILES, download_checkpoint
 from gptcore.download import download, fetch
 from gptcore.errors import ConfigError, DownloadError
@@ -156,9 +161,13 @@ def test_retry_after_is_honoured(server, network, tmp_path, monkeypatch):
 def test_persistent_503_gives_up(server, network, tmp_path):
     server.files["/f.bin"] = BODY
     server.faults = [503] * 10
-    with pytest.raises(DownloadError, match=r"failed after 3 attempts: HTTP 503"):
+    with pytest.raises(DownloadError, match=r"failed after 3 attempts: HTTP 503") as info:
         get(server, tmp_path / "f.bin", retries=2)
     assert not (tmp_path / "f.bin").exists()
+    # the one line names the way out: the mirror, and the check of what params.yaml needs
+    assert (
+        "\n" not in str(info.value) and "set GPTCORE_MIRROR" in str(info.value) and "gptcore doctor" in str(info.value)
+    )
 
 
 def test_wrong_size_is_an_error(server, network, tmp_path):
@@ -329,11 +338,35 @@ def test_download_checkpoint_from_the_mirror(tmp_path, monkeypatch):
     (folder / "vocab.bpe").unlink()
     # A folder fetched whole from the same place is kept (the foundation stage re-runs without a download)
     assert download_checkpoint("https://example.invalid/gpt-2/models", "774M", out, show_progress=False) == out
-    with pytest.raises(DownloadError, match=r"gpt2/models/774M/vocab\.bpe: not in the mirror"):
+    with pytest.raises(DownloadError, match=r"gpt2/models/774M/vocab\.bpe: not in the mirror") as info:
         download_checkpoint("https://example.invalid/gpt-2/models", "774M", tmp_path / "out2", show_progress=False)
+    assert "gptcore doctor" in str(info.value) and "`foundation: scratch`" in str(info.value)  # the ways out
     assert not (tmp_path / "out2").exists()
 
 
 def test_download_checkpoint_rejects_unknown_size(tmp_path):
     with pytest.raises(ConfigError, match="unknown OpenAI GPT-2 size '700M'"):
         download_checkpoint("https://example.invalid", "700M", tmp_path / "out")
+
+
+def test_the_first_stage_without_network_or_mirror_names_the_way_out(server, tmp_path):
+    """`dvc repro`'s first stage, offline with no mirror: one line that names GPTCORE_MIRROR and the doctor.
+    (The server answers 404, as a captive portal might: the same line as after the retries of a
+    refused connection, without their wait.)"""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["download_corpus"]["url"] = f"{server.url}/the-verdict.txt"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = {k: v for k, v in os.environ.items() if k not in ("GPTCORE_MIRROR", "GPTCORE_DEBUG")}
+    env["PYTHONPATH"] = str(REPO)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "stages" / "download_corpus.py"), "--out", "data/raw/the-verdict.txt"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    (line,) = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert proc.returncode == 1 and "HTTP 404" in line
+    assert "set GPTCORE_MIRROR to a folder laid out like ../shared/mirror" in line and "gptcore doctor" in line
+    assert not (tmp_path / "data" / "raw" / "the-verdict.txt").exists()

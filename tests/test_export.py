@@ -18,7 +18,7 @@ import torch
 from gotemplate import render
 from test_tokenizer import TEXTS
 
-from gptcore.cli import main
+from gptcore.cli import build_parser, main
 from gptcore.config import GPTConfig
 from gptcore.export.gguf import export_gguf, modelfile_text, name_table, tensor_type
 from gptcore.export.templates import modelfile_template
@@ -157,7 +157,9 @@ def test_types_per_dtype(ggufs):
 
 @pytest.fixture(scope="module")
 def llama_cpp():
-    return pytest.importorskip("llama_cpp")
+    """llama.cpp's Python binding; every test that asks for it is marked llama_cpp (conftest.py)."""
+    reason = "llama-cpp-python is not installed: pip install -c constraints.txt -e '.[llama]' (compiles llama.cpp)"
+    return pytest.importorskip("llama_cpp", reason=reason)
 
 
 def _llama(llama_cpp, path, n_ctx: int, **kwargs):
@@ -291,7 +293,7 @@ def test_modelfile_renders_chats_as_gptcore_serve(messages):
 
 def test_modelfile_text(tmp_path, models, capsys):
     out = tmp_path / "deploy" / "gptcore-instruct.gguf"
-    assert main(["export", "--format", "gguf", str(models["stage1_trained"]), str(out)]) == 0
+    assert main(["export", "--format", "gguf", "--modelfile", str(models["stage1_trained"]), str(out)]) == 0
     modelfile = (tmp_path / "deploy" / "Modelfile").read_text()
     lines = modelfile.splitlines()
     assert "FROM ./gptcore-instruct.gguf" in lines
@@ -317,6 +319,20 @@ def test_gguf_chat_template_renders_as_gptcore_serve(ggufs, llama_cpp):
     for messages in [*singles, *CHATS]:
         assert formatter(messages=messages).prompt == render_chat(messages), messages
     assert formatter(messages=singles[0]).prompt == format_input(ENTRIES[0]) + RESPONSE_MARKER
+
+
+def test_the_cli_gives_the_chat_template_to_instruction_models_only(models, tmp_path):
+    """Unset, --chat-template and --modelfile follow the weights file: the instruction finetuning marks
+    its model (gptcore.prompt.PROMPT_FORMAT_KEY); a base model gets neither."""
+    from gptcore.prompt import PROMPT_FORMAT, PROMPT_FORMAT_KEY
+
+    tuned = tmp_path / "instruct.safetensors"
+    save_model(load_model(models["gpt2_random"]), tuned, extra={PROMPT_FORMAT_KEY: PROMPT_FORMAT})
+    key = b"tokenizer.chat_template"
+    for model, expected in ((models["gpt2_random"], False), (tuned, True)):
+        out = tmp_path / ("chat" if expected else "base") / "m.gguf"
+        assert main(["export", "--format", "gguf", "--dtype", "f32", str(model), str(out)]) == 0
+        assert (key in out.read_bytes(), (out.parent / "Modelfile").exists()) == (expected, expected)
 
 
 def test_no_chat_template_for_a_base_model(models, tmp_path):
@@ -364,3 +380,15 @@ def test_export_is_deterministic(models, ggufs, tmp_path):
     again = tmp_path / "again" / ggufs["stage1_trained", "q8_0"].name
     export_gguf(models["stage1_trained"], again, dtype="q8_0")
     assert again.read_bytes() == ggufs["stage1_trained", "q8_0"].read_bytes()
+
+
+def test_the_cli_and_the_stage_default_to_the_same_dtype(tmp_path, models, capsys):
+    """`gptcore export --format gguf` without --dtype writes what the export stage writes (params' default)."""
+    from gptcore.params.schema import ExportParams
+
+    out = tmp_path / "m.gguf"
+    assert main(["export", "--format", "gguf", "--no-modelfile", str(models["gpt2_random"]), str(out)]) == 0
+    assert f"GGUF {ExportParams().dtype} " in capsys.readouterr().out
+    export = next(a for a in build_parser()._actions if a.dest == "verb").choices["export"]
+    (dtype,) = [a for a in export._actions if a.dest == "dtype"]
+    assert dtype.default is None and "default" not in dtype.help  # said once, by the help formatter's rule

@@ -63,7 +63,8 @@ def _random_file(path, config: GPTConfig, seed: int = 0):
 @pytest.mark.parametrize("name", CONFIGS)
 def test_transformers_loads_the_export_and_agrees(name, tmp_path, tokenizer):
     ours = _random_file(tmp_path / "m.safetensors", CONFIGS[name])
-    assert main(["export", "--format", "hf", str(tmp_path / "m.safetensors"), str(tmp_path / "hf")]) == 0
+    args = ["export", "--format", "hf", "--chat-template", str(tmp_path / "m.safetensors"), str(tmp_path / "hf")]
+    assert main(args) == 0
     assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == [
         "config.json",
         "generation_config.json",

@@ -284,3 +284,23 @@ def test_activation_checkpointing_gives_the_same_gradients(tiny_config):
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 2 * (4 * tiny_config.n_layers + 1)
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=0, atol=0, msg=name)
+
+
+def test_under_autocast_the_adapter_shares_the_cast_input_and_computes_as_autocast_would():
+    """One bf16 copy of x feeds both products (less activation memory); the values are autocast's own."""
+    import torch.nn.functional as F
+
+    from gptcore.training.lora import LoRAConfig, LoRALinear
+
+    torch.manual_seed(0)
+    layer = LoRALinear.from_linear(torch.nn.Linear(24, 40), LoRAConfig(rank=4, alpha=8.0))
+    torch.nn.init.normal_(layer.lora_B)
+    x = torch.randn(3, 5, 24, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = layer(x)
+        base = F.linear(x, layer.weight, layer.bias)
+        delta = F.linear(F.linear(x.float(), layer.lora_A), layer.lora_B)
+        expected = base + (layer.scaling * delta).to(base.dtype)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, expected)
+    got.float().sum().backward()
+    assert layer.lora_A.grad is not None and layer.lora_B.grad is not None and x.grad is not None

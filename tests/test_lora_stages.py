@@ -152,3 +152,26 @@ def test_peft_round_trip_through_the_cli(lora_classifier, lora_instructions, sta
         proc = _gptcore("convert", str(folder), str(back), "--base", lm)
         assert proc.returncode == 0, proc.stderr
         assert back.read_bytes() == adapter.read_bytes()
+
+
+def test_serve_with_an_adapter_answers_as_the_merged_file(lora_instructions, stage_inputs):
+    import requests
+
+    from gptcore.serve import LoadOptions, Server
+
+    body = {"model": "m", "prompt": "Every effort moves you", "stream": False}
+    body["options"] = {"temperature": 0, "num_predict": 8}
+    replies = []
+    adapter = LoadOptions(adapter=lora_instructions / "adapter.safetensors")
+    for path, load in (
+        (lora_instructions / "model.safetensors", LoadOptions()),
+        (stage_inputs / "lm.safetensors", adapter),
+    ):
+        server = Server(path, "127.0.0.1", 0, name="m", device="cpu", quiet=True, load=load).start()
+        try:
+            reply = requests.post(server.url + "/api/generate", json=body, timeout=60)
+            assert reply.status_code == 200, reply.text
+            replies.append(reply.json()["response"])
+        finally:
+            server.close()
+    assert replies[0] == replies[1]

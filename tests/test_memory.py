@@ -64,7 +64,8 @@ def test_dvc_starts_exactly_the_fixed_shape_training_stages_with_the_setting():
     for name, stage in stages.items():
         cmd = " ".join(stage.get("do", stage)["cmd"].split())
         if name in FIXED_SHAPE_STAGES:
-            assert cmd.startswith(COMMAND_PREFIX + f"python stages/{name}.py "), (name, cmd)
+            # ${launcher}: python, or torchrun's command line (params.yaml `launcher`, docs/distributed.md)
+            assert cmd.startswith(COMMAND_PREFIX + f"${{launcher}} stages/{name}.py "), (name, cmd)
         else:  # serve-like and variable-shape work keeps the allocator's defaults
             assert ENV not in cmd, (name, cmd)
 

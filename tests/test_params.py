@@ -24,6 +24,16 @@ DEFAULTS = yaml.safe_load((REPO / "params.yaml").read_text())
 BAD = [
     ("top-level typo", {"precison": "fp32"}, "error: params.yaml: precison: unknown key; did you mean precision?"),
     (
+        "strategy typo",
+        {"strategy": "fdsp"},
+        "error: params.yaml: strategy: expected one of auto, ddp, fsdp, got 'fdsp'",
+    ),
+    (
+        "bad launcher",
+        {"launcher": "pyton"},
+        "error: params.yaml: launcher: expected python or torchrun [options] (one line), got 'pyton'",
+    ),
+    (
         "section typo",
         {"classifer": {"lr": 0.001}},
         "error: params.yaml: classifer: unknown section; did you mean classifier?",
@@ -122,7 +132,12 @@ def test_every_section_of_params_yaml_is_a_field_and_documented():
 def _stage_argv(stage: dict) -> list[str]:
     """A dvc.yaml stage's command with its templating filled in, run with this interpreter."""
     cmd = " ".join(stage["cmd"].split())
-    for name, value in {"${key}": "gpt2-large", "${item}": "774M", "${foundation}": "gpt2-large"}.items():
+    for name, value in {
+        "${key}": "gpt2-large",
+        "${item}": "774M",
+        "${foundation}": "gpt2-large",
+        "${launcher}": "python",
+    }.items():
         cmd = cmd.replace(name, value)
     argv = shlex.split(cmd)
     while "=" in argv[0]:  # a launcher's environment assignment (GLIBC_TUNABLES=... python ...)
@@ -164,6 +179,15 @@ def test_a_stage_prints_the_line(updates, line, tmp_path):
     assert "Traceback" not in proc.stderr and sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
 
 
+THREE_WRONG = {"seed": "abc", "classifier": {"lr": "fast"}, "pretrain": {"epochs": 0}}
+THREE_LINES = [
+    "error: params.yaml: 3 problems:",
+    "  seed: expected an integer, got 'abc'",
+    "  pretrain.epochs: must be >= 1, got 0",
+    "  classifier.lr: expected a number, got 'fast'",
+]
+
+
 DOC_CASES = [  # the inputs of docs/params.md's example lines, in their order
     {"precison": "fp32"},
     {"classifer": {"lr": 0.001}},
@@ -176,6 +200,7 @@ DOC_CASES = [  # the inputs of docs/params.md's example lines, in their order
     {"precision": "bf16"},
     {"pretrain": {"model": {"n_heads": 5}}},
     {"pretrain": {"warmup": 1.5}},
+    THREE_WRONG,  # the first line of the several-problems example
 ]
 
 
@@ -185,5 +210,30 @@ def test_the_documented_lines_are_the_real_ones():
     for updates in DOC_CASES:
         with pytest.raises(ConfigError) as info:
             Params.from_dict(_params(updates), where="params.yaml")
-        produced.append(f"error: {info.value}")
+        produced.append(f"error: {info.value}".splitlines()[0])
     assert produced == documented
+
+
+def test_every_problem_at_once_each_on_its_line_with_its_key_path(tmp_path):
+    """A params.yaml with three wrong values: one error listing all three (fix once, not three times)."""
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(_params(THREE_WRONG), sort_keys=False))
+    argv = _stage_argv(STAGES["download_corpus"])
+    proc = subprocess.run(
+        argv, cwd=tmp_path, capture_output=True, text=True, timeout=300, env={**os.environ, "GPTCORE_DEBUG": ""}
+    )
+    assert (proc.returncode, proc.stderr.strip().splitlines()) == (1, THREE_LINES)
+    with pytest.raises(ConfigError) as info:
+        Params.from_dict(_params(THREE_WRONG), where="params.yaml")
+    assert info.value.problems == [line.strip() for line in THREE_LINES[1:]]
+    assert ("error: " + str(info.value)).splitlines() == THREE_LINES
+    assert "\n".join(THREE_LINES) in (REPO / "docs" / "params.md").read_text()  # the documented example
+
+
+def test_the_readme_experiment_table_names_every_top_level_param():
+    """The README's `dvc exp show` drops every metric by name (a word without a dot) but the top-level
+    params, which it lists: the list must be params.yaml's top-level keys that are not sections."""
+    import re
+
+    command = next(line for line in (REPO / "README.md").read_text().splitlines() if line.startswith("dvc exp show"))
+    listed = re.search(r"\(\?!\(([a-z_|]+)\)\$\)", command).group(1).split("|")
+    assert sorted(listed) == sorted(key for key, value in DEFAULTS.items() if not isinstance(value, dict))

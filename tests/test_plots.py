@@ -192,3 +192,18 @@ def test_the_plots_page_template_works_offline():
     inlined = re.findall(r"<script>(.*?)</script>", page, flags=re.DOTALL)
     assert [name for name, _ in expected] == ["vega", "vega-lite", "vega-embed"]
     assert [hashlib.sha256(code.encode()).hexdigest() for code in inlined] == [digest for _, digest in expected]
+
+
+def test_the_confusion_matrix_shows_its_counts():
+    """DVC's confusion template hides the counts behind a checkbox; ours is the same template with the
+    box ticked from the start (.dvc/plots/, where `dvc plots` looks for templates by name)."""
+    import copy
+
+    from dvc_render.vega_templates import ConfusionTemplate
+
+    plots = yaml.safe_load((REPO / "dvc.yaml").read_text())["plots"]
+    (confusion,) = [spec for plot in plots for name, spec in plot.items() if name == "classifier_confusion"]
+    ours = json.loads((REPO / ".dvc" / "plots" / f"{confusion['template']}.json").read_text())
+    theirs = copy.deepcopy(ConfusionTemplate.DEFAULT_CONTENT)
+    theirs["params"][0]["value"] = True
+    assert ours == theirs and ours["params"][0]["name"] == "showValues"

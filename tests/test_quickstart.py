@@ -52,28 +52,58 @@ def _ollama_answers(port: int = 11434) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
+def test_the_readme_and_the_page_give_the_same_three_lines():
+    readme = (REPO / "README.md").read_text(encoding="utf-8").split("<!-- quickstart -->", 1)[1]
+    (readme_block,) = re.findall(r"```bash\n(.*?)```", readme, flags=re.DOTALL)[:1]
+    (page_block,) = _sh_blocks("Run it")[:1]
+    assert readme_block == page_block and len(page_block.strip().splitlines()) == 3
+
+
 @pytest.mark.slow
-def test_quickstart_runs_as_documented(repo_copy, mirror_dir):
-    shutil.copy2(REPO / "params-quickstart.yaml", repo_copy.root / "params-quickstart.yaml")
-    (run_block,) = _sh_blocks("Run it")[:1]
-    env = {**os.environ, "GPTCORE_MIRROR": str(mirror_dir), "PYTHONPATH": str(repo_copy.root), "PYTHONUNBUFFERED": "1"}
-    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env["PATH"]  # dvc, and python for the stages
+def test_quickstart_runs_as_documented_and_its_restore_line_leaves_git_clean(repo_copy, mirror_dir):
+    # What a clone holds beside the code: the committed results that the quick start rewrites.
+    for rel in ("params-quickstart.yaml", "dvc.lock", "metrics", "plots", "samples", ".gitignore", ".dvc/.gitignore"):
+        src = REPO / rel
+        shutil.copytree(src, repo_copy.root / rel) if src.is_dir() else shutil.copy2(src, repo_copy.root / rel)
+    repo_copy.run("git", "add", "-A")
+    repo_copy.run("git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "results")
+    (repo_copy.root.parent / "shared").mkdir()
+    (repo_copy.root.parent / "shared" / "mirror").symlink_to(mirror_dir)  # ../shared/mirror, as in a clone
+    *run_lines, restore_line = _sh_blocks("Run it")[0].strip().splitlines()
+    env = {**os.environ, "PYTHONPATH": str(repo_copy.root), "PYTHONUNBUFFERED": "1"}
+    env.pop("GPTCORE_MIRROR")  # the block sets it
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env["PATH"]  # dvc, gptcore, python
     proc = subprocess.run(
-        ["bash", "-e", "-c", run_block], cwd=repo_copy.root, env=env, capture_output=True, text=True, timeout=1200
+        ["bash", "-e", "-c", "\n".join(run_lines)],
+        cwd=repo_copy.root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "ready: nothing in the way of the plan" in proc.stdout  # gptcore doctor's last line
 
     for name in ("test", "preferences"):  # Stage 4's responses and the preference-tuned model's
         responses = json.loads((repo_copy.root / "data" / "responses" / f"{name}.json").read_text())
-        assert len(responses) == 110 and all(isinstance(r["model_response"], str) for r in responses)
+        assert len(responses) == 55 and all(isinstance(r["model_response"], str) for r in responses)
     metrics = ["pretrain", "classifier", "classifier_baseline", "instructions", "generation", "preferences"]
     for name in [*metrics, "generation_preferences"]:
         assert (repo_copy.root / "metrics" / f"{name}.json").is_file(), name
     status = json.loads(repo_copy.dvc("status", "--json").stdout or "{}")
     assert set(status) == {"judge", "judge_pairwise"}, status  # every stage but the judges is done and recorded
+    assert repo_copy.run("git", "status", "--porcelain").stdout.strip()  # the run changed committed files
 
-    if _ollama_answers():
+    ollama = _ollama_answers()
+    if not ollama:
+        _check_the_judge_stops_without_a_server(repo_copy)
+    repo_copy.run("bash", "-e", "-c", restore_line)
+    assert repo_copy.run("git", "status", "--porcelain").stdout == ""
+    if ollama:
         pytest.skip("an Ollama server answers on this machine: the no-server path cannot be checked")
+
+
+def _check_the_judge_stops_without_a_server(repo_copy) -> None:
     (judge_block,) = _sh_blocks("The judge (needs Ollama)")[:1]
     assert judge_block.strip().splitlines()[-1] == "dvc repro judge"
     proc = repo_copy.dvc("repro", "judge", check=False)

@@ -23,6 +23,7 @@ from gptcore.cli import main as cli_main
 from gptcore.config import GPTConfig
 from gptcore.download import sha256_of
 from gptcore.errors import GptcoreError
+from gptcore.inference.sampling import SamplingOptions
 from gptcore.model import GPTModel
 from gptcore.params.schema import JudgeParams
 from gptcore.prompt import RESPONSE_MARKER, format_input
@@ -495,16 +496,19 @@ def test_bad_requests_get_ollama_errors(url, body, status, message):
 
 
 def test_accepted_like_ollama(url):
-    """Unknown fields and options Ollama knows are ignored; a tiny temperature samples without NaN."""
-    body = {
-        "model": "tiny",
-        "prompt": PROMPT,
-        "stream": False,
-        "unknown": 1,
-        "options": {"num_ctx": 4096, "top_p": 0.9, "mirostat": 2, "temperature": 1e-30, "num_predict": 5},
-    }
+    """Unknown top-level fields and Ollama's hardware options are accepted; a tiny temperature samples
+    without NaN; a sampling method gptcore lacks, or an unknown option, is a 400 naming it."""
+    options = {"num_ctx": 4096, "top_p": 0.9, "num_thread": 2, "use_mmap": True, "mirostat": 0, "temperature": 1e-30}
+    body = {"model": "tiny", "prompt": PROMPT, "stream": False, "unknown": 1, "options": {**options, "num_predict": 5}}
     reply = requests.post(url + "/api/generate", json=body, timeout=30)
     assert reply.status_code == 200 and reply.json()["eval_count"] >= 1
+    for extra, name in (
+        ({"mirostat": 2}, "options.mirostat"),
+        ({"tfs_z": 0.5}, "options.tfs_z"),
+        ({"bogus": 1}, "options.bogus"),
+    ):
+        reply = requests.post(url + "/api/generate", json={**body, "options": {**options, **extra}}, timeout=30)
+        assert reply.status_code == 400 and name in reply.json()["error"], reply.text
 
 
 def test_limits_and_routes(url):
@@ -610,7 +614,7 @@ def test_engine_batches_joining_requests(model_path, tokenizer):
             return sink
 
         for i, ids in enumerate(batch):
-            engine.submit(Job(ids, 15, Sampling(temperature=0, top_k=None), sink_for(i)))
+            engine.submit(Job(ids, 15, Sampling(SamplingOptions()), sink_for(i)))
             time.sleep(stagger)
         assert events.wait(60)
         return [dones[i].new_ids for i in range(len(batch))]
@@ -678,6 +682,15 @@ OLLAMA_FIELDS = [
     "options",
     "options.temperature",
     "options.top_k",
+    "options.top_p",
+    "options.min_p",
+    "options.typical_p",
+    "options.repeat_penalty",
+    "options.repeat_last_n",
+    "options.presence_penalty",
+    "options.frequency_penalty",
+    "options.num_ctx",
+    "options.num_keep",
     "options.num_predict",
     "options.stop",
     "options.seed",
@@ -690,6 +703,11 @@ OPENAI_FIELDS = [
     "messages",
     "max_tokens",
     "temperature",
+    "top_p",
+    "presence_penalty",
+    "frequency_penalty",
+    "logit_bias",
+    "keep_alive",
     "stop",
     "response_format",
     "n",

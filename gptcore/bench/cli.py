@@ -9,8 +9,6 @@ import logging
 from collections.abc import Iterator
 from pathlib import Path
 
-from gptcore.bench.report import format_row
-from gptcore.bench.runner import bench
 from gptcore.bench.spec import TASKS, BenchSpec
 
 logger = logging.getLogger(__name__)
@@ -160,6 +158,10 @@ def run_tasks(args: argparse.Namespace) -> Iterator[str]:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive")
     if args.batch is not None and args.batch < 1:
         raise ConfigError("--batch must be positive")
+    # torch comes with these: imported after the checks, so --help and a wrong option answer at once
+    from gptcore.bench.report import format_row
+    from gptcore.bench.runner import bench
+
     batch1 = None
     for task in args.task:
         batch = args.batch or (1 if task == "generate" else 8)

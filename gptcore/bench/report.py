@@ -46,6 +46,8 @@ def _shape_columns(spec: BenchSpec, ours: dict[str, Any]) -> dict[str, Any]:
     )
     if spec.quantize != "none":
         row["quantize"] = spec.quantize
+    if ours.get("precision_reason"):  # decoding: why this precision, and the kernels' path per weight type
+        row["precision_reason"], row["kernels"] = ours["precision_reason"], ours.get("kernels")
     return row
 
 
@@ -164,6 +166,8 @@ def format_row(row: dict[str, Any]) -> str:
     def fmt(v, spec=".1f"):
         return "-" if v is None else format(v, spec)
 
+    if row.get("precision_reason"):
+        lines.append(f"  gptcore precision {row['precision']}: {row['precision_reason']}; kernels {row.get('kernels')}")
     lines.append(f"  {'system':<10} {'precision':<9} {'tokens/s':>9} {'min':>9} {'max':>9} {'peak RSS MiB':>13}")
     lines.append(
         f"  {'gptcore':<10} {row['precision']:<9} {fmt(row['gptcore_tokens_per_s']):>9} "

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from gptcore.config import GPTConfig
-from gptcore.inference import gemv
+from gptcore.inference import gemv, kernels
 
 
 @dataclass(frozen=True)
@@ -122,7 +122,7 @@ def _time_one(mm: Matmul, dtype: torch.dtype, device: torch.device, repeats: int
     if mm.weight_layout == "int8":  # the kernels allocate their output (a row per decoded sequence)
         weights = [w.clamp(-1, 1).mul(127).to(torch.int8) for w in weights]
         scales = torch.rand(mm.n, dtype=torch.bfloat16, device=device)
-        if cpu and mm.m <= gemv.MAX_ROWS[torch.int8] and gemv.load_kernels() is not None:
+        if cpu and mm.m <= gemv.MAX_ROWS[torch.int8] and kernels.fast_int8():
 
             def run():
                 for q in weights:
@@ -132,7 +132,7 @@ def _time_one(mm: Matmul, dtype: torch.dtype, device: torch.device, repeats: int
             def run():
                 for q in weights:
                     torch.ops.aten._weight_int8pack_mm(x, q, scales)
-    elif cpu and dtype == torch.bfloat16 and mm.m <= gemv.MAX_ROWS[torch.bfloat16] and gemv.native_bf16():
+    elif cpu and dtype == torch.bfloat16 and mm.m <= gemv.MAX_ROWS[torch.bfloat16] and kernels.fast_bf16():
 
         def run():
             for w in weights:

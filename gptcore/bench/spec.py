@@ -52,3 +52,13 @@ class BenchSpec:
         if self.task.startswith("generate"):
             return self.batch * self.new_tokens
         return self.batch * self.seq_len
+
+
+def model_config(spec: BenchSpec):
+    """The GPTConfig of the spec's model: a preset's, or the one stored in the weights file."""
+    from gptcore.config import PRESETS, GPTConfig
+    from gptcore.weights import read_config
+
+    if spec.model in PRESETS:
+        return GPTConfig.from_name(spec.model)
+    return read_config(spec.model)

@@ -1,5 +1,5 @@
-"""The measured work, in a worker process: each system's task (gptcore; Hugging Face's GPT2LMHeadModel;
-llama.cpp) as a zero-argument callable, the task's roofs (gptcore/bench/roofline.py), and `measure`,
+"""The measured work, in a worker process: each system's task (gptcore's here; Hugging Face's and
+llama.cpp's in gptcore/bench/peers.py) as a zero-argument callable, the task's roofs (gptcore/bench/roofline.py), and `measure`,
 which runs one of them and reports tokens/s, page faults and peak memory."""
 
 from __future__ import annotations
@@ -11,16 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gptcore.bench.spec import ROOF, BenchSpec
-
-
-def _model_config(spec: BenchSpec):
-    from gptcore.config import PRESETS, GPTConfig
-    from gptcore.weights import read_config
-
-    if spec.model in PRESETS:
-        return GPTConfig.from_name(spec.model)
-    return read_config(spec.model)
+from gptcore.bench.peers import hf_task, llama_cpp_task
+from gptcore.bench.spec import ROOF, BenchSpec, model_config
 
 
 def _gptcore_task(spec: BenchSpec, device, precision: str):
@@ -29,7 +21,7 @@ def _gptcore_task(spec: BenchSpec, device, precision: str):
 
     from gptcore.training.step import compile_blocks
 
-    config = _model_config(spec)
+    config = model_config(spec)
     generator = torch.Generator().manual_seed(spec.seed)
     if spec.task == "classify":
         return _gptcore_classify_task(spec, device, precision, config, generator)
@@ -161,144 +153,6 @@ def _gptcore_decoding_task(spec: BenchSpec, device, precision: str, model, confi
     return run_batch
 
 
-def _hf_task(spec: BenchSpec, device, bf16: bool):
-    """A zero-argument callable that runs the task once on transformers' GPT2LMHeadModel."""
-    import torch
-
-    config = _model_config(spec)
-    model = _hf_model(spec, device, config)
-    generator = torch.Generator().manual_seed(spec.seed)
-
-    def amp():
-        return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-
-    if spec.task in ("train", "classify"):
-        return _hf_training_task(spec, device, model, config, generator, amp)
-    return _hf_decoding_task(spec, device, model, config, generator, amp)
-
-
-def _hf_model(spec: BenchSpec, device, config):
-    """GPT2LMHeadModel with gptcore's config and random weights, on the device."""
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from gptcore.device import forked_rng
-
-    hf_config = GPT2Config(
-        vocab_size=config.vocab_size,
-        n_positions=config.context_length,
-        n_embd=config.emb_dim,
-        n_layer=config.n_layers,
-        n_head=config.n_heads,
-        resid_pdrop=config.drop_rate,
-        embd_pdrop=config.drop_rate,
-        attn_pdrop=config.drop_rate,
-        layer_norm_epsilon=1e-5,
-        activation_function="gelu_new",
-        tie_word_embeddings=config.tie_embeddings,
-        use_cache=spec.task.startswith("generate"),
-    )
-    with forked_rng(device, spec.seed), torch.device(device):
-        return GPT2LMHeadModel(hf_config)
-
-
-def _hf_training_task(spec: BenchSpec, device, model, config, generator, amp):
-    """One AdamW step: the whole model on next tokens (train), or its last block and a 2-class head (classify)."""
-    import torch
-    import torch.nn.functional as F
-
-    ids = torch.randint(0, config.vocab_size, (spec.batch, spec.seq_len + 1), generator=generator).to(device)
-    inputs = ids[:, :-1]
-    if spec.task == "classify":
-        with torch.device(device):
-            model.lm_head = torch.nn.Linear(config.emb_dim, 2)
-        model.requires_grad_(False)
-        for module in (model.transformer.h[-1], model.transformer.ln_f, model.lm_head):
-            module.requires_grad_(True)
-        targets = torch.randint(0, 2, (spec.batch,), generator=generator).to(device)
-    else:
-        targets = ids[:, 1:]
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-5, weight_decay=0.1)
-    model.train()
-
-    def step():
-        optimizer.zero_grad(set_to_none=True)
-        with amp():
-            logits = model(input_ids=inputs, use_cache=False).logits
-            if spec.task == "classify":
-                logits = logits[:, -1]
-            loss = F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten())
-        loss.backward()
-        optimizer.step()
-
-    return step
-
-
-def _hf_decoding_task(spec: BenchSpec, device, model, config, generator, amp):
-    """Greedy generate() of exactly new_tokens tokens after random prompts."""
-    import torch
-
-    model.eval()
-    prompts = torch.randint(0, config.vocab_size, (spec.batch, spec.prompt_len), generator=generator).to(device)
-    mask = torch.ones_like(prompts)
-
-    def run():
-        with torch.inference_mode(), amp():
-            model.generate(
-                prompts,
-                attention_mask=mask,
-                max_new_tokens=spec.new_tokens,
-                min_new_tokens=spec.new_tokens,
-                do_sample=False,
-                pad_token_id=0,
-            )
-
-    return run
-
-
-def _llama_cpp_task(spec: BenchSpec, folder: Path, gguf_dtype: str):
-    """The same random weights (or weights file) as gptcore's worker, exported to GGUF and run by
-    llama.cpp: greedy decoding of new_tokens tokens after the same prompt."""
-    import llama_cpp
-    import torch
-
-    from gptcore.config import PRESETS
-    from gptcore.device import forked_rng
-    from gptcore.export.gguf import export_gguf
-    from gptcore.model import GPTModel
-    from gptcore.weights import save_model
-
-    config = _model_config(spec)
-    source = Path(spec.model)
-    if spec.model in PRESETS:
-        with forked_rng(torch.device("cpu"), spec.seed):
-            model = GPTModel(config)
-        source = folder / "model.safetensors"
-        save_model(model, source)
-        del model
-    export_gguf(source, folder / "model.gguf", dtype=gguf_dtype, chat_template=False)
-    threads = spec.threads or torch.get_num_threads()
-    llm = llama_cpp.Llama(
-        model_path=str(folder / "model.gguf"),
-        n_ctx=spec.prompt_len + spec.new_tokens,
-        n_batch=spec.prompt_len,
-        n_threads=threads,
-        n_threads_batch=threads,
-        verbose=False,
-    )
-    generator = torch.Generator().manual_seed(spec.seed)
-    prompt = torch.randint(0, config.vocab_size, (1, spec.prompt_len), generator=generator)[0].tolist()
-
-    def run():
-        made = 0
-        for _ in llm.generate(prompt, top_k=1, temp=0.0, repeat_penalty=1.0, reset=True):
-            made += 1
-            if made == spec.new_tokens:
-                break
-
-    return run
-
-
 def _roofs(spec: BenchSpec, device) -> dict[str, Any]:
     """The task's roofs on this machine in gptcore's precision (gptcore/bench/roofline.py)."""
     from collections import Counter
@@ -307,12 +161,11 @@ def _roofs(spec: BenchSpec, device) -> dict[str, Any]:
 
     from gptcore.bench import roofline
     from gptcore.inference.decoding import decoding_weight_dtypes
-    from gptcore.precision import resolve_precision
 
     decoding = spec.task.startswith("generate")
-    precision = resolve_precision(spec.precision, device, "inference" if decoding else "train")
+    precision, _ = _gptcore_precision(spec, device)
     compute = {"fp32": torch.float32, "fp16-mixed": torch.float16}.get(precision, torch.bfloat16)
-    config = _model_config(spec)
+    config = model_config(spec)
     result: dict[str, Any] = {"system": ROOF, "precision": precision}
     if not decoding:
         if spec.task == "classify":
@@ -381,27 +234,37 @@ def _torch_threads(threads: int):
 
 def _measure(spec: BenchSpec) -> dict[str, Any]:
     from gptcore.device import resolve_device
-    from gptcore.precision import resolve_precision
 
     device = resolve_device(spec.device)
     if spec.system == ROOF:
         return _roofs(spec, device)
     with contextlib.ExitStack() as stack:
         if spec.system == "gptcore":
-            precision = resolve_precision(
-                spec.precision, device, "inference" if spec.task.startswith("generate") else "train"
-            )
+            precision, why = _gptcore_precision(spec, device)
             run = _gptcore_task(spec, device, precision)
+            if why:  # decoding: the choice, its reason and the kernels' paths in the row
+                return {**_time_task(spec, device, precision, run), **why}
         elif spec.system.startswith("llama.cpp"):
             import tempfile
 
             precision = spec.system.split("-", 1)[1]  # the GGUF dtype
             folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="gptcore-bench-"))
-            run = _llama_cpp_task(spec, Path(folder), precision)
+            run = llama_cpp_task(spec, Path(folder), precision)
         else:
             precision = "bf16-mixed" if spec.system == "hf-bf16" else "fp32"
-            run = _hf_task(spec, device, bf16=precision == "bf16-mixed")
+            run = hf_task(spec, device, bf16=precision == "bf16-mixed")
         return _time_task(spec, device, precision, run)
+
+
+def _gptcore_precision(spec: BenchSpec, device) -> tuple[str, dict[str, Any]]:
+    """gptcore's precision for the task and, for decoding, why (precision_reason) and the kernels' paths."""
+    from gptcore.inference import decoding, kernels
+    from gptcore.precision import resolve_precision
+
+    if not spec.task.startswith("generate"):
+        return resolve_precision(spec.precision, device, "train"), {}
+    precision, reason = decoding.resolve_decoding_precision(spec.precision, device)
+    return precision, {"precision_reason": reason, "kernels": kernels.paths()}
 
 
 def _time_task(spec: BenchSpec, device, precision: str, run) -> dict[str, Any]:

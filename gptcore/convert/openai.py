@@ -32,8 +32,8 @@ from tqdm.auto import tqdm
 
 from gptcore.atomic import atomic_dir, atomic_path
 from gptcore.config import OPENAI_SIZES, GPTConfig
-from gptcore.download import fetch, mirror_root, sha256_of
-from gptcore.errors import ConfigError, WeightsError
+from gptcore.download import NO_OPENAI_HINT, fetch, mirror_root, sha256_of
+from gptcore.errors import ConfigError, DownloadError, WeightsError
 from gptcore.model import GPTModel
 from gptcore.weights import save_streaming
 
@@ -276,12 +276,15 @@ def download_checkpoint(
     _reset_staging(staging, origin)
     for name in CHECKPOINT_FILES:
         if not (staging / name).is_file():  # fetched whole by an earlier, interrupted run
-            fetch(
-                f"{source}/{name}",
-                staging / name,
-                mirror_name=f"gpt2/models/{size}/{name}",
-                show_progress=show_progress,
-            )
+            try:
+                fetch(
+                    f"{source}/{name}",
+                    staging / name,
+                    mirror_name=f"gpt2/models/{size}/{name}",
+                    show_progress=show_progress,
+                )
+            except DownloadError as err:
+                raise DownloadError(f"{err}; {NO_OPENAI_HINT}") from None
     with atomic_dir(out) as tmp:
         for name in CHECKPOINT_FILES:
             os.replace(staging / name, tmp / name)

@@ -1,77 +1,78 @@
-"""The Alpaca prompt of gptcore.prompt as other runtimes' chat templates: Ollama's Go template (the
-Modelfile's TEMPLATE) and a Jinja chat template (GGUF `tokenizer.chat_template`, read by llama.cpp and
-llama-cpp-python; transformers' `chat_template`). Both render a chat as gptcore.serve.chat.render_chat does.
+"""The chat template of gptcore.prompt (CHAT_MARKERS, SEPARATOR, PREAMBLE: the one source) as other
+runtimes' templates: Ollama's Go template (the Modelfile's TEMPLATE) and a Jinja chat template (GGUF
+`tokenizer.chat_template`, read by llama.cpp and llama-cpp-python; transformers' `chat_template`). Both are
+generated from that source, so they render every chat (system, user, assistant and tool messages) exactly
+as gptcore.prompt.render_chat, and so `gptcore serve`, renders it (tests/test_templates.py).
 """
 
 from __future__ import annotations
 
-from gptcore.prompt import PREAMBLE, RESPONSE_MARKER
+from gptcore.prompt import CHAT_MARKERS, PREAMBLE, RESPONSE_MARKER, SEPARATOR
 
 INSTRUCTION_MARKER = "### Instruction:"
 
 
 def modelfile_template() -> str:
-    """The TEMPLATE: Ollama's chat rendered exactly as gptcore.serve.chat.render_chat renders it.
+    """The TEMPLATE: Ollama's chat rendered exactly as gptcore.prompt.render_chat renders it.
 
     With `.Messages` (Ollama's template.Execute takes this path whenever the template names it), `.System` is
-    every system message joined by a blank line (Ollama's `collate`); it replaces Alpaca's preamble.
-    Each user message becomes `### Instruction:`, each assistant message a `### Response:`; the prompt
-    ends with an open `### Response:` unless the last message is the assistant's (then it is continued).
-    A single user message (with its `### Input:` section, if any, in its text) renders exactly the
-    prompt that `gptcore.prompt.format_input` + RESPONSE_MARKER builds for training.
-    The `else` branch serves runtimes that fill only `.System` / `.Prompt` / `.Response`.
+    every system message joined by a blank line and consecutive messages of one role come merged (Ollama's
+    `collate`): the template writes each non-system message as its role's marker and content, and an open
+    response marker unless the last message is the assistant's. The `else` branch serves runtimes that fill
+    only `.System` / `.Prompt` / `.Response`. Text outside actions is only the markers themselves (no `{{-`
+    trims them), so the result is the source's text.
     """
-    return (
-        "{{- if .System }}{{ .System }}{{ else }}" + PREAMBLE + "{{ end }}\n"
-        "{{- if .Messages }}\n"
-        '{{- $last := "" }}\n'
-        "{{- range .Messages }}\n"
-        '{{- if eq .Role "user" }}\n\n'
-        "### Instruction:\n"
-        "{{ .Content }}\n"
-        '{{- $last = "user" }}\n'
-        '{{- else if eq .Role "assistant" }}\n\n'
-        "### Response:\n"
-        "{{ .Content }}\n"
-        '{{- $last = "assistant" }}\n'
-        "{{- end }}\n"
-        "{{- end }}\n"
-        '{{- if ne $last "assistant" }}\n\n'
-        "### Response:\n"
-        "{{ end }}\n"
-        "{{- else }}\n\n"
-        "### Instruction:\n"
-        "{{ .Prompt }}\n\n"
-        "### Response:\n"
-        "{{ .Response }}\n"
-        "{{- end }}"
+    for text in (PREAMBLE, *CHAT_MARKERS.values()):
+        if "{{" in text or "}}" in text:
+            raise ValueError("the chat template's text may not contain template delimiters")
+    roles = "".join(
+        f'{{{{ {"if" if i == 0 else "else if"} eq .Role "{role}" }}}}{marker}{{{{ .Content }}}}{{{{ $last = "{role}" }}}}'
+        for i, (role, marker) in enumerate(CHAT_MARKERS.items())
     )
+    roles += "{{ end }}"  # system messages: already in .System
+    return (
+        "{{ if .System }}{{ .System }}{{ else }}" + PREAMBLE + "{{ end }}"
+        "{{ if .Messages }}"
+        '{{ $last := "" }}'
+        "{{ range .Messages }}" + roles + "{{ end }}"
+        '{{ if ne $last "assistant" }}' + RESPONSE_MARKER + "{{ end }}"
+        "{{ else }}" + CHAT_MARKERS["user"] + "{{ .Prompt }}" + RESPONSE_MARKER + "{{ .Response }}{{ end }}"
+    )
+
+
+def _jinja_string(text: str) -> str:
+    """text as a single-quoted Jinja string literal."""
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
 
 
 def jinja_chat_template() -> str:
     """The Jinja chat template (Hugging Face's convention: `messages`, `add_generation_prompt`).
 
-    System messages, joined by a blank line, replace Alpaca's preamble; each user message becomes
-    `### Instruction:`, each assistant message a `### Response:`; with add_generation_prompt (llama.cpp's
-    chat endpoints set it) a chat that does not end with the assistant's message ends with an open
-    `### Response:`, which makes one user message the exact training prompt. One line, no whitespace
-    outside string literals: the result does not depend on trim_blocks / lstrip_blocks.
+    The source's rule in Jinja: system messages, joined, replace the preamble; each other message is its
+    role's marker and content, merged into the one before when the role repeats; with add_generation_prompt
+    (llama.cpp's chat endpoints set it) a chat that does not end with the assistant's message ends with an
+    open response marker. One line, no whitespace outside string literals: the result does not depend on
+    trim_blocks / lstrip_blocks.
     """
-    if "'" in PREAMBLE or "\\" in PREAMBLE:  # it goes into a single-quoted Jinja string as is
-        raise ValueError("the preamble may not contain quotes or backslashes")
-    instruction = f"\\n\\n{INSTRUCTION_MARKER}\\n"
-    response = RESPONSE_MARKER.replace("\n", "\\n")
+    markers = "".join(
+        f"{{%- {'if' if i == 0 else 'elif'} m['role'] == '{role}' -%}}{{{{- {_jinja_string(marker)} -}}}}"
+        for i, (role, marker) in enumerate(CHAT_MARKERS.items())
+    )
     return (
-        "{%- set ns = namespace(system='', last='') -%}"
+        "{%- set ns = namespace(system='', last='', turn='') -%}"
         "{%- for m in messages -%}{%- if m['role'] == 'system' -%}"
-        "{%- set ns.system = ns.system + ('\\n\\n' if ns.system else '') + m['content'] -%}"
+        "{%- set ns.system = ns.system + (" + _jinja_string(SEPARATOR) + " if ns.system else '') + m['content'] -%}"
         "{%- endif -%}{%- endfor -%}"
-        "{{- ns.system if ns.system else '" + PREAMBLE + "' -}}"
+        "{{- ns.system if ns.system else " + _jinja_string(PREAMBLE) + " -}}"
         "{%- for m in messages -%}"
-        "{%- if m['role'] == 'user' -%}{{- '" + instruction + "' + m['content'] -}}{%- set ns.last = 'user' -%}"
-        "{%- elif m['role'] == 'assistant' -%}{{- '"
-        + response
-        + "' + m['content'] -}}{%- set ns.last = 'assistant' -%}"
-        "{%- endif -%}{%- endfor -%}"
-        "{%- if add_generation_prompt and ns.last != 'assistant' -%}{{- '" + response + "' -}}{%- endif -%}"
+        "{%- if m['role'] != 'system' -%}"
+        "{%- if m['role'] == ns.last -%}{{- " + _jinja_string(SEPARATOR) + " -}}"
+        "{%- else -%}" + markers + "{%- endif -%}{%- endif -%}{%- endif -%}"
+        "{{- m['content'] if m['role'] != 'system' else '' -}}"
+        "{%- if m['role'] != 'system' -%}{%- set ns.turn = m['role'] -%}{%- endif -%}"
+        "{%- set ns.last = m['role'] -%}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt and ns.turn != 'assistant' -%}{{- "
+        + _jinja_string(RESPONSE_MARKER)
+        + " -}}{%- endif -%}"
     )

@@ -11,7 +11,8 @@ scores and softmax, GELU's tanh from the C library), so outputs may differ from 
 the last bf16 bit; the tests bound the difference.
 
 The step is taken where it applies, else the block's own forward runs: eval mode, autograd off, one
-new position per row (x [B, 1, C] bf16, contiguous, on the CPU) for up to gemv.MAX_ROWS rows, a bf16
+new position per row (x [B, 1, C] bf16, contiguous, on the CPU) for any number of rows (each row's
+arithmetic is the same whatever the batch: batch-invariant decoding, docs/serving.md), a bf16
 KV cache (its left padding masked as KVCache.attention_mask masks it), and Linears that are gemv's
 GemvLinear (bf16) or quantize's Int8Linear (weights int8, activations quantized per 32 as llama.cpp's
 q8_0), a tanh GELU and LayerNorms with bias.
@@ -24,7 +25,7 @@ import ctypes
 import torch
 from torch import nn
 
-from gptcore.inference import gemv
+from gptcore.inference import gemv, kernels
 from gptcore.inference.quantize import Int8Linear
 from gptcore.model import GPTModel, KVCache, TransformerBlock
 
@@ -68,7 +69,8 @@ def _linear_params(layer: nn.Module, weight_dtype: torch.dtype, out: int, inp: i
         return None
     if weight_dtype == torch.int8:
         if (
-            not isinstance(layer, Int8Linear)
+            not kernels.fast_int8()  # torch's kernel is faster than the portable loop
+            or not isinstance(layer, Int8Linear)
             or layer.out_dtype is not None
             or not _plain(layer.scales, (out,), torch.bfloat16)
         ):
@@ -99,7 +101,8 @@ def decode_step(block: TransformerBlock, x: torch.Tensor, cache: KVCache) -> tor
     weight_dtype = att.qkv.weight.dtype
     batch, _, emb = x.shape
     if (
-        not 0 < batch <= gemv.MAX_ROWS.get(weight_dtype, 0)
+        batch == 0
+        or weight_dtype not in (torch.bfloat16, torch.int8)
         or not x.is_contiguous()
         or att.n_heads * att.head_dim != emb
         or att.training
@@ -120,11 +123,11 @@ def decode_step(block: TransformerBlock, x: torch.Tensor, cache: KVCache) -> tor
     params = _block_params(block, weight_dtype, emb)
     if params is None:
         return None
-    kernels = gemv.load_kernels()
-    if kernels is None:
+    library = kernels.load_kernels()
+    if library is None:
         return None
     out = torch.empty_like(x)
-    status = kernels.gptcore_block_decode(
+    status = library.gptcore_block_decode(
         (ctypes.c_void_p * len(params))(*params),
         weight_dtype == torch.int8,
         x.data_ptr(),
@@ -169,7 +172,7 @@ def fuse_blocks(model: GPTModel) -> GPTModel:
     """Replace (in place) each of the model's TransformerBlocks by a DecodeBlock sharing its
     submodules, when the kernels can be built; returns the model. Decoding then takes the one-call step
     wherever it applies (see the module docstring); everything else runs as before."""
-    if gemv.load_kernels() is None:
+    if kernels.load_kernels() is None:
         return model
     for i, block in enumerate(model.trf_blocks):
         if type(block) is TransformerBlock:

@@ -1,26 +1,68 @@
 /* Matrix-vector products for decoding on the CPU: y = x W^T + b for a few rows of x (gptcore/inference/gemv.py).
 
    Decoding one token reads every weight once, so its speed is the speed at which weights stream from
-   memory. These loops stream each weight row once for all rows of x, four weight rows at a time (four
-   independent loads in flight), and split the weight rows statically over OpenMP threads, so every
-   output is the same sum in the same order whatever the thread count: same inputs, same bytes.
+   memory, and the bytes per weight decide: 16-bit and int8 weights with fp32 arithmetic. These loops
+   stream each weight row once for all rows of x, four weight rows at a time (four independent loads in
+   flight), and split the weight rows statically over OpenMP threads, so every output is the same sum in
+   the same order whatever the thread count: same inputs, same bytes.
 
-   Built by gptcore/inference/gemv.py with -O3 -march=native -fopenmp for the machine it runs on. bf16 uses
-   AVX512-BF16's VDPBF16PS where the CPU has it (pairs of bf16 products summed into fp32 lanes, Intel
-   SDM vol. 2); elsewhere plain C with 16 fp32 lanes, which the compiler vectorizes. Sums are fp32;
-   outputs are fp32 (logits) or rounded to bf16, to nearest even, as torch rounds. */
+   As ggml-cpu's vec_dot functions, each (weight type, instruction set) has one small dot-product
+   function, and a dispatcher picks one per type when the library is loaded (gptcore_gemv_select): the
+   best one that was compiled in (the compiler targets the machine it runs on: gptcore/inference/kernels.py)
+   AND that the CPU reports through cpuid (with the OS saving the wider registers, XGETBV), so a path
+   without its instructions is never taken. The scalar functions are the reference the tests compare
+   every other path with:
+
+   bf16 weights  avx512-bf16  VDPBF16PS: pairs of bf16 products summed into fp32 lanes (Intel SDM vol. 2)
+                 avx2-fma     bf16 widened to fp32 in registers (a shift for the even, a mask for the odd
+                              halves of each 32-bit pair), then fp32 FMAs
+                 scalar       plain C over 16 fp32 lanes, which compilers vectorize
+   int8 weights  avx512-vnni  VPDPBUSD on 64 bytes
+                 avx-vnni     VPDPBUSD (VEX) on 32 bytes
+                 avx2         VPMADDUBSW + VPMADDWD, as ggml's q8_0 dot product on AVX2
+                 scalar       plain C, one exact int32 dot product per block of 32
+   fp32 weights  avx2-fma     16 fp32 lanes in two registers, FMAs (batch-invariant fp32 decoding)
+                 scalar       plain C over 16 fp32 lanes, which compilers vectorize
+
+   Sums are fp32; outputs are fp32 (logits) or rounded to bf16, to nearest even, as torch rounds. */
 
 #include <math.h>
-#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
-#if defined(__AVX512BF16__) && defined(__AVX512F__) && defined(__AVX512BW__)
-#include <immintrin.h>
-#define NATIVE_BF16 1
+#ifdef _OPENMP
+#include <omp.h>
 #else
-#define NATIVE_BF16 0
+static int omp_get_thread_num(void) { return 0; }  /* built without OpenMP: one thread does all */
+#endif
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define X86 1
+#else
+#define X86 0
+#endif
+/* The paths the compiler may emit (what it targets: -march=native, less what a wrapper takes away). */
+#if X86 && defined(__AVX512BF16__) && defined(__AVX512F__) && defined(__AVX512BW__)
+#define HAVE_AVX512BF16 1
+#else
+#define HAVE_AVX512BF16 0
+#endif
+#if X86 && defined(__AVX512VNNI__) && defined(__AVX512F__) && defined(__AVX512BW__)
+#define HAVE_AVX512VNNI 1
+#else
+#define HAVE_AVX512VNNI 0
+#endif
+#if X86 && defined(__AVX2__) && defined(__FMA__)
+#define HAVE_AVX2 1
+#else
+#define HAVE_AVX2 0
+#endif
+#if HAVE_AVX2 && defined(__AVXVNNI__)
+#define HAVE_AVXVNNI 1
+#else
+#define HAVE_AVXVNNI 0
 #endif
 
 #ifndef GROUP
@@ -30,6 +72,47 @@
 #ifndef PREFETCH_BYTES
 #define PREFETCH_BYTES 4096  /* ahead in each weight row: ahead of the hardware prefetcher, which stops at pages */
 #endif
+
+/* ---- What the CPU can do (cpuid leaves 1 and 7, Intel SDM vol. 2A; XGETBV for the OS's register state) ---- */
+
+enum { CPU_AVX2 = 1, CPU_FMA = 2, CPU_F16C = 4, CPU_AVXVNNI = 8, CPU_AVX512F = 16, CPU_AVX512BW = 32,
+       CPU_AVX512VNNI = 64, CPU_AVX512BF16 = 128 };
+
+#if X86
+#include <cpuid.h>
+static uint64_t read_xcr0(void) {
+    uint32_t lo, hi;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    return ((uint64_t)hi << 32) | lo;
+}
+#endif
+
+/* The CPU_* features this CPU has and the OS enables, as a bit mask. */
+int gptcore_cpu_features(void) {
+    int features = 0;
+#if X86
+    unsigned a, b, c, d;
+    if (!__get_cpuid(1, &a, &b, &c, &d) || !(c & (1u << 27)) || !(c & (1u << 28))) return 0;  /* OSXSAVE, AVX */
+    uint64_t xcr0 = read_xcr0();
+    if ((xcr0 & 0x6) != 0x6) return 0;  /* the OS saves neither XMM nor YMM state */
+    int avx512_state = (xcr0 & 0xe0) == 0xe0;  /* opmask, ZMM0-15 upper halves, ZMM16-31 */
+    if (c & (1u << 12)) features |= CPU_FMA;
+    if (c & (1u << 29)) features |= CPU_F16C;
+    if (__get_cpuid_count(7, 0, &a, &b, &c, &d)) {
+        if (b & (1u << 5)) features |= CPU_AVX2;
+        if (avx512_state && (b & (1u << 16))) features |= CPU_AVX512F;
+        if (avx512_state && (b & (1u << 30))) features |= CPU_AVX512BW;
+        if (avx512_state && (c & (1u << 11))) features |= CPU_AVX512VNNI;
+        if (a >= 1 && __get_cpuid_count(7, 1, &a, &b, &c, &d)) {
+            if (a & (1u << 4)) features |= CPU_AVXVNNI;
+            if (avx512_state && (a & (1u << 5))) features |= CPU_AVX512BF16;
+        }
+    }
+#endif
+    return features;
+}
+
+/* ---- bf16 ---- */
 
 static inline float bf16_to_float(uint16_t v) {
     uint32_t u = (uint32_t)v << 16;
@@ -46,8 +129,6 @@ static inline uint16_t float_to_bf16(float f) {
     return (uint16_t)(u >> 16);
 }
 
-int gptcore_gemv_native_bf16(void) { return NATIVE_BF16; }
-
 static inline float sum_lanes(const float *acc) {
     float s = 0.0f;
     for (int l = 0; l < LANES; l++) s += acc[l];
@@ -59,30 +140,8 @@ static inline int group_rows(int64_t first, int64_t n_len) {
     return (int)(n_len - first < GROUP ? n_len - first : GROUP);
 }
 
-/* sums[r] = sum_k x[k] w[r*k_len + k] for r < rows (rows <= GROUP), k_len = K. */
-static void dot_bf16(const uint16_t *x, const uint16_t *w, int64_t k_len, int rows, float *sums) {
-#if NATIVE_BF16
-    if (rows == GROUP) {
-        __m512 acc[GROUP];
-        for (int r = 0; r < GROUP; r++) acc[r] = _mm512_setzero_ps();
-        int64_t k = 0;
-        for (; k + 32 <= k_len; k += 32) {
-            __m512bh xv = (__m512bh)_mm512_loadu_si512((const void *)(x + k));
-            for (int r = 0; r < GROUP; r++) {
-                _mm_prefetch((const char *)(w + r * k_len + k) + PREFETCH_BYTES, _MM_HINT_T0);
-                acc[r] = _mm512_dpbf16_ps(acc[r], xv, (__m512bh)_mm512_loadu_si512((const void *)(w + r * k_len + k)));
-            }
-        }
-        if (k < k_len) {  /* the tail, zero-filled past the end */
-            __mmask32 mask = (__mmask32)((1ull << (k_len - k)) - 1);
-            __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(mask, x + k);
-            for (int r = 0; r < GROUP; r++)
-                acc[r] = _mm512_dpbf16_ps(acc[r], xv, (__m512bh)_mm512_maskz_loadu_epi16(mask, w + r * k_len + k));
-        }
-        for (int r = 0; r < GROUP; r++) sums[r] = _mm512_reduce_add_ps(acc[r]);
-        return;
-    }
-#endif
+/* The scalar reference: sums[r] = sum_k x[k] w[r*k_len + k] for r < rows (rows <= GROUP), k_len = K. */
+static void dot_bf16_scalar(const uint16_t *x, const uint16_t *w, int64_t k_len, int rows, float *sums) {
     for (int r = 0; r < rows; r++) {
         const uint16_t *row = w + r * k_len;
         float acc[LANES] = {0};
@@ -93,6 +152,114 @@ static void dot_bf16(const uint16_t *x, const uint16_t *w, int64_t k_len, int ro
         sums[r] = sum_lanes(acc);
     }
 }
+
+/* The vector functions take a full group (GROUP rows); the dispatcher gives shorter groups to the scalar one. */
+typedef void (*dot_bf16_fn)(const uint16_t *x, const uint16_t *w, int64_t k_len, float *sums);
+
+#if HAVE_AVX512BF16
+static void dot_bf16_avx512bf16(const uint16_t *x, const uint16_t *w, int64_t k_len, float *sums) {
+    __m512 acc[GROUP];
+    for (int r = 0; r < GROUP; r++) acc[r] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 32 <= k_len; k += 32) {
+        __m512bh xv = (__m512bh)_mm512_loadu_si512((const void *)(x + k));
+        for (int r = 0; r < GROUP; r++) {
+            _mm_prefetch((const char *)(w + r * k_len + k) + PREFETCH_BYTES, _MM_HINT_T0);
+            acc[r] = _mm512_dpbf16_ps(acc[r], xv, (__m512bh)_mm512_loadu_si512((const void *)(w + r * k_len + k)));
+        }
+    }
+    if (k < k_len) {  /* the tail, zero-filled past the end (masked loads read nothing there) */
+        __mmask32 mask = (__mmask32)((1ull << (k_len - k)) - 1);
+        __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(mask, x + k);
+        for (int r = 0; r < GROUP; r++)
+            acc[r] = _mm512_dpbf16_ps(acc[r], xv, (__m512bh)_mm512_maskz_loadu_epi16(mask, w + r * k_len + k));
+    }
+    for (int r = 0; r < GROUP; r++) sums[r] = _mm512_reduce_add_ps(acc[r]);
+}
+#endif
+
+#if HAVE_AVX2
+static inline float sum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* 16 bf16 values in a 256-bit register are 8 pairs; as fp32, the even ones are the pairs shifted left by
+   16 bits and the odd ones the pairs with their low half cleared. Two integer operations per 16 weights,
+   no shuffle; x is split the same way, once for the group. */
+static void dot_bf16_avx2(const uint16_t *x, const uint16_t *w, int64_t k_len, float *sums) {
+    const __m256i high = _mm256_set1_epi32((int)0xffff0000u);
+    __m256 acc[GROUP];
+    for (int r = 0; r < GROUP; r++) acc[r] = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 32 <= k_len; k += 32) {  /* one 64-byte line of each row per step */
+        __m256i x0 = _mm256_loadu_si256((const __m256i *)(x + k)), x1 = _mm256_loadu_si256((const __m256i *)(x + k + 16));
+        __m256 even0 = _mm256_castsi256_ps(_mm256_slli_epi32(x0, 16)), odd0 = _mm256_castsi256_ps(_mm256_and_si256(x0, high));
+        __m256 even1 = _mm256_castsi256_ps(_mm256_slli_epi32(x1, 16)), odd1 = _mm256_castsi256_ps(_mm256_and_si256(x1, high));
+        for (int r = 0; r < GROUP; r++) {
+            const uint16_t *row = w + r * k_len + k;
+            _mm_prefetch((const char *)row + PREFETCH_BYTES, _MM_HINT_T0);
+            __m256i w0 = _mm256_loadu_si256((const __m256i *)row), w1 = _mm256_loadu_si256((const __m256i *)(row + 16));
+            acc[r] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(w0, 16)), even0, acc[r]);
+            acc[r] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(w0, high)), odd0, acc[r]);
+            acc[r] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(w1, 16)), even1, acc[r]);
+            acc[r] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(w1, high)), odd1, acc[r]);
+        }
+    }
+    for (int r = 0; r < GROUP; r++) {
+        float s = sum8(acc[r]);
+        for (int64_t j = k; j < k_len; j++) s += bf16_to_float(x[j]) * bf16_to_float(w[r * k_len + j]);  /* the tail */
+        sums[r] = s;
+    }
+}
+#endif
+
+/* ---- fp32 (batch-invariant decoding in fp32: torch's GEMM picks other kernels, and other reduction orders,
+   by the number of rows, so a row's sums would depend on the rows beside it). Each path sums a weight row
+   the same way for every row of x, so a row's outputs never depend on the batch. */
+
+/* The scalar reference: each sum over 16 lanes in k order (lane k % 16), then the lanes in order. The lanes
+   are independent, so compilers vectorize it without reordering a sum. */
+static void dot_f32_scalar(const float *x, const float *w, int64_t k_len, int rows, float *sums) {
+    for (int r = 0; r < rows; r++) {
+        const float *row = w + r * k_len;
+        float acc[LANES] = {0};
+        int64_t k = 0;
+        for (; k + LANES <= k_len; k += LANES)
+            for (int j = 0; j < LANES; j++) acc[j] += x[k + j] * row[k + j];
+        for (; k < k_len; k++) acc[k % LANES] += x[k] * row[k];
+        sums[r] = sum_lanes(acc);
+    }
+}
+
+typedef void (*dot_f32_fn)(const float *x, const float *w, int64_t k_len, float *sums);
+
+#if HAVE_AVX2
+/* The scalar reference's 16 lanes as two 8-float registers per weight row, four rows side by side, with
+   FMAs; the tail and the lanes' sum as the reference's. */
+static void dot_f32_avx2(const float *x, const float *w, int64_t k_len, float *sums) {
+    __m256 lo[GROUP], hi[GROUP];
+    for (int r = 0; r < GROUP; r++) lo[r] = _mm256_setzero_ps(), hi[r] = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + LANES <= k_len; k += LANES) {
+        __m256 x0 = _mm256_loadu_ps(x + k), x1 = _mm256_loadu_ps(x + k + 8);
+        for (int r = 0; r < GROUP; r++) {
+            const float *row = w + r * k_len + k;
+            _mm_prefetch((const char *)row + PREFETCH_BYTES, _MM_HINT_T0);
+            lo[r] = _mm256_fmadd_ps(_mm256_loadu_ps(row), x0, lo[r]);
+            hi[r] = _mm256_fmadd_ps(_mm256_loadu_ps(row + 8), x1, hi[r]);
+        }
+    }
+    for (int r = 0; r < GROUP; r++) {
+        float acc[LANES];
+        _mm256_storeu_ps(acc, lo[r]), _mm256_storeu_ps(acc + 8, hi[r]);
+        for (int64_t j = k; j < k_len; j++) acc[j % LANES] += x[j] * w[r * k_len + j];
+        sums[r] = sum_lanes(acc);
+    }
+}
+#endif
 
 /* GPT-2's GELU, tanh approximation (Hendrycks & Gimpel 2016, arXiv:1606.08415), in fp32 as torch's. */
 static inline float gelu_tanh(float v) {
@@ -107,6 +274,185 @@ static inline void store(void *y, int64_t i, float s, int fp32_out, int gelu) {
     else if (gelu) ((uint16_t *)y)[i] = float_to_bf16(gelu_tanh(bf16_to_float(float_to_bf16(s))));
     else ((uint16_t *)y)[i] = float_to_bf16(s);
 }
+
+/* ---- int8: weights q [n_len, k_len] int8 with one scale per row; x quantized to int8 in blocks of 32
+   on the fly, as llama.cpp's q8_0 dot product does (ggml's quantize_row_q8_0: scale = max|x| / 127,
+   xq = round(x / scale), so |xq| <= 127), and the products int8 x int8 summed exactly in int32 per block.
+   The multiply-add instructions take unsigned by signed bytes: the vector paths feed |q| (exact as an
+   unsigned byte even for q = -128) and xq with q's sign, as ggml's AVX2 path does with x and q swapped. */
+
+#ifndef INT8_PREFETCH_BYTES
+#define INT8_PREFETCH_BYTES 4096
+#endif
+#define BLOCK 32
+#define CHUNK 64
+
+typedef struct {
+    int8_t *xq;          /* [chunks * CHUNK], zero past k_len */
+    float *lane_scale;   /* [chunks * LANES]: the scale of the block lane l of chunk c reads (block b: [8 b]) */
+    int32_t *lane_start; /* [chunks * LANES]: -128 x the sum of the four xq lane l of chunk c reads */
+} QuantizedRow;
+
+static inline float block_scale(const QuantizedRow *x, int64_t block) { return x->lane_scale[block * (LANES / 2)]; }
+
+/* The scalar reference: sums[r] = sum over blocks of the block's scale x its int32 dot product. */
+static void dot_int8_scalar(const QuantizedRow *x, const int8_t *q, int64_t k_len, int rows, float *sums) {
+    for (int r = 0; r < rows; r++) {
+        const int8_t *row = q + r * k_len;
+        float acc = 0.0f;
+        for (int64_t start = 0, b = 0; start < k_len; start += BLOCK, b++) {
+            int64_t end = start + BLOCK < k_len ? start + BLOCK : k_len;
+            int32_t dot = 0;
+            for (int64_t k = start; k < end; k++) dot += (int32_t)row[k] * x->xq[k];
+            acc += (float)dot * block_scale(x, b);
+        }
+        sums[r] = acc;
+    }
+}
+
+typedef void (*dot_int8_fn)(const QuantizedRow *x, const int8_t *q, int64_t k_len, float *sums);
+
+#if HAVE_AVX512VNNI
+/* 64 weights at a time: 16 lanes of 4, lanes 0-7 in x's block 2c, 8-15 in 2c+1. VPDPBUSD multiplies
+   unsigned by signed bytes: the weights go in as q + 128 (q XOR 0x80) and each lane starts from
+   -128 x (its four xq), which cancels the offset exactly. */
+static void dot_int8_avx512vnni(const QuantizedRow *x, const int8_t *q, int64_t k_len, float *sums) {
+    __m512 acc[GROUP];
+    for (int r = 0; r < GROUP; r++) acc[r] = _mm512_setzero_ps();
+    const __m512i offset = _mm512_set1_epi8((char)0x80);
+    int64_t chunks = (k_len + CHUNK - 1) / CHUNK;
+    for (int64_t c = 0; c < chunks; c++) {
+        int64_t k = c * CHUNK;
+        __mmask64 mask = k + CHUNK <= k_len ? ~(__mmask64)0 : (__mmask64)((1ull << (k_len - k)) - 1);
+        __m512i xv = _mm512_loadu_si512((const void *)(x->xq + k));
+        __m512i start = _mm512_loadu_si512((const void *)(x->lane_start + c * LANES));
+        __m512 scale = _mm512_loadu_ps(x->lane_scale + c * LANES);
+        for (int r = 0; r < GROUP; r++) {
+            _mm_prefetch((const char *)(q + r * k_len + k) + INT8_PREFETCH_BYTES, _MM_HINT_T0);
+            __m512i w = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask, q + r * k_len + k), offset);
+            __m512i dot = _mm512_dpbusd_epi32(start, w, xv);
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[r]);
+        }
+    }
+    for (int r = 0; r < GROUP; r++) sums[r] = _mm512_reduce_add_ps(acc[r]);
+}
+#endif
+
+#if HAVE_AVX2
+/* The last, partial block of a row (k_len not a multiple of 32), exactly as the scalar reference. */
+static inline float partial_block(const QuantizedRow *x, const int8_t *row, int64_t start, int64_t k_len) {
+    int32_t dot = 0;
+    for (int64_t k = start; k < k_len; k++) dot += (int32_t)row[k] * x->xq[k];
+    return (float)dot * block_scale(x, start / BLOCK);
+}
+
+/* 8 int32 sums of 4 products |q| x (xq with q's sign) each, over 32 bytes. VPMADDUBSW's int16 pair sums
+   stay below 2 x 128 x 127 < 32767: no saturation. */
+static inline __m256i dot32_avx2(__m256i w, __m256i xv) {
+    __m256i pairs = _mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(xv, w));
+    return _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
+}
+
+#if HAVE_AVXVNNI
+static inline __m256i dot32_avxvnni(__m256i w, __m256i xv) {
+    return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), _mm256_abs_epi8(w), _mm256_sign_epi8(xv, w));
+}
+#endif
+
+/* The AVX2 and AVX-VNNI functions: one block of 32 at a time, its int32 sums scaled into fp32 lanes. */
+#define DOT_INT8_256(name, dot32)                                                                          \
+    static void name(const QuantizedRow *x, const int8_t *q, int64_t k_len, float *sums) {                \
+        __m256 acc[GROUP];                                                                                  \
+        for (int r = 0; r < GROUP; r++) acc[r] = _mm256_setzero_ps();                                      \
+        int64_t full = k_len / BLOCK;                                                                       \
+        for (int64_t b = 0; b < full; b++) {                                                                \
+            __m256i xv = _mm256_loadu_si256((const __m256i *)(x->xq + b * BLOCK));                          \
+            __m256 scale = _mm256_set1_ps(block_scale(x, b));                                               \
+            for (int r = 0; r < GROUP; r++) {                                                               \
+                const int8_t *w = q + r * k_len + b * BLOCK;                                                \
+                if (!(b & 1)) _mm_prefetch((const char *)w + INT8_PREFETCH_BYTES, _MM_HINT_T0);            \
+                __m256i dot = dot32(_mm256_loadu_si256((const __m256i *)w), xv);                            \
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, acc[r]);                           \
+            }                                                                                               \
+        }                                                                                                   \
+        for (int r = 0; r < GROUP; r++)                                                                     \
+            sums[r] = sum8(acc[r]) + (full * BLOCK < k_len ? partial_block(x, q + r * k_len, full * BLOCK, k_len) : 0.0f); \
+    }
+
+DOT_INT8_256(dot_int8_avx2, dot32_avx2)
+#if HAVE_AVXVNNI
+DOT_INT8_256(dot_int8_avxvnni, dot32_avxvnni)
+#endif
+#endif
+
+/* ---- The dispatcher ---- */
+
+/* Instruction-set levels, lowest first; gptcore_gemv_select(level) takes the best path at or below it. */
+enum { ISA_SCALAR, ISA_AVX2, ISA_AVXVNNI, ISA_AVX512, ISA_BEST = ISA_AVX512 };
+
+static struct {
+    dot_bf16_fn bf16;
+    dot_int8_fn int8;
+    dot_f32_fn f32;
+    const char *bf16_name, *int8_name, *f32_name;
+} chosen = {NULL, NULL, NULL, "scalar", "scalar", "scalar"};
+
+/* Chooses, for each weight type, the fastest function compiled in whose instructions this CPU has, at
+   instruction-set level max_level or below (ISA_BEST: no limit; lower levels let tests and benchmarks
+   run the other paths). Not to be called while a product runs. Returns the CPU's features (gptcore_cpu_features). */
+int gptcore_gemv_select(int max_level) {
+    int cpu = gptcore_cpu_features();
+    int avx2 = (cpu & CPU_AVX2) && (cpu & CPU_FMA) && max_level >= ISA_AVX2;
+    (void)avx2;
+    chosen.bf16 = NULL, chosen.int8 = NULL, chosen.bf16_name = "scalar", chosen.int8_name = "scalar";
+    chosen.f32 = NULL, chosen.f32_name = "scalar";
+#if HAVE_AVX2
+    if (avx2) chosen.f32 = dot_f32_avx2, chosen.f32_name = "avx2-fma";
+    if (avx2) chosen.bf16 = dot_bf16_avx2, chosen.bf16_name = "avx2-fma";
+    if (avx2) chosen.int8 = dot_int8_avx2, chosen.int8_name = "avx2";
+#endif
+#if HAVE_AVXVNNI
+    if (avx2 && (cpu & CPU_AVXVNNI) && max_level >= ISA_AVXVNNI) chosen.int8 = dot_int8_avxvnni, chosen.int8_name = "avx-vnni";
+#endif
+#if HAVE_AVX512BF16
+    if ((cpu & CPU_AVX512BF16) && (cpu & CPU_AVX512BW) && max_level >= ISA_AVX512)
+        chosen.bf16 = dot_bf16_avx512bf16, chosen.bf16_name = "avx512-bf16";
+#endif
+#if HAVE_AVX512VNNI
+    if ((cpu & CPU_AVX512VNNI) && (cpu & CPU_AVX512BW) && max_level >= ISA_AVX512)
+        chosen.int8 = dot_int8_avx512vnni, chosen.int8_name = "avx512-vnni";
+#endif
+    return cpu;
+}
+
+/* The name of the chosen path for bf16 (type 0), int8 (type 1) or fp32 (type 2) weights. */
+const char *gptcore_gemv_path(int type) { return type == 2 ? chosen.f32_name : type ? chosen.int8_name : chosen.bf16_name; }
+
+/* 1 when built with OpenMP (products split over threads), 0 when one thread does all. */
+int gptcore_gemv_openmp(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+static inline void dot_bf16(const uint16_t *x, const uint16_t *w, int64_t k_len, int rows, float *sums) {
+    if (rows == GROUP && chosen.bf16) chosen.bf16(x, w, k_len, sums);
+    else dot_bf16_scalar(x, w, k_len, rows, sums);
+}
+
+static inline void dot_int8(const QuantizedRow *x, const int8_t *q, int64_t k_len, int rows, float *sums) {
+    if (rows == GROUP && chosen.int8) chosen.int8(x, q, k_len, sums);
+    else dot_int8_scalar(x, q, k_len, rows, sums);
+}
+
+static inline void dot_f32(const float *x, const float *w, int64_t k_len, int rows, float *sums) {
+    if (rows == GROUP && chosen.f32) chosen.f32(x, w, k_len, sums);
+    else dot_f32_scalar(x, w, k_len, rows, sums);
+}
+
+/* ---- The products ---- */
 
 /* y[b, n] = sum_k x[b, k] w[n, k] + bias[n]: x bf16 [batch, k_len], w bf16 [n_len, k_len], bias bf16
    [n_len] or NULL, y [batch, n_len] fp32 if fp32_out else bf16; all contiguous. A worksharing loop:
@@ -136,46 +482,43 @@ void gptcore_gemv_bf16(const uint16_t *x, const uint16_t *w, const uint16_t *bia
     product_bf16(x, w, bias, y, batch, n_len, k_len, fp32_out, 0);
 }
 
-/* int8: weights q [n_len, k_len] int8 with one scale per row; x quantized to int8 in blocks of 32 on
-   the fly, as llama.cpp's q8_0 dot product does (ggml's quantize_row_q8_0: scale = max|x| / 127,
-   xq = round(x / scale)), so that the products are int8 x int8 summed exactly in int32, four at a time
-   by AVX512-VNNI's VPDPBUSD where the CPU has it. VPDPBUSD multiplies unsigned by signed bytes: the
-   weights go in as q + 128 (q XOR 0x80) and each lane starts from -128 x (its four xq), which cancels
-   the offset exactly. A chunk is 64 weights: 16 lanes of 4, lanes 0-7 in x's block 2c, 8-15 in 2c+1. */
-
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512F__)
-#include <immintrin.h>
-#define NATIVE_VNNI 1
-#else
-#define NATIVE_VNNI 0
-#endif
-
-#ifndef INT8_PREFETCH_BYTES
-#define INT8_PREFETCH_BYTES 4096
-#endif
-#define BLOCK 32
-#define CHUNK 64
-
-int gptcore_gemv_native_vnni(void) { return NATIVE_VNNI; }
-
-typedef struct {
-    int8_t *xq;          /* [chunks * CHUNK], zero past k_len */
-    float *lane_scale;   /* [chunks * LANES]: the scale of the block lane l of chunk c reads */
-    int32_t *lane_start; /* [chunks * LANES]: -128 x the sum of the four xq lane l of chunk c reads */
-} QuantizedRow;
+/* fp32: y[b, n] = sum_k x[b, k] w[n, k] + bias[n], all fp32 and contiguous (x [batch, k_len], w [n_len,
+   k_len], bias [n_len] or NULL). A weight group's rows stay in cache for every row of x, and which dot
+   function a group takes depends on the group only, never on the batch. */
+void gptcore_gemv_f32(const float *x, const float *w, const float *bias, float *y, int64_t batch, int64_t n_len,
+                      int64_t k_len, int threads) {
+    int64_t groups = (n_len + GROUP - 1) / GROUP;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t g = 0; g < groups; g++) {
+        int64_t first = g * GROUP;
+        int rows = group_rows(first, n_len);
+        for (int64_t b = 0; b < batch; b++) {
+            float sums[GROUP];
+            dot_f32(x + b * k_len, w + first * k_len, k_len, rows, sums);
+            for (int r = 0; r < rows; r++) y[b * n_len + first + r] = sums[r] + (bias ? bias[first + r] : 0.0f);
+        }
+    }
+}
 
 static inline float x_at(const void *x, int x_fp32, int64_t k) {
     return x_fp32 ? ((const float *)x)[k] : bf16_to_float(((const uint16_t *)x)[k]);
 }
 
+/* A block holding NaN or an infinity gets a NaN scale and zero xq: its products are NaN, as the
+   unquantized product's would be, instead of the undefined conversion of NaN to int8 (which gave 0). */
 static void quantize_row(const void *x, int x_fp32, int64_t k_len, int64_t chunks, QuantizedRow *out) {
     memset(out->xq, 0, (size_t)(chunks * CHUNK));
     memset(out->lane_scale, 0, (size_t)(chunks * LANES) * sizeof(float));  /* blocks past the end: 0 */
     for (int64_t start = 0; start < k_len; start += BLOCK) {
         int64_t end = start + BLOCK < k_len ? start + BLOCK : k_len;
         float amax = 0.0f;
-        for (int64_t k = start; k < end; k++) amax = fabsf(x_at(x, x_fp32, k)) > amax ? fabsf(x_at(x, x_fp32, k)) : amax;
-        float scale = amax / 127.0f, inverse = amax > 0.0f ? 127.0f / amax : 0.0f;
+        int finite = 1;
+        for (int64_t k = start; k < end; k++) {
+            float v = x_at(x, x_fp32, k);
+            finite &= isfinite(v) != 0;
+            amax = fabsf(v) > amax ? fabsf(v) : amax;
+        }
+        float scale = finite ? amax / 127.0f : NAN, inverse = finite && amax > 0.0f ? 127.0f / amax : 0.0f;
         for (int64_t k = start; k < end; k++) out->xq[k] = (int8_t)roundf(x_at(x, x_fp32, k) * inverse);
         int64_t c = start / CHUNK, half = (start % CHUNK) / BLOCK;
         for (int l = 0; l < LANES / 2; l++) out->lane_scale[c * LANES + half * (LANES / 2) + l] = scale;
@@ -185,46 +528,6 @@ static void quantize_row(const void *x, int x_fp32, int64_t k_len, int64_t chunk
             const int8_t *four = out->xq + c * CHUNK + 4 * l;
             out->lane_start[c * LANES + l] = -128 * (four[0] + four[1] + four[2] + four[3]);
         }
-    }
-}
-
-/* sums[r] = sum over chunks and lanes of lane_scale x (the lane's int32 dot product), for rows r. */
-static void dot_int8(const QuantizedRow *x, const int8_t *q, int64_t k_len, int64_t chunks, int rows, float *sums) {
-#if NATIVE_VNNI
-    if (rows == GROUP) {
-        __m512 acc[GROUP];
-        for (int r = 0; r < GROUP; r++) acc[r] = _mm512_setzero_ps();
-        const __m512i offset = _mm512_set1_epi8((char)0x80);
-        for (int64_t c = 0; c < chunks; c++) {
-            int64_t k = c * CHUNK;
-            __mmask64 mask = k + CHUNK <= k_len ? ~(__mmask64)0 : (__mmask64)((1ull << (k_len - k)) - 1);
-            __m512i xv = _mm512_loadu_si512((const void *)(x->xq + k));
-            __m512i start = _mm512_loadu_si512((const void *)(x->lane_start + c * LANES));
-            __m512 scale = _mm512_loadu_ps(x->lane_scale + c * LANES);
-            for (int r = 0; r < GROUP; r++) {
-                _mm_prefetch((const char *)(q + r * k_len + k) + INT8_PREFETCH_BYTES, _MM_HINT_T0);
-                __m512i w = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask, q + r * k_len + k), offset);
-                __m512i dot = _mm512_dpbusd_epi32(start, w, xv);
-                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[r]);
-            }
-        }
-        for (int r = 0; r < GROUP; r++) sums[r] = _mm512_reduce_add_ps(acc[r]);
-        return;
-    }
-#endif
-    for (int r = 0; r < rows; r++) {
-        const int8_t *row = q + r * k_len;
-        float acc[LANES] = {0};
-        for (int64_t c = 0; c < chunks; c++)
-            for (int l = 0; l < LANES; l++) {
-                int32_t dot = 0;
-                for (int j = 0; j < 4; j++) {
-                    int64_t k = c * CHUNK + 4 * l + j;
-                    if (k < k_len) dot += (int32_t)row[k] * x->xq[k];
-                }
-                acc[l] += (float)dot * x->lane_scale[c * LANES + l];
-            }
-        sums[r] = sum_lanes(acc);
     }
 }
 
@@ -259,7 +562,6 @@ static void quantize_rows(const void *x, int x_fp32, int64_t batch, int64_t k_le
    a worksharing loop as product_bf16's. */
 static void product_int8(char *buffer, const int8_t *q, const uint16_t *scale, const uint16_t *bias, void *y,
                          int64_t batch, int64_t n_len, int64_t k_len, int fp32_out, int gelu) {
-    int64_t chunks = chunk_count(k_len);
     int64_t groups = (n_len + GROUP - 1) / GROUP;
 #pragma omp for schedule(static)
     for (int64_t g = 0; g < groups; g++) {
@@ -268,7 +570,7 @@ static void product_int8(char *buffer, const int8_t *q, const uint16_t *scale, c
         for (int64_t b = 0; b < batch; b++) {
             QuantizedRow row = quantized_row_at(buffer, k_len, b);
             float sums[GROUP];
-            dot_int8(&row, q + first * k_len, k_len, chunks, rows, sums);
+            dot_int8(&row, q + first * k_len, k_len, rows, sums);
             for (int r = 0; r < rows; r++) {
                 float s = sums[r] * bf16_to_float(scale[first + r]) + (bias ? bf16_to_float(bias[first + r]) : 0.0f);
                 store(y, b * n_len + first + r, s, fp32_out, gelu);
@@ -332,11 +634,12 @@ static void layer_norm_row(const uint16_t *x, const uint16_t *weight, const uint
 }
 
 /* One head's attention for one query: softmax(q k_j / sqrt(hd)) over keys j < length, times the
-   values, in fp32, rounded to bf16. q [hd]; keys, values [length, hd] rows of the cache; scores
-   [length] scratch; out [hd]. (Vaswani et al. 2017, arXiv:1706.03762, eq. 1.) */
+   values, in fp32, rounded to bf16. q [hd]; keys, values [length, hd] rows of the cache; scratch
+   [2 hd + length] floats of the calling thread's own (on the heap: head sizes are the model's, and
+   OpenMP workers' stacks are small); out [hd]. (Vaswani et al. 2017, arXiv:1706.03762, eq. 1.) */
 static void attend(const uint16_t *q, const uint16_t *keys, const uint16_t *values, int64_t length, int64_t hd,
-                   float *scores, uint16_t *out) {
-    float query[hd], acc[hd];
+                   float *scratch, uint16_t *out) {
+    float *query = scratch, *acc = scratch + hd, *scores = scratch + 2 * hd;
     float scale = 1.0f / sqrtf((float)hd), top = -INFINITY;
     for (int64_t d = 0; d < hd; d++) query[d] = bf16_to_float(q[d]) * scale;
     for (int64_t j = 0; j < length; j++) {
@@ -390,7 +693,7 @@ int gptcore_block_decode(const void *const *params, int int8, const uint16_t *x,
     int64_t hd = emb / heads, length = position + 1, hidden = 4 * emb;
     size_t row_bytes = aligned((size_t)batch * (size_t)emb * sizeof(uint16_t));
     size_t quantized = int8 ? (size_t)batch * quantized_bytes(hidden) : 0;
-    size_t score_bytes = (size_t)(threads > 0 ? threads : 1) * (size_t)length * sizeof(float);
+    size_t scratch_floats = (size_t)(2 * hd + length), score_bytes = (size_t)(threads > 0 ? threads : 1) * scratch_floats * sizeof(float);
     /* normed, attended, residual, scratch: [batch, emb]; qkv [batch, 3 emb]; fc [batch, 4 emb]; each
        start 64-byte aligned. */
     char *buffer = malloc(11 * row_bytes + aligned(quantized) + score_bytes);
@@ -402,7 +705,7 @@ int gptcore_block_decode(const void *const *params, int int8, const uint16_t *x,
     float *scores = (float *)(x_q + aligned(quantized));
 #pragma omp parallel num_threads(threads)
     {
-        float *my_scores = scores + (size_t)omp_get_thread_num() * (size_t)length;
+        float *my_scratch = scores + (size_t)omp_get_thread_num() * scratch_floats;
 #pragma omp single
         {
             for (int64_t b = 0; b < batch; b++)
@@ -419,7 +722,7 @@ int gptcore_block_decode(const void *const *params, int int8, const uint16_t *x,
             memcpy(v_cache + position * hd, row + 2 * emb + h * hd, (size_t)hd * sizeof(uint16_t));
             /* Left padding: the row's first pad[b] positions are no keys (the query itself always is). */
             int64_t first = pad ? (pad[b] < 0 ? 0 : pad[b] > position ? position : pad[b]) : 0;
-            attend(row + h * hd, k_cache + first * hd, v_cache + first * hd, length - first, hd, my_scores,
+            attend(row + h * hd, k_cache + first * hd, v_cache + first * hd, length - first, hd, my_scratch,
                    attended + b * emb + h * hd);
         }
         if (int8) {  /* every thread takes the same branch; bf16 skips the barrier */

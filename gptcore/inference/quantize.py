@@ -7,7 +7,8 @@ arXiv:2208.07339, section 3.1):
 
     scale[n] = max_k |W[n, k]| / 127,   q[n, k] = round(W[n, k] / scale[n])  in [-127, 127]
 
-Up to gemv.MAX_ROWS[int8] rows (decoding, prompts) the product is gptcore.inference.gemv's kernel, which
+Up to gemv.MAX_ROWS[int8] rows (decoding, prompts), wherever gptcore.inference.kernels has a vector int8
+path (AVX512-VNNI, AVX-VNNI, AVX2), the product is gptcore.inference.gemv's kernel, which
 quantizes the activations too, in blocks of 32 as llama.cpp's q8_0 does, and sums the int8 products
 exactly: it runs at memory speed where float dequantization did not (measured 2026-12-01: 144 block
 products of GPT-2 large in 44-60 ms; torch's weight-only `_weight_int8pack_mm` with bf16 activations
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gptcore.errors import ConfigError
-from gptcore.inference import gemv
+from gptcore.inference import gemv, kernels
 from gptcore.model import GPTModel
 from gptcore.params.choices import QUANTIZE
 
@@ -52,7 +53,7 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out_dtype = self.out_dtype or x.dtype
         y = gemv.layer_product(self, x)  # decoding, prompts
-        if y is None and 0 < gemv.rows(x) <= gemv.MAX_ROWS[torch.int8] and gemv.load_kernels() is not None:
+        if y is None and 0 < gemv.rows(x) <= gemv.MAX_ROWS[torch.int8] and kernels.fast_int8():
             kernel_dtype = torch.float32 if out_dtype == torch.float32 else torch.bfloat16
             y = gemv.gemv_int8(x, self.weight, self.scales, self.bias, kernel_dtype)  # a non-contiguous x
         if y is not None:

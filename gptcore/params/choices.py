@@ -11,6 +11,11 @@ from typing import Literal
 Precision = Literal["auto", "fp32", "bf16-mixed", "bf16-true", "fp16-mixed"]
 PRECISIONS: tuple[str, ...] = typing.get_args(Precision)
 
+# The `strategy` values (Lightning's word): how the processes of a torchrun launch share the training
+# (gptcore/training/sharding.py). auto: DistributedDataParallel under torchrun, nothing on one process.
+Strategy = Literal["auto", "ddp", "fsdp"]
+STRATEGIES: tuple[str, ...] = typing.get_args(Strategy)
+
 Quantize = Literal[
     "none", "int8"
 ]  # decoding weights: as they are, or int8 as llama.cpp's q8_0 (gptcore/inference/quantize.py)

@@ -1,4 +1,4 @@
-"""pydantic's validation report as one line naming the key path, in words a params.yaml editor acts on."""
+"""pydantic's validation report as lines naming each key path, in words a params.yaml editor acts on."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ValidationError
 
-from gptcore.errors import ConfigError
+from gptcore.errors import ConfigError, ConfigProblems
 
 # What a value of each kind must be, in words, by pydantic error type.
 _EXPECTED = {
@@ -112,10 +112,10 @@ def _is_number(text: str) -> bool:
     return True
 
 
-def one_line_error(err: ValidationError, model: Any, where: str) -> ConfigError:
-    """A ConfigError for the first problem pydantic found (and how many more there are)."""
-    errors = err.errors(include_url=False)
-    line = f"{where}: {describe_error(errors[0], model)}"
-    if len(errors) > 1:
-        line += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
-    return ConfigError(" ".join(line.split()))
+def validation_error(err: ValidationError, model: Any, where: str) -> ConfigError:
+    """A ConfigError naming every problem pydantic found: one line when there is one, else a count
+    followed by one indented line per problem, each with its key path (fix them all in one go)."""
+    problems = [" ".join(describe_error(error, model).split()) for error in err.errors(include_url=False)]
+    if len(problems) == 1:
+        return ConfigError(f"{where}: {problems[0]}")
+    return ConfigProblems(where, problems)

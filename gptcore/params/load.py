@@ -34,8 +34,8 @@ def load_params(path: str | os.PathLike = "params.yaml") -> Params:
     """Read and validate the whole params file; every stage calls this first, whatever section it uses.
 
     Raises:
-        ConfigError: one line `<path>: <key path>: <problem>` for the first problem anywhere in the file
-            (an unknown key or section, a wrong type, a value out of range, openai_models not matching
-            foundation), so a bad value in any section stops every stage at once.
+        ConfigError: `<path>: <key path>: <problem>` for every problem anywhere in the file (an unknown
+            key or section, a wrong type, a value out of range, a rule across keys), one line each, so a
+            bad value in any section stops every stage at once and all of them are fixed in one go.
     """
     return Params.from_dict(read_params(path), where=str(path))

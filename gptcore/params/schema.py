@@ -17,7 +17,9 @@ from pydantic import AfterValidator, BeforeValidator, Field, model_validator
 
 from gptcore.config import GPTConfig
 from gptcore.errors import ConfigError
-from gptcore.params.choices import PRECISIONS, RENAMED_PRECISIONS, Precision, Quantize, is_device_name
+from gptcore.params.choices import PRECISIONS, RENAMED_PRECISIONS, Precision, Quantize, Strategy, is_device_name
+from gptcore.params.lora import LoraParams
+from gptcore.params.sampler import SamplerFields
 from gptcore.params.section import (
     BatchSize,
     DownloadParams,
@@ -27,8 +29,6 @@ from gptcore.params.section import (
     Fraction,
     Init,
     LearningRate,
-    LoraParams,
-    LoraTarget,
     LrSchedule,
     Section,
     TrainConfig,
@@ -46,8 +46,6 @@ __all__ = [  # the building blocks, re-exported: `from gptcore.params.schema imp
     "Fraction",
     "Init",
     "LearningRate",
-    "LoraParams",
-    "LoraTarget",
     "LrSchedule",
     "Section",
     "TrainConfig",
@@ -60,6 +58,13 @@ __all__ = [  # the building blocks, re-exported: `from gptcore.params.schema imp
 def _device_name(value: str) -> str:
     if not is_device_name(value):
         raise ValueError(f"expected auto, cpu, cuda, cuda:N or mps, got {value!r}")
+    return value
+
+
+def _launcher(value: str) -> str:
+    words = value.split()
+    if not words or words[0] not in ("python", "python3", "torchrun") or "\n" in value:
+        raise ValueError(f"expected python or torchrun [options] (one line), got {value!r}")
     return value
 
 
@@ -193,6 +198,11 @@ class RunConfig(Section):
     precision: Annotated[Precision, BeforeValidator(_renamed_precision)] = Field(
         "auto", description="what each value means for training and inference: gptcore/precision.py"
     )
+    strategy: Strategy = Field(
+        "auto",
+        description="how torchrun's processes share training: auto (DDP under torchrun), ddp, fsdp (FSDP2 "
+        "sharding of weights, gradients and AdamW state; gptcore/training/sharding.py)",
+    )
 
 
 class JudgeParams(Section):
@@ -244,8 +254,8 @@ class InstructionsParams(TrainConfig):
     lora: LoraParams = Field(default_factory=LoraParams, description="the adapters of method: lora")
 
 
-class GenerateParams(Section):
-    """params.yaml `generate:` — responses to the test instructions (greedy by default, as the book)."""
+class GenerateParams(Section, SamplerFields):
+    """params.yaml `generate:` — responses to the test instructions (greedy by default; sampler: params.sampler)."""
 
     max_new_tokens: int = Field(256, ge=1, description="tokens generated at most per response")
     temperature: float = Field(0.0, ge=0, description="0: greedy (argmax)")
@@ -342,6 +352,11 @@ class Params(RunConfig):
     defined in this module (so that validating params stays torch-free and in every stage's closure).
     """
 
+    launcher: Annotated[str, AfterValidator(_launcher)] = Field(
+        "python",
+        description="the command dvc.yaml runs the training stages with: python, or torchrun and its options "
+        "(torchrun --standalone --nproc-per-node N); read by DVC, not by the stages",
+    )
     foundation: Foundation = Field(
         "gpt2-large",
         description="the weights the finetuning stages start from: an OpenAI GPT-2, pretrained (Stage 1) or scratch",
@@ -375,5 +390,5 @@ class Params(RunConfig):
 
     @property
     def run(self) -> RunConfig:
-        """The top-level keys every stage shares (seed, device, precision)."""
-        return RunConfig(seed=self.seed, device=self.device, precision=self.precision)
+        """The top-level keys every stage shares (seed, device, precision, strategy)."""
+        return RunConfig(seed=self.seed, device=self.device, precision=self.precision, strategy=self.strategy)

@@ -1,6 +1,6 @@
 """The building blocks of params.yaml's sections: `Section` (strict, one-line errors), the knobs that
-every training stage shares (`TrainConfig`), a download's (`DownloadParams`), a `lora:` section
-(`LoraParams`) and the annotated field types. `gptcore.params.schema` assembles the sections into
+every training stage shares (`TrainConfig`), a download's (`DownloadParams`) and the annotated field
+types (a `lora:` section is gptcore/params/lora.py's `LoraParams`). `gptcore.params.schema` assembles the sections into
 `Params` and re-exports these names. Pure Python, like the schema: no torch.
 """
 
@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from gptcore.params.errors import one_line_error
+from gptcore.params.errors import validation_error
 
 
 def _http_address(value: str) -> str:
@@ -54,12 +54,13 @@ class Section(BaseModel):
         """Validate a mapping into this section.
 
         Raises:
-            ConfigError: one line `where: key.path: problem` (the first problem found).
+            ConfigError: `where: key.path: problem`, one line per problem when there are several
+                (ConfigProblems), so all of them are fixed in one go.
         """
         try:
             return cls.model_validate(dict(data or {}))
         except ValidationError as err:
-            raise one_line_error(err, cls, where or cls.__name__) from None
+            raise validation_error(err, cls, where or cls.__name__) from None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values (the nested GPTConfig as a mapping): what progress fingerprints and metrics record."""
@@ -129,27 +130,3 @@ class TrainConfig(Section):
             "step_in_backward": self.step_in_backward,
             "recast_weights": self.recast_weights,
         }
-
-
-LoraTarget = Literal["qkv", "out_proj", "fc", "proj", "out_head"]
-
-
-class LoraParams(Section):
-    """A `lora:` section: low-rank adapters W x + (alpha / rank) B A x on the frozen foundation's Linear
-    layers (gptcore/training/lora.py; Hu et al. 2021, the book's appendix E)."""
-
-    rank: int = Field(16, ge=1, description="r, the inner dimension of B A")
-    alpha: float = Field(16.0, gt=0, description="the update is scaled by alpha / rank")
-    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapters' input (0: none)")
-    targets: list[LoraTarget] = Field(
-        default_factory=lambda: ["qkv", "out_proj", "fc", "proj"],
-        min_length=1,
-        description="the Linear layers adapted in every block (qkv, out_proj, fc, proj), and out_head for an "
-        "untied language-model head (GPT-2's is tied to the token embedding; a classifier's new head trains whole)",
-    )
-
-    @model_validator(mode="after")
-    def _once_each(self):
-        if len(set(self.targets)) != len(self.targets):
-            raise ValueError("targets: list each layer at most once")
-        return self

@@ -17,7 +17,7 @@ from torch import nn
 
 from gptcore.device import forked_rng
 from gptcore.download import sha256_of
-from gptcore.params.schema import LoraParams
+from gptcore.params.lora import LoraParams
 from gptcore.training.adapter_file import apply_adapter, read_adapter, save_adapter
 from gptcore.training.lora import LoRAConfig, adapter_state_dict, apply_lora, mark_only_lora_as_trainable, merge_lora
 from gptcore.training.mixed_linear import cast_frozen_linears
@@ -49,7 +49,7 @@ def add_lora(
     with forked_rng(device, seed):
         apply_lora(model, config)
     trainable = mark_only_lora_as_trainable(model, also)
-    cast_frozen_linears(model.trf_blocks, precision)  # the fp32 tensors it returns are dropped: memory freed
+    cast_frozen_linears(model.trf_blocks, precision, keep=False)
     return trainable
 
 
@@ -68,11 +68,13 @@ def write_adapter(
 
 def write_merged_lm(base_path: str | os.PathLike, adapter_path: str | os.PathLike, out_path: str | os.PathLike) -> None:
     """A language model's base weights file with the adapter merged in (fp32 arithmetic on the file's
-    weights), written as one weights file: what `gptcore merge` writes for it.
+    weights), written as one weights file with the adapter's extra metadata (e.g. the prompt format of an
+    instruction model): what `gptcore merge` writes for it.
 
     Raises:
         WeightsError: the adapter was trained on another base, or does not fit it (one line).
     """
     model = load_model(base_path)
-    apply_adapter(model, read_adapter(adapter_path), sha256_of(base_path))
-    save_model(merge_lora(model), out_path)
+    adapter = read_adapter(adapter_path)
+    apply_adapter(model, adapter, sha256_of(base_path))
+    save_model(merge_lora(model), out_path, extra=adapter.extra or None)

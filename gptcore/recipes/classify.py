@@ -165,7 +165,7 @@ def finetune_classifier(
         trainable = add_lora(model, lora, device, run.seed, precision, also=CLASSIFIER_HEAD)
     data = _classifier_data(frames, tokenizer, splits, params, run.seed, model.config.context_length)
     info = ClassifierInfo(max_length=data.train_set.max_length, token_position=params.token_position)
-    job = _Finetuning(model, trainable, data, params, device, precision, run.seed)
+    job = _Finetuning(model, trainable, data, params, device, precision, run.seed, run.strategy)
 
     optimizer = make_optimizer(trainable, params, device)
     inputs = [foundation] + [splits[name] for name in frames]
@@ -223,6 +223,7 @@ class _Finetuning:
     device: torch.device
     precision: str
     seed: int
+    strategy: str = "auto"
 
 
 def _with_examples(rows: list[dict], batch_size: int) -> list[dict]:
@@ -255,6 +256,7 @@ def _train_classifier(
             epochs=params.epochs,
             eval_every=params.eval_every,
             seed=job.seed,
+            strategy=job.strategy,
             show_progress=show_progress,
             desc="finetune_classifier",
             **params.loop_options(),

@@ -19,7 +19,8 @@ from gptcore.data.instructions import build_instruction_loaders, read_instructio
 from gptcore.device import forked_rng, resolve_device
 from gptcore.download import sha256_of
 from gptcore.errors import WeightsError
-from gptcore.inference.decoding import cast_for_inference, generate_batch, make_generator
+from gptcore.inference.decoding import cast_for_inference, generate_batch, make_generator, resolve_decoding_precision
+from gptcore.inference.sampling import SamplingOptions
 from gptcore.model import GPTModel
 from gptcore.params.schema import GenerateParams, InstructionsParams, RunConfig
 from gptcore.precision import autocast, resolve_precision, weights_dtype
@@ -99,6 +100,7 @@ def finetune_instructions(
         epochs=params.epochs,
         eval_every=params.eval_every,
         seed=run.seed,
+        strategy=run.strategy,
         show_progress=show_progress,
         desc="finetune_instructions",
         **params.loop_options(),
@@ -219,10 +221,10 @@ def generate_responses(
     Prompts are batched in order of length (less padding); the result keeps the file's order. With
     `log_path`, finished batches are recorded there and a rerun generates only the missing ones
     (the same tokens as an uninterrupted run: each batch samples from a generator seeded with
-    `params.seed` + its number). `run.precision` is resolved for inference (gptcore.precision).
+    `params.seed` + its number). `run.precision` is resolved for decoding (gptcore.inference.decoding).
     """
     device = resolve_device(run.device)
-    precision = resolve_precision(run.precision, device, "inference")
+    precision, _ = resolve_decoding_precision(run.precision, device)
     entries = read_instructions(test_path)
     model = cast_for_inference(load_language_model(model_path, device), precision, params.quantize)  # the bench's path
     tokenizer = get_tokenizer()
@@ -232,7 +234,12 @@ def generate_responses(
     for record in records:
         responses.update(zip(record["indices"], record["responses"]))
     bar = tqdm(
-        total=len(entries), initial=len(responses), desc="generate_responses", unit="entry", disable=not show_progress
+        total=len(entries),
+        initial=len(responses),
+        desc="generate_responses",
+        unit="entry",
+        smoothing=0,  # the ETA from the average batch so far (as the training loop's)
+        disable=not show_progress,
     )
     with bar:
         for number, batch in enumerate(_batch_schedule(prompts, params.batch_size)):
@@ -296,10 +303,9 @@ def _answer_batch(
             model,
             [prompts[i] for i in batch],
             params.max_new_tokens,
-            params.temperature,
-            params.top_k,
             eos_id=EOT_ID,
             generator=generator,
+            sampling=sampling_options(params),
         )
     return {
         "indices": batch,
@@ -307,6 +313,13 @@ def _answer_batch(
         "tokens": [len(ids) for ids in new_ids],
         "seconds": time.perf_counter() - began,
     }
+
+
+def sampling_options(params: GenerateParams) -> SamplingOptions:
+    """params.yaml `generate:` as the sampler's options (the seed is the batch's generator's)."""
+    names = ("temperature", "top_k", "top_p", "min_p", "typical_p", "repeat_penalty", "repeat_last_n")
+    names += ("presence_penalty", "frequency_penalty")
+    return SamplingOptions(**{name: getattr(params, name) for name in names})
 
 
 def _generation_metrics(

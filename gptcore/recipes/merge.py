@@ -13,10 +13,11 @@ import torch
 
 from gptcore.download import sha256_of
 from gptcore.model import GPTModel
+from gptcore.recipes.adapters import write_merged_lm
 from gptcore.recipes.classifier import METADATA_KEY, ClassifierInfo, build_classifier, parse_info, save_classifier
 from gptcore.training.adapter_file import apply_adapter, read_adapter
 from gptcore.training.lora import merge_lora
-from gptcore.weights import load_model, load_state, save_model
+from gptcore.weights import load_model, load_state
 
 
 def load_with_adapter(
@@ -46,14 +47,15 @@ def load_with_adapter(
 
 
 def merge_adapter(base_path: str | os.PathLike, adapter_path: str | os.PathLike, out_path: str | os.PathLike) -> str:
-    """`gptcore merge`: write base + adapter as one weights file (a classifier's with its ClassifierInfo).
+    """`gptcore merge`: write base + adapter as one weights file (a classifier's with its ClassifierInfo, a
+    language model's with the adapter's metadata: gptcore.recipes.adapters.write_merged_lm).
 
     Returns:
         "classifier" or "language model": what was written.
     """
+    if METADATA_KEY not in read_adapter(adapter_path).extra:
+        write_merged_lm(base_path, adapter_path, out_path)
+        return "language model"
     model, info = load_with_adapter(base_path, adapter_path)
-    if info is not None:
-        save_classifier(model, info, out_path)
-        return "classifier"
-    save_model(model, out_path)
-    return "language model"
+    save_classifier(model, info, out_path)
+    return "classifier"

@@ -81,6 +81,7 @@ def pretrain(
             epochs=params.epochs,
             eval_every=params.eval_every,
             seed=run.seed,
+            strategy=run.strategy,
             show_progress=show_progress,
             desc="pretrain",
             **params.loop_options(),

@@ -27,6 +27,7 @@ MAX_BODY = 1 << 20  # bytes of a request body; a prompt is text, 1 MiB is ~250k 
 MAX_CONNECTIONS = 64  # concurrent connections before uvicorn answers 503
 MAX_BATCH = 16  # requests decoded together; more wait in the queue
 ORIGINS_ENV = "OLLAMA_ORIGINS"
+KEEP_ALIVE_ENV = "OLLAMA_KEEP_ALIVE"
 
 logger = logging.getLogger(__name__)
 
@@ -44,12 +45,15 @@ class Limits:
 
 @dataclass(frozen=True)
 class LoadOptions:
-    """How the served model is loaded: the precision it decodes in, int8 weights (`quantize`), and a LoRA
-    adapter file applied to the weights file at load time (merged in memory; nothing is written)."""
+    """How the served model is loaded: the precision it decodes in, int8 weights (`quantize`), a LoRA
+    adapter file applied to the weights file at load time (merged in memory; nothing is written), and
+    how long it stays loaded once idle when a request does not say (`keep_alive`, Ollama's duration:
+    "5m", seconds, negative = forever; None: $OLLAMA_KEEP_ALIVE, else 5 minutes, as Ollama)."""
 
     precision: str = "fp32"
     quantize: str = "none"
     adapter: str | os.PathLike | None = None
+    keep_alive: str | float | None = None
 
 
 class Server:
@@ -96,13 +100,14 @@ class Server:
 
     def _load_engine(self, path: Path, load: LoadOptions, max_batch: int) -> Engine:
         """The engine, its model loaded on self.device (a classifier is refused)."""
-        from gptcore.inference.decoding import cast_for_inference
-        from gptcore.precision import autocast, resolve_precision
+        from gptcore.inference import kernels
+        from gptcore.inference.decoding import cast_for_inference, resolve_decoding_precision
+        from gptcore.precision import autocast
         from gptcore.serve.engine import Engine
         from gptcore.tokenizer import get_tokenizer
         from gptcore.weights import load_model
 
-        resolved = resolve_precision(load.precision, self.device, "inference")
+        resolved, reason = resolve_decoding_precision(load.precision, self.device)
 
         def load_for_serving():
             """The model as served: loaded (the adapter merged in), checked to be a language model, cast for inference."""
@@ -119,9 +124,15 @@ class Server:
             return cast_for_inference(model, resolved, load.quantize)
 
         engine = Engine(
-            load_for_serving, get_tokenizer(), max_batch=max_batch, compute=lambda: autocast(self.device, resolved)
+            load_for_serving,
+            get_tokenizer(),
+            max_batch=max_batch,
+            compute=lambda: autocast(self.device, resolved),
+            keep_alive=default_keep_alive(load.keep_alive),
         )
-        engine.ensure_loaded()
+        engine.ensure_loaded()  # a classifier is refused before anything is logged
+        logger.info("gptcore serve: precision %s (%s); decoding kernels: %s", resolved, reason, kernels.describe())
+        engine.touch(None)
         return engine
 
     def _describe(
@@ -186,6 +197,20 @@ class Server:
         self.uvicorn.should_exit = True
         if self._thread is not None:
             self._thread.join(timeout=30)
+
+
+def default_keep_alive(value: str | float | None) -> float:
+    """The server's keep_alive in seconds (inf: forever): value, else $OLLAMA_KEEP_ALIVE, else 5 minutes;
+    GptcoreError for a value that is not a duration."""
+    from gptcore.serve.options import parse_keep_alive
+    from gptcore.serve.protocol import RequestError
+
+    if value is None:
+        value = os.environ.get(KEEP_ALIVE_ENV) or "5m"
+    try:
+        return parse_keep_alive(value)
+    except RequestError as err:
+        raise GptcoreError(f"keep-alive: {err.message.removeprefix('invalid keep_alive: ')}") from None
 
 
 def _listen(host: str, port: int) -> socket.socket:

@@ -1,11 +1,12 @@
 """The text side of serving, apart from HTTP: prompt templates for chat and generate, and the detokenizer
 that turns token ids into text pieces with stop strings.
 
-Chat: messages are rendered with the Alpaca template the instruction stage trains on (gptcore.prompt):
-system messages, joined, replace Alpaca's preamble; each user message becomes "### Instruction:", a tool
-message an "### Input:" (what the tool returned, as the input of the instruction), each assistant message
-a "### Response:" to the one before; a conversation that ends with a user or tool message ends with an
-open "### Response:", one that ends with an assistant message is continued. A single user message renders
+Chat: messages are rendered by the one chat template of gptcore.prompt (render_chat, from which the
+exported templates are generated too): system messages, joined, replace Alpaca's preamble; each user
+message becomes "### Instruction:", a tool message an "### Input:" (what the tool returned, as the input
+of the instruction), each assistant message a "### Response:" to the one before; consecutive messages of
+one role are merged; a conversation that ends with a user or tool message ends with an open
+"### Response:", one that ends with an assistant message is continued. A single user message renders
 exactly like a training prompt.
 
 Generate: the model's own template is `{{ .Prompt }}` (the prompt is continued verbatim, as
@@ -19,29 +20,13 @@ from __future__ import annotations
 import codecs
 import re
 
-from gptcore.prompt import PREAMBLE, RESPONSE_MARKER
+from gptcore.prompt import render_chat
 
-INSTRUCTION = "\n\n### Instruction:\n"
-INPUT = "\n\n### Input:\n"
-ROLES = ("system", "user", "assistant", "tool")
 _TEMPLATE_FIELD = re.compile(r"\{\{-?\s*\.(System|Prompt|Response)\s*-?\}\}")
 
 
 class TemplateError(ValueError):
     """A template that uses more of Go's template language than gptcore renders."""
-
-
-def render_chat(messages: list[dict]) -> str:
-    """Messages ({role, content}) -> one Alpaca prompt (see the module docstring for the rule)."""
-    system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
-    text = system or PREAMBLE
-    turns = [m for m in messages if m["role"] != "system"]
-    for m in turns:
-        marker = {"user": INSTRUCTION, "tool": INPUT, "assistant": RESPONSE_MARKER}[m["role"]]
-        text += marker + m["content"]
-    if not turns or turns[-1]["role"] != "assistant":
-        text += RESPONSE_MARKER
-    return text
 
 
 def render_generate(prompt: str, system: str | None = None, template: str | None = None, raw: bool = False) -> str:

@@ -14,7 +14,8 @@ from gptcore.serve import protocol as p
 from gptcore.serve.engine import Engine
 from gptcore.serve.http_io import read_json
 from gptcore.serve.info import ServerInfo, check_model
-from gptcore.tokenizer import encode_text
+from gptcore.serve.options import parse_keep_alive
+from gptcore.tokenizer import EOT_ID, encode_text
 
 
 def embedding_routes(engine: Engine, info: ServerInfo) -> APIRouter:
@@ -25,10 +26,12 @@ def embedding_routes(engine: Engine, info: ServerInfo) -> APIRouter:
     async def embed(request: Request):
         body = p.parse(p.EmbedRequest, await read_json(request, info))
         check_model(body.model, info)
-        texts = [body.input] if isinstance(body.input, str) else (body.input or [])
+        # As Ollama: a lone empty string embeds nothing (it loads the model); one in a list is embedded
+        texts = ([body.input] if body.input else []) if isinstance(body.input, str) else (body.input or [])
+        keep_alive = parse_keep_alive(body.keep_alive)
         start = time.perf_counter()
         vectors, count, load_ns = await _embed(
-            engine, info, texts, body.truncate, normalize=True, dimensions=body.dimensions
+            engine, info, texts, body.truncate, normalize=True, dimensions=body.dimensions, keep_alive=keep_alive
         )
         return {
             "model": body.model,
@@ -42,9 +45,10 @@ def embedding_routes(engine: Engine, info: ServerInfo) -> APIRouter:
     async def embeddings_legacy(request: Request):
         body = p.parse(p.LegacyEmbeddingsRequest, await read_json(request, info))
         check_model(body.model, info)
+        keep_alive = parse_keep_alive(body.keep_alive)
         if not body.prompt:
             return {"embedding": []}
-        vectors, _, _ = await _embed(engine, info, [body.prompt], truncate=True, normalize=False)
+        vectors, _, _ = await _embed(engine, info, [body.prompt], truncate=True, normalize=False, keep_alive=keep_alive)
         return {"embedding": vectors[0]}
 
     @app.post("/v1/embeddings")
@@ -54,6 +58,8 @@ def embedding_routes(engine: Engine, info: ServerInfo) -> APIRouter:
         texts = [body.input] if isinstance(body.input, str) else body.input
         if not texts:
             raise p.RequestError(400, "input: at least one string is required")
+        if any(not t for t in texts):  # as OpenAI: an empty string is not embedded
+            raise p.RequestError(400, f"input[{[bool(t) for t in texts].index(False)}]: cannot embed an empty string")
         vectors, count, _ = await _embed(engine, info, texts, truncate=True, normalize=True, dimensions=body.dimensions)
         if body.encoding_format == "base64":  # little-endian float32, as OpenAI sends them
             vectors = [base64.b64encode(struct.pack(f"<{len(v)}f", *v)).decode("ascii") for v in vectors]
@@ -68,15 +74,21 @@ def embedding_routes(engine: Engine, info: ServerInfo) -> APIRouter:
 
 
 async def _embed(
-    engine: Engine, info: ServerInfo, texts: list[str], truncate: bool, normalize: bool, dimensions: int | None = None
+    engine: Engine,
+    info: ServerInfo,
+    texts: list[str],
+    truncate: bool,
+    normalize: bool,
+    dimensions: int | None = None,
+    keep_alive: float | None = None,
 ):
+    """(vectors, prompt tokens, load nanoseconds); an empty text (Ollama's /api/embed answers it) is embedded
+    as GPT-2's end-of-text token alone, the separator a document starts after; on /v1/embeddings a 400."""
     if dimensions is not None and dimensions < 0:
         raise p.RequestError(400, f"invalid dimensions: expected a number >= 1 (0: all), got {dimensions}")
     prompts = []
     for i, text in enumerate(texts):
-        ids = encode_text(engine.tokenizer, text)
-        if not ids:
-            raise p.RequestError(400, f"input[{i}]: cannot embed an empty string")
+        ids = encode_text(engine.tokenizer, text) or [EOT_ID]
         if len(ids) > info.context_length:
             if not truncate:
                 raise p.RequestError(
@@ -87,8 +99,8 @@ async def _embed(
             ids = ids[: info.context_length]
         prompts.append(ids)
     if not prompts:
-        return [], 0, 0
-    vectors, load_ns = await asyncio.to_thread(engine.embed, prompts, normalize, dimensions or None)
+        return [], 0, await asyncio.to_thread(engine.load, keep_alive)
+    vectors, load_ns = await asyncio.to_thread(engine.embed, prompts, normalize, dimensions or None, keep_alive)
     return vectors, sum(len(ids) for ids in prompts), load_ns
 
 

@@ -20,6 +20,7 @@ constrained (JSON) replies in serve/constraints.py.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import queue
 import threading
@@ -29,7 +30,8 @@ from typing import Any
 
 import torch
 
-from gptcore.inference.decoding import make_generator, next_token_logits, sample_next
+from gptcore.inference.decoding import next_token_logits
+from gptcore.inference.sampling import RowSampler
 from gptcore.model import GPTModel, KVCache
 from gptcore.serve.chat import Detokenizer
 from gptcore.serve.constraints import allowed_tokens, close_reserve, closer_ids, closing_token
@@ -48,10 +50,11 @@ class _Row:
         self.pending: list[TokenLogprob] = []  # log-probabilities whose token's text is not released yet
         self.logprobs: list[TokenLogprob] = []  # those released
         self.last = job.prompt[-1]
-        seed = job.sampling.seed
-        if job.sampling.temperature > 0 and seed is None:
-            seed = int.from_bytes(os.urandom(8), "little") >> 1
-        self.generator = make_generator(None if seed is None else seed % 2**63, device)
+        self.tokens = list(job.prompt)  # the sequence so far: the penalties look back on it
+        options = job.sampling.options
+        if options.temperature > 0 and options.seed is None:
+            options = options.replace(seed=int.from_bytes(os.urandom(8), "little") >> 1)
+        self.sampler = RowSampler(options, device=device)
         self.matcher = matcher
         self.load_ns = load_ns
         self.started = time.perf_counter()
@@ -67,8 +70,11 @@ class Engine:
         tokenizer,
         max_batch: int = 16,
         compute: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+        keep_alive: float = math.inf,
     ):
         self._load = load
+        self.keep_alive = keep_alive  # seconds an idle model stays loaded when a request names none
+        self.expires_at = math.inf  # wall-clock time (time.time()) at which the idle model is unloaded
         self.tokenizer = tokenizer
         self.max_batch = max_batch
         self._compute = compute
@@ -106,20 +112,36 @@ class Engine:
             raise box["error"]
         return box["value"]
 
-    def load(self) -> int:
-        """Load the model on the worker if it is not loaded; the nanoseconds that took (0 if it was)."""
-        return self.call(self.ensure_loaded)
+    def load(self, keep_alive: float | None = None) -> int:
+        """Load the model on the worker if it is not loaded, to stay keep_alive seconds (None: the default)
+        once idle; the nanoseconds the load took (0 if it was loaded)."""
+
+        def work():
+            load_ns = self.ensure_loaded()
+            self.touch(keep_alive)
+            return load_ns
+
+        return self.call(work)
 
     def embed(
-        self, prompts: list[list[int]], normalize: bool, dimensions: int | None = None
+        self, prompts: list[list[int]], normalize: bool, dimensions: int | None = None, keep_alive: float | None = None
     ) -> tuple[list[list[float]], int]:
         """Sentence vectors of token id lists (see embed_ids), and the load time in nanoseconds."""
 
         def work():
             load_ns = self.ensure_loaded()
-            return [embed_ids(self.model, ids, normalize, dimensions) for ids in prompts], load_ns
+            vectors = [embed_ids(self.model, ids, normalize, dimensions) for ids in prompts]
+            self.touch(keep_alive)
+            return vectors, load_ns
 
         return self.call(work)
+
+    def touch(self, keep_alive: float | None) -> None:
+        """The model was used: it stays loaded keep_alive seconds from now (None: the default; 0: unload)."""
+        seconds = self.keep_alive if keep_alive is None else keep_alive
+        self.expires_at = time.time() + seconds
+        if seconds == 0:
+            self._unload = True
 
     def request_unload(self) -> None:
         """Drop the model once no request is running (Ollama's keep_alive 0); the next request reloads it."""
@@ -155,7 +177,8 @@ class Engine:
                     self._admit(block=not self._rows)
                     if self._rows:
                         self._step()
-                if not self._rows and self._unload and self._queue.empty():
+                idle = not self._rows and self._queue.empty()
+                if idle and self.model is not None and (self._unload or time.time() >= self.expires_at):
                     self.model, self._cache, self._unload = None, None, False
             except Exception as err:  # noqa: BLE001 - fail the running requests, keep serving others
                 message = " ".join(str(err).split()) or type(err).__name__
@@ -266,16 +289,15 @@ class Engine:
             self._keep(keep)
 
     def _sample(self, row: _Row, logits: torch.Tensor) -> int:
-        s = row.job.sampling
         if row.matcher is None:
-            return int(sample_next(logits, s.temperature, s.top_k, row.generator)[0, 0])
+            return row.sampler.sample(logits[0], row.tokens)
         allowed = allowed_tokens(row.matcher, logits.shape[-1], logits.device)
         if row.matcher.is_error() or not bool(allowed.any()):  # nothing may follow: end the reply here
             return EOT_ID
         logits = logits.masked_fill(~allowed, float("-inf"))
         if len(row.new_ids) >= row.job.max_new - close_reserve(row.job.max_new):
             return closing_token(self._closers, allowed, logits)
-        return int(sample_next(logits, s.temperature, s.top_k, row.generator)[0, 0])
+        return row.sampler.sample(logits[0], row.tokens)
 
     def _logprob(self, logits: torch.Tensor, token: int, top: int, offset: int) -> TokenLogprob:
         """token's log-probability under logits [V] and the `top` most likely tokens'."""
@@ -311,6 +333,7 @@ class Engine:
         if token == EOT_ID:
             return "stop"
         row.new_ids.append(token)
+        row.tokens.append(token)
         row.last = token
         piece = row.detok.push(token)
         if piece:
@@ -326,6 +349,7 @@ class Engine:
         return None
 
     def _finish(self, row: _Row, reason: str) -> None:
+        self.touch(row.job.keep_alive)
         if row.job.unload_after:
             self._unload = True
         tail = row.detok.finish()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import dataclass
 
 from fastapi import Request
 
@@ -15,21 +16,36 @@ from gptcore.serve.info import ServerInfo
 from gptcore.serve.jobs import Done, Failed, Job, Sampling, budget
 
 
+@dataclass(frozen=True)
+class Budget:
+    """A request's token budget: new tokens (None or < 0: until end of text or a full context), the context
+    (None: the model's; a larger one is the model's), and prompt tokens kept from its start when it is cut."""
+
+    num_predict: int | None = None
+    num_ctx: int | None = None
+    num_keep: int = 0
+
+
 def submit(
     engine: Engine,
     info: ServerInfo,
     ids: list[int],
     sampling: Sampling,
-    num_predict: int | None,
+    limit: Budget,
     grammar: str | None,
-    unload_after: bool = False,
+    keep_alive: float | None = None,
     logprobs: int | None = None,
 ) -> Events:
+    """Queue a job for ids within the budget; its events arrive through the returned Events."""
+    num_predict = limit.num_predict
     if info.max_predict is not None and (num_predict is None or num_predict < 0 or num_predict > info.max_predict):
         num_predict = info.max_predict
-    keep, max_new = budget(len(ids), num_predict, info.context_length)
+    context = info.context_length if not limit.num_ctx else min(limit.num_ctx, info.context_length)
+    keep, max_new = budget(len(ids), num_predict, context)
+    head = min(limit.num_keep, keep // 2) if keep < len(ids) else 0  # Ollama's num_keep, within half the room
+    prompt = ids[:head] + ids[len(ids) - keep + head :]
     events = Events(asyncio.get_running_loop())
-    events.job = Job(ids[len(ids) - keep :], max_new, sampling, events.put, grammar, unload_after, logprobs)
+    events.job = Job(prompt, max_new, sampling, events.put, grammar, logprobs=logprobs, keep_alive=keep_alive)
     engine.submit(events.job)
     return events
 

@@ -9,14 +9,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from gptcore.inference.decoding import check_sampling
+from gptcore.inference.sampling import SamplingOptions
 
 
 @dataclass
 class Sampling:
-    temperature: float = 0.8
-    top_k: int | None = 40
-    seed: int | None = None
+    """A request's sampling options (checked when made) and its stop strings."""
+
+    options: SamplingOptions = field(default_factory=SamplingOptions)
     stop: list[str] = field(default_factory=list)
 
 
@@ -85,10 +85,12 @@ class Job:
         grammar: str | None = None,
         unload_after: bool = False,
         logprobs: int | None = None,
+        keep_alive: float | None = None,
     ):
         self.prompt = prompt
+        self.keep_alive = keep_alive  # seconds the model stays loaded after this job (inf: forever); None: default
         self.logprobs = logprobs  # None: none; k >= 0: each token's log-probability and its k best alternatives
-        self.unload_after = unload_after  # Ollama's keep_alive 0: drop the model once idle
+        self.unload_after = unload_after or keep_alive == 0  # Ollama's keep_alive 0: drop the model once idle
         self.max_new = max_new
         self.sampling = sampling
         self.sink = sink
@@ -98,8 +100,3 @@ class Job:
 
     def cancel(self) -> None:
         self.cancelled.set()
-
-
-def check_options(sampling: Sampling) -> None:
-    """ValueError for options that cannot be sampled with."""
-    check_sampling(sampling.temperature, sampling.top_k)

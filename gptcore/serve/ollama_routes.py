@@ -13,18 +13,24 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
+from gptcore.prompt import CHAT_ROLES as ROLES
+from gptcore.prompt import render_chat
 from gptcore.serve import protocol as p
-from gptcore.serve.chat import ROLES, TemplateError, render_chat, render_generate
+from gptcore.serve.chat import TemplateError, render_generate
 from gptcore.serve.engine import Engine
-from gptcore.serve.events import submit, wait_done
+from gptcore.serve.events import Budget, submit, wait_done
 from gptcore.serve.http_io import read_json
 from gptcore.serve.info import ServerInfo, check_model
 from gptcore.serve.jobs import Done, Piece, Sampling, TokenLogprob
-from gptcore.serve.options import MAX_TOP_LOGPROBS, checked_sampling, json_schema_grammar, top_count
+from gptcore.serve.options import (
+    MAX_TOP_LOGPROBS,
+    OLLAMA_DEFAULTS,
+    json_schema_grammar,
+    ollama_sampling,
+    parse_keep_alive,
+    top_count,
+)
 from gptcore.tokenizer import encode_text
-
-DEFAULT_TEMPERATURE = 0.8  # Ollama's sampling defaults, used when a request leaves them out
-DEFAULT_TOP_K = 40
 
 
 def ollama_metadata_routes(engine: Engine, info: ServerInfo) -> APIRouter:
@@ -51,7 +57,7 @@ def ollama_metadata_routes(engine: Engine, info: ServerInfo) -> APIRouter:
             "models": [
                 {
                     **_tag(info),
-                    "expires_at": "2318-01-01T00:00:00Z",
+                    "expires_at": _expiry(engine.expires_at),
                     "size_vram": 0,
                     "context_length": info.context_length,
                 }
@@ -108,7 +114,8 @@ async def _generate_job(engine: Engine, info: ServerInfo, body: p.GenerateReques
     if body.suffix:
         raise p.RequestError(400, f"{name} does not support insert (suffix)")
     _refuse_thinking(body.think, name)
-    sampling, num_predict = _ollama_sampling(body.options)
+    sampling = ollama_sampling(body.options)
+    keep_alive = parse_keep_alive(body.keep_alive)
     grammar = await _ollama_grammar(engine, body.format)
     try:
         text = render_generate(body.prompt or "", body.system, body.template, body.raw)
@@ -124,12 +131,12 @@ async def _generate_job(engine: Engine, info: ServerInfo, body: p.GenerateReques
         name,
         ids,
         sampling,
-        num_predict,
+        body.options or p.Options(),
         grammar,
         body.stream,
         chat=False,
         raw=body.raw,
-        keep_alive=body.keep_alive,
+        keep_alive=keep_alive,
         logprobs=_ollama_logprobs_asked(body),
     )
 
@@ -141,7 +148,8 @@ async def _chat_job(engine: Engine, info: ServerInfo, body: p.ChatRequest) -> Ol
     if body.tools:
         raise p.RequestError(400, f"{name} does not support tools")
     _refuse_thinking(body.think, name)
-    sampling, num_predict = _ollama_sampling(body.options)
+    sampling = ollama_sampling(body.options)
+    keep_alive = parse_keep_alive(body.keep_alive)
     grammar = await _ollama_grammar(engine, body.format)
     messages = []
     for i, m in enumerate(body.messages or []):
@@ -155,12 +163,12 @@ async def _chat_job(engine: Engine, info: ServerInfo, body: p.ChatRequest) -> Ol
         name,
         ids,
         sampling,
-        num_predict,
+        body.options or p.Options(),
         grammar,
         body.stream,
         chat=True,
         raw=True,
-        keep_alive=body.keep_alive,
+        keep_alive=keep_alive,
         logprobs=_ollama_logprobs_asked(body),
     )
 
@@ -172,18 +180,18 @@ class OllamaJob:
     name: str  # the model name the client used, echoed in every reply
     ids: list[int]  # the prompt's token ids (empty: load or unload the model, as Ollama does)
     sampling: Sampling
-    num_predict: int | None  # None or < 0: until end of text or a full context
+    options: p.Options  # num_predict (None or < 0: until end of text or a full context), num_ctx, num_keep
     grammar: str | None  # llguidance grammar of `format`, or None
     stream: bool
     chat: bool  # /api/chat's reply shape ("message") rather than /api/generate's ("response")
     raw: bool  # /api/generate's raw: no `context` in the reply
-    keep_alive: Any
+    keep_alive: float | None  # seconds (inf: forever), None: the server's default
     logprobs: int | None = None  # alternatives per token to report, None for no logprobs
 
 
 async def _ollama_reply(request: Request, engine: Engine, info: ServerInfo, job: OllamaJob) -> Response:
     name, ids, chat, raw, logprobs = job.name, job.ids, job.chat, job.raw, job.logprobs
-    unload = _is_zero(job.keep_alive)
+    unload = job.keep_alive == 0
 
     def fields(text: str, done: bool, tokens: list[TokenLogprob] | None = None) -> dict:
         head = {"model": name, "created_at": _now()}
@@ -200,7 +208,7 @@ async def _ollama_reply(request: Request, engine: Engine, info: ServerInfo, job:
         if unload:
             engine.request_unload()
             return JSONResponse({**fields("", True), "done_reason": "unload"})
-        load_ns = await asyncio.to_thread(engine.load)
+        load_ns = await asyncio.to_thread(engine.load, job.keep_alive)
         return JSONResponse({**fields("", True), "done_reason": "load", "load_duration": load_ns})
 
     def final(done: Done, text: str, tokens: list[TokenLogprob] | None = None) -> dict:
@@ -218,9 +226,9 @@ async def _ollama_reply(request: Request, engine: Engine, info: ServerInfo, job:
             reply["context"] = done.prompt_ids + done.new_ids
         return reply
 
-    events = submit(
-        engine, info, ids, job.sampling, job.num_predict, job.grammar, unload_after=unload, logprobs=logprobs
-    )
+    o = job.options
+    budget = Budget(o.num_predict, o.num_ctx, o.num_keep or 0)
+    events = submit(engine, info, ids, job.sampling, budget, job.grammar, keep_alive=job.keep_alive, logprobs=logprobs)
     if job.stream:
 
         async def lines() -> AsyncIterator[str]:
@@ -235,19 +243,6 @@ async def _ollama_reply(request: Request, engine: Engine, info: ServerInfo, job:
         return StreamingResponse(lines(), media_type="application/x-ndjson")
     done = await wait_done(request, events)
     return JSONResponse(final(done, done.text, done.logprobs))
-
-
-def _ollama_sampling(options: p.Options | None) -> tuple[Sampling, int | None]:
-    o = options or p.Options()
-    temperature = DEFAULT_TEMPERATURE if o.temperature is None else o.temperature
-    top_k = DEFAULT_TOP_K if o.top_k is None else o.top_k
-    stop = [o.stop] if isinstance(o.stop, str) else (o.stop or [])
-    sampling = checked_sampling(temperature, top_k if top_k > 0 else None, o.seed, stop)
-    if o.num_predict is not None and o.num_predict < -2:
-        raise p.RequestError(
-            400, f"invalid num_predict: expected -1 (unbounded), -2 or a number >= 0, got {o.num_predict}"
-        )
-    return sampling, o.num_predict
 
 
 async def _ollama_grammar(engine: Engine, fmt: Any) -> str | None:
@@ -274,10 +269,11 @@ def _refuse_thinking(think: Any, name: str) -> None:
         raise p.RequestError(400, f"{name} does not support thinking")
 
 
-def _is_zero(keep_alive: Any) -> bool:
-    if isinstance(keep_alive, (int, float)):
-        return keep_alive == 0
-    return isinstance(keep_alive, str) and keep_alive.strip() in ("0", "0s", "0m", "0h")
+def _expiry(expires_at: float | None) -> str:
+    """Ollama's expires_at: when the idle model is unloaded (a model kept forever: Ollama's year 2318)."""
+    if expires_at is None or expires_at == float("inf"):
+        return "2318-01-01T00:00:00Z"
+    return datetime.fromtimestamp(expires_at, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def _details(info: ServerInfo) -> dict:
@@ -309,7 +305,7 @@ def _show(info: ServerInfo) -> dict:
     return {
         "license": "",
         "modelfile": f"# served by gptcore from {info.path.name}\nFROM {info.path.name}\n",
-        "parameters": f"temperature {DEFAULT_TEMPERATURE}\ntop_k {DEFAULT_TOP_K}",
+        "parameters": "\n".join(f"{k} {v}" for k, v in OLLAMA_DEFAULTS.items()),
         "template": "{{ .Prompt }}",
         "details": _details(info),
         "model_info": info.model_info,

@@ -12,14 +12,15 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from gptcore.prompt import CHAT_ROLES as ROLES
+from gptcore.prompt import render_chat
 from gptcore.serve import protocol as p
-from gptcore.serve.chat import ROLES, render_chat
 from gptcore.serve.engine import Engine
-from gptcore.serve.events import submit, wait_done
+from gptcore.serve.events import Budget, submit, wait_done
 from gptcore.serve.http_io import read_json
 from gptcore.serve.info import ServerInfo, check_model
 from gptcore.serve.jobs import Done, Piece, TokenLogprob
-from gptcore.serve.options import MAX_TOP_LOGPROBS, checked_sampling, json_schema_grammar, top_count
+from gptcore.serve.options import MAX_TOP_LOGPROBS, json_schema_grammar, openai_sampling, parse_keep_alive, top_count
 from gptcore.tokenizer import encode_text
 
 OPENAI_MAX_TOKENS = 16  # /v1/completions' default, as OpenAI's
@@ -64,19 +65,16 @@ def openai_routes(engine: Engine, info: ServerInfo) -> APIRouter:
     async def completions(request: Request):
         body = p.parse(p.CompletionRequest, await read_json(request, info))
         check_model(body.model, info)
-        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        if len(prompts) != 1:
-            raise p.RequestError(400, "prompt: gptcore completes one prompt per request")
-        if not prompts[0]:
-            raise p.RequestError(400, "prompt: the prompt is empty")
+        text, ids = _completion_prompt(body.prompt, engine, info)
+        if body.best_of is not None and body.best_of != 1:
+            raise p.RequestError(400, "best_of: gptcore returns one completion per request (best_of=1)")
         if body.suffix:
             raise p.RequestError(400, f"suffix: {body.model} does not support insert (fill-in-the-middle)")
         logprobs = None if body.logprobs is None else top_count(body.logprobs, 5, "logprobs")
         if body.echo and logprobs is not None:  # OpenAI would score the echoed prompt's tokens too
             raise p.RequestError(400, "echo and logprobs: gptcore does not return the prompt's log-probabilities")
-        ids = encode_text(engine.tokenizer, prompts[0])
         return await _openai_reply(
-            request, engine, info, body, ids, chat=False, logprobs=logprobs, echo=prompts[0] if body.echo else None
+            request, engine, info, body, ids, chat=False, logprobs=logprobs, echo=text if body.echo else None
         )
 
     return app
@@ -94,11 +92,8 @@ async def _openai_reply(
 ) -> Response:
     if body.n != 1:
         raise p.RequestError(400, "n: gptcore returns one choice per request (n=1)")
-    temperature = 1.0 if body.temperature is None else body.temperature
-    if not 0 <= temperature <= 2:
-        raise p.RequestError(400, f"temperature: expected a number from 0 to 2, got {temperature}")
-    stop = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
-    sampling = checked_sampling(temperature, None, body.seed, stop)
+    sampling = openai_sampling(body, info.model_info.get("gpt2.vocab_size", engine.tokenizer.n_vocab))
+    keep_alive = parse_keep_alive(body.keep_alive)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     if max_tokens is None and not chat:
         max_tokens = OPENAI_MAX_TOKENS
@@ -144,7 +139,7 @@ async def _openai_reply(
             **extra,
         }
 
-    events = submit(engine, info, ids, sampling, max_tokens, grammar, logprobs=logprobs)
+    events = submit(engine, info, ids, sampling, Budget(max_tokens), grammar, keep_alive=keep_alive, logprobs=logprobs)
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
 
@@ -192,6 +187,27 @@ def _openai_completion_logprobs(tokens: list[TokenLogprob], top: int) -> dict:
         "top_logprobs": [{a.token: a.logprob for a in t.top} for t in tokens] if top else None,
         "text_offset": [t.offset for t in tokens],
     }
+
+
+def _completion_prompt(prompt: Any, engine: Engine, info: ServerInfo) -> tuple[str, list[int]]:
+    """/v1/completions' one prompt (text, or token ids as OpenAI accepts them) as (its text, its ids)."""
+    if isinstance(prompt, str):
+        prompts = [prompt]
+    elif prompt and all(isinstance(t, int) for t in prompt):
+        prompts = [prompt]
+    else:
+        prompts = prompt
+    if len(prompts) != 1:
+        raise p.RequestError(400, "prompt: gptcore completes one prompt per request (send one each: they batch)")
+    if not prompts[0]:
+        raise p.RequestError(400, "prompt: the prompt is empty")
+    if isinstance(prompts[0], str):
+        return prompts[0], encode_text(engine.tokenizer, prompts[0])
+    vocab = info.model_info.get("gpt2.vocab_size", engine.tokenizer.n_vocab)
+    ids = list(prompts[0])
+    if any(not 0 <= t < vocab for t in ids):
+        raise p.RequestError(400, f"prompt: token ids must be from 0 to {vocab - 1}")
+    return engine.tokenizer.decode(ids), ids
 
 
 def _finish_reason(done: Done) -> str:

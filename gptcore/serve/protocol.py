@@ -2,8 +2,10 @@
 
 Types are strict (a string is not a number, `"yes"` is not true) except where Ollama is lenient: an
 integer option may come as a JSON float with no fraction (`top_k: 40.0`), and null means absent.
-Unknown fields and options Ollama knows but gptcore does not use (num_ctx, top_p, mirostat...) are
-accepted and ignored, as Ollama ignores what a model does not support.
+Unknown top-level fields are ignored (clients send their own extras); Ollama's `options` is strict: every
+sampling option is honoured (serve/options.py), Ollama's hardware knobs are accepted (they do not change a
+reply), the sampling methods gptcore lacks are accepted only at their neutral value, and an unknown option
+is a 400 naming it.
 """
 
 from __future__ import annotations
@@ -37,16 +39,43 @@ class _Model(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
 
 
-class Options(_Model):
-    """The `options` gptcore honours."""
+Number = Annotated[float, BeforeValidator(lambda v: float(v) if isinstance(v, int) and not isinstance(v, bool) else v)]
 
-    temperature: float | None = None
+
+class Options(_Model):
+    """Ollama's `options` (api/types.go Options + Runner): docs/serving.md says what each does here."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    temperature: Number | None = None
     top_k: Int | None = None
-    top_p: float | None = None  # accepted; sampling here is temperature + top-k
+    top_p: Number | None = None
+    min_p: Number | None = None
+    typical_p: Number | None = None
+    repeat_penalty: Number | None = None
+    repeat_last_n: Int | None = None
+    presence_penalty: Number | None = None
+    frequency_penalty: Number | None = None
     seed: Int | None = None
     num_predict: Int | None = None
-    num_ctx: Int | None = None  # accepted; the context is the model's
+    num_ctx: Int | None = None  # at most the model's context: a smaller one cuts prompt and reply sooner
+    num_keep: Int | None = None  # prompt tokens kept from its start when it is cut to fit
     stop: Stop | None = None
+    mirostat: Int | None = None  # the three below: only their neutral values (serve/options.py)
+    tfs_z: Number | None = None
+    penalize_newline: bool | None = None
+    mirostat_tau: Number | None = None  # used by mirostat only
+    mirostat_eta: Number | None = None
+    # hardware knobs of Ollama's runner: accepted, they do not change a reply
+    num_batch: Int | None = None
+    num_gpu: Int | None = None
+    main_gpu: Int | None = None
+    num_thread: Int | None = None
+    low_vram: bool | None = None
+    use_mmap: bool | None = None
+    use_mlock: bool | None = None
+    numa: bool | None = None
+    vocab_only: bool | None = None
 
 
 class Message(_Model):
@@ -138,8 +167,18 @@ class _OpenAIGeneration(_Model):
     model: str
     max_tokens: Int | None = None
     max_completion_tokens: Int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
+    temperature: Number | None = None
+    top_p: Number | None = None
+    presence_penalty: Number | None = None
+    frequency_penalty: Number | None = None
+    logit_bias: dict[str, Number] | None = None
+    top_k: Int | None = None  # the extras llama.cpp's and vLLM's OpenAI servers take
+    min_p: Number | None = None
+    typical_p: Number | None = None
+    repeat_penalty: Number | None = None
+    repetition_penalty: Number | None = None
+    repeat_last_n: Int | None = None
+    keep_alive: str | int | float | None = None  # Ollama's, on its OpenAI routes too
     seed: Int | None = None
     stop: Stop | None = None
     n: Int = 1
@@ -156,8 +195,9 @@ class ChatCompletionRequest(_OpenAIGeneration):
 
 
 class CompletionRequest(_OpenAIGeneration):
-    prompt: str | list[str]
+    prompt: str | list[str] | list[Int] | list[list[Int]]  # text, or token ids
     echo: bool = False
+    best_of: Int | None = None
     suffix: str | None = None
     logprobs: Int | None = None  # the legacy API's: how many alternatives (0-5) besides each token
 

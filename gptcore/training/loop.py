@@ -18,7 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from gptcore.console import GuardedStream
-from gptcore.device import forked_rng, is_main_process
+from gptcore.device import forked_rng, is_main_process, world_size
 from gptcore.errors import WeightsError
 from gptcore.model import set_activation_checkpointing
 from gptcore.precision import make_grad_scaler
@@ -26,6 +26,7 @@ from gptcore.training.evaluation import LossFn
 from gptcore.training.interrupt import StopRequest
 from gptcore.training.progress import Progress, all_rng_states, check_same_start, own_rng_state, set_rng_state
 from gptcore.training.schedule import lr_factor
+from gptcore.training.sharding import resolve_strategy
 from gptcore.training.step import StepRunner, compile_blocks
 
 logger = logging.getLogger(__name__)
@@ -53,7 +54,8 @@ class LoopOptions:
     None of them changes the result beyond float rounding.
     lr_schedule and warmup scale each param group's lr per step (gptcore.training.schedule, through
     torch.optim.lr_scheduler.LambdaLR): the optimizer's lr is the peak. seed: under torchrun, each
-    process reseeds with seed + rank once the weights are in place.
+    process reseeds with seed + rank once the weights are in place. strategy: how torchrun's
+    processes share the work (auto, ddp, fsdp: gptcore.training.sharding).
     """
 
     epochs: int
@@ -66,6 +68,7 @@ class LoopOptions:
     step_in_backward: bool | str = "auto"
     recast_weights: bool | str = "auto"
     seed: int | None = None
+    strategy: str = "auto"
     show_progress: bool = True
     desc: str = "train"
 
@@ -96,21 +99,32 @@ def train(
     progress file keeps every process's RNG state. The caller's generators are as they were on return.
     fp16-mixed scales the loss (torch.amp.GradScaler, its state saved with the progress).
 
+    strategy fsdp trains a sharded copy of the model (gptcore.training.sharding.ShardedModel; the
+    optimizer is rebuilt over it): every process evaluates together, saves its shards of the model
+    and optimizer with torch.distributed.checkpoint beside the progress file, and at the end the full
+    weights are gathered once into `model` on every process. Until then `model`'s parameters are
+    empty, and they stay so if training fails.
+
     report(history) is called with the whole history once the saved progress is restored (a resumed
     run's rows, or none) and again after every evaluation, so that a logger can rebuild what it wrote
     from the progress and then follow the run (gptcore.training.live.TrainingLog).
 
     Raises:
         TrainingError: a non-finite loss (the error names the step; saved progress is kept).
-        WeightsError: progress that does not fit the model, or was made by another number of processes.
+        WeightsError: progress that does not fit the model, or was made by another number of processes
+            or another strategy.
+        ConfigError: a strategy this launch cannot run, or a model fsdp cannot shard (one line, raised
+            by every process alike before any collective of the run).
     """
     lr_factor(0, 1, options.lr_schedule, options.warmup)  # a bad schedule fails before any work
+    resolve_strategy(options.strategy, world_size())  # and so does a strategy this launch cannot run
     run = _TrainingRun(model, optimizer, train_loader, loss_fn, evaluate, device, options, precision, progress, report)
     try:
         run.start()
         with StopRequest() as stop, run.bar:
             for epoch in range(run.start_epoch, options.epochs):
                 run.run_epoch(epoch, stop)
+        run.runner.gather()
     finally:
         run.close()
     return run.result
@@ -135,6 +149,9 @@ class _TrainingRun:
             total=self.total_steps,
             desc=options.desc,
             unit="step",
+            # The ETA from the average step since the start, evaluations included (they recur), not
+            # tqdm's moving average, which swings 2-3x between a step with an evaluation and one without.
+            smoothing=0,
             file=self.output,
             disable=not options.show_progress or not is_main_process(),
         )
@@ -147,8 +164,6 @@ class _TrainingRun:
         opts = self.options
         if opts.activation_checkpointing:
             set_activation_checkpointing(self.model, True)
-        if opts.compile:
-            compile_blocks(self.model)
         scaler = make_grad_scaler(self.device, self.precision, saved.get("grad_scaler") if saved else None)
         self.runner = StepRunner(
             self.model,
@@ -160,11 +175,16 @@ class _TrainingRun:
             opts.step_in_backward,
             scaler,
             opts.recast_weights,
+            opts.strategy,
         )
+        self.optimizer = self.runner.optimizer  # under fsdp: the one over the sharded copy
+        if opts.compile:
+            compile_blocks(self.runner.module)
         if self.runner.world > 1:
             check_same_start(self.result.steps, self.progress)
         if saved is not None:
             set_rng_state(own_rng_state(saved["rng"], self.runner.world, self.runner.rank, self.progress))
+            self.restore_shards(saved)
         elif self.runner.world > 1 and opts.seed is not None:
             torch.manual_seed(opts.seed + self.runner.rank)  # after DDP's broadcast of the weights
         for group in self.optimizer.param_groups:  # progress saved by versions that kept the peak as peak_lr
@@ -176,27 +196,55 @@ class _TrainingRun:
         # last_epoch: the steps already taken (a resumed optimizer brings back each group's initial_lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor, last_epoch=self.result.steps - 1)
         self.bar.reset(total=self.total_steps)
-        self.bar.update(self.result.steps)
+        # Resumed steps show as done but count for nothing in the rate (the ETA is this run's own speed).
+        self.bar.n = self.bar.initial = self.result.steps
+        self.bar.refresh()
         self.started = time.perf_counter() - self.result.seconds
-        self.model.train()
+        self.runner.module.train()
         if self.report is not None:
             self.report(self.result.history)
 
     def restore(self) -> dict[str, Any] | None:
-        """Load the saved model, optimizer, history and position; None when starting afresh."""
+        """Load the saved history and position, and the model and optimizer unless they were saved
+        sharded (restore_shards loads those once the model is sharded); None when starting afresh."""
         saved = self.progress.load() if self.progress is not None else None
         if saved is None:
             return None
-        try:
-            self.model.load_state_dict(saved["model"])
-            self.optimizer.load_state_dict(saved["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as err:
-            raise WeightsError(f"{self.progress.path}: does not fit this model: {err}") from None
+        sharded = resolve_strategy(self.options.strategy, world_size()) == "fsdp"
+        if ("shards" in saved) != sharded:
+            made, now = ("fsdp", "another strategy") if "shards" in saved else ("another strategy", "fsdp")
+            raise WeightsError(
+                f"{self.progress.path}: progress saved under {made} cannot resume under {now}; "
+                "delete it to start afresh"
+            )
+        if not sharded:
+            try:
+                self.model.load_state_dict(saved["model"])
+                self.optimizer.load_state_dict(saved["optimizer"])
+            except (RuntimeError, ValueError, KeyError) as err:
+                raise WeightsError(f"{self.progress.path}: does not fit this model: {err}") from None
         r = self.result
         r.history, r.steps, r.tokens_seen = list(saved["history"]), saved["step"], saved["tokens_seen"]
         r.seconds, r.resumed_at_step = saved["seconds"], saved["step"]
         self.start_epoch, self.skip = divmod(r.steps, self.batches_per_epoch)
         return saved
+
+    def restore_shards(self, saved: dict[str, Any]) -> None:
+        """fsdp: load the model and optimizer shards (torch.distributed.checkpoint) into the sharded copy."""
+        if "shards" not in saved:
+            return
+        from torch.distributed.checkpoint.api import CheckpointException
+
+        folder = self.progress.folder / saved["shards"]
+        # DCP loads only the keys the fresh state holds: give each group the key the lr schedule saved
+        # (the peak lr, which the fresh group's lr is), so that the saved value is read into it.
+        for group in self.optimizer.param_groups:
+            group.setdefault("initial_lr", group["lr"])
+        try:
+            self.runner.sharded.load(folder)
+        except (RuntimeError, ValueError, KeyError, CheckpointException) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise WeightsError(f"{folder}: does not fit this model: {first}") from None
 
     def run_epoch(self, epoch: int, stop: StopRequest) -> None:
         """The epoch's remaining steps: a step, its evaluation when due, a save when due, a stop when asked."""
@@ -233,15 +281,21 @@ class _TrainingRun:
             self.report(self.result.history)
 
     def save(self) -> None:
-        """Write the progress file (main process); every process's RNG state goes in it."""
+        """Write the progress file (main process); every process's RNG state goes in it. Under fsdp
+        every process first writes its shards of the model and optimizer (`shards-<step>/`, DCP)."""
         states = all_rng_states(self.runner.world)
+        r = self.result
+        weights: dict[str, Any] = {}
+        if self.runner.sharded is not None:
+            weights["shards"] = f"shards-{r.steps:08d}"
+            self.runner.sharded.save(self.progress.folder / weights["shards"])
         if not is_main_process():
             return
-        r = self.result
+        if not weights:
+            weights = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
         self.progress.save(
             {
-                "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
+                **weights,
                 "rng": states,  # one per process, in rank order
                 "grad_scaler": self.runner.scaler.state_dict() if self.runner.scaler is not None else {},
                 "history": r.history,
@@ -252,13 +306,14 @@ class _TrainingRun:
         )
 
     def close(self) -> None:
-        """The model leaves as it came: no hooks, no recomputation, not compiled, in eval mode."""
+        """The model leaves as it came: no hooks, no recomputation, not compiled, in eval mode (under
+        fsdp, with the trained weights if train() gathered them)."""
         self.rng.close()  # the caller's generator states come back
         if self.runner is not None:
             self.runner.close()
         if self.options.activation_checkpointing:
             set_activation_checkpointing(self.model, False)
-        if self.options.compile:
-            compile_blocks(self.model, False)
+        if self.options.compile and self.runner is not None:
+            compile_blocks(self.runner.module, False)
         self.model.eval()
         self.result.seconds = time.perf_counter() - self.started

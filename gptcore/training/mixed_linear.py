@@ -111,7 +111,7 @@ def recast_weights_in_backward(model: nn.Module) -> Callable[[], None]:
     return undo
 
 
-def cast_frozen_linears(module: nn.Module, precision: str) -> dict[nn.Parameter, torch.Tensor]:
+def cast_frozen_linears(module: nn.Module, precision: str, keep: bool = True) -> dict[nn.Parameter, torch.Tensor]:
     """Cast the frozen weights and biases of `module`'s Linear layers to the compute dtype, in place.
 
     Under bf16/fp16 autocast every Linear casts its fp32 weight and bias at every forward pass; a
@@ -120,8 +120,10 @@ def cast_frozen_linears(module: nn.Module, precision: str) -> dict[nn.Parameter,
     require grad are cast; LayerNorms and embeddings stay fp32, as autocast runs them. A no-op in fp32
     and bf16-true.
 
+    keep: False frees each fp32 tensor as soon as it is replaced (peak: the model plus one layer's copy).
+
     Returns:
-        The replaced fp32 tensors by parameter (drop them to free the memory; see frozen_linears_in).
+        The replaced fp32 tensors by parameter (empty unless `keep`; see frozen_linears_in).
     """
     dtype = COMPUTE_DTYPES[precision]
     originals: dict[nn.Parameter, torch.Tensor] = {}
@@ -130,7 +132,8 @@ def cast_frozen_linears(module: nn.Module, precision: str) -> dict[nn.Parameter,
             if isinstance(layer, nn.Linear):
                 for param in layer.parameters(recurse=False):
                     if not param.requires_grad and param.dtype != dtype:
-                        originals[param] = param.data
+                        if keep:
+                            originals[param] = param.data
                         param.data = param.data.to(dtype)
     return originals
 

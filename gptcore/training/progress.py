@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -22,7 +23,9 @@ logger = logging.getLogger(__name__)
 
 
 class Progress:
-    """Training progress in a folder: `state.pt` (model, optimizer, data position, RNG, history).
+    """Training progress in a folder: `state.pt` (model, optimizer, data position, RNG, history); under
+    strategy fsdp the model and optimizer are in `shards-<step>/` instead, one file per process written
+    by torch.distributed.checkpoint, and state.pt names that folder.
 
     Loaded with weights_only=True (no code is unpickled). A fingerprint of the params and inputs that
     produced it guards against mixing stale progress into a changed run. `finish()` drops the heavy
@@ -47,14 +50,26 @@ class Progress:
         if state.get("fingerprint") != self.fingerprint:
             logger.info(f"note: {self.path} was made with other params, inputs or code; starting afresh")
             return None
+        if "shards" in state and not (self.folder / state["shards"]).is_dir():
+            logger.info(f"note: {self.path} names shards {state['shards']} that are missing; starting afresh")
+            return None
         logger.info(f"resuming from {self.path} at step {state['step']}")
         return state
 
     def save(self, state: dict[str, Any]) -> None:
+        """Write state.pt atomically. Sharded progress names its DCP folder in `shards` (written before
+        by every process); the folders of earlier saves go once state.pt no longer names them."""
         (self.folder / "done.json").unlink(missing_ok=True)
         with atomic_path(self.path) as tmp:
             torch.save({**state, "fingerprint": self.fingerprint}, tmp)
         self.last_saved = time.monotonic()
+        for folder in self.shard_folders():
+            if folder.name != state.get("shards"):
+                shutil.rmtree(folder, ignore_errors=True)
+
+    def shard_folders(self) -> list[Path]:
+        """The DCP folders of sharded progress (`shards-<step>`, strategy fsdp)."""
+        return sorted(p for p in self.folder.glob("shards-*") if p.is_dir())
 
     def due(self) -> bool:
         return time.monotonic() - self.last_saved >= self.every_seconds
@@ -63,6 +78,8 @@ class Progress:
         """Mark the run complete: keep a summary, drop the (large) resumable state."""
         write_json(self.folder / "done.json", {"fingerprint": self.fingerprint, **summary})
         self.path.unlink(missing_ok=True)
+        for folder in self.shard_folders():
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def rng_state() -> dict[str, Any]:

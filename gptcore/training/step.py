@@ -1,5 +1,5 @@
-"""One optimizer step on one global batch: AdamW, DistributedDataParallel sharding, gradient
-accumulation, updates inside the backward pass, weights recast for backward, finiteness checks."""
+"""One optimizer step on one global batch: AdamW, DistributedDataParallel or FSDP2 across processes,
+gradient accumulation, updates inside the backward pass, weights recast for backward, finiteness checks."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from gptcore.precision import COMPUTE_DTYPES, autocast
 from gptcore.training.cross_entropy import IGNORE_INDEX
 from gptcore.training.evaluation import Batch, LossFn, to_device
 from gptcore.training.mixed_linear import recast_pays_off, recast_weights_in_backward
+from gptcore.training.sharding import ShardedModel, resolve_strategy, sharded_scaler
 
 
 def make_optimizer(
@@ -51,14 +52,20 @@ class StepRunner:
     """One optimizer step on one global batch, however many processes and micro-batches share it.
 
     The loader yields the global batch (`batch_size` rows) on every process. With torchrun each
-    process takes its contiguous share of the rows (DistributedDataParallel averages the gradients),
-    and each share may be cut into `grad_accum` micro-batches to save memory. Every piece's mean loss
-    is weighted by its share of the batch's targets that are not IGNORE_INDEX (loss_fn must return the
-    mean over those), so the gradient equals that of the whole batch in one piece, up to float rounding:
-    the number of processes and micro-batches changes speed and memory, not the result. A loss_fn whose
-    `mean_over` attribute is "rows" returns the mean over the batch's rows instead (DPO's pairs), and
-    its pieces are weighted by their share of the rows. A batch is (inputs, targets, ...): every tensor
-    has the batch's rows in dimension 0.
+    process takes its contiguous share of the rows, and each share may be cut into `grad_accum`
+    micro-batches to save memory. Every piece's mean loss is weighted by its share of the batch's
+    targets that are not IGNORE_INDEX (loss_fn must return the mean over those), so the gradient equals
+    that of the whole batch in one piece, up to float rounding: the number of processes and
+    micro-batches changes speed and memory, not the result. A loss_fn whose `mean_over` attribute is
+    "rows" returns the mean over the batch's rows instead (DPO's pairs), and its pieces are weighted by
+    their share of the rows. A batch is (inputs, targets, ...): every tensor has the batch's rows in
+    dimension 0.
+
+    strategy (gptcore.training.sharding.resolve_strategy): how the processes share the work.
+    DistributedDataParallel (`ddp`, and `auto` under torchrun) keeps the whole model on every process
+    and averages the gradients; `fsdp` trains a copy sharded with FSDP2 (sharding.ShardedModel): read
+    `module` and `optimizer` for what the steps update, and call `gather()` at the end to put the
+    trained weights back into `model` (until then its parameters are empty).
 
     step_in_backward: update each parameter inside backward(), as soon as its gradient is complete, and
     free that gradient, so that the gradients of the whole model never exist at once (up to 4 bytes
@@ -70,8 +77,14 @@ class StepRunner:
     for the backward pass and cast them again there (gptcore.training.mixed_linear), instead of autograd keeping
     autocast's low-precision copies: 2 bytes per parameter less at the peak, the same gradients, one more
     cast per weight per step. "auto": where those copies would take 1 GiB or more (recast_pays_off) and
-    activation checkpointing is off (then no such copy outlives a block anyway).
+    activation checkpointing is off (then no such copy outlives a block anyway); never under fsdp,
+    whose gathered weights are already in the low precision.
     Call close() when done: it undoes both.
+
+    Raises:
+        ConfigError: a strategy this launch cannot run (resolve_strategy), a model fsdp cannot shard.
+        ValueError: a speed option that does not apply (step_in_backward with several processes,
+            grad_accum or fp16 loss scaling; recast_weights under fsdp).
     """
 
     def __init__(
@@ -85,6 +98,7 @@ class StepRunner:
         step_in_backward: bool | str = False,
         scaler: torch.amp.GradScaler | None = None,
         recast_weights: bool | str = "auto",
+        strategy: str = "auto",
     ):
         if grad_accum < 1:
             raise ValueError(f"grad_accum must be positive, got {grad_accum}")
@@ -92,24 +106,18 @@ class StepRunner:
             raise ValueError(f"step_in_backward: expected true, false or auto, got {step_in_backward!r}")
         if step_in_backward is True and scaler is not None:
             raise ValueError("step_in_backward cannot unscale gradients: use it without fp16-mixed")
+        if recast_weights not in (True, False, "auto"):
+            raise ValueError(f"recast_weights: expected true, false or auto, got {recast_weights!r}")
         self.scaler = scaler
-        self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
+        self.model, self.module, self.optimizer, self.loss_fn = model, model, optimizer, loss_fn
         self.device, self.precision, self.grad_accum = device, precision, grad_accum
         self.world = world_size() if init_distributed(device) else 1
+        self.strategy = resolve_strategy(strategy, self.world)
+        self.rank = rank() if self.world > 1 else 0
         if step_in_backward == "auto":
             step_in_backward = grad_accum == 1 and self.world == 1 and scaler is None
         self.step_in_backward = step_in_backward
-        if recast_weights not in (True, False, "auto"):
-            raise ValueError(f"recast_weights: expected true, false or auto, got {recast_weights!r}")
-        mixed = precision.endswith("-mixed")
-        if recast_weights == "auto":
-            recast_weights = (
-                mixed
-                and not getattr(model, "activation_checkpointing", False)
-                and recast_pays_off(model, COMPUTE_DTYPES[precision])
-            )
-        self.recast_weights = bool(recast_weights and mixed)
-        self._undo_recast = recast_weights_in_backward(model) if self.recast_weights else None
+        self._set_recast(recast_weights)
         self._hooks = []
         self._own: dict[torch.Tensor, torch.optim.Optimizer] = {}  # step_in_backward: one optimizer per parameter
         self._lr_of: dict[torch.Tensor, dict] = {}
@@ -119,9 +127,8 @@ class StepRunner:
             self._own = per_parameter_optimizers(optimizer)
             self._lr_of = {p: group for group in optimizer.param_groups for p in group["params"]}
             self._hooks = [p.register_post_accumulate_grad_hook(self._step_one) for p in self._own]
-        self.rank = rank() if self.world > 1 else 0
-        self.ddp = None
-        if self.world > 1:
+        self.ddp = self.sharded = None
+        if self.strategy == "ddp":
             from torch.nn.parallel import DistributedDataParallel
 
             self.ddp = DistributedDataParallel(
@@ -129,6 +136,31 @@ class StepRunner:
                 device_ids=[device.index] if device.type == "cuda" else None,
                 broadcast_buffers=False,
             )
+        elif self.strategy == "fsdp":
+            self.sharded = ShardedModel(model, optimizer, device, precision)
+            self.module, self.optimizer = self.sharded.module, self.sharded.optimizer
+            self.scaler = sharded_scaler(scaler, device)
+
+    def _set_recast(self, recast_weights: bool | str) -> None:
+        """Decide recast_weights (see the class) and patch the Linear layers when it is on."""
+        mixed = self.precision.endswith("-mixed")
+        if recast_weights is True and mixed and self.strategy == "fsdp":
+            raise ValueError("recast_weights: not with strategy fsdp (its gathered weights are already bf16/fp16)")
+        if recast_weights == "auto":
+            recast_weights = (
+                mixed
+                and self.strategy != "fsdp"
+                and not getattr(self.model, "activation_checkpointing", False)
+                and recast_pays_off(self.model, COMPUTE_DTYPES[self.precision])
+            )
+        self.recast_weights = bool(recast_weights and mixed)
+        self._undo_recast = recast_weights_in_backward(self.model) if self.recast_weights else None
+
+    def gather(self) -> None:
+        """fsdp: put the trained full weights back into the model on every process (a collective, once,
+        at the end of training); nothing to do otherwise."""
+        if self.sharded is not None:
+            self.sharded.gather()
 
     def _step_one(self, param: torch.Tensor) -> None:
         """The optimizer step of one parameter whose gradient is complete; then its gradient goes (PyTorch's
@@ -191,6 +223,8 @@ class StepRunner:
                 with autocast(self.device, self.precision, cache_enabled=cache):
                     if self.ddp is not None:
                         loss = self.ddp(*piece)
+                    elif self.sharded is not None:  # FSDP reduce-scatters every piece's gradient
+                        loss = self.sharded(self.loss_fn, piece)
                     else:
                         loss = self.loss_fn(self.model, piece)
                 if weight is not None:
@@ -232,12 +266,20 @@ class StepRunner:
         return bool(value.item())
 
     def evaluate(self, evaluate: Callable[[nn.Module], dict[str, float]]) -> dict[str, float]:
-        """evaluate(model) on the main process, shared with the others (they wait, then get its row)."""
+        """evaluate(model) on the main process, shared with the others (they wait, then get its row).
+
+        Under fsdp every process evaluates the sharded model together (each forward all-gathers its
+        weights), and the main process's row is shared: every history is the same.
+        """
         if self.world == 1:
             return evaluate(self.model)
         import torch.distributed as dist
 
-        row = [evaluate(self.model) if self.rank == 0 else None]
+        if self.sharded is not None:
+            with torch.no_grad():
+                row = [self.sharded(evaluate)]
+        else:
+            row = [evaluate(self.model) if self.rank == 0 else None]
         dist.broadcast_object_list(row, src=0)
         return row[0]
 
