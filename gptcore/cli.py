@@ -17,6 +17,7 @@ from gptcore.arguments import (
 )
 from gptcore.entry import run_entry
 from gptcore.errors import GptcoreError
+from gptcore.sampling_flags import add_sampling_flags, sampling_from_flags
 
 
 def _convert(args: argparse.Namespace) -> int:
@@ -98,7 +99,7 @@ def _generate(args: argparse.Namespace) -> int:
     from gptcore.precision import autocast
     from gptcore.tokenizer import EOT_ID, get_tokenizer
 
-    sampling = sampling_options(args)  # checked before the model loads, as the prompt is
+    sampling = sampling_from_flags(args)  # checked before the model loads, as the prompt is
     device = resolve_device(args.device)
     tokenizer = get_tokenizer()
     idx = text_to_ids(args.prompt, tokenizer, device)
@@ -121,51 +122,6 @@ def _generate(args: argparse.Namespace) -> int:
         )
     print(ids_to_text(out, tokenizer))
     return 0
-
-
-# The sampler's options beside --temperature, --top-k and --seed (gptcore/inference/sampling.py: their order).
-SAMPLING_FLAGS = (
-    ("top_p", float, 1.0, "keep the most likely tokens up to this probability mass (nucleus); 1: off"),
-    ("min_p", float, 0.0, "keep tokens at least this fraction as likely as the most likely one; 0: off"),
-    ("typical_p", float, 1.0, "locally typical sampling: keep the most typical tokens up to this mass; 1: off"),
-    ("repeat_penalty", float, 1.0, "divide the logits of tokens seen in the last --repeat-last-n tokens; 1: off"),
-    ("repeat_last_n", int, 64, "tokens the penalties look back on (prompt included); 0: off, -1: all"),
-    ("presence_penalty", float, 0.0, "subtract from the logit of every token seen in that window"),
-    ("frequency_penalty", float, 0.0, "subtract this times its count from the logit of every token seen there"),
-)
-
-
-def sampling_options(args: argparse.Namespace):
-    """The sampler's options from the flags, or a GptcoreError naming the bad one."""
-    from gptcore.inference.sampling import SamplingOptions
-
-    bias = {}
-    for item in args.logit_bias or []:
-        token, _, value = item.partition("=")
-        try:
-            bias[int(token)] = float(value)
-        except ValueError:
-            raise GptcoreError(f"--logit-bias: expected TOKEN_ID=BIAS (e.g. 198=-100), got {item!r}") from None
-    try:
-        return SamplingOptions(
-            temperature=args.temperature,
-            top_k=args.top_k,
-            logit_bias=bias,
-            **{name: getattr(args, name) for name, *_ in SAMPLING_FLAGS},
-        )
-    except ValueError as err:
-        raise GptcoreError(f"--{str(err).replace('_', '-')}") from None
-
-
-def _add_sampling(p: argparse.ArgumentParser) -> None:
-    for name, kind, default, text in SAMPLING_FLAGS:
-        p.add_argument("--" + name.replace("_", "-"), type=kind, default=default, help=text)
-    p.add_argument(
-        "--logit-bias",
-        action="append",
-        metavar="TOKEN_ID=BIAS",
-        help="add BIAS to a token's logit (repeatable; -100 bans it, +100 forces it)",
-    )
 
 
 def _load_model(path: str, adapter: str | None, device):
@@ -390,7 +346,7 @@ def _add_generate(verbs) -> None:
         default=None,
         help="keep only the k most likely tokens; unset: all",
     )
-    _add_sampling(p)
+    add_sampling_flags(p)
     p.add_argument(
         "--seed",
         type=seed_number,

@@ -99,15 +99,21 @@ def test_cast_for_inference():
         reference_logits = model(idx)
     reference = generate(model, idx, 5)
     assert cast_for_inference(model, "fp32").tok_emb.weight.dtype == torch.float32
-    # fp32 on CPU: the same weights, stored transposed (x @ W reads rows), the same outputs.
+    # fp32 on CPU: the same weights and outputs; with gptcore's kernels each Linear decodes through gemv.c's
+    # fp32 kernel over its row-major weight (batch-invariant), else the weight is stored transposed (x @ W).
+    from gptcore.inference import kernels
+
     qkv = model.trf_blocks[0].att.qkv.weight
-    assert qkv.shape == reference_state["trf_blocks.0.att.qkv.weight"].shape and qkv.t().is_contiguous()
+    assert qkv.shape == reference_state["trf_blocks.0.att.qkv.weight"].shape
+    assert qkv.is_contiguous() if kernels.load_kernels() is not None else qkv.t().is_contiguous()
     for name, value in model.state_dict().items():
         assert torch.equal(value, reference_state[name]), name
     with torch.no_grad():
         torch.testing.assert_close(model(idx), reference_logits, rtol=1e-5, atol=1e-5)
     fp32 = generate(model, idx, 5)
     assert torch.equal(fp32, reference)
+    model = GPTModel(CONFIG).eval()  # a model is prepared once, for one precision: a fresh one for bf16
+    model.load_state_dict(reference_state)
     cast_for_inference(model, "bf16-true")
     head = {p for p in [*model.final_norm.parameters(), *model.out_head.parameters()]}
     assert {p.dtype for p in model.parameters() if p not in head} == {torch.bfloat16}

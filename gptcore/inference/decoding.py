@@ -205,7 +205,8 @@ def next_token_logits(model: GPTModel, idx: torch.Tensor, cache: KVCache | None 
 
 
 def cast_for_inference(model: GPTModel, precision: str, quantize: str = "none") -> GPTModel:
-    """Prepare the model (in place) for decoding at a resolved precision (gptcore.precision), then,
+    """Prepare the model (in place, once: it then decodes at that precision) for decoding at a resolved
+    precision (gptcore.precision), then,
     with quantize="int8", every Linear, the head's too, to int8 (gptcore.inference.quantize; CPU only).
 
     bf16-true: the embeddings and blocks are cast to bf16 (decoding one token reads every weight
@@ -219,7 +220,8 @@ def cast_for_inference(model: GPTModel, precision: str, quantize: str = "none") 
     LayerNorms, attention, GELU and residual adds with the Linears' products; a 774M step 76 ms
     against 85 through the modules, 2026-12-01). *-mixed: the
     weights stay fp32 and the caller decodes under gptcore.precision.autocast. fp32 on CPU: the values
-    stay, and each Linear weight is stored transposed in memory (column-major, same shape): a matmul
+    stay; where the kernels build, every Linear decodes through gemv.c's fp32 kernel (the same reduction
+    order per row whatever the batch: batch-invariant); elsewhere each Linear weight is stored transposed in memory (column-major, same shape): a matmul
     then reads it as x @ W, the layout of GPT-2's Conv1D. Measured 2026-11-30 (torch 2.13, 2 threads,
     load 1.0-1.7): a 124M decoding step of 8 rows took 55 ms instead of 84 ms, one row 30-34 ms either
     way; `gptcore bench --task generate-batch --precision fp32` went from 91.6 to 134.9 tokens/s. (In
