@@ -177,10 +177,10 @@ def test_a_folder_named_gptcore_in_the_working_directory_does_not_shadow_the_ins
     import importlib.metadata
     import json
 
-    try:
-        url = json.loads(importlib.metadata.distribution("gptcore").read_text("direct_url.json") or "{}").get("url")
-    except importlib.metadata.PackageNotFoundError:
-        url = None
+    # pip's record of the install (dist-info in site-packages); the checkout's own gptcore.egg-info, on
+    # sys.path through the .pth, holds no direct_url.json.
+    records = [d.read_text("direct_url.json") for d in importlib.metadata.distributions(name="gptcore")]
+    url = next((json.loads(r).get("url") for r in records if r), None)
     if url != REPO.as_uri():
         pytest.skip(f"gptcore is not installed from this checkout (installed: {url})")
     (tmp_path / "gptcore" / "gptcore").mkdir(parents=True)  # the folder above a clone named gptcore
