@@ -409,7 +409,7 @@ def test_pipeline_generate_responses_end_to_end(repo_copy):
     assert (repo_copy.root / "plots/instructions/images/loss.png").stat().st_size > 0
     steps = (repo_copy.root / "plots/instructions/metrics/val_loss.tsv").read_text().splitlines()
     assert steps[:2] == ["step\tval_loss", f"0\t{m['val_loss_before']}"]  # the foundation's loss, logged first
-    assert (repo_copy.root / "progress/generate_responses/done.json").is_file()
+    assert (repo_copy.root / "progress/generate_responses/instruct/done.json").is_file()  # the foreach instance
     assert (repo_copy.root / "progress/finetune_instructions/done.json").is_file()
     status = repo_copy.dvc("status", "generate_responses").stdout
     assert "changed" not in status
