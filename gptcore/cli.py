@@ -302,7 +302,8 @@ def _add_export(verbs) -> None:
     p.add_argument(
         "--dtype",
         default=None,
-        help="GGUF weights: f32 (exact), f16 (half the size; unset: f16, as the export stage), q8_0 (a quarter); "
+        help="GGUF weights: f32 (exact), f16 (half the size; unset: f16, as the export stage), bf16 (bf16-true's bits), "
+        "q8_0 (a quarter); "
         "--format hf is f32 only",
     )
     p.add_argument(

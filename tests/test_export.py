@@ -99,7 +99,7 @@ def ggufs(models, tmp_path_factory):
     root = tmp_path_factory.mktemp("gguf")
     out = {}
     for name, path in models.items():
-        for dtype in ("f32", "f16", "q8_0"):
+        for dtype in ("f32", "f16", "bf16", "q8_0"):
             out[name, dtype] = export_gguf(path, root / f"{name}-{dtype}.gguf", dtype=dtype).path
     return out
 
@@ -148,8 +148,28 @@ def test_types_per_dtype(ggufs):
     assert types["position_embd.weight"] == types["blk.0.attn_norm.bias"] == F32
     assert types["token_embd.weight"] == F16  # rows of 48 cannot be Q8_0: F16, as convert_hf_to_gguf.py falls back
     assert types["blk.0.ffn_down.weight"] == Q8_0  # rows of 4 * 48 = 192
-    assert [tensor_type("blk.0.attn_qkv.weight", (192, 64), d) for d in ("f32", "f16", "q8_0")] == [F32, F16, Q8_0]
-    assert [tensor_type("blk.0.attn_qkv.bias", (192,), d) for d in ("f32", "f16", "q8_0")] == [F32, F32, F32]
+    BF16 = gguf.GGMLQuantizationType.BF16
+    dtypes = ("f32", "f16", "bf16", "q8_0")
+    assert [tensor_type("blk.0.attn_qkv.weight", (192, 64), d) for d in dtypes] == [F32, F16, BF16, Q8_0]
+    assert [tensor_type("blk.0.attn_qkv.bias", (192,), d) for d in dtypes] == [F32, F32, F32, F32]
+
+
+def test_bf16_holds_the_bits_of_bf16_true(models, ggufs):
+    """A BF16 GGUF matrix is torch's round-to-nearest-even bfloat16 of the weight, bit for bit: llama.cpp
+    BF16 multiplies the same weights as gptcore's bf16-true (the like-for-like decoding peer)."""
+    config, state = load_state(models["stage1_trained"])
+    reader = gguf.GGUFReader(ggufs["stage1_trained", "bf16"])
+    assert reader.fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_BF16
+    tensors = {t.name: t for t in reader.tensors}
+    for ours, theirs in name_table(config):
+        tensor = tensors[theirs]
+        if tensor.tensor_type != gguf.GGMLQuantizationType.BF16:
+            assert tensor.tensor_type == gguf.GGMLQuantizationType.F32, theirs  # 1-D, or the position embedding
+            assert ours not in state or state[ours].dim() == 1 or ours == "pos_emb.weight", theirs
+            continue
+        stored = np.asarray(tensor.data).view(np.uint16).reshape(state[ours].shape)
+        expected = state[ours].bfloat16().view(torch.int16).numpy().view(np.uint16)
+        np.testing.assert_array_equal(stored, expected, err_msg=theirs)
 
 
 # --- llama.cpp runs it ---------------------------------------------------------------------------------
@@ -220,7 +240,7 @@ def test_llama_cpp_tokenizes_like_tiktoken(ggufs, tokenizer, llama_cpp):
         assert llm.detokenize(ids, special=True).decode("utf-8") == text
 
 
-@pytest.mark.parametrize("dtype, bound", [("f16", 5e-3), ("q8_0", 5e-2)])
+@pytest.mark.parametrize("dtype, bound", [("f16", 5e-3), ("bf16", 1e-2), ("q8_0", 5e-2)])
 def test_llama_cpp_agreement_of_smaller_dtypes(dtype, bound, models, ggufs, tokenizer, llama_cpp):
     """Rounded weights move the logits; the figures are reported in docs/export.md."""
     for name in MODELS:

@@ -129,7 +129,7 @@ def _add_peers(parser: argparse.ArgumentParser) -> None:
         "--llama-cpp",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="run llama.cpp (llama-cpp-python) on the same weights as GGUF f16 and q8_0 for generate "
+        help="run llama.cpp (llama-cpp-python) on the same weights as GGUF f16, bf16 and q8_0 for generate "
         "(batch 1); default: when it is installed",
     )
     parser.add_argument(

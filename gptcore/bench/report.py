@@ -86,7 +86,7 @@ def _hf_columns(
 def _llama_cpp_columns(results: dict[str, dict[str, Any] | None], gptcore_rate: float | None) -> dict[str, Any]:
     """llama.cpp's tokens/s in each GGUF dtype it ran, and gptcore's speed over it."""
     columns: dict[str, Any] = {}
-    for system in ("llama.cpp-f16", "llama.cpp-q8_0"):
+    for system in ("llama.cpp-f16", "llama.cpp-bf16", "llama.cpp-q8_0"):
         if results[system]:
             key = system.replace(".", "_").replace("-", "_")
             columns[f"{key}_tokens_per_s"] = _round(_median(results[system]))
@@ -180,7 +180,7 @@ def format_row(row: dict[str, Any]) -> str:
             f"  {name:<10} {precision:<9} {fmt(row[key + '_tokens_per_s']):>9} {'':>9} {'':>9} "
             f"{fmt(row[key + '_peak_rss_mib'], '.0f'):>13}"
         )
-    for dtype in ("f16", "q8_0"):
+    for dtype in ("f16", "bf16", "q8_0"):
         if f"llama_cpp_{dtype}_tokens_per_s" in row:
             lines.append(f"  {'llama.cpp':<10} {dtype:<9} {fmt(row[f'llama_cpp_{dtype}_tokens_per_s']):>9}")
     lines.append(
@@ -188,7 +188,7 @@ def format_row(row: dict[str, Any]) -> str:
         f" / HF same precision: {fmt(row['ratio_vs_hf_same_precision'], '.2f')}x"
         + "".join(
             f"; / llama.cpp {d}: {fmt(row[f'ratio_vs_llama_cpp_{d}'], '.2f')}x"
-            for d in ("f16", "q8_0")
+            for d in ("f16", "bf16", "q8_0")
             if f"ratio_vs_llama_cpp_{d}" in row
         )
     )

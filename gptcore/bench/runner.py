@@ -15,7 +15,7 @@ stages (gptcore/training/allocator.py), generation with the defaults, as serve a
 - generate / generate-batch: greedy decoding of new_tokens tokens after a prompt_len-token prompt, for
   1 prompt / `batch` prompts (8 by default) at once; tokens/s counts new tokens (prefill included).
 For generate (batch 1), llama.cpp (llama-cpp-python, when installed) runs the same weights exported to
-GGUF in f16 and q8_0, the same prompt and as many greedy tokens, with as many threads. In the same run
+GGUF in f16, bf16 and q8_0, the same prompt and as many greedy tokens, with as many threads. In the same run
 a worker measures the task's roofs (gptcore/bench/roofline.py), and each row gives the fraction of its roof
 that gptcore reached. Around every worker, gptcore/bench/machine_load.py records the load average and the
 CPU other processes used; a row measured on a machine that was not quiet says so and warns.
@@ -94,7 +94,7 @@ def _systems(
     # llama.cpp runs on the CPU: beside a CUDA gptcore it would compare two machines.
     if llama_cpp is not False and spec.task == "generate" and spec.batch == 1 and spec.device in ("auto", "cpu"):
         if _llama_cpp_available():
-            systems += ["llama.cpp-f16", "llama.cpp-q8_0"]
+            systems += ["llama.cpp-f16", "llama.cpp-bf16", "llama.cpp-q8_0"]
         elif llama_cpp:
             notes.append("llama.cpp: llama-cpp-python is not installed")
     return systems, notes

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 TASKS = ("train", "classify", "generate", "generate-batch")
 FIXED_SHAPE_TASKS = ("train", "classify")  # the same shapes every step, as the stages that train
-SYSTEMS = ("gptcore", "hf-fp32", "hf-bf16", "llama.cpp-f16", "llama.cpp-q8_0")
+SYSTEMS = ("gptcore", "hf-fp32", "hf-bf16", "llama.cpp-f16", "llama.cpp-bf16", "llama.cpp-q8_0")
 ROOF = "roof"  # the worker that measures the task's roofs (gptcore/bench/roofline.py)
 
 

@@ -10,7 +10,7 @@ each third, the split that llama.cpp's `build_qkv` makes. Differences that need 
   it is written as zeros (adding zero is exact).
 - A tied head is not written: llama.cpp falls back to `token_embd.weight` when `output.weight` is
   absent. An untied head (Stage 1) is written as `output.weight`.
-- Which tensors a dtype converts follows convert_hf_to_gguf.py: 1-D tensors (norms, biases) and the
+- Which tensors a dtype (f16, bf16, q8_0) converts follows convert_hf_to_gguf.py: 1-D tensors (norms, biases) and the
   position embedding stay F32; q8_0 falls back to F16 for a matrix whose rows are not a multiple of
   Q8_0's 32-value block.
 The tokenizer is GPT-2's byte-level BPE (encoder.json tokens in id order, vocab.bpe merges),
@@ -46,6 +46,7 @@ LAYER_NORM_EPS = 1e-5
 DTYPES = {
     "f32": gguf.LlamaFileType.ALL_F32,
     "f16": gguf.LlamaFileType.MOSTLY_F16,
+    "bf16": gguf.LlamaFileType.MOSTLY_BF16,
     "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
 }
 GPT2_VOCAB_SIZE = 50257
@@ -90,11 +91,13 @@ def name_table(config: GPTConfig) -> list[tuple[str, str]]:
 
 
 def tensor_type(name: str, shape: tuple[int, ...], dtype: str) -> gguf.GGMLQuantizationType:
-    """The GGML type a GGUF tensor gets under `dtype` (f32, f16, q8_0): the rule of convert_hf_to_gguf.py."""
+    """The GGML type a GGUF tensor gets under `dtype` (f32, f16, bf16, q8_0): the rule of convert_hf_to_gguf.py."""
     if dtype == "f32" or len(shape) < 2 or name in ALWAYS_F32:
         return gguf.GGMLQuantizationType.F32
     if dtype == "f16":
         return gguf.GGMLQuantizationType.F16
+    if dtype == "bf16":
+        return gguf.GGMLQuantizationType.BF16
     block, _ = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0]
     return gguf.GGMLQuantizationType.Q8_0 if shape[-1] % block == 0 else gguf.GGMLQuantizationType.F16
 
@@ -149,7 +152,8 @@ def export_gguf(
     """Write the gptcore weights file `model_path` as a GGUF file `out` (atomically).
 
     Args:
-        dtype: f32 (exact), f16, or q8_0 (8-bit blocks of 32 with one f16 scale).
+        dtype: f32 (exact), f16, bf16 (the bits of gptcore's bf16-true weights: gguf-py rounds to
+            nearest even, as torch does), or q8_0 (8-bit blocks of 32 with one f16 scale).
         name: `general.name` in the file (default: the output file's stem).
         tokenizer_dir: where encoder.json and vocab.bpe are (default: gptcore.tokenizer's search).
         chat_template: store the Alpaca chat template as `tokenizer.chat_template` (Jinja, read by

@@ -333,9 +333,9 @@ class ExportParams(Section):
         min_length=1,
         description="gguf: GGUF + Ollama Modelfile (llama.cpp, Ollama); hf: a Hugging Face transformers folder",
     )
-    dtype: Literal["f32", "f16", "q8_0"] = Field(
+    dtype: Literal["f32", "f16", "bf16", "q8_0"] = Field(
         "f16",
-        description="GGUF weights: f32 (exact), f16 (half the size), q8_0 (a quarter); agreement in docs/export.md",
+        description="GGUF weights: f32 (exact), f16 or bf16 (half the size), q8_0 (a quarter); agreement in docs/export.md",
     )
 
     @model_validator(mode="after")
