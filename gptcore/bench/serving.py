@@ -45,6 +45,7 @@ def run(
     seed: int = 0,
     repeats: int = 2,
     precision: str = "fp32",
+    quantize: str = "none",
 ) -> dict:
     from gptcore.config import GPTConfig
     from gptcore.model import random_model
@@ -62,7 +63,7 @@ def run(
             0,
             name="bench",
             device="cpu",
-            load=LoadOptions(precision=precision),
+            load=LoadOptions(precision=precision, quantize=quantize),
             quiet=True,
             limits=Limits(max_batch=max(clients, 1)),
         ).start()
@@ -92,6 +93,7 @@ def run(
     return {
         "preset": preset,
         "precision": precision,
+        "quantize": quantize,
         "clients": clients,
         "prompt_tokens": [r["prompt_eval_count"] for r in alone],
         "new_tokens": [r["eval_count"] for r in alone],
@@ -122,6 +124,9 @@ def build_parser():
         help="as gptcore serve --precision (fp32: every client's tokens must equal its tokens alone)",
     )
     parser.add_argument(
+        "--quantize", default="none", choices=["none", "int8"], help="as gptcore serve --quantize (int8 weights)"
+    )
+    parser.add_argument(
         "--repeats",
         type=positive_int,
         default=2,
@@ -135,7 +140,16 @@ def main(argv: list[str] | None = None) -> int:
     print("load average before:", os.getloadavg(), flush=True)
     print(
         json.dumps(
-            run(args.preset, args.clients, args.prompt_len, args.new_tokens, args.seed, args.repeats, args.precision)
+            run(
+                args.preset,
+                args.clients,
+                args.prompt_len,
+                args.new_tokens,
+                args.seed,
+                args.repeats,
+                args.precision,
+                args.quantize,
+            )
         ),
         flush=True,
     )
