@@ -35,7 +35,13 @@ def machine() -> dict:
         flags = next(line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags"))
         info["cpu"] = model
         info["flags"] = [f for f in FLAGS if f in flags]
-        mem_kib = int(next(line.split()[1] for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal")))
+        mem_kib = int(
+            next(
+                line.split()[1]
+                for line in Path("/proc/meminfo").read_text().splitlines()
+                if line.startswith("MemTotal")
+            )
+        )
         info["memory_gib"] = round(mem_kib / 2**20, 1)
     except (OSError, StopIteration, ValueError):
         pass
@@ -55,11 +61,11 @@ def main() -> int:
     parser.add_argument("name", help="the file's name after the date, e.g. kernels-avx2-bf16")
     parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="set for the command")
     parser.add_argument("--out-dir", default=str(REPO / "benchmarks" / "results"))
-    parser.add_argument("command", nargs=argparse.REMAINDER, help="after --: the command")
-    args = parser.parse_args()
-    command = args.command[1:] if args.command[:1] == ["--"] else args.command
-    if not command:
+    argv = sys.argv[1:]
+    if "--" not in argv or argv.index("--") == len(argv) - 1:
         parser.error("no command given (put it after --)")
+    split = argv.index("--")
+    args, command = parser.parse_args(argv[:split]), argv[split + 1 :]
     env = dict(os.environ)
     extra = dict(item.split("=", 1) for item in args.env)
     env.update(extra)
