@@ -66,8 +66,14 @@ static int omp_get_thread_num(void) { return 0; }  /* built without OpenMP: one 
 #endif
 
 #ifndef GROUP
-#define GROUP 4  /* weight rows streamed together */
+/* Weight rows per dot call. One: a thread then reads its share of the matrix as one sequential stream
+   (rows are contiguous), which the hardware prefetchers follow; four rows side by side were four short
+   streams 2.5 KB apart, and read 36-41 GB/s where one reads 45-47 (774M's shapes, 2 threads, AMD EPYC
+   with AVX512-BF16, 2026-12-07, benchmarks/results/2026-12-07-kernels-*). Independent accumulators
+   within the row keep the FMA latency off the critical path instead. */
+#define GROUP 1
 #endif
+#define ACCS 4  /* independent accumulators per row in the vector paths */
 #define LANES 16
 #ifndef PREFETCH_BYTES
 #define PREFETCH_BYTES 4096  /* ahead in each weight row: ahead of the hardware prefetcher, which stops at pages */
@@ -157,24 +163,28 @@ static void dot_bf16_scalar(const uint16_t *x, const uint16_t *w, int64_t k_len,
 typedef void (*dot_bf16_fn)(const uint16_t *x, const uint16_t *w, int64_t k_len, float *sums);
 
 #if HAVE_AVX512BF16
+/* ACCS lines of 32 weights per step, each into its own accumulator (VDPBF16PS's latency is several
+   cycles); the sums are added in a fixed order at the end, so a row's result depends on k_len only. */
 static void dot_bf16_avx512bf16(const uint16_t *x, const uint16_t *w, int64_t k_len, float *sums) {
-    __m512 acc[GROUP];
-    for (int r = 0; r < GROUP; r++) acc[r] = _mm512_setzero_ps();
-    int64_t k = 0;
-    for (; k + 32 <= k_len; k += 32) {
-        __m512bh xv = (__m512bh)_mm512_loadu_si512((const void *)(x + k));
-        for (int r = 0; r < GROUP; r++) {
-            _mm_prefetch((const char *)(w + r * k_len + k) + PREFETCH_BYTES, _MM_HINT_T0);
-            acc[r] = _mm512_dpbf16_ps(acc[r], xv, (__m512bh)_mm512_loadu_si512((const void *)(w + r * k_len + k)));
+    for (int r = 0; r < GROUP; r++) {
+        const uint16_t *row = w + r * k_len;
+        __m512 acc[ACCS];
+        for (int a = 0; a < ACCS; a++) acc[a] = _mm512_setzero_ps();
+        int64_t k = 0;
+        for (; k + 32 * ACCS <= k_len; k += 32 * ACCS)
+            for (int a = 0; a < ACCS; a++) {
+                _mm_prefetch((const char *)(row + k + 32 * a) + PREFETCH_BYTES, _MM_HINT_T0);
+                __m512bh xv = (__m512bh)_mm512_loadu_si512((const void *)(x + k + 32 * a));
+                acc[a] = _mm512_dpbf16_ps(acc[a], xv, (__m512bh)_mm512_loadu_si512((const void *)(row + k + 32 * a)));
+            }
+        for (int a = 0; k < k_len; k += 32, a++) {  /* the rest, the last line zero-filled past the end */
+            __mmask32 mask = k + 32 <= k_len ? ~(__mmask32)0 : (__mmask32)((1ull << (k_len - k)) - 1);
+            __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(mask, x + k);
+            acc[a] = _mm512_dpbf16_ps(acc[a], xv, (__m512bh)_mm512_maskz_loadu_epi16(mask, row + k));
         }
+        for (int a = 1; a < ACCS; a++) acc[0] = _mm512_add_ps(acc[0], acc[a]);
+        sums[r] = _mm512_reduce_add_ps(acc[0]);
     }
-    if (k < k_len) {  /* the tail, zero-filled past the end (masked loads read nothing there) */
-        __mmask32 mask = (__mmask32)((1ull << (k_len - k)) - 1);
-        __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(mask, x + k);
-        for (int r = 0; r < GROUP; r++)
-            acc[r] = _mm512_dpbf16_ps(acc[r], xv, (__m512bh)_mm512_maskz_loadu_epi16(mask, w + r * k_len + k));
-    }
-    for (int r = 0; r < GROUP; r++) sums[r] = _mm512_reduce_add_ps(acc[r]);
 }
 #endif
 
@@ -188,29 +198,30 @@ static inline float sum8(__m256 v) {
 
 /* 16 bf16 values in a 256-bit register are 8 pairs; as fp32, the even ones are the pairs shifted left by
    16 bits and the odd ones the pairs with their low half cleared. Two integer operations per 16 weights,
-   no shuffle; x is split the same way, once for the group. */
+   no shuffle. Each of the four products of a 64-byte line goes into its own accumulator (ACCS = 4), so
+   the FMAs of a line do not wait on each other; the accumulators are added in a fixed order at the end. */
 static void dot_bf16_avx2(const uint16_t *x, const uint16_t *w, int64_t k_len, float *sums) {
     const __m256i high = _mm256_set1_epi32((int)0xffff0000u);
-    __m256 acc[GROUP];
-    for (int r = 0; r < GROUP; r++) acc[r] = _mm256_setzero_ps();
-    int64_t k = 0;
-    for (; k + 32 <= k_len; k += 32) {  /* one 64-byte line of each row per step */
-        __m256i x0 = _mm256_loadu_si256((const __m256i *)(x + k)), x1 = _mm256_loadu_si256((const __m256i *)(x + k + 16));
-        __m256 even0 = _mm256_castsi256_ps(_mm256_slli_epi32(x0, 16)), odd0 = _mm256_castsi256_ps(_mm256_and_si256(x0, high));
-        __m256 even1 = _mm256_castsi256_ps(_mm256_slli_epi32(x1, 16)), odd1 = _mm256_castsi256_ps(_mm256_and_si256(x1, high));
-        for (int r = 0; r < GROUP; r++) {
-            const uint16_t *row = w + r * k_len + k;
-            _mm_prefetch((const char *)row + PREFETCH_BYTES, _MM_HINT_T0);
-            __m256i w0 = _mm256_loadu_si256((const __m256i *)row), w1 = _mm256_loadu_si256((const __m256i *)(row + 16));
-            acc[r] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(w0, 16)), even0, acc[r]);
-            acc[r] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(w0, high)), odd0, acc[r]);
-            acc[r] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(w1, 16)), even1, acc[r]);
-            acc[r] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(w1, high)), odd1, acc[r]);
-        }
-    }
     for (int r = 0; r < GROUP; r++) {
-        float s = sum8(acc[r]);
-        for (int64_t j = k; j < k_len; j++) s += bf16_to_float(x[j]) * bf16_to_float(w[r * k_len + j]);  /* the tail */
+        const uint16_t *row = w + r * k_len;
+        __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps(), acc2 = _mm256_setzero_ps(),
+               acc3 = _mm256_setzero_ps();
+        int64_t k = 0;
+        for (; k + 32 <= k_len; k += 32) {  /* one 64-byte line per step */
+            _mm_prefetch((const char *)(row + k) + PREFETCH_BYTES, _MM_HINT_T0);
+            __m256i x0 = _mm256_loadu_si256((const __m256i *)(x + k)), x1 = _mm256_loadu_si256((const __m256i *)(x + k + 16));
+            __m256i w0 = _mm256_loadu_si256((const __m256i *)(row + k)), w1 = _mm256_loadu_si256((const __m256i *)(row + k + 16));
+            acc0 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(w0, 16)),
+                                   _mm256_castsi256_ps(_mm256_slli_epi32(x0, 16)), acc0);
+            acc1 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(w0, high)),
+                                   _mm256_castsi256_ps(_mm256_and_si256(x0, high)), acc1);
+            acc2 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(w1, 16)),
+                                   _mm256_castsi256_ps(_mm256_slli_epi32(x1, 16)), acc2);
+            acc3 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(w1, high)),
+                                   _mm256_castsi256_ps(_mm256_and_si256(x1, high)), acc3);
+        }
+        float s = sum8(_mm256_add_ps(_mm256_add_ps(acc0, acc1), _mm256_add_ps(acc2, acc3)));
+        for (; k < k_len; k++) s += bf16_to_float(x[k]) * bf16_to_float(row[k]);  /* the tail */
         sums[r] = s;
     }
 }
