@@ -303,8 +303,7 @@ def _add_export(verbs) -> None:
         "--dtype",
         default=None,
         help="GGUF weights: f32 (exact), f16 (half the size; unset: f16, as the export stage), bf16 (bf16-true's bits), "
-        "q8_0 (a quarter); "
-        "--format hf is f32 only",
+        "q8_0 (a quarter); --format hf is f32 only",
     )
     p.add_argument(
         "--modelfile",

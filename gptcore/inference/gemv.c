@@ -68,9 +68,9 @@ static int omp_get_thread_num(void) { return 0; }  /* built without OpenMP: one 
 #ifndef GROUP
 /* Weight rows per dot call. One: a thread then reads its share of the matrix as one sequential stream
    (rows are contiguous), which the hardware prefetchers follow; four rows side by side were four short
-   streams 2.5 KB apart, and read 36-41 GB/s where one reads 45-47 (774M's shapes, 2 threads, AMD EPYC
-   with AVX512-BF16, 2026-12-07, benchmarks/results/2026-12-07-kernels-*). Independent accumulators
-   within the row keep the FMA latency off the critical path instead. */
+   streams 2.5 KB apart: 774M bf16-true decoding went from 21.3 to 25-32 tokens/s with one (2 threads,
+   AMD EPYC Zen 5, benchmarks/results/2026-12-07-kernels-*; docs/performance.md). Independent
+   accumulators within the row keep the FMA latency off the critical path instead. */
 #define GROUP 1
 #endif
 #define ACCS 4  /* independent accumulators per row in the vector paths */
