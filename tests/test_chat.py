@@ -205,15 +205,15 @@ def _session(llm, lines, **kwargs) -> tuple[ChatSession, str, int]:
 
 
 def test_commands(llm, tmp_path):
+    (tmp_path / "file").write_text("")
     session, shown, code = _session(
-        llm,
-        ["/help", "/system Be brief.", "Hi", "/bogus", "/save", f"/save {tmp_path}/no/such/dir/x.json", "/exit"],
+        llm, ["/help", "/system Be brief.", "Hi", "/bogus", "/save", f"/save {tmp_path}/file/x.json", "/exit"]
     )
     assert code == 0
     assert "/reset" in shown and "/save FILE" in shown and "Ctrl-C stops a reply" in shown
     assert "(system message set)" in shown and session.conversation()[0] == {"role": "system", "content": "Be brief."}
     assert "unknown command /bogus; /help lists them" in shown and "usage: /save FILE" in shown
-    assert "error: cannot write" in shown and "No such file or directory" in shown
+    assert f"error: cannot write {tmp_path}/file/x.json: " in shown  # a file where a folder should be
     assert [m["role"] for m in session.conversation()] == ["system", "user", "assistant"]
     assert session.conversation()[2]["content"] == llm.chat(session.conversation()[:2], max_new_tokens=5)
 

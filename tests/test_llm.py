@@ -219,7 +219,8 @@ def test_an_adapter_is_applied_as_generate_applies_it(model_path, tmp_path, caps
     save_adapter(adapter, adapter_state_dict(model), LoRAConfig(rank=2, alpha=4.0), sha256_of(model_path))
     tuned = LLM.load(model_path, adapter=adapter, device="cpu").generate(PROMPT, max_new_tokens=20)
     capsys.readouterr()
-    assert cli_main(["generate", "--model", str(model_path), "--adapter", str(adapter), "--prompt", PROMPT]) == 0
+    flags = ["--adapter", str(adapter), "--prompt", PROMPT, "--max-new-tokens", "20", "--device", "cpu"]
+    assert cli_main(["generate", "--model", str(model_path), *flags]) == 0
     assert capsys.readouterr().out == PROMPT + tuned + "\n"
     assert tuned != LLM.load(model_path, device="cpu").generate(PROMPT, max_new_tokens=20)
 
