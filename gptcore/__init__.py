@@ -16,16 +16,18 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "GPTConfig": "gptcore.config",
     "GPTModel": "gptcore.model",
+    "LLM": "gptcore.llm",
     "generate": "gptcore.inference.decoding",
     "get_tokenizer": "gptcore.tokenizer",
     "load_model": "gptcore.weights",
     "save_model": "gptcore.weights",
 }
-__all__ = ["GPTConfig", "GPTModel", "generate", "get_tokenizer", "load_model", "save_model"]  # = _EXPORTS
+__all__ = ["GPTConfig", "GPTModel", "LLM", "generate", "get_tokenizer", "load_model", "save_model"]  # = _EXPORTS
 
 if TYPE_CHECKING:  # for type checkers and IDEs only; nothing is imported at run time
     from gptcore.config import GPTConfig
     from gptcore.inference.decoding import generate
+    from gptcore.llm import LLM
     from gptcore.model import GPTModel
     from gptcore.tokenizer import get_tokenizer
     from gptcore.weights import load_model, save_model

@@ -3,18 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import logging
 from collections.abc import Sequence
 
-from gptcore.arguments import (
-    ArgumentParser,
-    device_name,
-    integer,
-    non_negative_int,
-    non_negative_number,
-    positive_int,
-    seed_number,
-)
+from gptcore.arguments import ArgumentParser, device_name, integer
 from gptcore.entry import run_entry
 from gptcore.errors import GptcoreError
 from gptcore.sampling_flags import add_sampling_flags, sampling_from_flags
@@ -88,14 +79,8 @@ def _export(args: argparse.Namespace) -> int:
 
 def _generate(args: argparse.Namespace) -> int:
     from gptcore.device import resolve_device
-    from gptcore.inference.decoding import (
-        cast_for_inference,
-        generate,
-        ids_to_text,
-        make_generator,
-        resolve_decoding_precision,
-        text_to_ids,
-    )
+    from gptcore.inference.decoding import generate, ids_to_text, make_generator, text_to_ids
+    from gptcore.llm import load_for_decoding
     from gptcore.precision import autocast
     from gptcore.tokenizer import EOT_ID, get_tokenizer
 
@@ -105,12 +90,7 @@ def _generate(args: argparse.Namespace) -> int:
     idx = text_to_ids(args.prompt, tokenizer, device)
     if idx.shape[1] == 0:
         raise GptcoreError("the prompt is empty: generation needs at least one token")
-    model = _load_model(args.model, args.adapter, device)
-    if model.config.num_classes is not None:
-        raise GptcoreError(f"{args.model}: is a classifier; use `gptcore classify`")
-    precision, reason = resolve_decoding_precision(args.precision, device)
-    logging.getLogger(__name__).debug("precision %s (%s)", precision, reason)  # -v shows it
-    cast_for_inference(model, precision, args.quantize)
+    model, precision = load_for_decoding(args.model, args.adapter, device, args.precision, args.quantize)
     with autocast(device, precision):
         out = generate(
             model,
@@ -124,15 +104,10 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_model(path: str, adapter: str | None, device):
-    """The weights file's model, with the adapter file merged in where one is given."""
-    if adapter is None:
-        from gptcore.weights import load_model
+def _chat(args: argparse.Namespace) -> int:
+    from gptcore.chat import chat_in_terminal
 
-        return load_model(path, device=device)
-    from gptcore.recipes.merge import load_with_adapter
-
-    return load_with_adapter(path, adapter, device)[0]
+    return chat_in_terminal(args)
 
 
 def _classify(args: argparse.Namespace) -> int:
@@ -246,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_convert(verbs)
     _add_export(verbs)
     _add_generate(verbs)
+    _add_chat(verbs)
     _add_classify(verbs)
     _add_serve(verbs)
     _add_merge(verbs)
@@ -328,36 +304,32 @@ def _add_generate(verbs) -> None:
     p.add_argument("--model", required=True, help="weights file (.safetensors)")
     _add_adapter(p)
     p.add_argument("--prompt", required=True, help="the text to continue")
-    p.add_argument(
-        "--max-new-tokens",
-        type=non_negative_int,
-        default=50,
-        help="tokens to generate at most (fewer if the model emits end-of-text)",
-    )
-    p.add_argument(
-        "--temperature",
-        type=non_negative_number,
-        default=0.0,
-        help="sampling temperature, a finite number >= 0; 0 is greedy (argmax)",
-    )
-    p.add_argument(
-        "--top-k",
-        type=positive_int,
-        default=None,
-        help="keep only the k most likely tokens; unset: all",
-    )
     add_sampling_flags(p)
-    p.add_argument(
-        "--seed",
-        type=seed_number,
-        default=None,
-        help="seed of the sampling generator, for repeatable samples; unset: a fresh draw each run",
-    )
     p.add_argument(
         "--device", type=device_name, default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps"
     )
     _add_decoding_precision(p)
     p.set_defaults(func=_generate)
+
+
+def _add_chat(verbs) -> None:
+    """`gptcore chat`: a conversation in the terminal."""
+    p = verbs.add_parser(
+        "chat",
+        help="talk with a language model in the terminal: replies stream as they are decoded; "
+        "/help lists the commands (docs/chat.md)",
+    )
+    p.add_argument("--model", required=True, help="weights file (.safetensors), e.g. models/instruct/model.safetensors")
+    _add_adapter(p)
+    p.add_argument(
+        "--system", default=None, help="the system message, in place of the Alpaca preamble (/system changes it)"
+    )
+    add_sampling_flags(p, max_new_tokens=256, what=" per reply")
+    p.add_argument(
+        "--device", type=device_name, default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps"
+    )
+    _add_decoding_precision(p)
+    p.set_defaults(func=_chat)
 
 
 def _add_classify(verbs) -> None:

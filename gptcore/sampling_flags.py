@@ -1,11 +1,13 @@
-"""The command line's sampling flags (`gptcore generate`): one table of the sampler's options beside
---temperature, --top-k and --seed, their argparse options, and the SamplingOptions they make. Kept apart
-from gptcore/cli.py, which knows every verb; imports no torch until options are made."""
+"""The command line's sampling flags (`gptcore generate`, `gptcore chat`): --max-new-tokens, --temperature,
+--top-k, one table of the sampler's other options, --logit-bias and --seed; their argparse options, and the
+SamplingOptions they make. Kept apart from gptcore/cli.py, which knows every verb; imports no torch until
+options are made."""
 
 from __future__ import annotations
 
 import argparse
 
+from gptcore.arguments import non_negative_int, non_negative_number, positive_int, seed_number
 from gptcore.errors import GptcoreError
 
 # The sampler's options beside --temperature, --top-k and --seed (gptcore/inference/sampling.py: their order).
@@ -42,8 +44,23 @@ def sampling_from_flags(args: argparse.Namespace):
         raise GptcoreError(f"--{str(err).replace('_', '-')}") from None
 
 
-def add_sampling_flags(p: argparse.ArgumentParser) -> None:
-    """The sampling flags of `gptcore generate` (and any verb that samples)."""
+def add_sampling_flags(p: argparse.ArgumentParser, max_new_tokens: int = 50, what: str = "") -> None:
+    """The sampling flags of `gptcore generate` (and any verb that samples): --max-new-tokens (its default
+    given; `what` says what the tokens make, in its help), --temperature, --top-k, the table above,
+    --logit-bias, --seed."""
+    p.add_argument(
+        "--max-new-tokens",
+        type=non_negative_int,
+        default=max_new_tokens,
+        help=f"tokens to generate at most{what} (fewer if the model emits end-of-text)",
+    )
+    p.add_argument(
+        "--temperature",
+        type=non_negative_number,
+        default=0.0,
+        help="sampling temperature, a finite number >= 0; 0 is greedy (argmax)",
+    )
+    p.add_argument("--top-k", type=positive_int, default=None, help="keep only the k most likely tokens; unset: all")
     for name, kind, default, text in SAMPLING_FLAGS:
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=default, help=text)
     p.add_argument(
@@ -51,4 +68,10 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
         action="append",
         metavar="TOKEN_ID=BIAS",
         help="add BIAS to a token's logit (repeatable; -100 bans it, +100 forces it)",
+    )
+    p.add_argument(
+        "--seed",
+        type=seed_number,
+        default=None,
+        help="seed of the sampling generator, for repeatable samples; unset: a fresh draw each run",
     )

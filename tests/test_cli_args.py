@@ -69,7 +69,7 @@ def _undocumented(parser: argparse.ArgumentParser) -> list[str]:
     return [a.dest for a in parser._actions if not a.help and not isinstance(a, argparse._SubParsersAction)]
 
 
-@pytest.mark.parametrize("verb", ["convert", "generate", "classify", "serve", "export", "bench"])
+@pytest.mark.parametrize("verb", ["convert", "generate", "chat", "classify", "serve", "export", "bench"])
 def test_every_verb_option_has_help_and_shows_defaults(verb):
     parser = _subparsers(build_parser())[verb]
     assert parser.formatter_class is HelpFormatter
@@ -148,8 +148,12 @@ print(sorted(m for m in ("torch", "numpy", "pydantic", "pandas") if m in sys.mod
     "args",
     [
         ["--help"],
-        *[[verb, "--help"] for verb in ("convert", "export", "generate", "classify", "serve", "bench", "doctor")],
+        *[
+            [verb, "--help"]
+            for verb in ("convert", "export", "generate", "chat", "classify", "serve", "bench", "doctor")
+        ],
         [*GENERATE, "--top-k", "0"],
+        ["chat", "--model", "m.safetensors", "--temperature", "-1"],
         ["bench", "--model", "gpt3"],
         ["serve"],
     ],
