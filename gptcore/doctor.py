@@ -10,6 +10,7 @@ dvc.yaml (every stage without targets).
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,8 @@ import yaml
 
 from gptcore.download import MIRROR_ENV, NO_OPENAI_HINT, mirror_root
 from gptcore.errors import ConfigError, GptcoreError
+
+_TEMPLATE = re.compile(r"\$\{([^}]+)\}")  # DVC's ${...} interpolation, as in dvc.yaml
 
 QUICK_START = "or run the quick start (README: Quick start; params-quickstart.yaml), which needs only the mirror"
 MIRROR_FIX = f"set {MIRROR_ENV} to a folder laid out like ../shared/mirror (offline), or check the network"
@@ -41,13 +44,27 @@ class Finding:
         return f"{self.status:4}  {self.topic}: {self.message}" + (f"; fix: {self.fix}" if self.fix else "")
 
 
-def stages_in_plan(dvc_yaml: str | os.PathLike, targets: list[str] | tuple[str, ...] = ()) -> dict[str, dict]:
-    """The stages `dvc repro TARGET...` runs: the targets and every stage whose outs they depend on."""
+def stages_in_plan(
+    dvc_yaml: str | os.PathLike, targets: list[str] | tuple[str, ...] = (), params: dict | None = None
+) -> dict[str, dict]:
+    """The stages `dvc repro TARGET...` runs: the targets and every stage whose outs they depend on.
+
+    `${key}` / `${section.key}` in a stage are filled in from `params` (the params file as a dict;
+    default: the params.yaml beside dvc.yaml, as DVC does), so a dep such as the foundation stage's
+    `models/${foundation}` links to the stage that writes the folder in use.
+    """
     declared = yaml.safe_load(Path(dvc_yaml).read_text(encoding="utf-8"))["stages"]
     unknown = [t for t in targets if t not in declared]
     if unknown:
         raise ConfigError(f"{dvc_yaml}: no stage {', '.join(unknown)}; stages: {', '.join(declared)}")
-    stages = {name: stage for group, entry in declared.items() for name, stage in _instances(group, entry)}
+    if params is None:
+        beside = Path(dvc_yaml).parent / "params.yaml"
+        params = yaml.safe_load(beside.read_text(encoding="utf-8")) if beside.is_file() else {}
+    stages = {
+        name: _fill(stage, params or {})
+        for group, entry in declared.items()
+        for name, stage in _instances(group, entry)
+    }
     producer = {out: name for name, stage in stages.items() for out in _paths(stage.get("outs", []))}
     plan, todo = set(), [name for name in stages if not targets or name.split("@")[0] in targets]
     while todo:
@@ -75,6 +92,26 @@ def _instances(name: str, stage: dict) -> list[tuple[str, dict]]:
     return out
 
 
+def _fill(value, params: dict):
+    """`value` (a stage, or any part of it) with each `${dotted.key}` that params holds replaced by its value."""
+    if isinstance(value, dict):
+        return {_fill(key, params): _fill(item, params) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_fill(item, params) for item in value]
+    if isinstance(value, str):
+        return _TEMPLATE.sub(lambda match: _lookup(params, match.group(1), match.group(0)), value)
+    return value
+
+
+def _lookup(params: dict, dotted: str, unresolved: str) -> str:
+    value = params
+    for part in dotted.strip().split("."):
+        if not isinstance(value, dict) or part not in value:
+            return unresolved
+        value = value[part]
+    return unresolved if isinstance(value, (dict, list)) else str(value)
+
+
 def _paths(entries: list) -> list[str]:
     return [e if isinstance(e, str) else next(iter(e)) for e in entries]
 
@@ -89,7 +126,7 @@ def diagnose(params_path: str | os.PathLike, dvc_yaml: str | os.PathLike, target
         problems = getattr(err, "problems", None)
         message = f"{params_path}: {'; '.join(problems)}" if problems else " ".join(str(err).split())
         return [Finding("fail", "params", message, "edit the keys named"), *_machine_checks(None)]
-    plan = stages_in_plan(dvc_yaml, targets)
+    plan = stages_in_plan(dvc_yaml, targets, yaml.safe_load(Path(params_path).read_text(encoding="utf-8")))
     findings = [Finding("ok", "params", f"{params_path} is valid; {len(plan)} stage(s) in the plan")]
     findings += _source_checks(params, plan, Path(dvc_yaml).parent)
     findings.append(_disk_check(params, plan, Path(dvc_yaml).parent))
@@ -139,14 +176,14 @@ def _sources(params, plan: dict[str, dict], repo: Path) -> list[Source]:
 def _openai_sources(params, plan: dict[str, dict], repo: Path) -> list[Source]:
     from gptcore.config import OPENAI_SIZES
 
-    if "foundation" not in plan or params.foundation not in OPENAI_SIZES:
+    if "download_gpt2" not in plan or params.foundation not in OPENAI_SIZES:
         return []
-    from gptcore.convert.openai import CHECKPOINT_FILES
+    from gptcore.convert.openai_download import CHECKPOINT_FILES
 
     size = OPENAI_SIZES[params.foundation]
     url = f"{params.download_gpt2.base_url.rstrip('/')}/{size}"
-    words = plan["foundation"]["cmd"].split()
-    fetched = repo / words[words.index("--openai-dir") + 1] / size  # where the stage keeps a checkpoint it fetched
+    # The stage's out named after the foundation: the folder that holds a checkpoint it fetched.
+    (fetched,) = [repo / o for o in _paths(plan["download_gpt2"]["outs"]) if Path(o).name == params.foundation]
     files = [(f"gpt2/models/{size}/{name}", fetched / name) for name in CHECKPOINT_FILES]
     return [Source(f"OpenAI's {size} checkpoint (foundation: {params.foundation})", [url], files, openai=True)]
 

@@ -1,10 +1,8 @@
 """Stage foundation: the weights file (--out) the finetuning stages start from, as params `foundation`
-names it. An OpenAI GPT-2 (gpt2-small, gpt2-medium, gpt2-large, gpt2-xl): its TensorFlow checkpoint
-(seven files from `download_gpt2.base_url`) is fetched into --openai-dir/<size>/, kept there for the next
-switch, and converted; unfinished downloads wait in --partial-dir/<size>/. `pretrained` / `scratch`:
-Stage 1's weights file (--pretrained / --scratch) is copied.
-
-Honours GPTCORE_MIRROR (OpenAI's files served from gpt2/models/<size>/<file>).
+names it, made from --source, that foundation's folder (models/<foundation>/ in dvc.yaml). An OpenAI
+GPT-2 (gpt2-small, gpt2-medium, gpt2-large, gpt2-xl): the TensorFlow checkpoint that the download_gpt2
+stage fetched into the folder is converted. `pretrained` / `scratch`: Stage 1's weights file in the
+folder (model.safetensors) is copied.
 """
 
 from gptcore.arguments import ArgumentParser
@@ -16,23 +14,14 @@ from gptcore.params.load import load_params
 def main() -> None:
     parser = ArgumentParser(description=__doc__)
     parser.add_argument("--params", default="params.yaml", help="the params file; validated whole before any work")
-    parser.add_argument("--pretrained", required=True, help="Stage 1's pretrained weights file")
-    parser.add_argument("--scratch", required=True, help="Stage 1's randomly initialised weights file")
-    parser.add_argument("--openai-dir", required=True, help="folder of OpenAI checkpoints, one subfolder per size")
-    parser.add_argument("--partial-dir", required=True, help="where unfinished downloads wait to be resumed")
+    parser.add_argument(
+        "--source", required=True, help="the foundation's folder: an OpenAI checkpoint, or Stage 1's weights"
+    )
     parser.add_argument("--out", required=True, help="the foundation's weights file")
     args = parser.parse_args()
     params = load_params(args.params)
     set_environ_defaults(TENSORFLOW_ENV)  # before TensorFlow is imported (an OpenAI foundation converts)
-    source = prepare_foundation(
-        params.foundation,
-        args.out,
-        pretrained=args.pretrained,
-        scratch=args.scratch,
-        openai_dir=args.openai_dir,
-        partial_dir=args.partial_dir,
-        base_url=params.download_gpt2.base_url,
-    )
+    source = prepare_foundation(params.foundation, args.source, args.out)
     print(f"foundation: {params.foundation} ({source}) -> {args.out}")
 
 

@@ -99,10 +99,23 @@ def test_a_bad_params_file_is_one_fail_line_and_the_machine_is_still_checked(tmp
 
 
 def test_the_plan_is_the_targets_and_what_they_need_upstream():
-    quick = stages_in_plan(REPO / "dvc.yaml", QUICK_START_TARGETS)
+    quick_params = yaml.safe_load((REPO / "params-quickstart.yaml").read_text())
+    quick = stages_in_plan(REPO / "dvc.yaml", QUICK_START_TARGETS, quick_params)
     assert "judge" not in quick and {"download_corpus", "foundation", "init_scratch", "prepare_sms"} <= set(quick)
     assert {"finetune_preferences", "generate_responses@instruct", "generate_responses@preferences"} <= set(quick)
-    assert len(quick) == 17  # what `dvc repro` runs for them: every stage but the two judges
+    # What `dvc repro` runs for them: every stage but the two judges and download_gpt2 (`foundation: scratch`).
+    assert len(quick) == 17 and "download_gpt2" not in quick
+    # The foundation stage's dep is models/${foundation}: the plan follows the foundation in params.
+    assert set(stages_in_plan(REPO / "dvc.yaml", ["foundation"], {**quick_params, "foundation": "gpt2-xl"})) == {
+        "download_gpt2",
+        "foundation",
+    }
+    assert set(stages_in_plan(REPO / "dvc.yaml", ["foundation"], {**quick_params, "foundation": "pretrained"})) == {
+        "download_corpus",
+        "pretrain",
+        "foundation",
+    }
+    assert "download_gpt2" in stages_in_plan(REPO / "dvc.yaml", ["foundation"])  # params.yaml's gpt2-large
     assert set(stages_in_plan(REPO / "dvc.yaml", ["download_sms"])) == {"download_sms"}
     assert "judge" in stages_in_plan(REPO / "dvc.yaml")
     with pytest.raises(ConfigError, match="no stage pretrian"):

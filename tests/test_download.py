@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from conftest import REPO
-from gptcore.convert.openai import CHECKPOINT_FILES, download_checkpoint
+from gptcore.convert.openai_download import CHECKPOINT_FILES, download_checkpoint
 from gptcore.download import download, fetch
 from gptcore.errors import ConfigError, DownloadError
 

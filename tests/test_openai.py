@@ -17,6 +17,7 @@ from tf_checkpoints import hf_model, openai_arrays, openai_shapes, write_checkpo
 from gptcore.cli import main as cli_main
 from gptcore.convert import openai
 from gptcore.convert.openai import Rule, convert_checkpoint, read_hparams
+from gptcore.convert.openai_download import CHECKPOINT_FILES
 from gptcore.errors import WeightsError
 from gptcore.inference.decoding import generate
 from gptcore.model import GPTModel, set_fused_attention
@@ -320,10 +321,11 @@ def test_cli_error_is_one_line(tmp_path, mirror_dir, capsys):
 
 @pytest.mark.slow
 def test_one_switch_fetches_converts_and_finetunes(repo_copy, tmp_path, mirror_dir, monkeypatch):
-    """`dvc exp run -S foundation=gpt2-small` alone: the foundation stage fetches the TensorFlow
-    checkpoint (written by TensorFlow in OpenAI's layout, in a temporary mirror), converts it with
-    outputs identical to the reference, and the classifier finetunes from it; Stage 1 does not re-run,
-    and switching back re-runs only what depends on the foundation."""
+    """`dvc exp run -S foundation=gpt2-small` alone: the download_gpt2 stage fetches the TensorFlow
+    checkpoint (written by TensorFlow in OpenAI's layout, in a temporary mirror) into models/gpt2-small/,
+    the foundation stage converts it with outputs identical to the reference, and the classifier
+    finetunes from it; Stage 1 does not re-run, and switching back re-runs only what depends on the
+    foundation."""
     mirror = tmp_path / "mirror"
     shutil.copytree(mirror_dir, mirror)
     hparams = dict(n_vocab=50257, n_ctx=24, n_embd=8, n_head=2, n_layer=1)
@@ -338,9 +340,9 @@ def test_one_switch_fetches_converts_and_finetunes(repo_copy, tmp_path, mirror_d
 
     switched = repo_copy.dvc("exp", "run", "-S", "foundation=gpt2-small", "finetune_classifier")
     ran = re.findall(r"Running stage '([^']+)'", switched.stdout)
-    assert ran == ["foundation", "finetune_classifier"], switched.stdout
-    assert sorted(p.name for p in (repo_copy.root / "models/openai/124M").iterdir()) == sorted(
-        [*openai.CHECKPOINT_FILES, ".source"]
+    assert ran == ["download_gpt2", "foundation", "finetune_classifier"], switched.stdout
+    assert sorted(p.name for p in (repo_copy.root / "models/gpt2-small").iterdir()) == sorted(
+        [*CHECKPOINT_FILES, ".source"]
     )
     assert_parity(load_model(repo_copy.root / "models/foundation/model.safetensors"), reference, hparams)
     assert load_model(repo_copy.root / "models/classifier/model.safetensors").config.emb_dim == 8

@@ -1,9 +1,10 @@
-"""OpenAI's GPT-2 TensorFlow checkpoints: fetch the published files, convert them into a weights file.
+"""OpenAI's GPT-2 TensorFlow checkpoints: convert one into a weights file; the `foundation` stage's work.
 
-A checkpoint folder holds OpenAI's seven files (CHECKPOINT_FILES). The architecture comes from its
-hparams.json; the tensors from `model.ckpt`, read one variable at a time with TensorFlow's checkpoint
-reader (TensorFlow is imported only by `convert_checkpoint`) and written straight into the output
-file, so a conversion holds about one tensor in memory, never the model twice.
+A checkpoint folder holds OpenAI's seven files (fetched by gptcore/convert/openai_download.py, the
+`download_gpt2` stage). The architecture comes from its hparams.json; the tensors from `model.ckpt`,
+read one variable at a time with TensorFlow's checkpoint reader (TensorFlow is imported only by
+`convert_checkpoint`) and written straight into the output file, so a conversion holds about one
+tensor in memory, never the model twice.
 
 How OpenAI's variables (gpt-2 `src/model.py`) map onto GPTModel: a declarative table of
 (OpenAI variable, gptcore tensor, rule). The rules:
@@ -30,24 +31,18 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from gptcore.atomic import atomic_dir, atomic_path
-from gptcore.config import OPENAI_SIZES, GPTConfig
-from gptcore.download import NO_OPENAI_HINT, fetch, mirror_root, sha256_of
-from gptcore.errors import ConfigError, DownloadError, WeightsError
+from gptcore.atomic import atomic_path
+from gptcore.config import GPTConfig
+from gptcore.convert.openai_download import STAGE1_FOUNDATIONS, check_foundation
+from gptcore.download import sha256_of
+from gptcore.errors import WeightsError
 from gptcore.model import GPTModel
 from gptcore.weights import save_streaming
 
-# The files OpenAI publishes per model size, small ones first (a bad address fails fast).
-CHECKPOINT_FILES = (
-    "checkpoint",
-    "hparams.json",
-    "encoder.json",
-    "vocab.bpe",
-    "model.ckpt.index",
-    "model.ckpt.meta",
-    "model.ckpt.data-00000-of-00001",
-)
 CHECKPOINT_PREFIX = "model.ckpt"
+# The weights file in a Stage 1 foundation's folder, and the stage that writes it.
+STAGE1_WEIGHTS = "model.safetensors"
+_STAGE1_STAGE = {"pretrained": "pretrain", "scratch": "init_scratch"}
 # hparams.json key -> GPTConfig field.
 HPARAMS = {
     "n_vocab": "vocab_size",
@@ -247,100 +242,33 @@ def _tensorflow():
     return tf
 
 
-def download_checkpoint(
-    base_url: str,
-    size: str,
-    out: str | os.PathLike,
-    *,
-    partial_dir: str | os.PathLike | None = None,
-    show_progress: bool = True,
-) -> Path:
-    """Fetch OpenAI's seven files of one GPT-2 size (`124M`…`1558M`) into the folder `out`, all or nothing.
-
-    Files are fetched into `partial_dir` (default: a hidden folder beside `out`) and moved into `out`
-    together once all are complete, so that an interrupted run resumes where it stopped. With
-    GPTCORE_MIRROR set they come from `gpt2/models/<size>/<file>` in the mirror.
-    """
-    if size not in OPENAI_SIZES.values():
-        raise ConfigError(f"unknown OpenAI GPT-2 size {size!r}; choose one of {', '.join(OPENAI_SIZES.values())}")
-    out = Path(out)
-    staging = Path(partial_dir) if partial_dir else out.with_name(f".{out.name}.download")
-    source = f"{base_url.rstrip('/')}/{size}"
-    origin = f"{source} mirror={mirror_root()}"
-    if (
-        (out / ".source").is_file()
-        and (out / ".source").read_text() == origin
-        and all((out / name).is_file() for name in CHECKPOINT_FILES)
-    ):
-        return out  # fetched whole before, from the same place (the folder is only ever written whole)
-    _reset_staging(staging, origin)
-    for name in CHECKPOINT_FILES:
-        if not (staging / name).is_file():  # fetched whole by an earlier, interrupted run
-            try:
-                fetch(
-                    f"{source}/{name}",
-                    staging / name,
-                    mirror_name=f"gpt2/models/{size}/{name}",
-                    show_progress=show_progress,
-                )
-            except DownloadError as err:
-                raise DownloadError(f"{err}; {NO_OPENAI_HINT}") from None
-    with atomic_dir(out) as tmp:
-        for name in CHECKPOINT_FILES:
-            os.replace(staging / name, tmp / name)
-        (tmp / ".source").write_text(origin)
-    (staging / ".source").unlink(missing_ok=True)
-    return out
-
-
 def prepare_foundation(
-    foundation: str,
-    out: str | os.PathLike,
-    *,
-    pretrained: str | os.PathLike,
-    scratch: str | os.PathLike,
-    openai_dir: str | os.PathLike,
-    partial_dir: str | os.PathLike,
-    base_url: str,
-    show_progress: bool = True,
+    foundation: str, source: str | os.PathLike, out: str | os.PathLike, *, show_progress: bool = True
 ) -> str:
-    """Write the weights file `out` that the finetuning stages start from, as params `foundation` names it.
+    """Write the weights file `out` that the finetuning stages start from, as params `foundation` names it,
+    from `source`, that foundation's folder (models/<foundation>/ in the pipeline).
 
-    An OpenAI name (gpt2-small … gpt2-xl): its TensorFlow checkpoint is fetched into
-    `openai_dir/<size>` (kept there, so switching back costs no download; unfinished files wait in
-    `partial_dir/<size>`) and converted. `pretrained` / `scratch`: Stage 1's weights file is copied.
-    The write is atomic.
+    `pretrained` / `scratch`: Stage 1's folder; its weights file (STAGE1_WEIGHTS) is copied. An OpenAI
+    name (gpt2-small … gpt2-xl): the TensorFlow checkpoint folder that the `download_gpt2` stage fetched
+    (gptcore/convert/openai_download.py); it is converted. The write is atomic.
 
     Returns:
-        where the weights came from (a folder or a file), for the stage's report.
+        what was read (a file or a folder), for the stage's report.
     Raises:
         ConfigError: an unknown foundation name (the valid ones listed).
+        WeightsError: Stage 1's weights file missing, or a checkpoint folder that does not convert.
     """
-    stage1 = {"pretrained": Path(pretrained), "scratch": Path(scratch)}
-    if foundation in stage1:
+    check_foundation(foundation)
+    source = Path(source)
+    if foundation in STAGE1_FOUNDATIONS:
+        weights = source / STAGE1_WEIGHTS
+        if not weights.is_file():
+            raise WeightsError(f"{weights}: no such file; run Stage 1 first (dvc repro {_STAGE1_STAGE[foundation]})")
         with atomic_path(out) as tmp:
-            shutil.copyfile(stage1[foundation], tmp)
-        return str(stage1[foundation])
-    if foundation not in OPENAI_SIZES:
-        raise ConfigError(f"foundation: {foundation!r} is not one of {', '.join([*OPENAI_SIZES, *stage1])}")
-    size = OPENAI_SIZES[foundation]
-    folder = download_checkpoint(
-        base_url, size, Path(openai_dir) / size, partial_dir=Path(partial_dir) / size, show_progress=show_progress
-    )
-    convert_checkpoint(folder, out, show_progress=show_progress)
-    return str(folder)
-
-
-def _reset_staging(staging: Path, source: str) -> None:
-    """Keep the files that `staging` holds only if they were fetched from the same source."""
-    marker = staging / ".source"
-    if marker.is_file() and marker.read_text() == source:
-        return
-    for name in CHECKPOINT_FILES:  # only our own files: never empty a folder wholesale
-        for path in (staging / name, staging / f"{name}.part", staging / f"{name}.part.json"):
-            path.unlink(missing_ok=True)
-    staging.mkdir(parents=True, exist_ok=True)
-    marker.write_text(source)
+            shutil.copyfile(weights, tmp)
+        return str(weights)
+    convert_checkpoint(source, out, show_progress=show_progress)
+    return str(source)
 
 
 def _one_line(err: BaseException) -> str:
