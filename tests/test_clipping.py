@@ -207,8 +207,9 @@ def test_clipped_steps_are_counted_and_resumed_exactly(tokenizer, verdict, tmp_p
 @pytest.mark.slow
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_ddp_and_fsdp_clip_as_one_process_with_the_whole_batch(tmp_path, lora):
-    """A limit under every step's norm: one process, DDP with two micro-batches per process and FSDP
-    (the norm across the shards) make the same clipped updates; without clipping the run differs."""
+    """A limit under the steps' norms: one process, DDP with two micro-batches per process and FSDP
+    (the norm across the shards) make the same clipped updates, up to float rounding; without clipping
+    the run differs far more than that."""
     options = {"max_grad_norm": 0.05, "lora": lora}
     _launch(tmp_path, "one", "auto", **options)
     _launch(tmp_path, "ddp", "ddp", nproc=2, grad_accum=2, **options)
@@ -217,7 +218,9 @@ def test_ddp_and_fsdp_clip_as_one_process_with_the_whole_batch(tmp_path, lora):
     (one,), (unclipped,) = _results(tmp_path, "one"), _results(tmp_path, "unclipped")
     assert one["clipped"] == sum(row["grad_norm"] > 0.05 for row in one["history"]) > 0  # evaluated every step
     for result in [*_results(tmp_path, "ddp", 2), *_results(tmp_path, "fsdp", 2)]:
-        _assert_same_run(one, result, atol=1e-6)
+        # Measured: weights within 1.3e-6 (the one-process run without clipping: 1e-6; the clipping
+        # itself moves them by 3e-2), losses within 5e-7, norms within 1e-7 relative.
+        _assert_same_run(one, result, atol=5e-6)
         assert result["clipped"] == one["clipped"]
         norms = [row["grad_norm"] for row in result["history"]]
         assert norms == pytest.approx([row["grad_norm"] for row in one["history"]], rel=1e-5)
