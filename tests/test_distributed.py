@@ -188,6 +188,7 @@ def test_grad_accum_must_be_positive():
         "compile": False,
         "step_in_backward": "auto",
         "recast_weights": "auto",
+        "max_grad_norm": 1.0,
         "lr_schedule": "constant",
         "warmup": 0.0,
     }

@@ -65,6 +65,22 @@ BAD = [
         "error: params.yaml: pretrain: checkpoint_minutes: renamed to progress_minutes",
     ),
     (
+        "zero max_grad_norm",
+        {"pretrain": {"max_grad_norm": 0}},
+        "error: params.yaml: pretrain.max_grad_norm: must be > 0, got 0",
+    ),
+    (
+        "negative max_grad_norm",
+        {"instructions": {"max_grad_norm": -1.0}},
+        "error: params.yaml: instructions.max_grad_norm: must be > 0, got -1.0",
+    ),
+    (
+        "clipping with step_in_backward true",
+        {"classifier": {"step_in_backward": True}},
+        "error: params.yaml: classifier: step_in_backward: true cannot clip gradients (the global norm needs every "
+        "gradient before any update); set max_grad_norm: null, or step_in_backward: auto (off while clipping)",
+    ),
+    (
         "renamed precision",
         {"precision": "bf16"},
         "error: params.yaml: precision: unknown value 'bf16' (renamed: use bf16-mixed or bf16-true); "
@@ -200,6 +216,8 @@ DOC_CASES = [  # the inputs of docs/params.md's example lines, in their order
     {"precision": "bf16"},
     {"pretrain": {"model": {"n_heads": 5}}},
     {"pretrain": {"warmup": 1.5}},
+    {"pretrain": {"max_grad_norm": 0}},
+    {"classifier": {"step_in_backward": True}},
     THREE_WRONG,  # the first line of the several-problems example
 ]
 

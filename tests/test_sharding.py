@@ -21,8 +21,8 @@ from gptcore.training.step import StepRunner
 
 # A tiny language model trained for 20 steps (5 batches of 4 rows x 4 epochs), evaluated after every
 # step, by one process or by torchrun. argv: out strategy precision options(json). options: lora,
-# checkpointing (activation), grad_accum, progress (a folder, saved after every step), die_at (the
-# processes exit hard at that step's evaluation, before its save: a kill -9).
+# checkpointing (activation), grad_accum, max_grad_norm, progress (a folder, saved after every step),
+# die_at (the processes exit hard at that step's evaluation, before its save: a kill -9).
 SCRIPT = textwrap.dedent(
     """
     import json, os, sys
@@ -62,12 +62,13 @@ SCRIPT = textwrap.dedent(
             os._exit(3)  # no cleanup, no save: as if killed
 
     loop = LoopOptions(epochs=4, eval_every=1, show_progress=False, grad_accum=options.get("grad_accum", 1),
-                       activation_checkpointing=options.get("checkpointing", False), strategy=strategy)
+                       activation_checkpointing=options.get("checkpointing", False), strategy=strategy,
+                       max_grad_norm=options.get("max_grad_norm"))
     result = train(model, optimizer, train_loader, lm_loss, evaluate, cpu, loop, precision, progress, report)
     if is_main_process():
         save_model(model, f"{out}.safetensors")
-    torch.save({"history": result.history, "state": model.state_dict(), "resumed_at": result.resumed_at_step},
-               f"{out}.{rank()}.pt")
+    torch.save({"history": result.history, "state": model.state_dict(), "resumed_at": result.resumed_at_step,
+                "clipped": result.clipped_steps}, f"{out}.{rank()}.pt")
     """
 )
 

@@ -79,7 +79,7 @@ def _add_gptcore_settings(parser: argparse.ArgumentParser) -> None:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="update each weight inside backward (less memory, the same update); default: as the "
-        "training stages, where it applies (1 process, no --grad-accum, no fp16-mixed)",
+        "training stages, where it applies (1 process, no --grad-accum, no fp16-mixed, --max-grad-norm none)",
     )
     parser.add_argument(
         "--recast-weights",
@@ -87,6 +87,13 @@ def _add_gptcore_settings(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="mixed precision: cast weights again in backward instead of keeping bf16 copies (less "
         "memory, the same gradients); default: as the training stages, for 1 GiB+ of copies",
+    )
+    parser.add_argument(
+        "--max-grad-norm",
+        type=_max_grad_norm,
+        default=1.0,
+        help="train: clip each step's gradient norm to this, or none (default 1.0, as the training stages; "
+        "clipping turns the default step-in-backward off)",
     )
     parser.add_argument(
         "--lora-rank",
@@ -182,6 +189,7 @@ def run_tasks(args: argparse.Namespace) -> Iterator[str]:
             compile=args.compile,
             step_in_backward="auto" if args.step_in_backward is None else args.step_in_backward,
             recast_weights="auto" if args.recast_weights is None else args.recast_weights,
+            max_grad_norm=args.max_grad_norm,
             keep_freed_memory=args.keep_freed_memory,
             quantize=args.quantize,
             lora_rank=args.lora_rank,
@@ -209,3 +217,15 @@ def _presets() -> tuple[str, ...]:
     from gptcore.config import PRESETS
 
     return tuple(PRESETS)
+
+
+def _max_grad_norm(text: str) -> float | None:
+    """--max-grad-norm: a positive number, or none (no clipping)."""
+    if text.lower() in ("none", "null"):
+        return None
+    from gptcore.arguments import number
+
+    value = number()(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0 or none, got {text}")
+    return value

@@ -111,6 +111,7 @@ def _setting_columns(spec: BenchSpec) -> dict[str, Any]:
         or spec.compile
         or spec.step_in_backward != "auto"
         or spec.recast_weights != "auto"
+        or spec.max_grad_norm != 1.0
         or spec.lora_rank
     ):
         return {}
@@ -121,6 +122,7 @@ def _setting_columns(spec: BenchSpec) -> dict[str, Any]:
         "compile": spec.compile,
         "step_in_backward": spec.step_in_backward,
         "recast_weights": spec.recast_weights,
+        "max_grad_norm": spec.max_grad_norm,
     }
 
 

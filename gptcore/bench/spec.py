@@ -33,6 +33,7 @@ class BenchSpec:
     compile: bool = False
     step_in_backward: bool | str = "auto"  # as the training stages: on where it applies (StepRunner)
     recast_weights: bool | str = "auto"  # as the training stages: for 1 GiB+ of weight copies (StepRunner)
+    max_grad_norm: float | None = 1.0  # as the training stages: clipping on (step_in_backward auto off); None: off
     # train: LoRA adapters of this rank (alpha = rank) on every block's Linear layers, the rest frozen, as
     # the finetuning stages' `lora:` (gptcore/recipes/adapters.py); 0: every weight trains
     lora_rank: int = 0

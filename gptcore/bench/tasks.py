@@ -50,7 +50,6 @@ def _gptcore_model(spec: BenchSpec, device, config):
 
 def _step_runner(spec: BenchSpec, model, optimizer, loss_fn, device, precision: str):
     """The training stages' StepRunner for the model, with the spec's step settings."""
-    from gptcore.precision import make_grad_scaler
     from gptcore.training.step import StepRunner
 
     return StepRunner(
@@ -59,10 +58,10 @@ def _step_runner(spec: BenchSpec, model, optimizer, loss_fn, device, precision: 
         loss_fn,
         device,
         precision,
-        spec.grad_accum,
-        spec.step_in_backward,
-        make_grad_scaler(device, precision),
-        spec.recast_weights,
+        grad_accum=spec.grad_accum,
+        step_in_backward=spec.step_in_backward,
+        max_grad_norm=spec.max_grad_norm,
+        recast_weights=spec.recast_weights,
     )
 
 

@@ -90,6 +90,12 @@ class TrainConfig(Section):
     )
     lr_schedule: LrSchedule = "constant"
     warmup: Warmup = 0.0
+    max_grad_norm: float | None = Field(
+        1.0,
+        gt=0,
+        description="clip the global L2 norm of each step's gradients to this (nanoGPT's and the book's 1.0; "
+        "gptcore/training/clipping.py); null: no clipping. Turns step_in_backward auto off",
+    )
     # Speed and memory only (the result is the same up to float rounding; batch_size stays the global batch):
     grad_accum: int = Field(
         1, ge=1, description="micro-batches each process cuts its share of a batch into (less activation memory)"
@@ -103,7 +109,7 @@ class TrainConfig(Section):
     step_in_backward: bool | Literal["auto"] = Field(
         "auto",
         description="update each weight as soon as its gradient is ready (less memory, the same update); "
-        "auto: where it applies (1 process, grad_accum 1, no fp16-mixed)",
+        "auto: where it applies (1 process, grad_accum 1, no fp16-mixed, max_grad_norm null)",
     )
     recast_weights: bool | Literal["auto"] = Field(
         "auto",
@@ -119,6 +125,15 @@ class TrainConfig(Section):
             raise ValueError("checkpoint_minutes: renamed to progress_minutes")
         return data
 
+    @model_validator(mode="after")
+    def _clipping_needs_whole_gradients(self):
+        if self.step_in_backward is True and self.max_grad_norm is not None:
+            raise ValueError(
+                "step_in_backward: true cannot clip gradients (the global norm needs every gradient before any "
+                "update); set max_grad_norm: null, or step_in_backward: auto (off while clipping)"
+            )
+        return self
+
     def loop_options(self) -> dict[str, Any]:
         """The lr schedule and the speed and memory knobs as keyword arguments of gptcore.training.loop.train."""
         return {
@@ -129,4 +144,5 @@ class TrainConfig(Section):
             "compile": self.compile,
             "step_in_backward": self.step_in_backward,
             "recast_weights": self.recast_weights,
+            "max_grad_norm": self.max_grad_norm,
         }

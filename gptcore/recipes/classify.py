@@ -294,6 +294,7 @@ def _final_metrics(job: _Finetuning, result: TrainResult) -> tuple[dict[str, flo
         train_seconds=round(result.seconds, 2),
         max_length=job.data.train_set.max_length,
         trainable_parameters=sum(p.numel() for p in job.trainable),
+        **result.clipping_metrics(),
     )
     confusion = confusion_rows(test.labels, test.predictions, LABELS)
     return metrics, confusion

@@ -121,6 +121,7 @@ def finetune_instructions(
         "tokens_seen": result.tokens_seen,
         "steps": result.steps,
         "train_seconds": round(result.seconds, 2),
+        **result.clipping_metrics(),
     }
     return FinetuneOutcome(model.cpu(), result, [before, *result.history], metrics, progress, lora)
 

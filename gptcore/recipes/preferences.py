@@ -224,6 +224,7 @@ def _summary(before: dict, result, test: dict[str, float]) -> dict[str, Any]:
             "tokens_seen": result.tokens_seen,
             "steps": result.steps,
             "train_seconds": round(result.seconds, 2),
+            **result.clipping_metrics(),
         }
     )
     return metrics

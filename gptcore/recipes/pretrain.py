@@ -98,6 +98,7 @@ def pretrain(
         "tokens_seen": result.tokens_seen,
         "steps": result.steps,
         "train_seconds": round(result.seconds, 2),
+        **result.clipping_metrics(),
     }
     prompt = text_to_ids(params.sample_prompt, tokenizer, device)
     sample = ids_to_text(generate(model, prompt, params.sample_tokens, eos_id=EOT_ID), tokenizer)

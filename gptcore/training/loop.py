@@ -21,7 +21,6 @@ from gptcore.console import GuardedStream
 from gptcore.device import forked_rng, is_main_process, world_size
 from gptcore.errors import WeightsError
 from gptcore.model import set_activation_checkpointing
-from gptcore.precision import make_grad_scaler
 from gptcore.training.evaluation import LossFn
 from gptcore.training.interrupt import StopRequest
 from gptcore.training.progress import Progress, all_rng_states, check_same_start, own_rng_state, set_rng_state
@@ -34,13 +33,27 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class TrainResult:
-    """What a training run did; `history` has one row per evaluation."""
+    """What a training run did; `history` has one row per evaluation.
+
+    clipped_steps: the steps whose gradient norm before clipping exceeded max_grad_norm (resumed runs
+    included; kept in the progress file).
+    """
 
     history: list[dict[str, float]] = field(default_factory=list)
     steps: int = 0
     tokens_seen: int = 0
     seconds: float = 0.0
     resumed_at_step: int = 0
+    clipped_steps: int = 0
+    max_grad_norm: float | None = None
+
+    def clipping_metrics(self) -> dict[str, float]:
+        """The stage metrics of gradient clipping: the clipped steps and their fraction of all steps;
+        nothing when clipping was off."""
+        if self.max_grad_norm is None:
+            return {}
+        fraction = self.clipped_steps / self.steps if self.steps else 0.0
+        return {"clipped_steps": self.clipped_steps, "clipped_fraction": fraction}
 
 
 @dataclass(frozen=True)
@@ -52,6 +65,9 @@ class LoopOptions:
     through torch.compile; step_in_backward updates each parameter as soon as its gradient is complete
     and recast_weights keeps no low-precision weight copies for backward (less memory; see StepRunner).
     None of them changes the result beyond float rounding.
+    max_grad_norm clips the global L2 norm of each step's gradients to that value (None: no clipping;
+    gptcore.training.clipping); it turns step_in_backward "auto" off. Each evaluation row then holds
+    `grad_norm`, the norm before clipping of that row's step, and the result counts the clipped steps.
     lr_schedule and warmup scale each param group's lr per step (gptcore.training.schedule, through
     torch.optim.lr_scheduler.LambdaLR): the optimizer's lr is the peak. seed: under torchrun, each
     process reseeds with seed + rank once the weights are in place. strategy: how torchrun's
@@ -67,6 +83,7 @@ class LoopOptions:
     compile: bool = False
     step_in_backward: bool | str = "auto"
     recast_weights: bool | str = "auto"
+    max_grad_norm: float | None = None
     seed: int | None = None
     strategy: str = "auto"
     show_progress: bool = True
@@ -125,6 +142,7 @@ def train(
             for epoch in range(run.start_epoch, options.epochs):
                 run.run_epoch(epoch, stop)
         run.runner.gather()
+        run.log_clipping()
     finally:
         run.close()
     return run.result
@@ -140,7 +158,8 @@ class _TrainingRun:
         self.report = report
         self.batches_per_epoch = len(train_loader.batch_sampler.batches())
         self.total_steps = options.epochs * self.batches_per_epoch
-        self.result = TrainResult()
+        self.result = TrainResult(max_grad_norm=options.max_grad_norm)
+        self.grad_norm: float | None = None  # the last step's, before clipping
         self.start_epoch, self.skip = 0, 0
         self.runner: StepRunner | None = None
         self.rng = contextlib.ExitStack()  # the fork of torch's generators the run draws from (start to close)
@@ -164,20 +183,21 @@ class _TrainingRun:
         opts = self.options
         if opts.activation_checkpointing:
             set_activation_checkpointing(self.model, True)
-        scaler = make_grad_scaler(self.device, self.precision, saved.get("grad_scaler") if saved else None)
         self.runner = StepRunner(
             self.model,
             self.optimizer,
             self.loss_fn,
             self.device,
             self.precision,
-            opts.grad_accum,
-            opts.step_in_backward,
-            scaler,
-            opts.recast_weights,
-            opts.strategy,
+            grad_accum=opts.grad_accum,
+            step_in_backward=opts.step_in_backward,
+            max_grad_norm=opts.max_grad_norm,
+            recast_weights=opts.recast_weights,
+            strategy=opts.strategy,
         )
         self.optimizer = self.runner.optimizer  # under fsdp: the one over the sharded copy
+        if saved is not None and saved.get("grad_scaler") and self.runner.scaler is not None:
+            self.runner.scaler.load_state_dict(saved["grad_scaler"])
         if opts.compile:
             compile_blocks(self.runner.module)
         if self.runner.world > 1:
@@ -226,6 +246,7 @@ class _TrainingRun:
         r = self.result
         r.history, r.steps, r.tokens_seen = list(saved["history"]), saved["step"], saved["tokens_seen"]
         r.seconds, r.resumed_at_step = saved["seconds"], saved["step"]
+        r.clipped_steps = saved.get("clipped_steps", 0)
         self.start_epoch, self.skip = divmod(r.steps, self.batches_per_epoch)
         return saved
 
@@ -253,9 +274,11 @@ class _TrainingRun:
         for batch in self.loader:
             with warnings.catch_warnings():  # a skipped fp16 step (overflow) is not a misordered call
                 warnings.filterwarnings("ignore", re.escape("Detected call of `lr_scheduler.step()`"))
-                self.runner.step(batch, r.steps + 1)
+                self.grad_norm = self.runner.step(batch, r.steps + 1)
                 self.scheduler.step()
             r.steps += 1
+            if self.grad_norm is not None and self.grad_norm > self.options.max_grad_norm:
+                r.clipped_steps += 1  # inf / nan (a step fp16's scaler skipped) compare False
             r.tokens_seen += batch[0].numel()
             if (r.steps - 1) % self.options.eval_every == 0 or r.steps == self.total_steps:
                 self.evaluate(epoch)
@@ -274,6 +297,8 @@ class _TrainingRun:
     def evaluate(self, epoch: int) -> None:
         """One history row: step, epoch, tokens seen and the evaluate callback's values."""
         row = {"step": self.result.steps, "epoch": epoch + 1, "tokens_seen": self.result.tokens_seen}
+        if self.grad_norm is not None:
+            row["grad_norm"] = self.grad_norm
         row.update(self.runner.evaluate(self.evaluate_fn))
         self.result.history.append(row)
         self.bar.set_postfix({k: f"{v:.3f}" for k, v in row.items() if k.endswith("loss")}, refresh=False)
@@ -302,7 +327,18 @@ class _TrainingRun:
                 "step": r.steps,
                 "tokens_seen": r.tokens_seen,
                 "seconds": r.seconds,
+                "clipped_steps": r.clipped_steps,
             }
+        )
+
+    def log_clipping(self) -> None:
+        """One line: how many steps were clipped (main process, clipping on)."""
+        r = self.result
+        if r.max_grad_norm is None or not is_main_process():
+            return
+        share = r.clipped_steps / r.steps if r.steps else 0.0
+        logger.info(
+            f"gradient clipping: {r.clipped_steps} of {r.steps} steps ({share:.1%}) over max_grad_norm {r.max_grad_norm:g}"
         )
 
     def close(self) -> None:

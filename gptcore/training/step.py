@@ -1,9 +1,11 @@
 """One optimizer step on one global batch: AdamW, DistributedDataParallel or FSDP2 across processes,
-gradient accumulation, updates inside the backward pass, weights recast for backward, finiteness checks."""
+gradient accumulation, gradient clipping, updates inside the backward pass, weights recast for backward,
+finiteness checks."""
 
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable
 
 import torch
@@ -11,11 +13,14 @@ from torch import nn
 
 from gptcore.device import init_distributed, rank, world_size
 from gptcore.errors import TrainingError
-from gptcore.precision import COMPUTE_DTYPES, autocast
+from gptcore.precision import COMPUTE_DTYPES, autocast, make_grad_scaler
+from gptcore.training.clipping import clip_gradients, trainable_parameters
 from gptcore.training.cross_entropy import IGNORE_INDEX
 from gptcore.training.evaluation import Batch, LossFn, to_device
 from gptcore.training.mixed_linear import recast_pays_off, recast_weights_in_backward
 from gptcore.training.sharding import ShardedModel, resolve_strategy, sharded_scaler
+
+logger = logging.getLogger(__name__)
 
 
 def make_optimizer(
@@ -70,8 +75,15 @@ class StepRunner:
     step_in_backward: update each parameter inside backward(), as soon as its gradient is complete, and
     free that gradient, so that the gradients of the whole model never exist at once (up to 4 bytes
     per parameter less at the peak). The same update bit for bit, for optimizers that update each
-    parameter on its own (AdamW, SGD); one process, grad_accum 1 and no fp16 loss scaling only, since
-    there gradients must be summed or unscaled before any update. "auto": wherever that holds.
+    parameter on its own (AdamW, SGD); one process, grad_accum 1, no fp16 loss scaling and no gradient
+    clipping only, since there gradients must be summed, unscaled or measured together before any
+    update. "auto": wherever that holds (clipping on turns it off, with a log line saying so).
+
+    max_grad_norm: clip the global L2 norm of the trainable parameters' gradients to this value once
+    per step, after accumulation, the all-reduce (ddp) or across the shards (fsdp), and fp16's unscaling
+    (gptcore.training.clipping); None: no clipping. `step` returns the norm before clipping.
+    fp16-mixed scales the loss with a GradScaler of its own (`scaler`; its state is the caller's to
+    save and restore).
 
     recast_weights: under mixed precision, make the model's nn.Linear layers keep their fp32 weights
     for the backward pass and cast them again there (gptcore.training.mixed_linear), instead of autograd keeping
@@ -84,7 +96,8 @@ class StepRunner:
     Raises:
         ConfigError: a strategy this launch cannot run (resolve_strategy), a model fsdp cannot shard.
         ValueError: a speed option that does not apply (step_in_backward with several processes,
-            grad_accum or fp16 loss scaling; recast_weights under fsdp).
+            grad_accum, fp16 loss scaling or max_grad_norm; recast_weights under fsdp); a max_grad_norm
+            that is not positive.
     """
 
     def __init__(
@@ -96,7 +109,7 @@ class StepRunner:
         precision: str = "fp32",
         grad_accum: int = 1,
         step_in_backward: bool | str = False,
-        scaler: torch.amp.GradScaler | None = None,
+        max_grad_norm: float | None = None,
         recast_weights: bool | str = "auto",
         strategy: str = "auto",
     ):
@@ -104,11 +117,19 @@ class StepRunner:
             raise ValueError(f"grad_accum must be positive, got {grad_accum}")
         if step_in_backward not in (True, False, "auto"):
             raise ValueError(f"step_in_backward: expected true, false or auto, got {step_in_backward!r}")
+        if max_grad_norm is not None and not max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be positive (or None: no clipping), got {max_grad_norm!r}")
+        scaler = make_grad_scaler(device, precision)
         if step_in_backward is True and scaler is not None:
             raise ValueError("step_in_backward cannot unscale gradients: use it without fp16-mixed")
+        if step_in_backward is True and max_grad_norm is not None:
+            raise ValueError(
+                "step_in_backward cannot clip gradients (the global norm needs every gradient before any "
+                "update): set max_grad_norm to None, or step_in_backward to auto or false"
+            )
         if recast_weights not in (True, False, "auto"):
             raise ValueError(f"recast_weights: expected true, false or auto, got {recast_weights!r}")
-        self.scaler = scaler
+        self.scaler, self.max_grad_norm = scaler, max_grad_norm
         self.model, self.module, self.optimizer, self.loss_fn = model, model, optimizer, loss_fn
         self.device, self.precision, self.grad_accum = device, precision, grad_accum
         self.world = world_size() if init_distributed(device) else 1
@@ -116,6 +137,12 @@ class StepRunner:
         self.rank = rank() if self.world > 1 else 0
         if step_in_backward == "auto":
             step_in_backward = grad_accum == 1 and self.world == 1 and scaler is None
+            if step_in_backward and max_grad_norm is not None:
+                step_in_backward = False
+                logger.info(
+                    f"step_in_backward: off, since max_grad_norm {max_grad_norm:g} clips the gradients "
+                    "(the global norm needs every gradient first; max_grad_norm: null turns it back on)"
+                )
         self.step_in_backward = step_in_backward
         self._set_recast(recast_weights)
         self._hooks = []
@@ -202,8 +229,11 @@ class StepRunner:
             out.append((tuple(t[index] for t in batch), n / total * self.world))
         return out
 
-    def step(self, batch: Batch, number: int = 0) -> None:
+    def step(self, batch: Batch, number: int = 0) -> float | None:
         """Forward and backward over this process's pieces of the global batch, then the optimizer step.
+
+        Returns the global L2 norm of the gradients before clipping (the same on every process; inf or
+        nan for an fp16 step the scaler skipped), or None without max_grad_norm.
 
         Raises:
             TrainingError: the loss is not finite (on any process); the optimizer has not stepped.
@@ -235,12 +265,18 @@ class StepRunner:
                 (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
         self._check_finite(total, number)
         if self._hooks:
-            return
+            return None
+        norm = None
+        if self.max_grad_norm is not None:
+            if self.scaler is not None:  # the limit is on the true gradients: unscale them first
+                self.scaler.unscale_(self.optimizer)
+            norm = clip_gradients(trainable_parameters(self.optimizer), self.max_grad_norm)
         if self.scaler is not None:  # skips the update when the scaled gradients overflowed
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
             self.optimizer.step()
+        return norm
 
     def _check_finite(self, loss: torch.Tensor, number: int) -> None:
         """Stop every process together when any one's loss is inf or NaN (one would hang the others)."""
