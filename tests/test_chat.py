@@ -19,12 +19,12 @@ import time
 import pytest
 import torch
 
-from conftest import REPO
 from gptcore.chat import PROMPT, STOP, ChatSession
 from gptcore.config import GPTConfig
 from gptcore.llm import LLM
 from gptcore.model import GPTModel
 from gptcore.weights import save_model
+from tests.conftest import REPO
 
 CONTEXT = 128
 SYSTEM = "You answer in one word."

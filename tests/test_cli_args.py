@@ -11,9 +11,9 @@ import sys
 
 import pytest
 
-from conftest import REPO
 from gptcore.arguments import HelpFormatter, port_number, positive_int
 from gptcore.cli import build_parser
+from tests.conftest import REPO
 
 GENERATE = ["generate", "--model", "missing.safetensors", "--prompt", "Hi"]
 

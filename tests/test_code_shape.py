@@ -7,7 +7,7 @@ from __future__ import annotations
 import ast
 import re
 
-from conftest import REPO
+from tests.conftest import REPO
 
 # Function -> why it stands above 60 lines (docs/development.md lists the same).
 LONGER = {

@@ -87,6 +87,6 @@ def test_missing_params_file(tmp_path):
 
 def test_params_model_defaults_are_params_yaml():
     """The model's defaults and the shipped params.yaml agree: one source of truth, written out in full."""
-    from conftest import REPO
+    from tests.conftest import REPO
 
     assert load_params(REPO / "params.yaml") == Params()

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, _merge
 from gptcore.doctor import Finding, stages_in_plan
 from gptcore.errors import ConfigError
+from tests.conftest import REPO, _merge
 
 QUICK_START_TARGETS = ["pretrain", "baseline_classifier", "finetune_classifier", "generate_responses", "export"]
 

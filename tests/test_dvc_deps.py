@@ -9,9 +9,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from import_closure import declared_code_deps, dvc_stages, import_closure, stage_script
 
-from conftest import REPO
+from tests.conftest import REPO
+from tests.import_closure import declared_code_deps, dvc_stages, import_closure, stage_script
 
 STAGES = dvc_stages(REPO)
 

@@ -13,14 +13,14 @@ import shutil
 
 import pytest
 import yaml
-from tf_checkpoints import hf_model, openai_arrays, write_checkpoint
 
-from conftest import REPO
 from gptcore.config import OPENAI_SIZES
 from gptcore.convert.openai import prepare_foundation
 from gptcore.convert.openai_download import CHECKPOINT_FILES, STAGE1_FOUNDATIONS, fetch_openai_foundation
 from gptcore.errors import ConfigError, WeightsError
 from gptcore.params.schema import FOUNDATIONS
+from tests.conftest import REPO
+from tests.tf_checkpoints import hf_model, openai_arrays, write_checkpoint
 
 STAGES = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
 STAGE1 = {"download_corpus", "pretrain", "init_scratch"}

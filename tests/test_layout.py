@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from tests.conftest import REPO
 
 PACKAGE = REPO / "gptcore"
 # The entry points: the CLI and the wrapper every stage script and verb runs in may print; so may a

@@ -227,7 +227,7 @@ def test_an_adapter_is_applied_as_generate_applies_it(model_path, tmp_path, caps
 
 def test_the_readme_example_runs(model_path, capsys):
     """The README's first code block, on the tiny model: each of its three calls prints."""
-    from conftest import REPO
+    from tests.conftest import REPO
 
     code = (REPO / "README.md").read_text(encoding="utf-8").split("```python\n", 1)[1].split("```", 1)[0]
     assert "gptcore.LLM.load(" in code

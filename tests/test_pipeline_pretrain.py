@@ -7,7 +7,7 @@ import re
 import pytest
 import yaml
 
-from conftest import REPO
+from tests.conftest import REPO
 
 TINY = {
     "precision": "fp32",

@@ -170,7 +170,7 @@ def test_a_non_finite_loss_stops_with_the_step_and_keeps_progress(tmp_path):
 def test_a_diverging_stage_prints_one_error_line(tmp_path, mirror_dir):
     import yaml
 
-    from conftest import REPO
+    from tests.conftest import REPO
 
     params = {
         "seed": 1,

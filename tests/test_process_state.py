@@ -474,9 +474,8 @@ def test_openai_conversion_leaves_the_environment_alone(tmp_path, mirror_dir, mo
     """The TensorFlow reader: TensorFlow is imported first (its own doing); the variables that quiet it
     belong to the entry points (`gptcore convert`, stages/foundation.py), not to the library call."""
     pytest.importorskip("tensorflow")
-    from tf_checkpoints import openai_shapes, write_checkpoint
-
     from gptcore.convert.openai import convert_checkpoint
+    from tests.tf_checkpoints import openai_shapes, write_checkpoint
 
     hparams = dict(n_vocab=11, n_ctx=4, n_embd=8, n_head=2, n_layer=1)
     folder = write_checkpoint(tmp_path / "ckpt", hparams, openai_shapes(hparams), mirror_dir / "gpt2")

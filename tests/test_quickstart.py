@@ -14,8 +14,8 @@ import sys
 import pytest
 import yaml
 
-from conftest import REPO
 from gptcore.params.schema import Params
+from tests.conftest import REPO
 
 DOC = REPO / "docs" / "quickstart.md"
 

@@ -2,7 +2,7 @@
 runtimes' templates: Ollama's Go template (the Modelfile's TEMPLATE) and a Jinja chat template (GGUF
 `tokenizer.chat_template`, read by llama.cpp and llama-cpp-python; transformers' `chat_template`). Both are
 generated from that source, so they render every chat (system, user, assistant and tool messages) exactly
-as gptcore.prompt.render_chat, and so `gptcore serve`, renders it (tests/test_templates.py).
+as gptcore.prompt.render_chat, and so `gptcore serve`, renders it (tests/export/test_templates.py).
 """
 
 from __future__ import annotations

@@ -266,7 +266,7 @@ def _open_response_log(
 ) -> tuple[ResponseLog | None, list[dict[str, Any]]]:
     """The response log (None without `log_path`) and the batches it holds from an earlier run."""
     # The batch size is part of the run's identity even for greedy decoding: in exact arithmetic a
-    # prompt's tokens do not depend on its batch (tests/test_generate_batch.py), but in floating point
+    # prompt's tokens do not depend on its batch (tests/inference/test_generate_batch.py), but in floating point
     # the kernels differ by shape (in bf16 enough to flip near-tied choices), so progress made with
     # another batch size is not mixed in.
     knobs = params.to_dict()

@@ -5,7 +5,7 @@ vega-lite and vega-embed: their minified builds inlined verbatim, so the page ne
     python vendor/vega/build_template.py vega-5.33.1.tgz vega-lite-5.23.0.tgz vega-embed-6.29.0.tgz
 
 DVC fills `{plot_divs}` (and `{refresh_tag}`) and, since the page has no `{scripts}`, adds none of
-its CDN links. The sha256 of each build is written in a comment and checked by tests/test_plots.py.
+its CDN links. The sha256 of each build is written in a comment and checked by tests/training/test_plots.py.
 """
 
 import hashlib

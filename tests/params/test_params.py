@@ -10,13 +10,13 @@ import sys
 
 import pytest
 import yaml
-from import_closure import dvc_stages
 
-from conftest import REPO, _merge
 from gptcore.config import OPENAI_SIZES
 from gptcore.errors import ConfigError
 from gptcore.params.choices import PRECISIONS
 from gptcore.params.schema import FOUNDATIONS, ClassifierParams, Params
+from tests.conftest import REPO, _merge
+from tests.import_closure import dvc_stages
 
 DEFAULTS = yaml.safe_load((REPO / "params.yaml").read_text())
 

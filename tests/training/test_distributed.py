@@ -198,7 +198,7 @@ def test_grad_accum_must_be_positive():
 def test_pretrain_stage_runs_unchanged_under_torchrun(tmp_path, mirror_dir):
     import yaml
 
-    from conftest import REPO, _merge
+    from tests.conftest import REPO, _merge
 
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     _merge(
@@ -274,7 +274,7 @@ LORA = {"rank": 4, "alpha": 8.0}
 )
 def test_finetune_stages_run_unchanged_under_torchrun(tmp_path, stage, method, stage_inputs):
     """The same stage script, one process vs two gloo processes with the same global batch (and LoRA)."""
-    from test_resume_stages import _classifier_run, _instructions_run
+    from tests.recipes.test_resume_stages import _classifier_run, _instructions_run
 
     make = {"finetune_classifier": _classifier_run, "finetune_instructions": _instructions_run}[stage]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -11,7 +11,6 @@ import subprocess
 import pytest
 import torch
 import yaml
-from test_resume_stages import RUN, StageRun, _env, _kill_and_resume, _progress_saved, _stage
 
 from gptcore.config import GPTConfig
 from gptcore.data.instructions import collate_instructions
@@ -28,6 +27,7 @@ from gptcore.params.schema import PreferencesParams, PrepareInstructionsParams, 
 from gptcore.training.cross_entropy import IGNORE_INDEX
 from gptcore.training.dpo import LN2, DpoObjective, dpo_loss, sequence_logprobs
 from gptcore.weights import load_model
+from tests.recipes.test_resume_stages import RUN, StageRun, _env, _kill_and_resume, _progress_saved, _stage
 
 SMALL = GPTConfig(vocab_size=50257, context_length=96, emb_dim=32, n_heads=2, n_layers=2, drop_rate=0.0, qkv_bias=True)
 PREFS = {"batch_size": 4, "lr": 1e-3, "eval_every": 3, "eval_batches": 2, "allowed_max_length": 96}

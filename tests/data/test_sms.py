@@ -24,7 +24,7 @@ from gptcore.data.sms import (
 )
 from gptcore.errors import DataError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 URL = "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip"
 
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO
 from gptcore.training.live import TrainingLog
+from tests.conftest import REPO
 
 DVC_YAML = yaml.safe_load((REPO / "dvc.yaml").read_text())
 COLUMNS = ["epoch", "tokens_seen", "train_loss", "val_loss"]
@@ -127,8 +127,7 @@ def test_figures_are_titled_and_leave_pyplot_alone(tmp_path):
     script = f"""
 import sys
 sys.path.insert(0, {str(REPO)!r})
-sys.path.insert(0, {str(REPO / "tests")!r})
-from test_plots import _run
+from tests.training.test_plots import _run
 from gptcore.training.plots import bar_figure, save_png
 from pathlib import Path
 _run(Path({str(tmp_path)!r}), restored=0, total=3)

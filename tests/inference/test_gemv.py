@@ -1,5 +1,5 @@
 """The decoding kernels (gptcore/inference/gemv.py, gemv.c): their arithmetic on every instruction-set path,
-determinism, the build cache, and a machine without a C compiler (the builds: tests/test_kernels.py)."""
+determinism, the build cache, and a machine without a C compiler (the builds: tests/inference/test_kernels.py)."""
 
 import logging
 import warnings
@@ -200,7 +200,7 @@ def test_bf16_decoding_runs_through_the_kernel_and_agrees_with_torch(monkeypatch
     kernel = gemv._product_bf16  # what both gemv_bf16 and the layers' per-token path call
     monkeypatch.setattr(gemv, "_product_bf16", lambda *a: calls.append(1) or kernel(*a))
     # Each Linear's own per-token path (which padded batches take); the one-call block step is
-    # tests/test_decode_block.py's.
+    # tests/inference/test_decode_block.py's.
     monkeypatch.setattr(decode_block, "decode_step", lambda *a: None)
     cache = KVCache(config, 1, 16, dtype=torch.bfloat16)
     with torch.no_grad():

@@ -263,7 +263,7 @@ def test_stages_run_under_fsdp_as_on_one_process(tmp_path, stage, stage_inputs):
     """The same stage script and params but `strategy: fsdp`, on two gloo processes: the metrics of one
     process within 1e-5, sharded progress saved after every step and cleared at the end. The classifier
     trains its last block only: the frozen blocks are sharded too, and run without autograd."""
-    from test_resume_stages import _classifier_run, _instructions_run
+    from tests.recipes.test_resume_stages import _classifier_run, _instructions_run
 
     make = {"finetune_classifier": _classifier_run, "finetune_instructions": _instructions_run}[stage]
     extra = {"trainable": "last_block"} if stage == "finetune_classifier" else {}
@@ -290,7 +290,7 @@ def test_stages_run_under_fsdp_as_on_one_process(tmp_path, stage, stage_inputs):
 
 @pytest.mark.slow
 def test_a_stage_with_fsdp_on_one_process_stops_with_one_line(tmp_path, stage_inputs):
-    from test_resume_stages import _instructions_run
+    from tests.recipes.test_resume_stages import _instructions_run
 
     run = _with_strategy(_instructions_run(tmp_path, stage_inputs, "lm-no-dropout.safetensors"), "fsdp")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GPTCORE_DEBUG": ""}

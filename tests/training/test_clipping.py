@@ -7,8 +7,6 @@ import math
 
 import pytest
 import torch
-from test_sharding import _assert_same_run, _launch, _results
-from test_train import _run
 
 from gptcore.config import GPTConfig
 from gptcore.model import GPTModel
@@ -18,6 +16,8 @@ from gptcore.training.evaluation import lm_loss
 from gptcore.training.loop import TrainResult
 from gptcore.training.progress import Progress
 from gptcore.training.step import StepRunner, make_optimizer
+from tests.training.test_sharding import _assert_same_run, _launch, _results
+from tests.training.test_train import _run
 
 CPU = torch.device("cpu")
 TINY = GPTConfig(vocab_size=97, context_length=16, emb_dim=16, n_heads=2, n_layers=2, drop_rate=0.0)

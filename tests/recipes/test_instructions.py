@@ -26,7 +26,7 @@ from gptcore.prompt import RESPONSE_MARKER, format_example, format_input
 from gptcore.weights import save_model
 
 EOT = 50256
-REPO_STAGES = Path(__file__).resolve().parents[1] / "stages"
+REPO_STAGES = Path(__file__).resolve().parents[2] / "stages"
 
 
 def entry(i: int, text_input: str = "") -> dict:

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 PRETRAIN = {
     "seed": 123,
@@ -492,7 +492,7 @@ def test_torchrun_with_dropout_resumes_exactly(tmp_path, mirror_dir, stage_input
 
 @pytest.mark.slow
 def test_judge_resumes_without_asking_twice(tmp_path, mirror_dir, stage_inputs):
-    from test_judge import FakeOllama
+    from tests.recipes.test_judge import FakeOllama
 
     n = len(json.loads((stage_inputs / "test.json").read_text()))
     # Each answer takes a moment (as a real judge's would), so that the kill lands mid-run.

@@ -15,10 +15,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import yaml
 
-from conftest import REPO
 from gptcore.convert.openai_download import CHECKPOINT_FILES, download_checkpoint
 from gptcore.download import download, fetch
 from gptcore.errors import ConfigError, DownloadError
+from tests.conftest import REPO
 
 BODY = bytes(range(251)) * 12000  # 3 MB (reads go by 1 MB chunks), offsets distinguishable
 

@@ -10,7 +10,6 @@ import re
 
 import pytest
 import torch
-from gotemplate import render
 
 from gptcore.config import GPTConfig
 from gptcore.export.gguf import export_gguf, modelfile_text
@@ -19,6 +18,7 @@ from gptcore.model import GPTModel
 from gptcore.prompt import PREAMBLE, RESPONSE_MARKER, format_input
 from gptcore.serve.chat import render_chat
 from gptcore.weights import save_model
+from tests.gotemplate import render
 
 CHATS = [
     [{"role": "user", "content": "Name three primary colours."}],

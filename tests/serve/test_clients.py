@@ -17,7 +17,7 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from tests.conftest import REPO
 
 CLIENTS_DIR = REPO / "tests" / "clients"
 CLIENTS_PYTHON = os.environ.get("GPTCORE_CLIENTS_PYTHON", sys.executable)

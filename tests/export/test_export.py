@@ -15,8 +15,6 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from gotemplate import render
-from test_tokenizer import TEXTS
 
 from gptcore.cli import build_parser, main
 from gptcore.config import GPTConfig
@@ -28,6 +26,8 @@ from gptcore.prompt import PREAMBLE, RESPONSE_MARKER, format_input
 from gptcore.serve.chat import render_chat
 from gptcore.tokenizer import EOT_ID, encode
 from gptcore.weights import load_model, load_state, save_model
+from tests.gotemplate import render
+from tests.test_tokenizer import TEXTS
 
 PROMPTS = ["Every effort moves you", "I had always thought Jack", "The quick brown fox jumps"]
 

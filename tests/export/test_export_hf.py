@@ -12,8 +12,6 @@ import json
 import pytest
 import torch
 from safetensors.torch import save_file
-from test_tokenizer import TEXTS
-from tf_checkpoints import hf_model
 
 from gptcore.cli import main
 from gptcore.config import GPTConfig
@@ -25,6 +23,8 @@ from gptcore.model import random_model
 from gptcore.serve.chat import render_chat
 from gptcore.tokenizer import EOT_ID, encode
 from gptcore.weights import load_model, load_state, save_model
+from tests.test_tokenizer import TEXTS
+from tests.tf_checkpoints import hf_model
 
 CHATS = [
     [{"role": "user", "content": "Name three primary colours."}],

@@ -20,7 +20,7 @@ from gptcore.weights import save_model
 
 X86 = platform.machine().lower() in ("x86_64", "amd64")
 needs_kernels = pytest.mark.skipif(kernels.load_kernels() is None, reason="no C compiler")
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # The wrappers `gptcore bench` runs are measured with (docs/performance.md): cc without AVX512 (issue 32's
 # flags), and without AVX-VNNI either (an AVX2-only CPU such as AMD Zen 3).
 WRAPPERS = {"no-avx512": REPO / "benchmarks" / "cc-no-avx512", "avx2-only": REPO / "benchmarks" / "cc-avx2-only"}
@@ -108,7 +108,7 @@ def _outputs(models: dict[str, torch.nn.Module]) -> dict[str, tuple[torch.Tensor
 def test_a_build_without_avx512_decodes_as_the_avx512_one(build, tmp_path, wrapper):
     """Built as for a CPU without AVX512 (and, second, without AVX-VNNI either: AMD Zen 2/3), the library
     takes no AVX512 path at run time, and a bf16 and an int8 model give the same greedy tokens as with
-    the kernels of the full build, logits within the tolerance of tests/test_decode_block.py."""
+    the kernels of the full build, logits within the tolerance of tests/inference/test_decode_block.py."""
     flags = _cpu_flags()
     if not {"avx2", "fma"} <= flags:
         pytest.skip("the CPU has no AVX2 + FMA")

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
-from tf_checkpoints import hf_model, openai_arrays, openai_shapes, write_checkpoint
 
 from gptcore.cli import main as cli_main
 from gptcore.convert import openai
@@ -22,6 +21,7 @@ from gptcore.errors import WeightsError
 from gptcore.inference.decoding import generate
 from gptcore.model import GPTModel, set_fused_attention
 from gptcore.weights import load_model, load_state, save_model, save_streaming
+from tests.tf_checkpoints import hf_model, openai_arrays, openai_shapes, write_checkpoint
 
 SHAPES = {  # name -> hparams: an odd head count, a short context, the real vocabulary (for generation)
     "odd_heads": dict(n_vocab=97, n_ctx=16, n_embd=24, n_head=3, n_layer=2),
@@ -332,7 +332,7 @@ def test_one_switch_fetches_converts_and_finetunes(repo_copy, tmp_path, mirror_d
     reference = hf_model(hparams, seed=7)
     write_checkpoint(mirror / "gpt2" / "models" / "124M", hparams, openai_arrays(reference, 1), mirror_dir / "gpt2")
     monkeypatch.setenv("GPTCORE_MIRROR", str(mirror))
-    shutil.copy2(Path(__file__).parents[1] / "params-quickstart.yaml", repo_copy.root / "params.yaml")
+    shutil.copy2(Path(__file__).parents[2] / "params-quickstart.yaml", repo_copy.root / "params.yaml")
     repo_copy.set_params({"classifier": {"epochs": 1}})
     repo_copy.run("git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qam", "quickstart params")
     repo_copy.dvc("repro", "finetune_classifier")  # the scratch foundation

@@ -11,7 +11,7 @@ import yaml
 
 from gptcore.training.allocator import COMMAND_PREFIX, ENV, TUNABLES, allocator_env, keeps_freed_memory
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # The training stages whose every step has the same shapes; not instruction finetuning (batches as long
 # as their longest entry) nor generation (prompts of every length), where one heap fragments.
 FIXED_SHAPE_STAGES = {"pretrain", "finetune_classifier"}

@@ -9,7 +9,8 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_resume_stages import _classifier_run, _env, _instructions_run
+
+from tests.recipes.test_resume_stages import _classifier_run, _env, _instructions_run
 
 LORA = {"rank": 4, "alpha": 8.0}
 TARGETS = ("att.qkv.weight", "att.out_proj.weight", "ff.fc.weight", "ff.proj.weight")
@@ -138,7 +139,7 @@ def test_bad_lora_params_stop_the_stage_in_one_line(lora, message, tmp_path, mir
 
 def test_peft_round_trip_through_the_cli(lora_classifier, lora_instructions, stage_inputs, tmp_path):
     """export --format peft, then convert the folder back: the same adapter file, byte for byte (the
-    logits through PeftModel are compared in tests/test_peft.py)."""
+    logits through PeftModel are compared in tests/convert/test_peft.py)."""
     lm = str(stage_inputs / "lm.safetensors")
     for name, workdir in (("lm", lora_instructions), ("classifier", lora_classifier)):
         folder, back = tmp_path / f"{name}-peft", tmp_path / f"{name}-back.safetensors"
