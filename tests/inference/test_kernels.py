@@ -4,6 +4,7 @@ as the AVX512 one does, the cache folder, a compiler that fails or has no OpenMP
 process, `auto` for decoding, and a wrong input width on every public layer (a Python error, never a signal)."""
 
 import logging
+import os
 import platform
 import subprocess
 import sys
@@ -164,11 +165,21 @@ def test_a_compiler_without_openmp_builds_one_thread_with_one_warning(build, tmp
 
 @needs_kernels
 @pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="needs /proc/self/maps")
-def test_one_openmp_runtime_in_the_process(build):
-    assert build().gptcore_gemv_openmp()
-    mapped = {line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines() if "/" in line}
-    runtimes = {Path(p).resolve() for p in mapped if Path(p).name.startswith(kernels.OPENMP_RUNTIMES)}
-    assert len(runtimes) == 1, runtimes  # torch's, which the library shares
+def test_one_openmp_runtime_in_the_process(tmp_path):
+    """torch and the kernels share one OpenMP runtime. Checked in a fresh process: the suite's own process
+    has loaded other libraries' runtimes by then (scikit-learn's wheels bring their own libgomp)."""
+    code = """
+from pathlib import Path
+import torch
+from gptcore.inference import kernels
+assert kernels.load_kernels().gptcore_gemv_openmp()
+mapped = {line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines() if "/" in line}
+runtimes = {Path(p).resolve() for p in mapped if Path(p).name.startswith(kernels.OPENMP_RUNTIMES)}
+assert len(runtimes) == 1, runtimes  # torch's, which the library shares
+"""
+    env = {**os.environ, "GPTCORE_CACHE": str(tmp_path / "cache")}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
 
 
 def test_openmp_is_linked_to_torchs_runtime_or_left_out(tmp_path):
