@@ -160,9 +160,12 @@ def test_two_turns_keep_the_conversation_and_reset_starts_anew(terminal, model_p
 
 
 def test_ctrl_c_stops_a_reply_and_the_next_turn_works(terminal, model_path, llm, tmp_path):
-    """A reply of up to 1,000 tokens (end of text banned) is stopped by Ctrl-C once it has begun; what was
-    shown stays in the conversation, and the next turn replies to it; Ctrl-C twice at the prompt leaves."""
-    flags = ["--max-new-tokens", "1000", "--logit-bias", "50256=-100"]
+    """A reply of up to 8,000 tokens (end of text banned) is stopped by Ctrl-C once it has begun; what was
+    shown stays in the conversation, and the next turn replies to it; Ctrl-C twice at the prompt leaves.
+    The reply is longer than the pseudo-terminal's buffer (about 4 KB): once the test stops reading, the
+    program blocks in its write, so the Ctrl-C always arrives during the reply, however fast the machine
+    decodes (1,000 tokens of this tiny model could all be written before the Ctrl-C on a quiet machine)."""
+    flags = ["--max-new-tokens", "8000", "--logit-bias", "50256=-100"]
     term = terminal("--model", str(model_path), "--device", "cpu", *flags)
     term.expect(PROMPT)
     term.type("Tell me a long story.\r")
@@ -179,7 +182,7 @@ def test_ctrl_c_stops_a_reply_and_the_next_turn_works(terminal, model_path, llm,
     assert [m["role"] for m in chat] == ["user", "assistant", "user", "assistant"]
     partial = chat[1]["content"]
     assert len(partial) >= 40 and stopped == partial + "\n(stopped)\n\n" + PROMPT
-    reply = llm.chat(chat[:3], max_new_tokens=1000, logit_bias={50256: -100.0}, stop=[STOP])
+    reply = llm.chat(chat[:3], max_new_tokens=8000, logit_bias={50256: -100.0}, stop=[STOP])
     assert chat[3]["content"] == reply and second.endswith(reply + "\n\n" + PROMPT)
     term.type("\x03")
     term.expect("(Ctrl-C again, Ctrl-D or /exit to leave)\n" + PROMPT)
