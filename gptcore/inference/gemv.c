@@ -306,47 +306,74 @@ typedef struct {
 
 static inline float block_scale(const QuantizedRow *x, int64_t block) { return x->lane_scale[block * (LANES / 2)]; }
 
-/* The scalar reference: sums[r] = sum over blocks of the block's scale x its int32 dot product. */
-static void dot_int8_scalar(const QuantizedRow *x, const int8_t *q, int64_t k_len, int rows, float *sums) {
-    for (int r = 0; r < rows; r++) {
-        const int8_t *row = q + r * k_len;
+/* Rows of x per pass over a weight row (a prompt's positions, or a batch's rows): the tile shares each
+   weight block's load and |q|. Each row's sum is made by the same instructions in the same order whatever
+   else the tile holds, so a row's output never depends on its neighbours (batch-invariant decoding). */
+#define TILE 4
+
+/* The scalar reference: sums[i] = sum over blocks of the block's scale x the int32 dot product of row i of
+   x (i < nx) with the weight row w. */
+static void dot_int8_scalar(const QuantizedRow *x, int nx, const int8_t *w, int64_t k_len, float *sums) {
+    for (int i = 0; i < nx; i++) {
         float acc = 0.0f;
         for (int64_t start = 0, b = 0; start < k_len; start += BLOCK, b++) {
             int64_t end = start + BLOCK < k_len ? start + BLOCK : k_len;
             int32_t dot = 0;
-            for (int64_t k = start; k < end; k++) dot += (int32_t)row[k] * x->xq[k];
-            acc += (float)dot * block_scale(x, b);
+            for (int64_t k = start; k < end; k++) dot += (int32_t)w[k] * x[i].xq[k];
+            acc += (float)dot * block_scale(&x[i], b);
         }
-        sums[r] = acc;
+        sums[i] = acc;
     }
 }
 
-typedef void (*dot_int8_fn)(const QuantizedRow *x, const int8_t *q, int64_t k_len, float *sums);
+/* The vector functions: nx (1..TILE) rows of x against one weight row. */
+typedef void (*dot_int8_fn)(const QuantizedRow *x, int nx, const int8_t *w, int64_t k_len, float *sums);
+
+/* A vector function from its tile body, called with nx a constant so that the compiler keeps every row's
+   accumulators in registers (two per row: even and odd blocks, so consecutive FMAs do not wait on each
+   other; they are added in a fixed order at the end). */
+#define DOT_INT8_BY_TILE(name, tile)                                                                       \
+    static void name(const QuantizedRow *x, int nx, const int8_t *w, int64_t k_len, float *sums) {        \
+        switch (nx) {                                                                                       \
+        case 1: tile(x, 1, w, k_len, sums); break;                                                          \
+        case 2: tile(x, 2, w, k_len, sums); break;                                                          \
+        case 3: tile(x, 3, w, k_len, sums); break;                                                          \
+        default: tile(x, TILE, w, k_len, sums); break;                                                      \
+        }                                                                                                   \
+    }
+
+#define ALWAYS_INLINE static inline __attribute__((always_inline))
 
 #if HAVE_AVX512VNNI
 /* 64 weights at a time: 16 lanes of 4, lanes 0-7 in x's block 2c, 8-15 in 2c+1. VPDPBUSD multiplies
    unsigned by signed bytes: the weights go in as q + 128 (q XOR 0x80) and each lane starts from
    -128 x (its four xq), which cancels the offset exactly. */
-static void dot_int8_avx512vnni(const QuantizedRow *x, const int8_t *q, int64_t k_len, float *sums) {
-    __m512 acc[GROUP];
-    for (int r = 0; r < GROUP; r++) acc[r] = _mm512_setzero_ps();
-    const __m512i offset = _mm512_set1_epi8((char)0x80);
-    int64_t chunks = (k_len + CHUNK - 1) / CHUNK;
-    for (int64_t c = 0; c < chunks; c++) {
-        int64_t k = c * CHUNK;
-        __mmask64 mask = k + CHUNK <= k_len ? ~(__mmask64)0 : (__mmask64)((1ull << (k_len - k)) - 1);
-        __m512i xv = _mm512_loadu_si512((const void *)(x->xq + k));
-        __m512i start = _mm512_loadu_si512((const void *)(x->lane_start + c * LANES));
-        __m512 scale = _mm512_loadu_ps(x->lane_scale + c * LANES);
-        for (int r = 0; r < GROUP; r++) {
-            _mm_prefetch((const char *)(q + r * k_len + k) + INT8_PREFETCH_BYTES, _MM_HINT_T0);
-            __m512i w = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask, q + r * k_len + k), offset);
-            __m512i dot = _mm512_dpbusd_epi32(start, w, xv);
-            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[r]);
-        }
+ALWAYS_INLINE void chunk_avx512vnni(const QuantizedRow *x, const int nx, const int8_t *w, int64_t k_len, int64_t c,
+                                    __m512 *acc) {
+    int64_t k = c * CHUNK;
+    __mmask64 mask = k + CHUNK <= k_len ? ~(__mmask64)0 : (__mmask64)((1ull << (k_len - k)) - 1);
+    _mm_prefetch((const char *)(w + k) + INT8_PREFETCH_BYTES, _MM_HINT_T0);
+    __m512i wv = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask, w + k), _mm512_set1_epi8((char)0x80));
+    for (int i = 0; i < nx; i++) {
+        __m512i start = _mm512_loadu_si512((const void *)(x[i].lane_start + c * LANES));
+        __m512i dot = _mm512_dpbusd_epi32(start, wv, _mm512_loadu_si512((const void *)(x[i].xq + k)));
+        acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_loadu_ps(x[i].lane_scale + c * LANES), acc[i]);
     }
-    for (int r = 0; r < GROUP; r++) sums[r] = _mm512_reduce_add_ps(acc[r]);
 }
+
+ALWAYS_INLINE void tile_avx512vnni(const QuantizedRow *x, const int nx, const int8_t *w, int64_t k_len, float *sums) {
+    __m512 even[TILE], odd[TILE];
+    for (int i = 0; i < nx; i++) even[i] = odd[i] = _mm512_setzero_ps();
+    int64_t chunks = (k_len + CHUNK - 1) / CHUNK, c = 0;
+    for (; c + 1 < chunks; c += 2) {
+        chunk_avx512vnni(x, nx, w, k_len, c, even);
+        chunk_avx512vnni(x, nx, w, k_len, c + 1, odd);
+    }
+    if (c < chunks) chunk_avx512vnni(x, nx, w, k_len, c, even);
+    for (int i = 0; i < nx; i++) sums[i] = _mm512_reduce_add_ps(_mm512_add_ps(even[i], odd[i]));
+}
+
+DOT_INT8_BY_TILE(dot_int8_avx512vnni, tile_avx512vnni)
 #endif
 
 #if HAVE_AVX2
@@ -357,42 +384,49 @@ static inline float partial_block(const QuantizedRow *x, const int8_t *row, int6
     return (float)dot * block_scale(x, start / BLOCK);
 }
 
-/* 8 int32 sums of 4 products |q| x (xq with q's sign) each, over 32 bytes. VPMADDUBSW's int16 pair sums
-   stay below 2 x 128 x 127 < 32767: no saturation. */
-static inline __m256i dot32_avx2(__m256i w, __m256i xv) {
-    __m256i pairs = _mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(xv, w));
-    return _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
+/* 8 int32 sums of 4 products |q| x (xq with q's sign) each, over 32 bytes (abs_w = |q|, signed_x = xq with
+   q's sign). VPMADDUBSW's int16 pair sums stay below 2 x 128 x 127 < 32767: no saturation. */
+ALWAYS_INLINE __m256i dot32_avx2(__m256i abs_w, __m256i signed_x) {
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(abs_w, signed_x), _mm256_set1_epi16(1));
 }
 
 #if HAVE_AVXVNNI
-static inline __m256i dot32_avxvnni(__m256i w, __m256i xv) {
-    return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), _mm256_abs_epi8(w), _mm256_sign_epi8(xv, w));
+ALWAYS_INLINE __m256i dot32_avxvnni(__m256i abs_w, __m256i signed_x) {
+    return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), abs_w, signed_x);
 }
 #endif
 
-/* The AVX2 and AVX-VNNI functions: one block of 32 at a time, its int32 sums scaled into fp32 lanes. */
-#define DOT_INT8_256(name, dot32)                                                                          \
-    static void name(const QuantizedRow *x, const int8_t *q, int64_t k_len, float *sums) {                \
-        __m256 acc[GROUP];                                                                                  \
-        for (int r = 0; r < GROUP; r++) acc[r] = _mm256_setzero_ps();                                      \
-        int64_t full = k_len / BLOCK;                                                                       \
-        for (int64_t b = 0; b < full; b++) {                                                                \
-            __m256i xv = _mm256_loadu_si256((const __m256i *)(x->xq + b * BLOCK));                          \
-            __m256 scale = _mm256_set1_ps(block_scale(x, b));                                               \
-            for (int r = 0; r < GROUP; r++) {                                                               \
-                const int8_t *w = q + r * k_len + b * BLOCK;                                                \
-                if (!(b & 1)) _mm_prefetch((const char *)w + INT8_PREFETCH_BYTES, _MM_HINT_T0);            \
-                __m256i dot = dot32(_mm256_loadu_si256((const __m256i *)w), xv);                            \
-                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, acc[r]);                           \
-            }                                                                                               \
+/* The AVX2 and AVX-VNNI tiles: one block of 32 at a time (|q| taken once for the tile), its int32 sums
+   scaled into fp32 lanes. */
+#define TILE_INT8_256(name, dot32)                                                                         \
+    ALWAYS_INLINE void name##_block(const QuantizedRow *x, const int nx, const int8_t *w, int64_t b, __m256 *acc) { \
+        const int8_t *block = w + b * BLOCK;                                                                \
+        if (!(b & 1)) _mm_prefetch((const char *)block + INT8_PREFETCH_BYTES, _MM_HINT_T0);                \
+        __m256i wv = _mm256_loadu_si256((const __m256i *)block), abs_w = _mm256_abs_epi8(wv);               \
+        for (int i = 0; i < nx; i++) {                                                                      \
+            __m256i xv = _mm256_loadu_si256((const __m256i *)(x[i].xq + b * BLOCK));                        \
+            __m256i dot = dot32(abs_w, _mm256_sign_epi8(xv, wv));                                           \
+            acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(block_scale(&x[i], b)), acc[i]); \
         }                                                                                                   \
-        for (int r = 0; r < GROUP; r++)                                                                     \
-            sums[r] = sum8(acc[r]) + (full * BLOCK < k_len ? partial_block(x, q + r * k_len, full * BLOCK, k_len) : 0.0f); \
-    }
+    }                                                                                                       \
+    ALWAYS_INLINE void name##_tile(const QuantizedRow *x, const int nx, const int8_t *w, int64_t k_len, float *sums) { \
+        __m256 even[TILE], odd[TILE];                                                                       \
+        for (int i = 0; i < nx; i++) even[i] = odd[i] = _mm256_setzero_ps();                                \
+        int64_t full = k_len / BLOCK, b = 0;                                                                \
+        for (; b + 1 < full; b += 2) {                                                                      \
+            name##_block(x, nx, w, b, even);                                                                \
+            name##_block(x, nx, w, b + 1, odd);                                                             \
+        }                                                                                                   \
+        if (b < full) name##_block(x, nx, w, b, even);                                                      \
+        for (int i = 0; i < nx; i++)                                                                        \
+            sums[i] = sum8(_mm256_add_ps(even[i], odd[i])) +                                                \
+                      (full * BLOCK < k_len ? partial_block(&x[i], w, full * BLOCK, k_len) : 0.0f);        \
+    }                                                                                                       \
+    DOT_INT8_BY_TILE(name, name##_tile)
 
-DOT_INT8_256(dot_int8_avx2, dot32_avx2)
+TILE_INT8_256(dot_int8_avx2, dot32_avx2)
 #if HAVE_AVXVNNI
-DOT_INT8_256(dot_int8_avxvnni, dot32_avxvnni)
+TILE_INT8_256(dot_int8_avxvnni, dot32_avxvnni)
 #endif
 #endif
 
@@ -453,9 +487,9 @@ static inline void dot_bf16(const uint16_t *x, const uint16_t *w, int64_t k_len,
     else dot_bf16_scalar(x, w, k_len, rows, sums);
 }
 
-static inline void dot_int8(const QuantizedRow *x, const int8_t *q, int64_t k_len, int rows, float *sums) {
-    if (rows == GROUP && chosen.int8) chosen.int8(x, q, k_len, sums);
-    else dot_int8_scalar(x, q, k_len, rows, sums);
+static inline void dot_int8(const QuantizedRow *x, int nx, const int8_t *w, int64_t k_len, float *sums) {
+    if (chosen.int8) chosen.int8(x, nx, w, k_len, sums);
+    else dot_int8_scalar(x, nx, w, k_len, sums);
 }
 
 static inline void dot_f32(const float *x, const float *w, int64_t k_len, int rows, float *sums) {
@@ -578,13 +612,16 @@ static void product_int8(char *buffer, const int8_t *q, const uint16_t *scale, c
     for (int64_t g = 0; g < groups; g++) {
         int64_t first = g * GROUP;
         int rows = group_rows(first, n_len);
-        for (int64_t b = 0; b < batch; b++) {
-            QuantizedRow row = quantized_row_at(buffer, k_len, b);
-            float sums[GROUP];
-            dot_int8(&row, q + first * k_len, k_len, rows, sums);
+        for (int64_t b = 0; b < batch; b += TILE) {
+            int nx = (int)(batch - b < TILE ? batch - b : TILE);
+            QuantizedRow tile[TILE];
+            for (int i = 0; i < nx; i++) tile[i] = quantized_row_at(buffer, k_len, b + i);
             for (int r = 0; r < rows; r++) {
-                float s = sums[r] * bf16_to_float(scale[first + r]) + (bias ? bf16_to_float(bias[first + r]) : 0.0f);
-                store(y, b * n_len + first + r, s, fp32_out, gelu);
+                float sums[TILE];
+                int64_t n = first + r;
+                dot_int8(tile, nx, q + n * k_len, k_len, sums);
+                float row_scale = bf16_to_float(scale[n]), row_bias = bias ? bf16_to_float(bias[n]) : 0.0f;
+                for (int i = 0; i < nx; i++) store(y, (b + i) * n_len + n, sums[i] * row_scale + row_bias, fp32_out, gelu);
             }
         }
     }
