@@ -73,8 +73,9 @@ def jinja_chat_template() -> str:
     role's marker and content, merged into the one before when the role repeats; with add_generation_prompt
     (llama.cpp's chat endpoints set it) a chat that does not end with the assistant's message ends with an
     open response marker. Offered `tools` follow the system text, an assistant's `tool_calls` its content
-    (arguments a mapping, or OpenAI's JSON string). One line, no whitespace outside string literals: the
-    result does not depend on trim_blocks / lstrip_blocks.
+    (arguments a mapping, or OpenAI's JSON string); `tojson`'s output is printed on its own, never
+    concatenated (Jinja's is markup-safe: a string added to it would be HTML-escaped). One line, no
+    whitespace outside string literals: the result does not depend on trim_blocks / lstrip_blocks.
     """
     markers = "".join(
         f"{{%- {'if' if i == 0 else 'elif'} m['role'] == '{role}' -%}}{{{{- {_jinja_string(marker)} -}}}}"
@@ -87,7 +88,7 @@ def jinja_chat_template() -> str:
         "{%- endif -%}{%- endfor -%}"
         "{{- ns.system if ns.system else " + _jinja_string(PREAMBLE) + " -}}"
         "{%- if tools -%}{{- " + _jinja_string(TOOLS_HEADER) + " -}}"
-        "{%- for t in tools -%}{{- '\\n' + (t | tojson) -}}{%- endfor -%}{%- endif -%}"
+        "{%- for t in tools -%}{{- '\\n' -}}{{- t | tojson -}}{%- endfor -%}{%- endif -%}"
         "{%- for m in messages -%}"
         "{%- if m['role'] != 'system' -%}"
         "{%- if m['role'] == ns.last -%}{{- " + _jinja_string(SEPARATOR) + " -}}"
@@ -99,7 +100,7 @@ def jinja_chat_template() -> str:
         + _jinja_string(TOOL_CALL_MARKER + CALL_NAME)
         + " + c['function']['name'] + "
         + _jinja_string(CALL_ARGUMENTS)
-        + " + (a if a is string else (a | tojson)) + '}' -}}"
+        + " -}}{{- a if a is string else (a | tojson) -}}{{- '}' -}}"
         "{%- endfor -%}{%- endif -%}"
         "{%- if m['role'] != 'system' -%}{%- set ns.turn = m['role'] -%}{%- endif -%}"
         "{%- set ns.last = m['role'] -%}"

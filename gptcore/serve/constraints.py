@@ -42,8 +42,8 @@ def triggered(text: str, trigger: str) -> str | bool | None:
     aside) may still become the trigger, False once it cannot (the reply stays free), else the text after
     the trigger, which the grammar must accept next."""
     head = text.lstrip()
-    if trigger.startswith(head):
-        return None
     if head.startswith(trigger):
         return head[len(trigger) :]
+    if trigger.startswith(head):
+        return None
     return False

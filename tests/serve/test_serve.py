@@ -32,6 +32,7 @@ from gptcore.serve import Limits, Server
 from gptcore.serve.chat import Detokenizer, render_chat, render_generate
 from gptcore.serve.engine import Engine
 from gptcore.serve.jobs import Done, Job, Sampling, budget
+from gptcore.serve.models_routes import OLLAMA_API_VERSION
 from gptcore.weights import save_model
 
 PROMPT = "Every effort moves you"
@@ -637,7 +638,8 @@ def test_our_judge_against_our_server(url, server, tmp_path):
     params = JudgeParams(url=url, model="tiny", timeout=60, retries=1, backoff=0.0, structured=True)
     outcome = judge_responses(responses, tmp_path / "scores.jsonl", params, show_progress=False, warn=lambda m: None)
     m = outcome.metrics
-    assert m["n_entries"] == 2 and m["judge_version"] == __version__ and m["judge_digest"] == server.info.digest
+    version = f"gptcore {__version__} (Ollama API {OLLAMA_API_VERSION})"
+    assert m["n_entries"] == 2 and m["judge_version"] == version and m["judge_digest"] == server.info.digest
     for record in outcome.records:
         assert all(isinstance(json.loads(r), dict) for r in record["replies"])
         assert record["truncated"] and record["context_limit"] == CONTEXT
