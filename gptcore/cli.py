@@ -139,6 +139,7 @@ def _serve(args: argparse.Namespace) -> int:
         device=args.device,
         max_predict=args.max_predict,
         origins=[o for o in (args.origins or "").split(",") if o.strip()],
+        strict_options=args.strict_options,
         load=LoadOptions(
             precision=args.precision, quantize=args.quantize, adapter=args.adapter, keep_alive=args.keep_alive
         ),
@@ -376,6 +377,12 @@ def _add_serve(verbs) -> None:
         default=None,
         help="more web origins allowed to call the API, comma-separated, * as wildcard "
         "(added to localhost's and to OLLAMA_ORIGINS)",
+    )
+    p.add_argument(
+        "--strict-options",
+        action="store_true",
+        help="refuse (400) request fields and options gptcore does not use; default: serve the request and "
+        "name them in a Warning header, as Ollama ignores them",
     )
     _add_decoding_precision(p)
     p.set_defaults(func=_serve)

@@ -8,7 +8,9 @@ this implements exactly the constructs the template needs, with Go's semantics
   (dot becomes each element);
 - variables: `{{ $x := PIPE }}` declares in the current scope (until the enclosing `end`),
   `{{ $x = PIPE }}` assigns to the nearest declared one (Go >= 1.11);
-- pipelines: a field chain `.A.B` (of dot), `$x`, a string literal, or a call of `eq` / `ne`;
+- pipelines: a field chain `.A.B` (of dot), `$x`, a string literal, or a call of `eq` / `ne`, or of
+  `json` (Ollama's template function: Go's json.Marshal, here of maps and lists: keys sorted, compact,
+  <, >, & escaped as \u003c, \u003e, \u0026);
 - printing a value; truthiness as Go's: false, 0, "", nil and empty collections are false.
 Anything else raises ValueError, so the test fails rather than approximates.
 """
@@ -125,6 +127,11 @@ def _eval(tokens: list[str], dot: Any, scopes: list[dict]) -> Any:
             raise ValueError(f"{tokens[0]} takes two operands here: {tokens}")
         a, b = (_value(t, dot, scopes) for t in tokens[1:])
         return (a == b) if tokens[0] == "eq" else (a != b)
+    if tokens[0] == "json":
+        if len(tokens) != 2:
+            raise ValueError(f"json takes one operand here: {tokens}")
+        text = json.dumps(_value(tokens[1], dot, scopes), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
     if len(tokens) != 1:
         raise ValueError(f"unsupported pipeline {tokens}")
     return _value(tokens[0], dot, scopes)

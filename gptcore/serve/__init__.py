@@ -35,12 +35,14 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Limits:
     """What one server accepts: request body bytes, open connections, requests decoded together (more
-    wait in the queue), and new tokens per request (None: up to the context, as Ollama's num_ctx)."""
+    wait in the queue), new tokens per request (None: up to the context, as Ollama's num_ctx), and whether
+    request fields gptcore does not use are refused."""
 
     max_body: int = MAX_BODY
     max_connections: int = MAX_CONNECTIONS
     max_batch: int = MAX_BATCH
     max_predict: int | None = None
+    strict_options: bool = False  # refuse request fields gptcore does not use (else: a Warning header)
 
 
 @dataclass(frozen=True)
@@ -160,6 +162,7 @@ class Server:
             max_body=limits.max_body,
             max_predict=limits.max_predict,
             origins=env_origins + list(origins or []),
+            strict_options=limits.strict_options,
         )
         info.model_info = {
             "general.architecture": "gpt2",
@@ -250,6 +253,7 @@ def serve(
     max_predict: int | None = None,
     origins: list[str] | None = None,
     load: LoadOptions = LoadOptions(),
+    strict_options: bool = False,
 ) -> None:
     """Load the model and serve it until interrupted (Ctrl-C)."""
     server = Server(
@@ -259,7 +263,7 @@ def serve(
         name=name,
         device=device,
         origins=origins,
-        limits=Limits(max_predict=max_predict),
+        limits=Limits(max_predict=max_predict, strict_options=strict_options),
         load=load,
     )
     if host not in ("127.0.0.1", "localhost", "::1"):

@@ -17,9 +17,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from gptcore.serve import protocol as p
 from gptcore.serve.embedding_routes import embedding_routes
 from gptcore.serve.engine import Engine
-from gptcore.serve.http_io import error_response
+from gptcore.serve.http_io import FieldCheck, error_response
 from gptcore.serve.info import ServerInfo
-from gptcore.serve.ollama_routes import ollama_generation_routes, ollama_metadata_routes
+from gptcore.serve.models_routes import ollama_manage_routes, ollama_model_routes
+from gptcore.serve.ollama_routes import ollama_generation_routes
 from gptcore.serve.openai_routes import openai_routes
 from gptcore.serve.security import DEFAULT_ORIGINS, Guard, origin_pattern
 
@@ -29,6 +30,7 @@ def create_app(engine: Engine, info: ServerInfo) -> FastAPI:
     app = FastAPI(title="gptcore", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine, app.state.info = engine, info
 
+    app.add_middleware(FieldCheck, strict=info.strict_options)
     app.add_middleware(Guard, info=info, origins=[origin_pattern(o) for o in DEFAULT_ORIGINS + info.origins])
 
     @app.exception_handler(p.RequestError)
@@ -44,6 +46,12 @@ def create_app(engine: Engine, info: ServerInfo) -> FastAPI:
     async def unexpected(request: Request, err: Exception):  # a bug; still one line, never a traceback
         return error_response(500, " ".join(str(err).split()) or type(err).__name__, request.url.path.startswith("/v1"))
 
-    for routes in (ollama_metadata_routes, ollama_generation_routes, embedding_routes, openai_routes):
+    for routes in (
+        ollama_model_routes,
+        ollama_manage_routes,
+        ollama_generation_routes,
+        embedding_routes,
+        openai_routes,
+    ):
         app.include_router(routes(engine, info))
     return app

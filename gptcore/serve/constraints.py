@@ -1,5 +1,6 @@
 """Constrained (JSON) decoding on the engine's worker: the tokens a job's llguidance matcher allows next,
-and how a reply near the end of its token budget closes its value."""
+how a reply near the end of its token budget closes its value, and when a lazy grammar starts (a reply
+that begins with its trigger: llama.cpp's lazy grammars with trigger words)."""
 
 from __future__ import annotations
 
@@ -34,3 +35,15 @@ def allowed_tokens(matcher, vocab: int, device: torch.device) -> torch.Tensor:
 
     bits = np.unpackbits(np.frombuffer(matcher.compute_bitmask(), dtype=np.uint8), bitorder="little")
     return torch.from_numpy(bits[:vocab].astype(bool)).to(device)[None, :]
+
+
+def triggered(text: str, trigger: str) -> str | bool | None:
+    """Where a lazy grammar stands after a reply's text so far: None while the text (leading whitespace
+    aside) may still become the trigger, False once it cannot (the reply stays free), else the text after
+    the trigger, which the grammar must accept next."""
+    head = text.lstrip()
+    if head.startswith(trigger):
+        return head[len(trigger) :]
+    if trigger.startswith(head):
+        return None
+    return False

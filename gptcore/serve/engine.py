@@ -34,7 +34,7 @@ from gptcore.inference.decoding import next_token_logits
 from gptcore.inference.sampling import RowSampler
 from gptcore.model import GPTModel, KVCache
 from gptcore.serve.chat import Detokenizer
-from gptcore.serve.constraints import allowed_tokens, close_reserve, closer_ids, closing_token
+from gptcore.serve.constraints import allowed_tokens, close_reserve, closer_ids, closing_token, triggered
 from gptcore.serve.embedding import embed_ids
 from gptcore.serve.jobs import Done, Failed, Job, Piece, TokenLogprob
 from gptcore.tokenizer import EOT_ID
@@ -56,6 +56,7 @@ class _Row:
             options = options.replace(seed=int.from_bytes(os.urandom(8), "little") >> 1)
         self.sampler = RowSampler(options, device=device)
         self.matcher = matcher
+        self.trigger = job.trigger if matcher is None and job.grammar is not None else None  # a lazy grammar
         self.load_ns = load_ns
         self.started = time.perf_counter()
         self.first_token_at: float | None = None
@@ -211,10 +212,8 @@ class Engine:
         load_ns = self.ensure_loaded()
         self._unload = False
         matcher = None
-        if job.grammar is not None:
-            from llguidance import LLMatcher
-
-            matcher = LLMatcher(self.grammar_tokenizer(), job.grammar, log_level=0)
+        if job.grammar is not None and job.trigger is None:
+            matcher = self._matcher(job.grammar)
             if matcher.is_error():
                 job.sink(Failed(f"format: {matcher.get_error()}"))
                 return
@@ -223,6 +222,11 @@ class Engine:
             self._finish(row, "length")
             return
         self._join(row)
+
+    def _matcher(self, grammar: str):
+        from llguidance import LLMatcher
+
+        return LLMatcher(self.grammar_tokenizer(), grammar, log_level=0)
 
     @torch.inference_mode()
     def _join(self, row: _Row) -> None:
@@ -338,6 +342,13 @@ class Engine:
         piece = row.detok.push(token)
         if piece:
             row.job.sink(Piece(piece, self._release_logprobs(row, final=False)))
+        if row.trigger is not None:  # a lazy grammar starts once the reply begins with its trigger
+            rest = triggered(row.detok.text, row.trigger)
+            if rest is not None:
+                row.trigger = None
+                if rest is not False:
+                    row.matcher = self._matcher(row.job.grammar)
+                    row.matcher.consume_tokens(self.tokenizer.encode_ordinary(rest))
         if row.detok.stopped or (row.matcher is not None and row.matcher.is_stopped()):
             return "stop"
         if len(row.new_ids) >= row.job.max_new:

@@ -35,6 +35,7 @@ def submit(
     grammar: str | None,
     keep_alive: float | None = None,
     logprobs: int | None = None,
+    trigger: str | None = None,
 ) -> Events:
     """Queue a job for ids within the budget; its events arrive through the returned Events."""
     num_predict = limit.num_predict
@@ -45,7 +46,9 @@ def submit(
     head = min(limit.num_keep, keep // 2) if keep < len(ids) else 0  # Ollama's num_keep, within half the room
     prompt = ids[:head] + ids[len(ids) - keep + head :]
     events = Events(asyncio.get_running_loop())
-    events.job = Job(prompt, max_new, sampling, events.put, grammar, logprobs=logprobs, keep_alive=keep_alive)
+    events.job = Job(
+        prompt, max_new, sampling, events.put, grammar, logprobs=logprobs, keep_alive=keep_alive, trigger=trigger
+    )
     engine.submit(events.job)
     return events
 

@@ -1,5 +1,6 @@
-"""The served model as the routes know it besides the engine (ServerInfo), Ollama's model names, and the
-check that a request names that model."""
+"""The served model as the routes know it besides the engine (ServerInfo), Ollama's model names, the
+names /api/create and /api/copy add (Variant: the same weights with other defaults), and the check that a
+request names one of them."""
 
 from __future__ import annotations
 
@@ -27,6 +28,36 @@ class ServerInfo:
     origins: list[str] = field(default_factory=list)
     model_info: dict = field(default_factory=dict)
     created: int = field(default_factory=lambda: int(time.time()))
+    strict_options: bool = False  # unknown request fields are refused (400) rather than listed in a header
+    variants: dict[str, Variant] = field(default_factory=dict)  # names added by /api/create and /api/copy
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A name served from the same weights with its own defaults (/api/create's `system`, `template` and
+    `parameters`: Ollama options); the served name itself is the Variant with none."""
+
+    system: str | None = None
+    template: str | None = None
+    parameters: dict = field(default_factory=dict)
+    license: str | None = None
+    parent: str = ""
+    modified: float = field(default_factory=time.time)
+
+    def options(self, given: p.Options | None) -> p.Options:
+        """The request's options over this name's parameters."""
+        if not self.parameters:
+            return given or p.Options()
+        return p.Options.model_validate({**self.parameters, **(given.model_dump(exclude_none=True) if given else {})})
+
+    def with_system(self, messages: list[dict]) -> list[dict]:
+        """messages, with this name's system prompt first unless they bring their own (as Ollama)."""
+        if not self.system or any(m["role"] == "system" for m in messages):
+            return messages
+        return [{"role": "system", "content": self.system}, *messages]
+
+
+BASE = Variant()
 
 
 def canonical_name(name: str) -> str:
@@ -40,8 +71,13 @@ def default_name(path: Path) -> str:
     return path.parent.name if path.stem == "model" and path.parent.name else path.stem
 
 
-def check_model(requested: str | None, info: ServerInfo) -> None:
+def check_model(requested: str | None, info: ServerInfo) -> Variant:
+    """The Variant a request names (BASE for the served model), or a 400 / 404."""
     if not requested:
         raise p.RequestError(400, "model is required")
-    if requested != info.name and canonical_name(requested) != info.name:
-        raise p.RequestError(404, f"model '{requested}' not found")
+    name = canonical_name(requested)
+    if requested == info.name or name == info.name:
+        return BASE
+    if name in info.variants:
+        return info.variants[name]
+    raise p.RequestError(404, f"model '{requested}' not found")

@@ -86,8 +86,10 @@ class Job:
         unload_after: bool = False,
         logprobs: int | None = None,
         keep_alive: float | None = None,
+        trigger: str | None = None,
     ):
         self.prompt = prompt
+        self.trigger = trigger  # with a grammar: it applies only once the reply begins with this text
         self.keep_alive = keep_alive  # seconds the model stays loaded after this job (inf: forever); None: default
         self.logprobs = logprobs  # None: none; k >= 0: each token's log-probability and its k best alternatives
         self.unload_after = unload_after or keep_alive == 0  # Ollama's keep_alive 0: drop the model once idle

@@ -1,5 +1,5 @@
-"""Ollama's routes: the metadata ones (/, /api/version, /api/tags, /api/ps, /api/show, /api/pull,
-/api/delete) and generation (/api/generate, /api/chat: an NDJSON stream or one JSON reply)."""
+"""Ollama's generation routes (/api/generate, /api/chat: an NDJSON stream or one JSON reply); the model
+routes are in serve/models_routes.py, tool calling in serve/tools.py."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from gptcore.prompt import CHAT_ROLES as ROLES
 from gptcore.prompt import render_chat
@@ -24,68 +24,13 @@ from gptcore.serve.info import ServerInfo, check_model
 from gptcore.serve.jobs import Done, Piece, Sampling, TokenLogprob
 from gptcore.serve.options import (
     MAX_TOP_LOGPROBS,
-    OLLAMA_DEFAULTS,
     json_schema_grammar,
     ollama_sampling,
     parse_keep_alive,
     top_count,
 )
+from gptcore.serve.tools import CallFilter, ToolPlan, history, ollama_calls, parse_call, plan_tools
 from gptcore.tokenizer import encode_text
-
-
-def ollama_metadata_routes(engine: Engine, info: ServerInfo) -> APIRouter:
-    """/, /api/version, /api/tags, /api/ps, /api/show, /api/pull, /api/delete."""
-    app = APIRouter()
-
-    @app.api_route("/", methods=["GET", "HEAD"])
-    async def root():
-        return PlainTextResponse("Ollama is running")
-
-    @app.api_route("/api/version", methods=["GET", "HEAD"])
-    async def version():
-        return {"version": info.version}
-
-    @app.api_route("/api/tags", methods=["GET", "HEAD"])
-    async def tags():
-        return {"models": [_tag(info)]}
-
-    @app.api_route("/api/ps", methods=["GET", "HEAD"])
-    async def ps():
-        if engine.model is None:
-            return {"models": []}
-        return {
-            "models": [
-                {
-                    **_tag(info),
-                    "expires_at": _expiry(engine.expires_at),
-                    "size_vram": 0,
-                    "context_length": info.context_length,
-                }
-            ]
-        }
-
-    @app.post("/api/show")
-    async def show(request: Request):
-        body = p.parse(p.ShowRequest, await read_json(request, info))
-        check_model(body.model or body.name, info)
-        return _show(info)
-
-    @app.post("/api/pull")
-    async def pull(request: Request):
-        body = p.parse(p.PullRequest, await read_json(request, info))
-        check_model(body.model or body.name, info)
-        if body.stream:
-            return StreamingResponse(
-                iter([json.dumps({"status": "success"}) + "\n"]), media_type="application/x-ndjson"
-            )
-        return {"status": "success"}
-
-    @app.delete("/api/delete")
-    async def delete(request: Request):
-        await read_json(request, info, required=False)
-        raise p.RequestError(400, f"gptcore serves {info.name} from {info.path.name} and does not delete it")
-
-    return app
 
 
 def ollama_generation_routes(engine: Engine, info: ServerInfo) -> APIRouter:
@@ -108,17 +53,19 @@ def ollama_generation_routes(engine: Engine, info: ServerInfo) -> APIRouter:
 async def _generate_job(engine: Engine, info: ServerInfo, body: p.GenerateRequest) -> OllamaJob:
     """An /api/generate request as the job to run, or a RequestError saying what it asks that gptcore cannot do."""
     name = body.model_name()
-    check_model(name, info)
+    variant = check_model(name, info)
     if body.images:
         raise p.RequestError(400, f"{name} does not support images")
     if body.suffix:
         raise p.RequestError(400, f"{name} does not support insert (suffix)")
     _refuse_thinking(body.think, name)
-    sampling = ollama_sampling(body.options)
+    options = variant.options(body.options)
+    sampling = ollama_sampling(options)
     keep_alive = parse_keep_alive(body.keep_alive)
     grammar = await _ollama_grammar(engine, body.format)
     try:
-        text = render_generate(body.prompt or "", body.system, body.template, body.raw)
+        system, template = body.system or variant.system, body.template or variant.template
+        text = render_generate(body.prompt or "", system, template, body.raw)
     except TemplateError as err:
         raise p.RequestError(400, str(err)) from None
     context = body.context or []
@@ -131,7 +78,7 @@ async def _generate_job(engine: Engine, info: ServerInfo, body: p.GenerateReques
         name,
         ids,
         sampling,
-        body.options or p.Options(),
+        options,
         grammar,
         body.stream,
         chat=False,
@@ -144,32 +91,39 @@ async def _generate_job(engine: Engine, info: ServerInfo, body: p.GenerateReques
 async def _chat_job(engine: Engine, info: ServerInfo, body: p.ChatRequest) -> OllamaJob:
     """An /api/chat request as the job to run, or a RequestError saying what it asks that gptcore cannot do."""
     name = body.model_name()
-    check_model(name, info)
-    if body.tools:
-        raise p.RequestError(400, f"{name} does not support tools")
+    variant = check_model(name, info)
     _refuse_thinking(body.think, name)
-    sampling = ollama_sampling(body.options)
+    options = variant.options(body.options)
+    sampling = ollama_sampling(options)
     keep_alive = parse_keep_alive(body.keep_alive)
     grammar = await _ollama_grammar(engine, body.format)
+    plan = await plan_tools(
+        engine, body.tools, "none" if grammar and body.tool_choice in (None, "auto") else body.tool_choice
+    )
+    if grammar and plan and plan.grammar:
+        raise p.RequestError(400, "format and tool_choice: a reply follows one grammar, send one of them")
     messages = []
     for i, m in enumerate(body.messages or []):
         if m.role not in ROLES:
             raise p.RequestError(400, f"invalid messages[{i}].role: expected one of {', '.join(ROLES)}, got {m.role!r}")
         if m.images:
             raise p.RequestError(400, f"{name} does not support images")
-        messages.append({"role": m.role, "content": m.content or ""})
-    ids = encode_text(engine.tokenizer, render_chat(messages)) if messages else []
+        messages.append({"role": m.role, "content": m.content or "", "tool_calls": m.tool_calls})
+    messages = variant.with_system(history(messages, bool(plan)))
+    rendered = render_chat(messages, plan.tools if plan else None)
+    ids = encode_text(engine.tokenizer, rendered) if body.messages else []
     return OllamaJob(
         name,
         ids,
         sampling,
-        body.options or p.Options(),
-        grammar,
+        options,
+        grammar or (plan.grammar if plan else None),
         body.stream,
         chat=True,
         raw=True,
         keep_alive=keep_alive,
         logprobs=_ollama_logprobs_asked(body),
+        tools=plan,
     )
 
 
@@ -187,19 +141,22 @@ class OllamaJob:
     raw: bool  # /api/generate's raw: no `context` in the reply
     keep_alive: float | None  # seconds (inf: forever), None: the server's default
     logprobs: int | None = None  # alternatives per token to report, None for no logprobs
+    tools: ToolPlan | None = None  # /api/chat's tools (serve/tools.py)
 
 
 async def _ollama_reply(request: Request, engine: Engine, info: ServerInfo, job: OllamaJob) -> Response:
     name, ids, chat, raw, logprobs = job.name, job.ids, job.chat, job.raw, job.logprobs
     unload = job.keep_alive == 0
 
-    def fields(text: str, done: bool, tokens: list[TokenLogprob] | None = None) -> dict:
+    def fields(text: str, done: bool, tokens: list[TokenLogprob] | None = None, call: dict | None = None) -> dict:
         head = {"model": name, "created_at": _now()}
         reply = (
             {**head, "message": {"role": "assistant", "content": text}, "done": done}
             if chat
             else {**head, "response": text, "done": done}
         )
+        if call:
+            reply["message"]["tool_calls"] = ollama_calls(call)
         if tokens:
             reply["logprobs"] = [_ollama_logprob(t, logprobs) for t in tokens]
         return reply
@@ -211,9 +168,9 @@ async def _ollama_reply(request: Request, engine: Engine, info: ServerInfo, job:
         load_ns = await asyncio.to_thread(engine.load, job.keep_alive)
         return JSONResponse({**fields("", True), "done_reason": "load", "load_duration": load_ns})
 
-    def final(done: Done, text: str, tokens: list[TokenLogprob] | None = None) -> dict:
+    def final(done: Done, text: str, tokens: list[TokenLogprob] | None = None, call: dict | None = None) -> dict:
         reply = {
-            **fields(text, True, tokens),
+            **fields(text, True, tokens, call),
             "done_reason": done.reason,
             "total_duration": done.total_duration,
             "load_duration": done.load_duration,
@@ -228,21 +185,34 @@ async def _ollama_reply(request: Request, engine: Engine, info: ServerInfo, job:
 
     o = job.options
     budget = Budget(o.num_predict, o.num_ctx, o.num_keep or 0)
-    events = submit(engine, info, ids, job.sampling, budget, job.grammar, keep_alive=job.keep_alive, logprobs=logprobs)
+    plan = job.tools if job.tools is not None and job.tools.grammar is not None else None
+    trigger = plan.trigger if plan else None
+    events = submit(
+        engine, info, ids, job.sampling, budget, job.grammar, job.keep_alive, logprobs=logprobs, trigger=trigger
+    )
     if job.stream:
-
-        async def lines() -> AsyncIterator[str]:
-            async for event in events:
-                if isinstance(event, Piece):
-                    yield json.dumps(fields(event.text, False, event.logprobs), ensure_ascii=False) + "\n"
-                elif isinstance(event, Done):
-                    yield json.dumps(final(event, ""), ensure_ascii=False) + "\n"
-                else:
-                    yield json.dumps({"error": event.message}) + "\n"
-
-        return StreamingResponse(lines(), media_type="application/x-ndjson")
+        return StreamingResponse(_lines(events, fields, final, plan), media_type="application/x-ndjson")
     done = await wait_done(request, events)
-    return JSONResponse(final(done, done.text, done.logprobs))
+    call = parse_call(done.text, plan) if plan else None
+    return JSONResponse(final(done, "" if call else done.text, done.logprobs, call))
+
+
+async def _lines(events, fields, final, plan: ToolPlan | None) -> AsyncIterator[str]:
+    """An Ollama NDJSON stream of a job's events (fields / final: the reply objects); a tool call is held
+    back by CallFilter and sent as one message with tool_calls before the final object."""
+    held = CallFilter(plan)
+    async for event in events:
+        if isinstance(event, Piece):
+            text = held.push(event.text)
+            if text or event.logprobs or not plan:
+                yield json.dumps(fields(text, False, event.logprobs), ensure_ascii=False) + "\n"
+        elif isinstance(event, Done):
+            text, call = held.finish(event.text)
+            if text or call:
+                yield json.dumps(fields(text, False, call=call), ensure_ascii=False) + "\n"
+            yield json.dumps(final(event, ""), ensure_ascii=False) + "\n"
+        else:
+            yield json.dumps({"error": event.message}) + "\n"
 
 
 async def _ollama_grammar(engine: Engine, fmt: Any) -> str | None:
@@ -267,51 +237,6 @@ def _ollama_logprob(token: TokenLogprob, top: int) -> dict:
 def _refuse_thinking(think: Any, name: str) -> None:
     if think not in (None, False):
         raise p.RequestError(400, f"{name} does not support thinking")
-
-
-def _expiry(expires_at: float | None) -> str:
-    """Ollama's expires_at: when the idle model is unloaded (a model kept forever: Ollama's year 2318)."""
-    if expires_at is None or expires_at == float("inf"):
-        return "2318-01-01T00:00:00Z"
-    return datetime.fromtimestamp(expires_at, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def _details(info: ServerInfo) -> dict:
-    n = info.n_params
-    size = f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.0f}M"
-    return {
-        "parent_model": "",
-        "format": "safetensors",
-        "family": "gpt2",
-        "families": ["gpt2"],
-        "parameter_size": size,
-        "quantization_level": info.dtype,
-    }
-
-
-def _tag(info: ServerInfo) -> dict:
-    stat = info.path.stat()
-    return {
-        "name": info.name,
-        "model": info.name,
-        "size": stat.st_size,
-        "digest": info.digest,
-        "modified_at": datetime.fromtimestamp(stat.st_mtime, timezone.utc).isoformat(),
-        "details": _details(info),
-    }
-
-
-def _show(info: ServerInfo) -> dict:
-    return {
-        "license": "",
-        "modelfile": f"# served by gptcore from {info.path.name}\nFROM {info.path.name}\n",
-        "parameters": "\n".join(f"{k} {v}" for k, v in OLLAMA_DEFAULTS.items()),
-        "template": "{{ .Prompt }}",
-        "details": _details(info),
-        "model_info": info.model_info,
-        "capabilities": ["completion", "embedding"],
-        "modified_at": _tag(info)["modified_at"],
-    }
 
 
 def _now() -> str:

@@ -21,6 +21,7 @@ from gptcore.serve.http_io import read_json
 from gptcore.serve.info import ServerInfo, check_model
 from gptcore.serve.jobs import Done, Piece, TokenLogprob
 from gptcore.serve.options import MAX_TOP_LOGPROBS, json_schema_grammar, openai_sampling, parse_keep_alive, top_count
+from gptcore.serve.tools import CallFilter, ToolPlan, history, openai_calls, parse_call, plan_tools
 from gptcore.tokenizer import encode_text
 
 OPENAI_MAX_TOKENS = 16  # /v1/completions' default, as OpenAI's
@@ -42,9 +43,13 @@ def openai_routes(engine: Engine, info: ServerInfo) -> APIRouter:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         body = p.parse(p.ChatCompletionRequest, await read_json(request, info))
-        check_model(body.model, info)
-        if body.tools:
-            raise p.RequestError(400, f"{body.model} does not support tools")
+        variant = check_model(body.model, info)
+        json_mode = body.response_format is not None and body.response_format.type != "text"
+        plan = await plan_tools(
+            engine, body.tools, "none" if json_mode and body.tool_choice in (None, "auto") else body.tool_choice
+        )
+        if json_mode and plan and plan.grammar:
+            raise p.RequestError(400, "response_format and tool_choice: a reply follows one grammar, send one of them")
         messages = []
         for i, m in enumerate(body.messages):
             role = "system" if m.role == "developer" else m.role
@@ -52,14 +57,15 @@ def openai_routes(engine: Engine, info: ServerInfo) -> APIRouter:
                 raise p.RequestError(
                     400, f"invalid messages[{i}].role: expected one of {', '.join(ROLES)}, got {m.role!r}"
                 )
-            messages.append({"role": role, "content": _openai_text(m.content, i)})
+            messages.append({"role": role, "content": _openai_text(m.content, i), "tool_calls": m.tool_calls})
         if not messages:
             raise p.RequestError(400, "messages: at least one message is required")
         if body.top_logprobs is not None and not body.logprobs:
             raise p.RequestError(400, "top_logprobs: logprobs must be true to use top_logprobs")
         logprobs = top_count(body.top_logprobs or 0, MAX_TOP_LOGPROBS, "top_logprobs") if body.logprobs else None
-        ids = encode_text(engine.tokenizer, render_chat(messages))
-        return await _openai_reply(request, engine, info, body, ids, chat=True, logprobs=logprobs)
+        messages = variant.with_system(history(messages, bool(plan)))
+        ids = encode_text(engine.tokenizer, render_chat(messages, plan.tools if plan else None))
+        return await _openai_reply(request, engine, info, body, ids, chat=True, logprobs=logprobs, plan=plan)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -89,6 +95,7 @@ async def _openai_reply(
     chat: bool,
     logprobs: int | None = None,
     echo: str | None = None,
+    plan: ToolPlan | None = None,
 ) -> Response:
     if body.n != 1:
         raise p.RequestError(400, "n: gptcore returns one choice per request (n=1)")
@@ -99,35 +106,24 @@ async def _openai_reply(
         max_tokens = OPENAI_MAX_TOKENS
     if max_tokens is not None and max_tokens < 0:
         raise p.RequestError(400, f"max_tokens: expected a number >= 0, got {max_tokens}")
-    grammar = None
-    if body.response_format is not None and body.response_format.type != "text":
-        schema = (
-            (body.response_format.json_schema or {}).get("schema")
-            if body.response_format.type == "json_schema"
-            else None
-        )
-        if body.response_format.type == "json_schema" and not isinstance(schema, dict):
-            raise p.RequestError(400, "response_format.json_schema.schema: expected a JSON schema object")
-        grammar = await json_schema_grammar(engine, schema or {"type": "object"})
+    tools = plan if plan is not None and plan.grammar is not None else None  # calls to parse out of the reply
+    grammar = tools.grammar if tools else await _response_format_grammar(engine, body.response_format)
     kind = "chat.completion" if chat else "text_completion"
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     created = int(time.time())
 
-    def choice(text: str, reason: str | None, delta: bool = False, tokens: list[TokenLogprob] | None = None) -> dict:
+    def choice(
+        text: str, reason: str | None, delta: bool = False, tokens: list[TokenLogprob] | None = None, call=None
+    ) -> dict:
         shown = None
         if logprobs is not None and tokens is not None:
             shown = _openai_chat_logprobs(tokens) if chat else _openai_completion_logprobs(tokens, logprobs)
         if chat:
-            key = "delta" if delta else "message"
-            return {"index": 0, key: {"role": "assistant", "content": text}, "finish_reason": reason, "logprobs": shown}
+            message = {"role": "assistant", "content": None if call and not text else text}
+            if call:
+                message["tool_calls"] = openai_calls(call, stream=delta)
+            return {"index": 0, "delta" if delta else "message": message, "finish_reason": reason, "logprobs": shown}
         return {"index": 0, "text": text, "finish_reason": reason, "logprobs": shown}
-
-    def usage(done: Done) -> dict:
-        return {
-            "prompt_tokens": len(done.prompt_ids),
-            "completion_tokens": len(done.new_ids),
-            "total_tokens": len(done.prompt_ids) + len(done.new_ids),
-        }
 
     def envelope(**extra) -> dict:
         return {
@@ -139,29 +135,60 @@ async def _openai_reply(
             **extra,
         }
 
-    events = submit(engine, info, ids, sampling, Budget(max_tokens), grammar, keep_alive=keep_alive, logprobs=logprobs)
+    trigger = tools.trigger if tools else None
+    events = submit(
+        engine, info, ids, sampling, Budget(max_tokens), grammar, keep_alive, logprobs=logprobs, trigger=trigger
+    )
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
+        held = CallFilter(tools)
 
         async def sse() -> AsyncIterator[str]:
             if echo:  # the legacy API's echo: the prompt comes back first
                 yield _sse(envelope(choices=[choice(echo, None)]))
             async for event in events:
                 if isinstance(event, Piece):
-                    if event.text or event.logprobs:
-                        yield _sse(envelope(chunk=chat, choices=[choice(event.text, None, True, event.logprobs)]))
+                    text = held.push(event.text)
+                    if text or event.logprobs:
+                        yield _sse(envelope(chunk=chat, choices=[choice(text, None, True, event.logprobs)]))
                 elif isinstance(event, Done):
-                    yield _sse(envelope(chunk=chat, choices=[choice("", _finish_reason(event), delta=True)]))
+                    text, call = held.finish(event.text)
+                    if text or call:
+                        yield _sse(envelope(chunk=chat, choices=[choice(text, None, True, call=call)]))
+                    reason = "tool_calls" if call else _finish_reason(event)
+                    yield _sse(envelope(chunk=chat, choices=[choice("", reason, delta=True)]))
                     if include_usage:
-                        yield _sse(envelope(chunk=chat, choices=[], usage=usage(event)))
+                        yield _sse(envelope(chunk=chat, choices=[], usage=_usage(event)))
                 else:
                     yield _sse(p.openai_error(500, event.message))
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(sse(), media_type="text/event-stream")
     done = await wait_done(request, events)
-    text = (echo or "") + done.text
-    return JSONResponse(envelope(choices=[choice(text, _finish_reason(done), tokens=done.logprobs)], usage=usage(done)))
+    call = parse_call(done.text, tools) if tools else None
+    if call:
+        reply = choice("", "tool_calls", tokens=done.logprobs, call=call)
+    else:
+        reply = choice((echo or "") + done.text, _finish_reason(done), tokens=done.logprobs)
+    return JSONResponse(envelope(choices=[reply], usage=_usage(done)))
+
+
+async def _response_format_grammar(engine: Engine, response_format) -> str | None:
+    """The llguidance grammar of OpenAI's response_format (None for text), or a 400."""
+    if response_format is None or response_format.type == "text":
+        return None
+    schema = (response_format.json_schema or {}).get("schema") if response_format.type == "json_schema" else None
+    if response_format.type == "json_schema" and not isinstance(schema, dict):
+        raise p.RequestError(400, "response_format.json_schema.schema: expected a JSON schema object")
+    return await json_schema_grammar(engine, schema or {"type": "object"})
+
+
+def _usage(done: Done) -> dict:
+    return {
+        "prompt_tokens": len(done.prompt_ids),
+        "completion_tokens": len(done.new_ids),
+        "total_tokens": len(done.prompt_ids) + len(done.new_ids),
+    }
 
 
 def _openai_chat_logprobs(tokens: list[TokenLogprob]) -> dict:

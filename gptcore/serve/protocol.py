@@ -2,17 +2,20 @@
 
 Types are strict (a string is not a number, `"yes"` is not true) except where Ollama is lenient: an
 integer option may come as a JSON float with no fraction (`top_k: 40.0`), and null means absent.
-Unknown top-level fields are ignored (clients send their own extras); Ollama's `options` is strict: every
-sampling option is honoured (serve/options.py), Ollama's hardware knobs are accepted (they do not change a
-reply), the sampling methods gptcore lacks are accepted only at their neutral value, and an unknown option
-is a 400 naming it.
+Every sampling option is honoured (serve/options.py), Ollama's hardware knobs are accepted (they do not
+change a reply), and the sampling methods gptcore lacks are accepted only at their neutral value. A field
+gptcore does not know, top-level or in `options`, is not used: by default the reply lists it in a
+`Warning` header (Ollama ignores unknown fields too, and a web page cannot change what it sends), and
+`gptcore serve --strict-options` refuses it (400 naming it). The request being answered says which
+through `FIELDS` (set by serve/http_io.py's FieldCheck for each request).
 """
 
 from __future__ import annotations
 
+from contextvars import ContextVar
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 
 class RequestError(Exception):
@@ -42,10 +45,12 @@ class _Model(BaseModel):
 Number = Annotated[float, BeforeValidator(lambda v: float(v) if isinstance(v, int) and not isinstance(v, bool) else v)]
 
 
+# The request being answered: {"strict": refuse unknown fields, "unknown": those seen}; None outside one.
+FIELDS: ContextVar[dict | None] = ContextVar("gptcore_request_fields", default=None)
+
+
 class Options(_Model):
     """Ollama's `options` (api/types.go Options + Runner): docs/serving.md says what each does here."""
-
-    model_config = ConfigDict(strict=True, extra="forbid")
 
     temperature: Number | None = None
     top_k: Int | None = None
@@ -82,7 +87,9 @@ class Message(_Model):
     role: str
     content: str | None = None
     images: list[Any] | None = None
-    tool_calls: list[Any] | None = None  # an assistant's earlier tool calls: accepted, not rendered
+    tool_calls: list[Any] | None = None  # an assistant's earlier tool calls (serve/tools.py)
+    tool_name: str | None = None  # which tool a tool message answers (the call before it says)
+    thinking: str | None = None  # an earlier reply's thinking: gptcore models do not think, it is not rendered
 
 
 Format = Literal["", "json"] | dict[str, Any]
@@ -119,6 +126,7 @@ class GenerateRequest(_Generation):
 class ChatRequest(_Generation):
     messages: list[Message] | None = None
     tools: list[Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None  # OpenAI's, on Ollama's route too (serve/tools.py)
 
 
 class ShowRequest(_Model):
@@ -146,12 +154,44 @@ class PullRequest(_Model):
     model: str | None = None
     name: str | None = None
     stream: bool = True
+    insecure: bool | None = None  # no registry is reached: nothing to verify
+
+
+class CreateRequest(_Model):
+    """Ollama's /api/create (serve/models_routes.py says which forms gptcore serves)."""
+
+    model: str | None = None
+    name: str | None = None
+    from_: str | None = Field(None, alias="from")
+    system: str | None = None
+    template: str | None = None
+    license: str | list[str] | None = None
+    parameters: dict[str, Any] | None = None
+    files: dict[str, Any] | None = None
+    adapters: dict[str, Any] | None = None
+    messages: list[Any] | None = None
+    modelfile: str | None = None
+    quantize: str | None = None
+    stream: bool = True
+
+    def model_name(self) -> str:
+        if not (self.model or self.name):
+            raise RequestError(400, "model is required")
+        return self.model or self.name
+
+
+class CopyRequest(_Model):
+    source: str | None = None
+    destination: str | None = None
 
 
 # -- OpenAI ---------------------------------------------------------------------------------------------
 class OpenAIMessage(_Model):
     role: str
     content: str | list[dict[str, Any]] | None = None
+    tool_calls: list[Any] | None = None
+    tool_call_id: str | None = None  # which call a tool message answers (the call before it says)
+    name: str | None = None
 
 
 class ResponseFormat(_Model):
@@ -190,6 +230,8 @@ class _OpenAIGeneration(_Model):
 class ChatCompletionRequest(_OpenAIGeneration):
     messages: list[OpenAIMessage]
     tools: list[Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None  # gptcore makes at most one call per reply either way
     logprobs: bool | None = None
     top_logprobs: Int | None = None
 
@@ -210,9 +252,22 @@ class EmbeddingsRequest(_Model):
 
 
 def parse(model: type[_Model], body: Any) -> Any:
-    """body (decoded JSON) as `model`, or RequestError(400) naming the first wrong field."""
+    """body (decoded JSON) as `model`, or RequestError(400) naming the first wrong field; fields it does
+    not know (top-level and in `options`) are listed for the Warning header, or refused under FIELDS' strict."""
     if not isinstance(body, dict):
         raise RequestError(400, "the request body must be a JSON object")
+    unknown = _unknown(model, body)
+    if isinstance(body.get("options"), dict) and "options" in model.model_fields:
+        unknown += [f"options.{k}" for k in _unknown(Options, body["options"])]
+    fields = FIELDS.get()
+    if unknown and fields is not None:
+        if fields["strict"]:
+            raise RequestError(
+                400,
+                f"unknown field{'s' if len(unknown) > 1 else ''} {', '.join(unknown)[:300]}: "
+                "gptcore does not use it (the server runs with --strict-options)",
+            )
+        fields["unknown"] += unknown
     try:
         return model.model_validate(body)
     except ValidationError as err:
@@ -231,6 +286,25 @@ def parse(model: type[_Model], body: Any) -> Any:
 
 
 _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
+def _unknown(model: type[BaseModel], body: dict) -> list[str]:
+    known = {f.alias or name for name, f in model.model_fields.items()}
+    return [str(k)[:60] for k in body if k not in known]
+
+
+def parse_options(options: Any, where: str) -> Options:
+    """Ollama options given where no reply can warn (/api/create's parameters): every key known, or a 400."""
+    if not isinstance(options, dict):
+        raise RequestError(400, f"invalid {where}: expected an object")
+    unknown = _unknown(Options, options)
+    if unknown:
+        raise RequestError(400, f"invalid {where}: unknown parameter {unknown[0]!r}")
+    try:
+        return Options.model_validate(options)
+    except ValidationError as err:
+        first = err.errors()[0]
+        raise RequestError(400, f"invalid {where}.{first['loc'][0]}: {first['msg'].lower()}") from None
 
 
 def ollama_error(message: str) -> dict:

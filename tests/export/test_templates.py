@@ -2,10 +2,12 @@
 the exported Modelfile TEMPLATE (Go, rendered by tests/gotemplate.py on what Ollama passes it), the GGUF's
 tokenizer.chat_template and the Hugging Face chat_template (Jinja, rendered as transformers renders it)
 give the same text for every message sequence below: system, user, assistant and tool messages, with and
-without an input."""
+without an input; and with tools offered and an assistant's tool calls (the Go template exactly, the Jinja
+ones up to the spacing and key order of the JSON their runtime's `tojson` writes)."""
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -15,7 +17,7 @@ from gptcore.config import GPTConfig
 from gptcore.export.gguf import export_gguf, modelfile_text
 from gptcore.export.hf import export_hf
 from gptcore.model import GPTModel
-from gptcore.prompt import PREAMBLE, RESPONSE_MARKER, format_input
+from gptcore.prompt import CALL_ARGUMENTS, PREAMBLE, RESPONSE_MARKER, TOOLS_HEADER, format_input, tool_json
 from gptcore.serve.chat import render_chat
 from gptcore.weights import save_model
 from tests.gotemplate import render
@@ -45,26 +47,32 @@ CHATS = [
 ]
 
 
-def ollama_values(messages: list[dict]) -> dict:
+def ollama_values(messages: list[dict], tools: list[dict] | None = None) -> dict:
     """What Ollama passes a template that names .Messages (server/template.go collate): all system
-    messages joined by a blank line as .System, consecutive messages of one role merged the same way."""
+    messages joined by a blank line as .System, consecutive messages of one role merged the same way; an
+    assistant's tool calls as .ToolCalls (.Function.Name, .Function.Arguments), the tools as .Tools."""
     system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
     collated: list[dict] = []
     for m in messages:
+        calls = [
+            {"Function": {"Name": c["function"]["name"], "Arguments": c["function"]["arguments"]}}
+            for c in m.get("tool_calls", [])
+        ]
         if collated and collated[-1]["Role"] == m["role"]:
             collated[-1]["Content"] += "\n\n" + m["content"]
+            collated[-1]["ToolCalls"] += calls
         else:
-            collated.append({"Role": m["role"], "Content": m["content"]})
-    return {"System": system, "Messages": collated, "Response": ""}
+            collated.append({"Role": m["role"], "Content": m["content"], "ToolCalls": calls})
+    return {"System": system, "Messages": collated, "Response": "", "Tools": tools or []}
 
 
-def render_jinja(template: str, messages: list[dict]) -> str:
+def render_jinja(template: str, messages: list[dict], tools: list[dict] | None = None) -> str:
     """As transformers' apply_chat_template and llama-cpp-python render: a sandboxed Jinja environment
     with trim_blocks and lstrip_blocks, add_generation_prompt set."""
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    return env.from_string(template).render(messages=messages, add_generation_prompt=True)
+    return env.from_string(template).render(messages=messages, tools=tools, add_generation_prompt=True)
 
 
 @pytest.fixture(scope="module")
@@ -103,3 +111,74 @@ def test_one_user_message_is_the_training_prompt(with_input):
     assert render_chat(messages) == format_input(entry) + RESPONSE_MARKER
     assert render_chat([{"role": "system", "content": "S"}, *messages]).startswith("S\n\n### Instruction:")
     assert not render_chat(messages).startswith(PREAMBLE + PREAMBLE)
+
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city <now> & later.",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+NO_PARAMETERS = {"type": "function", "function": {"name": "now", "parameters": {"type": "object", "properties": {}}}}
+TOOL_CHATS = [
+    ([{"role": "user", "content": "Weather in Paris?"}], [WEATHER]),
+    ([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Time?"}], [WEATHER, NO_PARAMETERS]),
+    (
+        [
+            {"role": "user", "content": "Weather in Paris?"},
+            {
+                "role": "assistant",
+                "content": "",
+                "tool_calls": [{"function": {"name": "get_weather", "arguments": {"city": "Paris"}}}],
+            },
+            {"role": "tool", "content": '{"temp": 21}'},
+        ],
+        [WEATHER],
+    ),
+    (
+        [
+            {"role": "user", "content": "Time, then weather?"},
+            {
+                "role": "assistant",
+                "content": "Let me see.",
+                "tool_calls": [{"function": {"name": "now", "arguments": {}}}],
+            },
+            {"role": "tool", "content": "12:00"},
+            {"role": "assistant", "content": "It is noon."},
+        ],
+        [WEATHER, NO_PARAMETERS],
+    ),
+]
+
+
+def _canonical_json(text: str) -> str:
+    """text with each offered tool's line and each call's arguments re-written by tool_json: what differs
+    between runtimes' JSON writers (spacing, key order, escapes) taken out, the values kept."""
+    decoder = json.JSONDecoder()
+    head, found, rest = text.partition(TOOLS_HEADER)
+    if found:
+        head += TOOLS_HEADER
+        while rest.startswith("\n{"):
+            value, end = decoder.raw_decode(rest, 1)
+            head, rest = head + "\n" + tool_json(value), rest[end:]
+        text = head + rest
+    first, *calls = text.split(CALL_ARGUMENTS)
+    for call in calls:
+        value, end = decoder.raw_decode(call)
+        first += CALL_ARGUMENTS + tool_json(value) + call[end:]
+    return first
+
+
+@pytest.mark.parametrize("messages, tools", TOOL_CHATS, ids=[f"tools{i}" for i in range(len(TOOL_CHATS))])
+def test_tools_and_calls_render_alike(exported, messages, tools):
+    modelfile, gguf_template, hf_tokenizer = exported
+    served = render_chat(messages, tools)
+    assert TOOLS_HEADER in served and "".join("\n" + tool_json(t) for t in tools) in served
+    assert ".Tools" in modelfile  # how Ollama decides that a model supports tools
+    assert render(modelfile, ollama_values(messages, tools)) == served
+    assert _canonical_json(render_jinja(gguf_template, messages, tools)) == served
+    hf = hf_tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
+    assert _canonical_json(hf) == served
+    assert render_chat(messages, None) == render_chat(messages)  # no tools: the chat as before

@@ -63,7 +63,10 @@ class OllamaClient:
         length POST /api/show may add)."""
         hint = INSTALL_HINT.format(model=model)
         try:
-            version = self._send("GET", "/api/version").get("version")
+            about = self._send("GET", "/api/version")
+            version = about.get("version")
+            if isinstance(version, str) and isinstance(about.get("gptcore_version"), str):  # `gptcore serve`
+                version = f"gptcore {about['gptcore_version']} (Ollama API {version})"
             tags = self._send("GET", "/api/tags").get("models")
         except (requests.RequestException, _HTTPFault) as err:
             raise GptcoreError(f"no Ollama server answers at {self.url} ({_describe(err)}); {hint}") from None
