@@ -33,7 +33,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from record import REPO, git, load, machine  # noqa: E402
+from record import REPO, load, machine  # noqa: E402
 
 
 def set_key(params: dict, path: str, value: str) -> None:
@@ -61,6 +61,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix=f"gptcore-exp-{args.name}-"))
     clone = work / "gptcore"
     subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=clone, capture_output=True, text=True).stdout.strip()
     params = yaml.safe_load((clone / "params.yaml").read_text())
     changes = dict(item.split("=", 1) for item in args.set)
     for path, value in changes.items():
@@ -87,8 +88,7 @@ def main() -> int:
         "command": shlex.join(["python", "benchmarks/experiment.py", *argv]),
         "set": changes,
         "dvc_targets": targets,
-        "commit": git("rev-parse", "HEAD"),
-        "uncommitted_changes": bool(git("status", "--porcelain", "--untracked-files=no")),
+        "commit": commit,  # the clone's: the code that ran (this checkout's own changes never reach it)
         "started_utc": start.isoformat(timespec="seconds"),
         "ended_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "wall_s": round(wall, 1),

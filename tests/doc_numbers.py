@@ -250,7 +250,7 @@ def check_table(table: Table, repo: Path) -> list[str]:
     problems = []
     for row in table.rows:
         own = [p for p in linked_files(" ".join(row), table.path.parent) if is_result_file(p, repo)]
-        files = list(dict.fromkeys([*own, *(p for p in table.sources if is_result_file(p, repo))]))
+        files = own or [p for p in table.sources if is_result_file(p, repo)]
         missing = [p for p in files if not p.is_file()]
         if missing:
             problems.append(f"{table.where()}: cites missing files {[str(p) for p in missing]}")
