@@ -42,6 +42,7 @@ LINK = re.compile(r"!?\[([^\]]*)\]\(\s*<?([^)\s>]+)>?[^)]*\)")
 CODE_SPAN = re.compile(r"`[^`]*`")
 IGNORED = [
     re.compile(r"\d{4}-\d{2}-\d{2}(?:T[\d:+]+)?"),  # dates
+    re.compile(r"\b\d{1,2}:\d{2}(?::\d{2})?\b"),  # times of day: 12:19 UTC
     re.compile(r"\d[\d,.]*\s*[×x]\s*\d[\d,.]*"),  # shapes: 8 × 120, 4 x 256
     re.compile(r"(?:[<>≤≥~]|&lt;|&gt;|at most|at least|under|over)\s*\d[\d,.]*(?:e[-+]?\d+)?\s*\S*"),  # bounds
     re.compile(r"&\w+;|&#\d+;"),  # HTML entities

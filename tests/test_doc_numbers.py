@@ -151,7 +151,18 @@ def test_figures_are_read_as_printed(cell, expected):
 
 @pytest.mark.parametrize(
     "cell",
-    ["8 × 120 tokens", "2026-12-07", "< 1e-4", "≤ 12 GiB", "gpt2-large, 774M", "run 3", "`lr: 0.0003`", "[f](a1.json)"],
+    [
+        "8 × 120 tokens",
+        "2026-12-07",
+        "12:19 UTC",
+        "at 0fcbb95",
+        "< 1e-4",
+        "≤ 12 GiB",
+        "gpt2-large, 774M",
+        "run 3",
+        "`lr: 0.0003`",
+        "[f](a1.json)",
+    ],
 )
 def test_names_dates_shapes_bounds_and_code_are_not_figures(cell):
     assert figures(cell) == []
