@@ -26,7 +26,13 @@ def doc_files() -> list[Path]:
 
 
 def result_tables():
-    return [t for path in doc_files() for t in read_tables(path) if t.sources and not t.marker]
+    """Tables that cite files, by a Source paragraph or in their rows, and carry no marker."""
+    tables = [t for path in doc_files() for t in read_tables(path) if not t.marker]
+    return [t for t in tables if t.sources or any(row_files(t, row) for row in t.rows)]
+
+
+def row_files(table, row) -> list[Path]:
+    return [p for p in linked_files(" ".join(row), table.path.parent) if is_result_file(p, REPO)]
 
 
 @pytest.mark.parametrize("path", doc_files(), ids=lambda p: str(p.relative_to(REPO)))
