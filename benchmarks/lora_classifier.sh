@@ -2,11 +2,14 @@
 # The spam classifier from the same foundation with trainable: last_block and with trainable: lora
 # (docs/lora.md): each run's params and metrics land in benchmarks/results/lora/classifier-<foundation>-<mode>/.
 # Usage: benchmarks/lora_classifier.sh FOUNDATION_WEIGHTS NAME   (run from the repository root, after
-# `dvc repro prepare_sms`; the rest of params.yaml as committed, precision fp32 for a CPU-independent result)
+# `dvc repro prepare_sms`; the rest of params.yaml as committed, precision fp32 for a CPU-independent result).
+# A mode whose metrics are already there is skipped; an interrupted run resumes from its progress folder
+# (under $LORA_CLASSIFIER_WORK, default /tmp/gptcore-lora-classifier) when started again.
 set -euo pipefail
 foundation=$1 name=$2
 for mode in last_block lora; do
     out=benchmarks/results/lora/classifier-$name-$mode
+    [ -f "$out/metrics/classifier.json" ] && continue
     mkdir -p "$out/metrics"
     python - "$out/params.yaml" "$mode" <<'PY'
 import sys, yaml
@@ -16,7 +19,8 @@ params["device"] = "cpu"
 params["classifier"]["trainable"] = sys.argv[2]
 yaml.safe_dump(params, open(sys.argv[1], "w"), sort_keys=False)
 PY
-    work=$(mktemp -d)
+    work=${LORA_CLASSIFIER_WORK:-/tmp/gptcore-lora-classifier}/$name-$mode
+    mkdir -p "$work"
     python stages/finetune_classifier.py --params "$out/params.yaml" --foundation "$foundation" \
         --train data/prepared/sms/train.csv --validation data/prepared/sms/validation.csv \
         --test data/prepared/sms/test.csv --out "$work/model.safetensors" --adapter-out "$work/adapter.safetensors" \
