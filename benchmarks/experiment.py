@@ -3,12 +3,13 @@
     python benchmarks/experiment.py classifier-check-seed1 \\
         --set foundation=scratch --set precision=fp32 --set seed=1 ... -- finetune_classifier baseline_classifier
 
-In a temporary folder: a `git clone` of this repository's HEAD, its `params.yaml` changed by each
+In a temporary folder: a `git clone` of this repository's HEAD, its `params.yaml` (or `--params-from FILE`) changed by each
 `--set KEY.PATH=VALUE` (VALUE read as YAML, as `dvc exp run -S` does), then `dvc repro TARGETS` with
 `GPTCORE_MIRROR` as set here. What is kept, in `benchmarks/results/experiments/<NAME>/`:
 
 - `params.yaml`: the whole params file the run used;
 - `metrics/*.json`: every metrics file the run wrote (not the committed ones it left alone);
+- `plots/<DIR>/*.tsv`: with `--plots DIR`, the curves the run logged under plots/DIR/metrics/;
 - `run.json`: the command line of this script, the `--set` values, the git commit, the UTC start and
   end, the wall time, the machine (benchmarks/record.py's fields) and the load average before and after.
 
@@ -53,6 +54,12 @@ def main() -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a params change")
     parser.add_argument("--out-dir", default=str(REPO / "benchmarks" / "results" / "experiments"))
     parser.add_argument("--keep", action="store_true", help="keep the temporary clone")
+    parser.add_argument(
+        "--params-from", metavar="FILE", help="start from this params file of the clone (e.g. params-quickstart.yaml)"
+    )
+    parser.add_argument(
+        "--plots", action="append", default=[], metavar="DIR", help="also keep plots/DIR/metrics/*.tsv (curves)"
+    )
     argv = sys.argv[1:]
     if "--" not in argv or argv.index("--") == len(argv) - 1:
         parser.error("no dvc targets given (put them after --)")
@@ -62,7 +69,7 @@ def main() -> int:
     clone = work / "gptcore"
     subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=clone, capture_output=True, text=True).stdout.strip()
-    params = yaml.safe_load((clone / "params.yaml").read_text())
+    params = yaml.safe_load((clone / (args.params_from or "params.yaml")).read_text())
     changes = dict(item.split("=", 1) for item in args.set)
     for path, value in changes.items():
         set_key(params, path, value)
@@ -84,8 +91,14 @@ def main() -> int:
     for metrics in sorted((clone / "metrics").glob("*.json")):
         if metrics.stat().st_mtime >= start.timestamp():  # written by this run, not a committed file
             shutil.copy(metrics, dest / "metrics" / metrics.name)
+    for name in args.plots:  # the curves: one TSV per logged series
+        curves = sorted((clone / "plots" / name / "metrics").glob("*.tsv"))
+        (dest / "plots" / name).mkdir(parents=True, exist_ok=True)
+        for tsv in curves:
+            shutil.copy(tsv, dest / "plots" / name / tsv.name)
     record = {
         "command": shlex.join(["python", "benchmarks/experiment.py", *argv]),
+        "params_from": args.params_from or "params.yaml",
         "set": changes,
         "dvc_targets": targets,
         "commit": commit,  # the clone's: the code that ran (this checkout's own changes never reach it)
