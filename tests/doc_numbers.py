@@ -53,6 +53,7 @@ NUMBER = re.compile(
     r"(?:(?<![\w.\-/])|(?<=\d-))(?P<sign>[-−])?(?P<int>\d{1,3}(?:,\d{3})+|\d+)(?P<frac>\.\d+)?(?P<exp>e[-+]?\d+)?"
     r"(?P<unit>\s*(?:%|×|x(?![\w])|GiB|GB|MiB|MB|KiB|kB|min(?![\w])|ms(?![\w])|s(?![\w])))?(?![\w.])"
 )
+RESULT_SUFFIXES = (".json", ".yaml", ".yml", ".tsv")  # metrics, params, run records; curves as TSV
 # Scale factors from the number in a file to the unit printed (bytes, KiB, MiB, seconds, fractions).
 UNIT_SCALES = {
     "%": (100.0, 1.0),
@@ -163,10 +164,20 @@ def figures(cell: str) -> list[Figure]:
 
 @functools.cache
 def file_values(path: Path) -> tuple[tuple[str, float], ...]:
-    """Every number in a JSON or YAML file with the key it sits under (list items: their list's key)."""
+    """Every number in a JSON or YAML file with the key it sits under (list items: their list's key), or
+    in a TSV of curves (a run's plots: each column's values under its header)."""
     text = path.read_text(encoding="utf-8")
-    data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     values: list[tuple[str, float]] = []
+    if path.suffix == ".tsv":
+        header, *lines = [line.split("\t") for line in text.splitlines() if line.strip()]
+        for line in lines:
+            for key, cell in zip(header, line):
+                try:
+                    values.append((key, float(cell)))
+                except ValueError:
+                    continue
+        return tuple(values)
+    data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
 
     def walk(node, key: str) -> None:
         if isinstance(node, bool) or node is None:
@@ -256,7 +267,7 @@ def check_table(table: Table, repo: Path) -> list[str]:
         if missing:
             problems.append(f"{table.where()}: cites missing files {[str(p) for p in missing]}")
             continue
-        values = values_of(tuple(p for p in files if p.suffix in (".json", ".yaml", ".yml")))
+        values = values_of(tuple(p for p in files if p.suffix in RESULT_SUFFIXES))
         for column, cell in enumerate(row[1:], start=1):
             header = table.header[column] if column < len(table.header) else ""
             if TARGET.search(cell) or TARGET.search(header):
@@ -273,4 +284,4 @@ def is_result_file(path: Path, repo: Path) -> bool:
         relative = path.relative_to(repo).as_posix()
     except ValueError:
         return False
-    return relative.startswith(RESULT_FILES) and path.suffix in (".json", ".yaml", ".yml")
+    return relative.startswith(RESULT_FILES) and path.suffix in RESULT_SUFFIXES
