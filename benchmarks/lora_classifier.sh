@@ -10,8 +10,9 @@ foundation=$1 name=$2
 for mode in last_block lora; do
     out=benchmarks/results/lora/classifier-$name-$mode
     [ -f "$out/metrics/classifier.json" ] && continue
-    mkdir -p "$out/metrics"
-    python - "$out/params.yaml" "$mode" <<'PY'
+    work=${LORA_CLASSIFIER_WORK:-/tmp/gptcore-lora-classifier}/$name-$mode
+    mkdir -p "$work"
+    python - "$work/params.yaml" "$mode" <<'PY'
 import sys, yaml
 params = yaml.safe_load(open("params.yaml"))
 params["precision"] = "fp32"
@@ -19,12 +20,14 @@ params["device"] = "cpu"
 params["classifier"]["trainable"] = sys.argv[2]
 yaml.safe_dump(params, open(sys.argv[1], "w"), sort_keys=False)
 PY
-    work=${LORA_CLASSIFIER_WORK:-/tmp/gptcore-lora-classifier}/$name-$mode
-    mkdir -p "$work"
-    python stages/finetune_classifier.py --params "$out/params.yaml" --foundation "$foundation" \
+    python stages/finetune_classifier.py --params "$work/params.yaml" --foundation "$foundation" \
         --train data/prepared/sms/train.csv --validation data/prepared/sms/validation.csv \
         --test data/prepared/sms/test.csv --out "$work/model.safetensors" --adapter-out "$work/adapter.safetensors" \
-        --metrics "$out/metrics/classifier.json" --plots "$work/plots" --progress-dir "$work/progress"
+        --metrics "$work/classifier.json" --plots "$work/plots" --progress-dir "$work/progress"
+    # Only a finished run reaches the repository: params, metrics and the list of what it wrote.
+    mkdir -p "$out/metrics"
+    cp "$work/params.yaml" "$out/params.yaml"
+    cp "$work/classifier.json" "$out/metrics/classifier.json"
     ls -l "$work" > "$out/outputs.txt"
     rm -rf "$work"
 done
