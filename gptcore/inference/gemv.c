@@ -2,9 +2,10 @@
 
    Decoding one token reads every weight once, so its speed is the speed at which weights stream from
    memory, and the bytes per weight decide: 16-bit and int8 weights with fp32 arithmetic. These loops
-   stream each weight row once for all rows of x, four weight rows at a time (four independent loads in
-   flight), and split the weight rows statically over OpenMP threads, so every output is the same sum in
-   the same order whatever the thread count: same inputs, same bytes.
+   stream each weight row once for all rows of x (GROUP rows per dot call; int8 takes up to TILE rows of
+   x per pass, and panels of PANEL weight rows for prompts), and split the weight rows statically over
+   OpenMP threads, so every output is the same sum in the same order whatever the thread count: same
+   inputs, same bytes.
 
    As ggml-cpu's vec_dot functions, each (weight type, instruction set) has one small dot-product
    function, and a dispatcher picks one per type when the library is loaded (gptcore_gemv_select): the
