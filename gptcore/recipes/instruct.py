@@ -326,8 +326,14 @@ def sampling_options(params: GenerateParams) -> SamplingOptions:
 def _generation_metrics(
     records: list[dict[str, Any]], entries: int, params: GenerateParams, precision: str
 ) -> dict[str, Any]:
-    """Throughput and response length over every batch's record (those of an earlier run included)."""
+    """Throughput and response length over every batch's record (those of an earlier run included).
+
+    `responses_at_max_new_tokens` counts the responses cut by the cap rather than ended by the model
+    (end-of-text is not returned, so a capped response has exactly max_new_tokens tokens): a mean length
+    only compares two models when this is below `entries`.
+    """
     tokens = sum(sum(r["tokens"]) for r in records)
+    capped = sum(n >= params.max_new_tokens for r in records for n in r["tokens"])
     seconds = sum(r["seconds"] for r in records)
     return {
         "entries": entries,
@@ -337,4 +343,5 @@ def _generation_metrics(
         "generation_seconds": round(seconds, 2),
         "tokens_per_second": round(tokens / seconds, 2) if seconds > 0 else 0.0,
         "mean_response_tokens": round(tokens / entries, 2),
+        "responses_at_max_new_tokens": capped,
     }

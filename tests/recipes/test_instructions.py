@@ -272,6 +272,15 @@ def test_classifier_is_rejected_as_foundation(tmp_path):
         load_language_model(path)
 
 
+def test_generation_metrics_count_the_responses_cut_by_the_cap():
+    from gptcore.recipes.instruct import _generation_metrics
+
+    records = [{"tokens": [4, 2, 4], "seconds": 1.0}, {"tokens": [0], "seconds": 1.0}]  # an empty reply: eos first
+    m = _generation_metrics(records, 4, GenerateParams(max_new_tokens=4), "fp32")
+    assert m["responses_at_max_new_tokens"] == 2 and m["mean_response_tokens"] == 2.5
+    assert m["tokens_generated"] == 10 and m["tokens_per_second"] == 5.0
+
+
 def test_generation_resumes_where_it_was_interrupted(tmp_path, tiny_config, monkeypatch):
     import gptcore.recipes.instruct as instruct
 
