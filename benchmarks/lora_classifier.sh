@@ -24,8 +24,10 @@ PY
         --train data/prepared/sms/train.csv --validation data/prepared/sms/validation.csv \
         --test data/prepared/sms/test.csv --out "$work/model.safetensors" --adapter-out "$work/adapter.safetensors" \
         --metrics "$work/classifier.json" --plots "$work/plots" --progress-dir "$work/progress"
-    # Only a finished run reaches the repository: params, metrics and the list of what it wrote.
+    # Only a finished run reaches the repository: params, metrics, the foundation it started from (path and
+    # SHA-256) and the list of what it wrote.
     mkdir -p "$out/metrics"
+    sha256sum "$foundation" > "$out/foundation.sha256"
     cp "$work/params.yaml" "$out/params.yaml"
     cp "$work/classifier.json" "$out/metrics/classifier.json"
     ls -l "$work" > "$out/outputs.txt"
