@@ -15,7 +15,6 @@ stage's clean-up. A failed generation stops the script with its status.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import subprocess
 import sys
@@ -28,13 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from experiment import set_key  # noqa: E402
 from record import REPO  # noqa: E402
 
-
-def sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+sys.path.insert(0, str(REPO))
+from gptcore.download import sha256_of  # noqa: E402
 
 
 def main() -> int:
@@ -58,7 +52,7 @@ def main() -> int:
             if done.returncode != 0:
                 return done.returncode
             replies = [entry["model_response"] for entry in json.loads(out.read_text())]
-            row = {"model": label, "weights_sha256": sha256(weights), "generate": params["generate"]}
+            row = {"model": label, "weights_sha256": sha256_of(weights), "generate": params["generate"]}
             row |= json.loads(metrics.read_text()) | {"empty_responses": sum(not r.strip() for r in replies)}
             print(json.dumps(row), flush=True)
     return 0
