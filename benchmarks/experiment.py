@@ -34,7 +34,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from record import REPO, load, machine  # noqa: E402
+from record import REPO, load, run_fields  # noqa: E402
 
 
 def set_key(params: dict, path: str, value: str) -> None:
@@ -102,12 +102,7 @@ def main() -> int:
         "set": changes,
         "dvc_targets": targets,
         "commit": commit,  # the clone's: the code that ran (this checkout's own changes never reach it)
-        "started_utc": start.isoformat(timespec="seconds"),
-        "ended_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "wall_s": round(wall, 1),
-        "machine": machine(),
-        "load_before": load_before,
-        "load_after": load(),
+        **run_fields(start, wall, load_before),
         "mirror": os.environ.get("GPTCORE_MIRROR"),
     }
     (dest / "run.json").write_text(json.dumps(record, indent=1) + "\n")

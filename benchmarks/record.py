@@ -56,6 +56,18 @@ def load() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
+def run_fields(start: datetime.datetime, wall: float, load_before: list[float]) -> dict:
+    """The fields every evidence record ends with: UTC start and end, wall time (s), machine, load before/after."""
+    return {
+        "started_utc": start.isoformat(timespec="seconds"),
+        "ended_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "wall_s": round(wall, 1),
+        "machine": machine(),
+        "load_before": load_before,
+        "load_after": load(),
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("name", help="the file's name after the date, e.g. kernels-avx2-bf16")
@@ -89,12 +101,7 @@ def main() -> int:
         "env": extra,
         "commit": git("rev-parse", "HEAD"),
         "uncommitted_changes": bool(git("status", "--porcelain", "--untracked-files=no")),
-        "started_utc": start.isoformat(timespec="seconds"),
-        "ended_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "wall_s": round(wall, 1),
-        "machine": machine(),
-        "load_before": load_before,
-        "load_after": load(),
+        **run_fields(start, wall, load_before),
         **({"rows": rows} if rows else {"stdout": done.stdout}),
     }
     out = Path(args.out_dir) / f"{start.date().isoformat()}-{args.name}.json"
