@@ -61,7 +61,11 @@ def main() -> int:
         "--plots", action="append", default=[], metavar="DIR", help="also keep plots/DIR/metrics/*.tsv (curves)"
     )
     argv = sys.argv[1:]
-    if "--" not in argv or argv.index("--") == len(argv) - 1:
+    if "--" not in argv and not {"-h", "--help"} & set(argv):
+        parser.error("no dvc targets given (put them after --)")
+    if "--" not in argv:
+        parser.parse_args(argv)  # prints the help and exits
+    if argv.index("--") == len(argv) - 1:
         parser.error("no dvc targets given (put them after --)")
     split = argv.index("--")
     args, targets = parser.parse_args(argv[:split]), argv[split + 1 :]
